@@ -1,0 +1,279 @@
+"""The trajectory store: the on-disk contract between the pipeline and the viewer.
+
+One Zarr v3 group per run, ``runs/<run>/trajectory.zarr``::
+
+    weights           float32 (step, class, pixel)  index t = weights after t optimizer steps
+    step              int64   (step,)               coordinate: 0 .. n_steps
+    loss              float32 (step,)               training batch loss of step t (NaN at 0)
+    bias              float32 (step, class)         only when the model has a bias
+    gradients         float32 (step, class, pixel)  gradient applied at step t, when captured
+    eval_step         int64   (eval_step,)          coordinate: steps where held-out data was scored
+    heldout_accuracy  float32 (eval_step,)
+    heldout_loss      float32 (eval_step,)
+
+Pixel p is image row p // 28, column p % 28. Arrays are allocated at their final length
+when the run starts and filled with NaN; the group attribute ``progress`` says how many
+steps (and evaluations) are valid and whether the run finished. Readers must never look
+past ``progress["steps_done"]``: :func:`open_run` does this for you.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+SCHEMA = "weightlapse.trajectory"
+SCHEMA_VERSION = 1
+WEIGHT_DIMS = ("step", "class", "pixel")
+STORE_NAME = "trajectory.zarr"
+IMAGE_SIDE = 28
+# Coordinates and per-step scalars are tiny; one chunk holds many steps.
+SCALAR_CHUNK = 16384
+
+
+class TrajectoryError(ValueError):
+    """A path is not a usable weightlapse trajectory store."""
+
+
+class TrajectoryNotFoundError(TrajectoryError, FileNotFoundError):
+    """No store at the given path."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    n_steps: int                 # optimizer steps planned; arrays hold n_steps + 1 rows
+    eval_steps: tuple[int, ...]  # steps at which held-out data is scored, ascending
+    n_classes: int = 10
+    n_pixels: int = IMAGE_SIDE * IMAGE_SIDE
+    chunk_steps: int = 64
+    bias: bool = False
+    gradients: bool = False
+
+
+def _compressor() -> BloscCodec:
+    # Bit-shuffling groups the float32 sign/exponent bits, which change slowly between
+    # neighbouring weights; zstd then compresses them. Lossless.
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def _schema_of(path: Path) -> tuple[Any, Any]:
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as error:  # noqa: BLE001 - zarr raises many kinds for a foreign directory
+        raise TrajectoryError(f"{path}: not a Zarr group ({type(error).__name__}: {error})") from None
+    meta = group.attrs.get("weightlapse", {})
+    if not isinstance(meta, dict):
+        meta = {}
+    return meta.get("schema"), meta.get("schema_version")
+
+
+def check_schema(path: str | Path) -> None:
+    """Raise TrajectoryError unless ``path`` is a store this version can read."""
+    path = Path(path)
+    if not path.exists():
+        raise TrajectoryNotFoundError(f"{path}: no trajectory store here")
+    schema, version = _schema_of(path)
+    if schema != SCHEMA:
+        raise TrajectoryError(
+            f"{path}: a Zarr store, but not a weightlapse trajectory (schema {schema!r}); "
+            "point at a runs/<run>/trajectory.zarr written by `dvc repro`"
+        )
+    if version != SCHEMA_VERSION:
+        raise TrajectoryError(
+            f"{path}: written with store schema version {version}, this weightlapse reads version "
+            f"{SCHEMA_VERSION}; retrain the run (`dvc repro`) or use the weightlapse version that wrote it"
+        )
+
+
+class TrajectoryWriter:
+    """Record a run step by step, in chunk-sized blocks, with the progress marker after each.
+
+    Memory is one chunk of rows, whatever the run's length. Use as a context manager: on
+    an exception the rows recorded so far are written and the run is marked unfinished.
+    """
+
+    def __init__(self, path: str | Path, layout: StoreLayout, metadata: dict[str, Any], *,
+                 overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.layout = layout
+        _prepare_target(self.path, overwrite=overwrite)
+        self.group = _create_store(self.path, layout, metadata)
+        self._arrays = {name: self.group[name] for name in self.group.array_keys()}
+        chunk = layout.chunk_steps
+        shape = (chunk, layout.n_classes, layout.n_pixels)
+        self._buffers = {"weights": np.full(shape, np.nan, np.float32),
+                         "loss": np.full(chunk, np.nan, np.float32)}
+        if layout.bias:
+            self._buffers["bias"] = np.full((chunk, layout.n_classes), np.nan, np.float32)
+        if layout.gradients:
+            self._buffers["gradients"] = np.full(shape, np.nan, np.float32)
+        self._block_start = 0  # step held in buffer row 0
+        self._next_step = 0
+        self._evals: list[tuple[float, float]] = []
+        self._evals_written = 0
+        self.steps_done = -1  # last step whose row is on disk
+        self.finished = False
+
+    # -- recording -------------------------------------------------------------------
+    def record_step(self, step: int, weights: np.ndarray, loss: float = float("nan"), *,
+                    bias: np.ndarray | None = None, gradient: np.ndarray | None = None) -> None:
+        if step != self._next_step:
+            raise ValueError(f"steps must be recorded in order: expected {self._next_step}, got {step}")
+        if step > self.layout.n_steps:
+            raise ValueError(f"step {step} is past the planned {self.layout.n_steps} steps")
+        row = step - self._block_start
+        self._buffers["weights"][row] = weights
+        self._buffers["loss"][row] = loss
+        if self.layout.bias:
+            self._buffers["bias"][row] = bias
+        if self.layout.gradients and gradient is not None:
+            self._buffers["gradients"][row] = gradient
+        self._next_step = step + 1
+        if row + 1 == self.layout.chunk_steps:
+            self.flush()
+
+    def record_eval(self, step: int, accuracy: float, loss: float) -> None:
+        index = self._evals_written + len(self._evals)
+        planned = self.layout.eval_steps
+        if index >= len(planned) or planned[index] != step:
+            raise ValueError(f"evaluation at step {step} was not planned (planned: {planned[index:index + 3]}...)")
+        self._evals.append((accuracy, loss))
+
+    def flush(self) -> None:
+        """Write the buffered rows, then advance the progress marker over them."""
+        n_rows = self._next_step - self._block_start
+        if n_rows:
+            block = slice(self._block_start, self._next_step)
+            for name, buffer in self._buffers.items():
+                self._arrays[name][block] = buffer[:n_rows]
+                buffer.fill(np.nan)
+            self._block_start = self._next_step
+            self.steps_done = self._next_step - 1
+        if self._evals:
+            done = slice(self._evals_written, self._evals_written + len(self._evals))
+            values = np.asarray(self._evals, dtype=np.float32)
+            self._arrays["heldout_accuracy"][done] = values[:, 0]
+            self._arrays["heldout_loss"][done] = values[:, 1]
+            self._evals_written += len(self._evals)
+            self._evals.clear()
+        self._write_progress()
+
+    def close(self, *, error: str | None = None) -> None:
+        self.flush()
+        self.finished = error is None and self.steps_done == self.layout.n_steps
+        self._write_progress(error=error)
+
+    def __enter__(self) -> TrajectoryWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(error=None if exc is None else f"{exc_type.__name__}: {exc}")
+
+    def _write_progress(self, *, error: str | None = None) -> None:
+        progress = {
+            "steps_done": self.steps_done,
+            "n_steps": self.layout.n_steps,
+            "evals_done": self._evals_written,
+            "finished": self.finished,
+            "updated": _now(),
+        }
+        if error:
+            progress["error"] = error
+        self.group.attrs["progress"] = progress
+
+
+def _prepare_target(path: Path, *, overwrite: bool) -> None:
+    if not path.exists():
+        return
+    if not overwrite:
+        try:
+            check_schema(path)
+        except TrajectoryError as error:
+            raise TrajectoryError(
+                f"{error}. Refusing to write over it: move it away, or pass --overwrite to replace it"
+            ) from None
+        raise FileExistsError(
+            f"{path} already holds a trajectory; delete it, or pass --overwrite to replace it "
+            "(under DVC, `dvc repro` clears a stage's outputs itself)"
+        )
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _create_store(path: Path, layout: StoreLayout, metadata: dict[str, Any]) -> zarr.Group:
+    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    rows = layout.n_steps + 1
+    per_step = (layout.chunk_steps, layout.n_classes, layout.n_pixels)
+
+    def floats(name, shape, chunks, dims):
+        group.create_array(name, shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
+                           dimension_names=dims, compressors=_compressor())
+
+    floats("weights", (rows, layout.n_classes, layout.n_pixels), per_step, WEIGHT_DIMS)
+    floats("loss", (rows,), (min(rows, SCALAR_CHUNK),), ("step",))
+    if layout.bias:
+        floats("bias", (rows, layout.n_classes), (SCALAR_CHUNK // 16, layout.n_classes), ("step", "class"))
+    if layout.gradients:
+        floats("gradients", (rows, layout.n_classes, layout.n_pixels), per_step, WEIGHT_DIMS)
+    n_evals = len(layout.eval_steps)
+    floats("heldout_accuracy", (n_evals,), (max(n_evals, 1),), ("eval_step",))
+    floats("heldout_loss", (n_evals,), (max(n_evals, 1),), ("eval_step",))
+    # Coordinates are known up front: write them whole now.
+    step = group.create_array("step", shape=(rows,), chunks=(min(rows, SCALAR_CHUNK),), dtype="int64",
+                              fill_value=-1, dimension_names=("step",))
+    step[:] = np.arange(rows, dtype=np.int64)
+    eval_step = group.create_array("eval_step", shape=(n_evals,), chunks=(max(n_evals, 1),), dtype="int64",
+                                   fill_value=-1, dimension_names=("eval_step",))
+    eval_step[:] = np.asarray(layout.eval_steps, dtype=np.int64)
+    group.attrs.update({
+        "weightlapse": {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **metadata},
+        "progress": {"steps_done": -1, "n_steps": layout.n_steps, "evals_done": 0,
+                     "finished": False, "updated": _now()},
+    })
+    return group
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- reading -------------------------------------------------------------------------
+
+def read_progress(path: str | Path) -> dict[str, Any]:
+    """The run's progress marker: steps_done, n_steps, evals_done, finished."""
+    check_schema(path)
+    return dict(zarr.open_group(Path(path), mode="r").attrs["progress"])
+
+
+def open_run(path: str | Path) -> xr.Dataset:
+    """Open a run's trajectory as a lazy (dask-backed) xarray Dataset of its valid steps.
+
+    ``path`` is a run directory (``runs/<run>``) or its ``trajectory.zarr``. Only steps up
+    to the progress marker are included, so a run still being written reads as the
+    shorter run it is so far. Weights are read from disk only when computed.
+    """
+    path = Path(path)
+    if path.name != STORE_NAME and (path / STORE_NAME).exists():
+        path = path / STORE_NAME
+    check_schema(path)
+    try:
+        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, chunks={})
+    except Exception as error:  # noqa: BLE001
+        raise TrajectoryError(f"{path}: cannot be read as a trajectory: {error}") from None
+    progress = ds.attrs["progress"]
+    ds = ds.isel(step=slice(0, progress["steps_done"] + 1), eval_step=slice(0, progress["evals_done"]))
+    n_pixels = ds.sizes["pixel"]
+    pixel = np.arange(n_pixels)
+    return ds.assign_coords({
+        "class": np.arange(ds.sizes["class"]),
+        "pixel": pixel,
+        "row": ("pixel", pixel // IMAGE_SIDE),
+        "col": ("pixel", pixel % IMAGE_SIDE),
+    })

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from idx_files import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist-t10k"
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture
+def shared_mnist() -> Path:
+    """The real MNIST test split, present beside the repo on CI machines only."""
+    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST test split not found at {SHARED_MNIST} (only CI machines have ../shared)")
+    return SHARED_MNIST
+
+
+@pytest.fixture
+def debian_fashion() -> Path:
+    if not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    return DEBIAN_FASHION
+
+
+@pytest.fixture
+def generated_data(tmp_path) -> tuple[Path, dict[str, str]]:
+    directory = tmp_path / "generated"
+    return directory, write_dataset(directory)
+
+
+class FaultyFileServer:
+    """An HTTP server on 127.0.0.1 serving bytes per path, with injectable faults.
+
+    ``routes[path] = [response, ...]``: each request takes the next response (the last one
+    repeats). A response is ("ok", body), ("status", code), or ("truncate", body): the
+    full Content-Length is announced but the connection closes halfway.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[str, list[tuple]] = {}
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                server.requests.append(self.path)
+                responses = server.routes.get(self.path)
+                if not responses:
+                    self.send_error(404)
+                    return
+                kind, payload = responses.pop(0) if len(responses) > 1 else responses[0]
+                if kind == "status":
+                    self.send_error(payload)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload if kind == "ok" else payload[: len(payload) // 2])
+                if kind == "truncate":
+                    self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_server():
+    server = FaultyFileServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def dead_mirror() -> str:
+    """A URL on 127.0.0.1 where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"

@@ -1,0 +1,123 @@
+import hashlib
+
+import pytest
+
+from pipeline.datasets import DATASETS, FILES, TEST_IMAGES, TEST_LABELS, TRAIN_LABELS, file_digest
+from pipeline.download import DownloadError, fetch_dataset, fetch_file, main, mirror_list
+
+
+def no_partial_files(directory):
+    return [p.name for p in directory.iterdir() if p.name not in FILES]
+
+
+def test_local_directory_and_file_url_mirrors(tmp_path, generated_data):
+    source, checksums = generated_data
+    for mirror in (str(source), source.as_uri()):
+        out = tmp_path / f"out-{len(mirror)}"
+        out.mkdir()
+        path = fetch_file(TRAIN_LABELS, checksums[TRAIN_LABELS], out, mirrors=[mirror], progress=False)
+        assert path.read_bytes() == (source / TRAIN_LABELS).read_bytes()
+
+
+def test_http_mirror_after_dead_and_corrupt_ones(tmp_path, generated_data, http_server, dead_mirror):
+    source, checksums = generated_data
+    good = (source / TEST_IMAGES).read_bytes()
+    flipped = bytearray(good)
+    flipped[100] ^= 0x01
+    http_server.routes["/corrupt/" + TEST_IMAGES] = [("ok", bytes(flipped))]
+    http_server.routes["/cut/" + TEST_IMAGES] = [("truncate", good)]
+    http_server.routes["/good/" + TEST_IMAGES] = [("ok", good)]
+    mirrors = [dead_mirror, http_server.url + "corrupt/", http_server.url + "cut/", http_server.url + "good/"]
+    out = tmp_path / "out"
+    out.mkdir()
+    path = fetch_file(TEST_IMAGES, checksums[TEST_IMAGES], out, mirrors=mirrors, retries=0, progress=False)
+    assert path.read_bytes() == good
+    assert no_partial_files(out) == []
+    assert http_server.requests[-1] == "/good/" + TEST_IMAGES
+
+
+def test_server_error_then_success_is_retried(tmp_path, generated_data, http_server):
+    source, checksums = generated_data
+    body = (source / TEST_LABELS).read_bytes()
+    http_server.routes["/" + TEST_LABELS] = [("status", 500), ("ok", body)]
+    fetch_file(TEST_LABELS, checksums[TEST_LABELS], tmp_path, mirrors=[http_server.url], retries=1, progress=False)
+    assert (tmp_path / TEST_LABELS).read_bytes() == body
+    assert http_server.requests == ["/" + TEST_LABELS] * 2
+
+
+def test_all_mirrors_failing_names_each_and_the_fix(tmp_path, generated_data, http_server, dead_mirror):
+    source, checksums = generated_data
+    http_server.routes["/" + TEST_IMAGES] = [("ok", b"not the dataset")]
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DownloadError) as raised:
+        fetch_file(TEST_IMAGES, checksums[TEST_IMAGES], out, progress=False, retries=0,
+                   mirrors=[dead_mirror, http_server.url, str(tmp_path / "nowhere")])
+    message = str(raised.value)
+    assert dead_mirror in message and http_server.url in message and "nowhere" in message
+    assert "WEIGHTLAPSE_MIRRORS" in message
+    assert isinstance(raised.value, ConnectionError)
+    assert list(out.iterdir()) == []  # nothing a later run could trust
+
+
+def test_a_corrupt_local_copy_is_refused_and_leaves_nothing(tmp_path, generated_data):
+    source, checksums = generated_data
+    wrong = "sha256:" + "0" * 64
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DownloadError, match="expected 0000"):
+        fetch_file(TEST_LABELS, wrong, out, mirrors=[str(source)], progress=False)
+    assert list(out.iterdir()) == []
+
+
+def test_a_present_verified_file_is_not_fetched_again(tmp_path, generated_data, http_server):
+    source, checksums = generated_data
+    (tmp_path / TEST_LABELS).write_bytes((source / TEST_LABELS).read_bytes())
+    fetch_file(TEST_LABELS, checksums[TEST_LABELS], tmp_path, mirrors=[http_server.url], progress=False)
+    assert http_server.requests == []
+
+
+def test_a_present_corrupt_file_is_replaced(tmp_path, generated_data):
+    source, checksums = generated_data
+    (tmp_path / TEST_LABELS).write_bytes(b"left over from a crash")
+    fetch_file(TEST_LABELS, checksums[TEST_LABELS], tmp_path, mirrors=[str(source)], progress=False)
+    assert (tmp_path / TEST_LABELS).read_bytes() == (source / TEST_LABELS).read_bytes()
+
+
+def test_user_mirrors_come_before_built_in_ones():
+    spec = DATASETS["mnist"]
+    mirrors = mirror_list(spec, env="/srv/mnist  file:///mnt/mnist " + spec.mirrors[0])
+    assert mirrors[:2] == ["/srv/mnist", "file:///mnt/mnist"]
+    assert mirrors[2:] == list(spec.mirrors)
+
+
+def test_checksum_table_matches_the_real_mnist_test_files(tmp_path, shared_mnist, http_server):
+    # Serve the real files over HTTP and fetch them with the built-in checksums.
+    spec = DATASETS["mnist"]
+    for name in (TEST_IMAGES, TEST_LABELS):
+        http_server.routes["/mnist/" + name] = [("ok", (shared_mnist / name).read_bytes())]
+        fetch_file(name, spec.checksums[name], tmp_path, mirrors=[http_server.url + "mnist/"], progress=False)
+        md5 = hashlib.md5((tmp_path / name).read_bytes()).hexdigest()
+        assert md5 in (shared_mnist / "README.md").read_text()
+
+
+def test_checksum_table_matches_debian_fashion_mnist(tmp_path, debian_fashion):
+    files = fetch_dataset(DATASETS["fashion-mnist"], tmp_path, mirrors=[str(debian_fashion)], progress=False)
+    assert sorted(files) == sorted(FILES)
+
+
+def test_stage_fetches_what_it_can_and_names_what_is_missing(tmp_path, shared_mnist, monkeypatch, caplog):
+    # The mirror holds only MNIST's test files: the stage fails, naming the two training
+    # files, and keeps the verified test files for the next try.
+    params = tmp_path / "params.yaml"
+    params.write_text("data: {dataset: mnist}\nruns: {original: {seed: 0}}\n")
+    # Leave out the built-in internet mirrors: these machines are offline.
+    monkeypatch.setattr("pipeline.download.mirror_list", lambda spec: [str(shared_mnist)])
+    out = tmp_path / "data"
+    assert main(["--params", str(params), "--out", str(out)]) == 1
+    spec = DATASETS["mnist"]
+    for name in (TEST_IMAGES, TEST_LABELS):
+        assert "sha256:" + file_digest(out / name) == spec.checksums[name]
+    assert "2 of 4 files could not be fetched" in caplog.text
+    assert "train-images-idx3-ubyte.gz" in caplog.text and TRAIN_LABELS in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == sorted([TEST_IMAGES, TEST_LABELS])

@@ -1,0 +1,131 @@
+"""The train stage end to end: params file and data directory in, run directory out."""
+
+import csv
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from idx_files import idx_bytes
+from pipeline.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_dataset
+from pipeline.idx import read_idx_file
+from pipeline.train import main
+from pipeline.trainer import SoftmaxRegression, make_optimizer, train
+from pipeline.trajectory import open_run
+
+PARAMS = """
+data: {dataset: mnist}
+train: {eval_every: 4, capture: {chunk_steps: 4}}
+runs:
+  original: {seed: 0}
+  sgd: {optimizer: sgd, lr: 0.05, momentum: 0.9, bias: true, capture: {gradients: true}}
+"""
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS)
+    return path
+
+
+def train_run(params_file, data_dir, out, run="original", *extra):
+    return main(["--params", str(params_file), "--run", run, "--data", str(data_dir), "--out", str(out), *extra])
+
+
+def test_stage_writes_the_trajectory_metrics_and_history(tmp_path, params_file, generated_data):
+    data_dir, checksums = generated_data
+    out = tmp_path / "runs" / "original"
+    assert train_run(params_file, data_dir, out) == 0
+
+    ds = open_run(out)
+    assert ds.sizes["step"] == 11  # 200 samples / batch 20 = 10 steps, plus the initial weights
+    meta = ds.attrs["weightlapse"]
+    assert meta["run"] == "original" and meta["params"]["optimizer"] == "adam"
+    assert meta["dataset"]["name"] == "mnist" and meta["dataset"]["files"] == checksums
+    assert meta["device"] == "cpu" and meta["versions"]["torch"] == torch.__version__
+    assert ds.attrs["progress"] == {**ds.attrs["progress"], "finished": True, "steps_done": 10}
+
+    # The stored trajectory is exactly what the loop produces for these params.
+    dataset = load_dataset(data_dir, "mnist")
+    model = SoftmaxRegression(seed=0)
+    optimizer = make_optimizer(model.parameters(), name="adam", lr=1e-3)
+    expected = []
+    train(model, optimizer, torch.from_numpy(dataset.train.images), torch.from_numpy(dataset.train.labels),
+          batch_size=20, epochs=1, seed=0, on_step=lambda step, loss: expected.append(model.weight.detach().clone()))
+    assert np.array_equal(ds.weights.values, torch.stack(expected).numpy())
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"steps", "final_train_loss", "heldout_accuracy", "heldout_loss"}
+    assert metrics["heldout_accuracy"] == pytest.approx(float(ds.heldout_accuracy[-1]))
+    with open(out / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    assert float(rows[2]["loss"]) == pytest.approx(float(ds.loss.sel(step=3)), rel=1e-6)
+    with open(out / "accuracy.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 4, 8, 10]
+
+
+def test_bias_and_gradients_are_captured_when_asked(tmp_path, params_file, generated_data):
+    data_dir, _ = generated_data
+    out = tmp_path / "sgd"
+    assert train_run(params_file, data_dir, out, "sgd") == 0
+    ds = open_run(out)
+    assert ds.bias.dims == ("step", "class") and ds.gradients.dims == ("step", "class", "pixel")
+    # Plain SGD's first step: w1 = w0 - lr * g1 (momentum starts from the first gradient).
+    w0, w1, g1 = ds.weights.values[0], ds.weights.values[1], ds.gradients.values[1]
+    np.testing.assert_allclose(w1, w0 - 0.05 * g1, atol=1e-7)
+    assert np.isnan(ds.gradients.values[0]).all()
+
+
+def test_two_runs_with_the_same_params_are_bitwise_identical(tmp_path, params_file, generated_data):
+    data_dir, _ = generated_data
+    for name in ("a", "b"):
+        assert train_run(params_file, data_dir, tmp_path / name) == 0
+    a, b = open_run(tmp_path / "a"), open_run(tmp_path / "b")
+    assert np.array_equal(a.weights.values.view(np.int32), b.weights.values.view(np.int32))
+    assert np.array_equal(a.loss.values, b.loss.values, equal_nan=True)
+
+
+def test_bad_input_fails_with_a_message_and_loses_nothing(tmp_path, params_file, generated_data, caplog):
+    data_dir, _ = generated_data
+    out = tmp_path / "run"
+    assert train_run(params_file, data_dir, out) == 0
+    before = open_run(out).weights.values
+
+    assert train_run(params_file, data_dir, out) == 1
+    assert "already holds a trajectory" in caplog.text and "--overwrite" in caplog.text
+    assert np.array_equal(open_run(out).weights.values, before)
+
+    assert train_run(params_file, data_dir, tmp_path / "x", "nope") == 1
+    assert "run 'nope' is not listed" in caplog.text
+
+    (data_dir / TRAIN_LABELS).unlink()
+    assert train_run(params_file, data_dir, tmp_path / "y") == 1
+    assert "missing train-labels-idx1-ubyte.gz; run the data stage first" in caplog.text
+
+    (data_dir / TRAIN_LABELS).write_bytes(gzip.compress(b"\x00\x00\x08\x01\xff\xff\xff\xff"))
+    assert train_run(params_file, data_dir, tmp_path / "z") == 1
+    assert "not a dataset file; delete" in caplog.text
+
+
+def test_learns_real_digits(tmp_path, shared_mnist):
+    # The real MNIST test split, cut into 8,000 training and 2,000 held-out digits.
+    images = read_idx_file(shared_mnist / TEST_IMAGES)
+    labels = read_idx_file(shared_mnist / TEST_LABELS)
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    for name, array in ((TRAIN_IMAGES, images[:8000]), (TRAIN_LABELS, labels[:8000]),
+                        (TEST_IMAGES, images[8000:]), (TEST_LABELS, labels[8000:])):
+        (data_dir / name).write_bytes(gzip.compress(idx_bytes(array), compresslevel=1))
+    params = tmp_path / "params.yaml"
+    params.write_text("train: {eval_every: 100}\nruns: {original: {seed: 0}}\n")
+    assert train_run(params, data_dir, tmp_path / "run") == 0
+    ds = open_run(tmp_path / "run")
+    assert ds.sizes["step"] == 401
+    accuracy = ds.heldout_accuracy.values
+    assert accuracy[0] < 0.3 and accuracy[-1] > 0.85  # from chance to a working classifier
+    # The "7" template's weights moved from their initial values.
+    assert float(abs(ds.weights.sel(step=400) - ds.weights.sel(step=0)).max()) > 0.05

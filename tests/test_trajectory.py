@@ -1,0 +1,164 @@
+"""The store format: what the viewer and research scripts rely on."""
+
+import json
+import tracemalloc
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from pipeline.trajectory import (
+    StoreLayout, TrajectoryError, TrajectoryNotFoundError, TrajectoryWriter, check_schema, open_run,
+    read_progress,
+)
+
+
+def random_rows(n_steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n_steps + 1, 10, 784)).astype(np.float32)
+
+
+def write_run(path, rows, *, chunk_steps=8, finish=True, eval_every=5, **layout):
+    n_steps = len(rows) - 1
+    evals = tuple(range(0, n_steps + 1, eval_every))
+    writer = TrajectoryWriter(path, StoreLayout(n_steps=n_steps, eval_steps=evals, chunk_steps=chunk_steps,
+                                                **layout), {"run": "test"})
+    for step, row in enumerate(rows):
+        writer.record_step(step, row, float(step) if step else float("nan"))
+        if step in evals:
+            writer.record_eval(step, step / 100, 1.0 / (step + 1))
+    if finish:
+        writer.close()
+    return writer
+
+
+def test_round_trip_is_exact_and_xarray_sees_the_named_dims(tmp_path):
+    rows = random_rows(37)
+    rows[5, 0, 0] = -0.0  # signed zero and denormals survive too
+    rows[6, 1, 1] = np.float32(1e-42)
+    path = tmp_path / "trajectory.zarr"
+    write_run(path, rows)
+    ds = open_run(path)
+    assert ds.weights.dims == ("step", "class", "pixel")
+    assert ds.weights.shape == (38, 10, 784) and ds.weights.dtype == np.float32
+    assert isinstance(ds.weights.data, da.Array)  # lazy
+    assert np.array_equal(ds.weights.values.view(np.int32), rows.view(np.int32))  # bit for bit
+    assert ds.step.values.tolist() == list(range(38))
+    assert np.isnan(ds.loss.values[0]) and ds.loss.values[7] == 7
+    assert ds.eval_step.values.tolist() == [0, 5, 10, 15, 20, 25, 30, 35]
+    assert float(ds.heldout_accuracy.sel(eval_step=10)) == pytest.approx(0.1)
+    # pixel p is image row p // 28, column p % 28
+    assert ds.row.sel(pixel=59).item() == 2 and ds.col.sel(pixel=59).item() == 3
+    assert ds.attrs["progress"]["finished"] is True
+
+
+def test_plain_zarr_dask_and_xarray_open_it_without_weightlapse(tmp_path):
+    rows = random_rows(20)
+    path = tmp_path / "trajectory.zarr"
+    write_run(path, rows)
+    group = zarr.open_group(path, mode="r")
+    assert group["weights"].metadata.dimension_names == ("step", "class", "pixel")
+    assert np.array_equal(group["weights"][3], rows[3])
+    assert np.array_equal(da.from_zarr(str(path), component="weights")[4].compute(), rows[4])
+    plain = xr.open_zarr(path, consolidated=False)
+    assert plain.weights.dims == ("step", "class", "pixel")
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["weightlapse"]["schema"] == \
+        "weightlapse.trajectory"
+
+
+def test_a_half_written_run_reads_as_its_valid_prefix(tmp_path):
+    rows = random_rows(30)
+    path = tmp_path / "trajectory.zarr"
+    writer = TrajectoryWriter(path, StoreLayout(n_steps=30, eval_steps=(0, 30), chunk_steps=8), {})
+    for step in range(20):
+        writer.record_step(step, rows[step])
+    # 20 rows recorded: two full chunks (16 rows) are on disk, the rest still buffered.
+    progress = read_progress(path)
+    assert progress["steps_done"] == 15 and progress["finished"] is False
+    ds = open_run(path)
+    assert ds.sizes["step"] == 16 and not np.isnan(ds.weights.values).any()
+    writer.flush()
+    assert open_run(path).sizes["step"] == 20
+
+
+def test_a_crash_in_training_keeps_the_recorded_steps_and_marks_the_run_unfinished(tmp_path):
+    rows = random_rows(30)
+    path = tmp_path / "trajectory.zarr"
+    with pytest.raises(RuntimeError):
+        with TrajectoryWriter(path, StoreLayout(n_steps=30, eval_steps=(0,), chunk_steps=8), {}) as writer:
+            for step in range(12):
+                writer.record_step(step, rows[step])
+            raise RuntimeError("out of memory")
+    progress = read_progress(path)
+    assert progress["steps_done"] == 11 and not progress["finished"]
+    assert "RuntimeError: out of memory" in progress["error"]
+    assert np.array_equal(open_run(path).weights.values, rows[:12])
+
+
+def test_steps_must_come_in_order(tmp_path):
+    writer = TrajectoryWriter(tmp_path / "t.zarr", StoreLayout(n_steps=3, eval_steps=(0,)), {})
+    with pytest.raises(ValueError, match="expected 0, got 1"):
+        writer.record_step(1, random_rows(0)[0])
+
+
+def test_memory_stays_bounded_by_one_chunk(tmp_path):
+    row = random_rows(0)[0]
+    n_steps = 2000  # 63 MB of weights
+    writer = TrajectoryWriter(tmp_path / "t.zarr", StoreLayout(n_steps=n_steps, eval_steps=(0,), chunk_steps=16), {})
+    tracemalloc.start()
+    for step in range(n_steps + 1):
+        writer.record_step(step, row)
+    writer.close()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 16 * row.nbytes, f"peak {peak / 1e6:.1f} MB while writing {n_steps * row.nbytes / 1e6:.0f} MB"
+
+
+def test_a_missing_or_foreign_store_gets_a_clear_error(tmp_path):
+    with pytest.raises(TrajectoryNotFoundError, match="no trajectory store"):
+        open_run(tmp_path / "nothing")
+    foreign = zarr.open_group(tmp_path / "foreign.zarr", mode="w")
+    foreign.create_array("x", shape=(3,), dtype="int8")
+    with pytest.raises(TrajectoryError, match="not a weightlapse trajectory"):
+        open_run(tmp_path / "foreign.zarr")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "zarr.json").write_text("{not json")
+    with pytest.raises(TrajectoryError, match="not a Zarr group"):
+        open_run(tmp_path / "junk")
+
+
+def test_another_schema_version_is_named(tmp_path):
+    path = tmp_path / "old.zarr"
+    write_run(path, random_rows(3))
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["weightlapse"] = {**group.attrs["weightlapse"], "schema_version": 0}
+    with pytest.raises(TrajectoryError, match="schema version 0, this weightlapse reads version 1"):
+        check_schema(path)
+
+
+def test_an_existing_store_is_never_overwritten_silently(tmp_path):
+    path = tmp_path / "trajectory.zarr"
+    rows = random_rows(3)
+    write_run(path, rows)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_run(path, random_rows(3, seed=1))
+    assert np.array_equal(open_run(path).weights.values, rows)  # nothing lost
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(foreign, mode="w").attrs["owner"] = "someone else"
+    with pytest.raises(TrajectoryError, match="not a weightlapse trajectory.*Refusing to write over it"):
+        write_run(foreign, rows)
+    assert zarr.open_group(foreign, mode="r").attrs["owner"] == "someone else"
+
+
+def test_store_is_smaller_than_raw(tmp_path):
+    # A realistic trajectory: small Adam-like steps from a random start.
+    rng = np.random.default_rng(0)
+    start = rng.uniform(-0.036, 0.036, (10, 784)).astype(np.float32)
+    steps = rng.choice(np.float32([-1e-3, 0, 1e-3]), (256, 10, 784))
+    rows = np.concatenate([start[None], start + np.cumsum(steps, axis=0)]).astype(np.float32)
+    path = tmp_path / "trajectory.zarr"
+    write_run(path, rows, chunk_steps=64)
+    on_disk = sum(f.stat().st_size for f in (path / "weights").rglob("*") if f.is_file())
+    assert on_disk < rows.nbytes
