@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pooch
+import requests
 from tqdm import tqdm
 
 from pipeline.datasets import DATASETS, FILES, DatasetSpec, file_digest
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 MIRRORS_ENV = "WEIGHTLAPSE_MIRRORS"
 RETRIES = 2  # per file and HTTP mirror, on top of the first try
 TIMEOUT_S = 60
+
+
+HOW_TO_FIX = (
+    f"To use a local copy, put the files in a directory and set {MIRRORS_ENV}=/that/dir "
+    "(directories, file:// or http(s):// URLs, separated by spaces; tried before the built-in "
+    "mirrors). Files are accepted only if their checksums match."
+)
 
 
 class DownloadError(ConnectionError):
@@ -57,17 +65,19 @@ def fetch_dataset(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Try every file before giving up, so one run fetches all that can be had and the
-    # error lists everything that is still missing.
-    fetched, failures = {}, []
+    # error lists everything still missing; a mirror that could not be reached is not
+    # asked again for the other files.
+    fetched, failures, unreachable = {}, [], set()
     for name in FILES:
         try:
-            fetched[name] = fetch_file(name, spec.checksums[name], out_dir, mirrors=mirrors,
-                                       retries=retries, timeout_s=timeout_s, progress=progress)
+            fetched[name] = _fetch(name, spec.checksums[name], out_dir, mirrors=mirrors, retries=retries,
+                                   timeout_s=timeout_s, progress=progress, unreachable=unreachable)
         except DownloadError as error:
             failures.append(str(error))
     if failures:
-        raise DownloadError(f"{spec.name}: {len(failures)} of {len(FILES)} files could not be fetched.\n"
-                            + "\n".join(failures))
+        missing = [name for name in FILES if name not in fetched]
+        raise DownloadError(f"{spec.name}: could not fetch {', '.join(missing)}.\n"
+                            + "\n".join(failures) + "\n" + HOW_TO_FIX)
     return fetched
 
 
@@ -75,12 +85,25 @@ def fetch_file(
     name: str, checksum: str, out_dir: Path, *, mirrors: list[str], retries: int = RETRIES,
     timeout_s: float = TIMEOUT_S, progress: bool = True,
 ) -> Path:
+    """Make ``out_dir / name`` hold the file with ``checksum`` ("sha256:..." or "md5:...")."""
+    try:
+        return _fetch(name, checksum, out_dir, mirrors=mirrors, retries=retries, timeout_s=timeout_s,
+                      progress=progress, unreachable=set())
+    except DownloadError as error:
+        raise DownloadError(f"{error}\n{HOW_TO_FIX}") from None
+
+
+def _fetch(name: str, checksum: str, out_dir: Path, *, mirrors: list[str], retries: int,
+           timeout_s: float, progress: bool, unreachable: set[str]) -> Path:
     target = out_dir / name
     if target.is_file() and _matches(target, checksum):
         log.info("%s: already present with the right checksum", target)
         return target
     failures = []
     for mirror in mirrors:
+        if mirror in unreachable:
+            failures.append(f"  {mirror}: skipped, unreachable for an earlier file")
+            continue
         try:
             if _is_http(mirror):
                 _fetch_http(mirror, name, checksum, out_dir, retries=retries, timeout_s=timeout_s,
@@ -88,18 +111,37 @@ def fetch_file(
             else:
                 _copy_local(_local_path(mirror) / name, target, checksum, progress=progress)
         except Exception as error:  # noqa: BLE001 - every failure moves on to the next mirror
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if isinstance(error, (requests.ConnectionError, requests.Timeout)):
+                unreachable.add(mirror)
+            reason = _short_reason(error, mirror, timeout_s)
             log.warning("%s from %s failed: %s", name, mirror, reason)
             failures.append(f"  {mirror}: {reason}")
             continue
         log.info("%s: verified (%s) from %s", name, checksum.split(":")[0], mirror)
         return target
-    raise DownloadError(
-        f"could not get {name} with {checksum} from any mirror. Tried:\n" + "\n".join(failures)
-        + f"\nTo use a local copy, put the four files in a directory and set {MIRRORS_ENV}=/that/dir "
-        f"(directories, file:// or http(s):// URLs, separated by spaces); "
-        "files are accepted only if their checksums match."
-    )
+    raise DownloadError(f"could not get {name} ({checksum}) from any mirror:\n" + "\n".join(failures))
+
+
+def _short_reason(error: Exception, mirror: str, timeout_s: float) -> str:
+    """One line a user can act on, instead of a urllib3 traceback summary."""
+    host = urlparse(mirror).netloc
+    text = str(error)
+    if isinstance(error, requests.Timeout):
+        return f"no answer from {host} within {timeout_s:g} s"
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        return f"HTTP {error.response.status_code} {error.response.reason}"
+    if isinstance(error, requests.ConnectionError):
+        if "resolve" in text:
+            return f"cannot resolve {host} (no network, or no DNS?)"
+        if "refused" in text:
+            return f"{host} refused the connection"
+        if "IncompleteRead" in text or "Connection broken" in text:
+            return "the connection broke off mid-file"
+        return f"cannot connect to {host}"
+    if isinstance(error, requests.RequestException):
+        return f"request failed: {type(error).__name__}"
+    # pooch's hash mismatch ends with advice that does not apply here; keep the facts.
+    return text.split(". Deleted download")[0].strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 def _is_http(mirror: str) -> bool:
