@@ -28,6 +28,7 @@ class DatasetSpec:
     checksums: dict[str, str]
     mirrors: tuple[str, ...]
     class_names: tuple[str, ...]
+    offline_hint: str = ""  # appended to the error when no mirror had the files
 
 
 DATASETS = {
@@ -64,6 +65,8 @@ DATASETS = {
             "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
         ),
+        offline_hint=" On Debian or Ubuntu, `apt-get install dataset-fashion-mnist` installs the files "
+                     "into /usr/share/datasets/fashion-mnist, which is tried without any setting.",
     ),
 }
 

@@ -27,7 +27,7 @@ import requests
 from tqdm import tqdm
 
 from pipeline.datasets import DATASETS, FILES, DatasetSpec, file_digest
-from pipeline.params import load_params
+from pipeline.params import ParamsError, load_params
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def fetch_dataset(
     if failures:
         missing = [name for name in FILES if name not in fetched]
         raise DownloadError(f"{spec.name}: could not fetch {', '.join(missing)}.\n"
-                            + "\n".join(failures) + "\n" + HOW_TO_FIX)
+                            + "\n".join(failures) + "\n" + HOW_TO_FIX + spec.offline_hint)
     return fetched
 
 
@@ -207,12 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to hold the dataset's files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
-    spec = DATASETS[params.data.dataset]
     out_dir = Path(args.out)
     try:
+        spec = DATASETS[load_params(args.params).data.dataset]
         fetch_dataset(spec, out_dir, mirrors=mirror_list(spec), progress=True)
-    except DownloadError as error:
+    except (ParamsError, FileNotFoundError, DownloadError) as error:
         log.error("%s", error)
         return 1
     _remove_strays(out_dir)
@@ -224,7 +223,10 @@ def _remove_strays(out_dir: Path) -> None:
     for path in out_dir.iterdir():
         if path.name not in FILES:
             log.info("removing stray %s", path)
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 if __name__ == "__main__":

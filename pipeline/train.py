@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import platform
 import subprocess
 import sys
@@ -46,7 +45,7 @@ def run_training(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_na
     device = select_device(config.device)
     if device.type == "cpu":
         # This model's ops are tiny: one thread is faster than several, and it keeps the
-        # float reduction order, hence the trajectory's bits, independent of the machine.
+        # float reduction order, hence the trajectory's bits, independent of the core count.
         torch.set_num_threads(1)
     train_x = torch.from_numpy(dataset.train.images).to(device)
     train_y = torch.from_numpy(dataset.train.labels).to(device)
@@ -103,7 +102,7 @@ def run_training(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_na
 
     metrics = {
         "steps": n_steps,
-        "final_train_loss": float(np.mean(recent_losses)) if recent_losses else math.nan,
+        "final_train_loss": float(np.mean(recent_losses)),  # plan_steps guarantees >= 1 step
         "heldout_accuracy": last_eval.accuracy,
         "heldout_loss": last_eval.loss,
     }

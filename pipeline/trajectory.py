@@ -20,6 +20,7 @@ past ``progress["steps_done"]``: :func:`open_run` does this for you.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "weightlapse.trajectory"
 SCHEMA_VERSION = 1
@@ -149,6 +152,30 @@ class TrajectoryWriter:
 
     def flush(self) -> None:
         """Write the buffered rows, then advance the progress marker over them."""
+        self._write_buffered()
+        self._write_progress()
+
+    def close(self, *, error: str | None = None) -> None:
+        """Write what is buffered and mark the run finished, or unfinished with ``error``."""
+        self._write_buffered()
+        self.finished = error is None and self.steps_done == self.layout.n_steps
+        self._write_progress(error=error)
+
+    def __enter__(self) -> TrajectoryWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close(error=f"{exc_type.__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - the original exception is the one to report
+            log.exception("%s: could not record the failure in the store", self.path)
+
+    def _write_buffered(self) -> None:
+        # Data first, progress marker after (in _write_progress): a reader trusting the
+        # marker never sees a row that is not on disk yet.
         n_rows = self._next_step - self._block_start
         if n_rows:
             block = slice(self._block_start, self._next_step)
@@ -164,18 +191,6 @@ class TrajectoryWriter:
             self._arrays["heldout_loss"][done] = values[:, 1]
             self._evals_written += len(self._evals)
             self._evals.clear()
-        self._write_progress()
-
-    def close(self, *, error: str | None = None) -> None:
-        self.flush()
-        self.finished = error is None and self.steps_done == self.layout.n_steps
-        self._write_progress(error=error)
-
-    def __enter__(self) -> TrajectoryWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(error=None if exc is None else f"{exc_type.__name__}: {exc}")
 
     def _write_progress(self, *, error: str | None = None) -> None:
         progress = {
@@ -204,7 +219,10 @@ def _prepare_target(path: Path, *, overwrite: bool) -> None:
             f"{path} already holds a trajectory; delete it, or pass --overwrite to replace it "
             "(under DVC, `dvc repro` clears a stage's outputs itself)"
         )
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _create_store(path: Path, layout: StoreLayout, metadata: dict[str, Any]) -> zarr.Group:

@@ -122,3 +122,10 @@ def test_stage_fetches_what_it_can_and_names_what_is_missing(tmp_path, shared_mn
     assert caplog.text.count("WEIGHTLAPSE_MIRRORS") == 1  # the fix, said once
     assert "train-images-idx3-ubyte.gz" in caplog.text and TRAIN_LABELS in caplog.text
     assert sorted(p.name for p in out.iterdir()) == sorted([TEST_IMAGES, TEST_LABELS])
+
+
+def test_stage_reports_bad_params_without_a_traceback(tmp_path, caplog):
+    params = tmp_path / "params.yaml"
+    params.write_text("data: {dataset: cifar10}\nruns: {original: {seed: 0}}\n")
+    assert main(["--params", str(params), "--out", str(tmp_path / "data")]) == 1
+    assert "data.dataset: unknown dataset 'cifar10'; choose one of fashion-mnist, mnist" in caplog.text
