@@ -58,15 +58,17 @@ def parse_header(head: bytes, *, source: str = "IDX data") -> tuple[np.dtype, tu
 
 
 def _expected_data_bytes(dtype: np.dtype, shape: tuple[int, ...], source: str) -> int:
-    n_bytes = dtype.itemsize
+    # Bound the shape's extent with zero dimensions counted as one: (0, 2**32, 2**32)
+    # declares no data, but no array can have that shape.
+    extent = dtype.itemsize
     for n in shape:
-        n_bytes *= n
-    if n_bytes > MAX_DATA_BYTES:
+        extent *= max(n, 1)
+    if extent > MAX_DATA_BYTES:
         raise IdxError(
-            f"{source}: header declares shape {shape} ({n_bytes:,} bytes), "
+            f"{source}: header declares shape {shape} ({extent:,} bytes), "
             f"more than the {MAX_DATA_BYTES:,}-byte limit; the file is corrupt or not a dataset file"
         )
-    return n_bytes
+    return 0 if 0 in shape else extent
 
 
 def parse_idx(data: bytes, *, source: str = "IDX data") -> np.ndarray:

@@ -101,3 +101,10 @@ def test_random_headers_give_an_array_or_idx_error(type_code, dims, body):
     except IdxError:
         return
     assert array.nbytes == len(body)
+
+
+def test_a_zero_dimension_beside_huge_ones_is_refused():
+    # Declares no data bytes, but no array can have this shape (found by hypothesis).
+    with pytest.raises(IdxError, match="limit"):
+        parse_idx(header(0x0C, 0, 2**32 - 1, 2**32 - 1))
+    assert parse_idx(header(0x08, 0, 28, 28)).shape == (0, 28, 28)
