@@ -113,7 +113,7 @@ def test_every_run_is_trained_then_only_what_is_new(generated_project):
     assert "up to date" in sh(project, "dvc", "status")
 
 
-def test_dvc_exp_run_with_a_changed_param_retrains_only_that_run(generated_project):
+def test_dvc_exp_run_changes_or_adds_a_run_and_trains_only_it(generated_project):
     project = generated_project
     sh(project, "dvc", "repro")
     sh(project, "git", "add", "-A")
@@ -122,3 +122,6 @@ def test_dvc_exp_run_with_a_changed_param_retrains_only_that_run(generated_proje
     assert open_run(project / "runs" / "sgd").attrs["weightlapse"]["params"]["lr"] == 0.05
     experiments = json.loads(sh(project, "dvc", "exp", "show", "--json"))
     assert any("0.05" in json.dumps(entry) for entry in experiments)
+    # A new run, declared on the command line alone.
+    assert stages_run(sh(project, "dvc", "exp", "run", "-S", "+runs.fast.lr=0.01")) == ["train@fast"]
+    assert open_run(project / "runs" / "fast").attrs["weightlapse"]["params"]["lr"] == 0.01
