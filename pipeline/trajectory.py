@@ -67,7 +67,15 @@ def _compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
-def _schema_of(path: Path) -> tuple[Any, Any]:
+def check_schema(path: str | Path) -> None:
+    """Raise TrajectoryError unless ``path`` is a store this version can read."""
+    _open_checked(Path(path))
+
+
+def _open_checked(path: Path) -> zarr.Group:
+    """Open ``path`` read-only once, and check that it is a trajectory of this schema version."""
+    if not path.exists():
+        raise TrajectoryNotFoundError(f"{path}: no trajectory store here")
     try:
         group = zarr.open_group(path, mode="r")
     except Exception as error:  # noqa: BLE001 - zarr raises many kinds for a foreign directory
@@ -75,15 +83,7 @@ def _schema_of(path: Path) -> tuple[Any, Any]:
     meta = group.attrs.get("weightlapse", {})
     if not isinstance(meta, dict):
         meta = {}
-    return meta.get("schema"), meta.get("schema_version")
-
-
-def check_schema(path: str | Path) -> None:
-    """Raise TrajectoryError unless ``path`` is a store this version can read."""
-    path = Path(path)
-    if not path.exists():
-        raise TrajectoryNotFoundError(f"{path}: no trajectory store here")
-    schema, version = _schema_of(path)
+    schema, version = meta.get("schema"), meta.get("schema_version")
     if schema != SCHEMA:
         raise TrajectoryError(
             f"{path}: a Zarr store, but not a weightlapse trajectory (schema {schema!r}); "
@@ -94,6 +94,7 @@ def check_schema(path: str | Path) -> None:
             f"{path}: written with store schema version {version}, this weightlapse reads version "
             f"{SCHEMA_VERSION}; retrain the run (`dvc repro`) or use the weightlapse version that wrote it"
         )
+    return group
 
 
 class TrajectoryWriter:
@@ -266,8 +267,7 @@ def _now() -> str:
 
 def read_progress(path: str | Path) -> dict[str, Any]:
     """The run's progress marker: steps_done, n_steps, evals_done, finished."""
-    check_schema(path)
-    return dict(zarr.open_group(Path(path), mode="r").attrs["progress"])
+    return dict(_open_checked(Path(path)).attrs["progress"])
 
 
 def open_run(path: str | Path) -> xr.Dataset:
