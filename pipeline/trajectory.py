@@ -69,11 +69,11 @@ def _compressor() -> BloscCodec:
 
 def check_schema(path: str | Path) -> None:
     """Raise TrajectoryError unless ``path`` is a store this version can read."""
-    _open_checked(Path(path))
+    open_store(Path(path))
 
 
-def _open_checked(path: Path) -> zarr.Group:
-    """Open ``path`` read-only once, and check that it is a trajectory of this schema version."""
+def open_store(path: Path) -> zarr.Group:
+    """Open ``path`` read-only as a Zarr group, checking it is a trajectory of this schema version."""
     if not path.exists():
         raise TrajectoryNotFoundError(f"{path}: no trajectory store here")
     try:
@@ -267,7 +267,7 @@ def _now() -> str:
 
 def read_progress(path: str | Path) -> dict[str, Any]:
     """The run's progress marker: steps_done, n_steps, evals_done, finished."""
-    return dict(_open_checked(Path(path)).attrs["progress"])
+    return dict(open_store(Path(path)).attrs["progress"])
 
 
 def open_run(path: str | Path) -> xr.Dataset:

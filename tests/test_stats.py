@@ -1,0 +1,127 @@
+"""Per-pixel change statistics: dask, block by block, against a plain numpy reference."""
+
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.trajectory import open_run
+from viewer import stats as stats_module
+from viewer.stats import STATISTICS, change_statistics, main, top_pixels
+
+from viewer_runs import write_run
+
+
+def reference(w: np.ndarray, first: int = 0, fraction: float = 0.9) -> dict[str, np.ndarray]:
+    """The definitions in viewer/stats.py, written the obvious way over the whole array."""
+    w = w.astype(np.float64)
+    change = np.diff(w, axis=0)
+    net = w[-1] - w[0]
+    path = np.abs(change).sum(axis=0)
+    signs = np.sign(change)
+    reversals = (signs[1:] * signs[:-1] < 0).sum(axis=0)
+
+    def settle(moved, total):
+        travelled = np.cumsum(moved, axis=0)
+        reached = travelled >= fraction * total
+        return np.where(total > 0, first + 1 + np.argmax(reached, axis=0), first)
+
+    moved = np.abs(change)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        straight = np.where(path > 0, np.abs(net) / path, np.nan)
+        path_all = path.sum(axis=0)
+        straight_all = np.where(path_all > 0, np.abs(net).sum(axis=0) / path_all, np.nan)
+    return {
+        "net_change": net,
+        "path_length": path,
+        "straightness": straight,
+        "std": w.std(axis=0),
+        "reversals": reversals,
+        "settle_step": settle(moved, path) if len(change) else np.full(net.shape, first),
+        "net_change_over_classes": np.abs(net).sum(axis=0),
+        "path_length_over_classes": path_all,
+        "straightness_over_classes": straight_all,
+        "std_over_classes": np.sqrt(w.var(axis=0).sum(axis=0)),
+        "reversals_over_classes": reversals.sum(axis=0),
+        "settle_step_over_classes": (settle(moved.sum(axis=1), path_all) if len(change)
+                                     else np.full(path_all.shape, first)),
+    }
+
+
+def assert_matches(result: xr.Dataset, expected: dict[str, np.ndarray]) -> None:
+    for name, values in expected.items():
+        got = result[name].values
+        if name.startswith(("reversals", "settle_step")):
+            np.testing.assert_array_equal(got, values, err_msg=name)
+        else:
+            np.testing.assert_allclose(got, values, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=name)
+
+
+def random_walk(rng, n_rows, *, stuck_fraction=0.2):
+    steps = rng.standard_normal((n_rows, 10, 784)).astype(np.float32) * np.float32(0.01)
+    stuck = rng.random((10, 784)) < stuck_fraction   # weights that never move (MNIST's border pixels)
+    steps[1:, stuck] = 0
+    return np.cumsum(steps, axis=0, dtype=np.float32)
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, 3, 511, 512, 513, 514, 1300])
+def test_matches_numpy_across_block_edges(monkeypatch, n_rows):
+    monkeypatch.setattr(stats_module, "BLOCK_STEPS", 512)
+    w = random_walk(np.random.default_rng(n_rows), n_rows)
+    assert_matches(change_statistics(w, first_step=7), reference(w, first=7))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_rows=st.integers(1, 40), block=st.integers(2, 9), seed=st.integers(0, 2**32 - 1),
+       fraction=st.sampled_from([0.5, 0.9, 1.0]), quantised=st.booleans())
+def test_matches_numpy_on_random_trajectories(n_rows, block, seed, fraction, quantised):
+    rng = np.random.default_rng(seed)
+    w = random_walk(rng, n_rows)
+    if quantised:  # many exactly-equal steps: zero changes and ties in the cumulative path
+        w = np.round(w * 20).astype(np.float32)
+    stats_module.BLOCK_STEPS, saved = block, stats_module.BLOCK_STEPS
+    try:
+        result = change_statistics(w, settle_fraction=fraction)
+    finally:
+        stats_module.BLOCK_STEPS = saved
+    assert_matches(result, reference(w, fraction=fraction))
+
+
+def test_reads_the_store_lazily_and_labels_steps_from_the_coordinate(tmp_path):
+    w = random_walk(np.random.default_rng(1), 700)
+    write_run(tmp_path / "run", w)
+    weights = open_run(tmp_path / "run").weights.sel(step=slice(100, 650))
+    fractions = []
+    result = change_statistics(weights, progress=fractions.append)
+    assert result.attrs["first_step"] == 100 and result.attrs["last_step"] == 650
+    assert_matches(result, reference(w[100:651], first=100))
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert set(STATISTICS) <= set(result.data_vars)
+
+
+def test_top_pixels_are_the_largest_over_classes():
+    w = random_walk(np.random.default_rng(2), 50)
+    w[:, :, 300] *= 50  # pixel 300 (row 10, column 20) moves most
+    top = top_pixels(change_statistics(w), "path_length", n=3)
+    assert top[0] == {"pixel": 300, "row": 10, "col": 20, "value": pytest.approx(top[0]["value"])}
+    assert top[0]["value"] >= top[1]["value"] >= top[2]["value"]
+    with pytest.raises(ValueError, match="unknown statistic 'speed'"):
+        top_pixels(change_statistics(w), "speed")
+
+
+def test_bad_arguments_say_what_is_wrong():
+    with pytest.raises(ValueError, match="settle_fraction must be in"):
+        change_statistics(np.zeros((3, 10, 784), np.float32), settle_fraction=0)
+    with pytest.raises(ValueError, match="3-d"):
+        change_statistics(np.zeros((3, 784), np.float32))
+
+
+def test_command_line_writes_a_store_xarray_opens(tmp_path):
+    w = random_walk(np.random.default_rng(3), 300)
+    write_run(tmp_path / "run", w)
+    out = tmp_path / "stats.zarr"
+    assert main([str(tmp_path / "run"), "--start", "10", "--stop", "200", "--out", str(out)]) == 0
+    saved = xr.open_zarr(out)
+    assert_matches(saved.load(), reference(w[10:201], first=10))
+    assert main([str(tmp_path / "run"), "--start", "10", "--stop", "999", "--out", str(out)]) == 1

@@ -1,0 +1,242 @@
+"""End to end: a real `panel serve viewer/` over runs trained by the pipeline, in headless Chromium.
+
+Needs Debian's `chromium` (apt-get install chromium) and Playwright for Python; .ci/run
+installs both. Without them these tests skip with the reason, except on CI, where a
+missing browser is a failure rather than a silent skip.
+"""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from idx_files import write_dataset
+from viewer_runs import training_like, write_run
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("WEIGHTLAPSE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+HOSTILE_NAME = "<img src=x onerror=alert(1)>"
+PARAMS = """\
+data:
+  dataset: mnist
+train:
+  max_steps: 300
+  eval_every: 50
+runs:
+  trained: {}
+"""
+
+
+def _need(condition: bool, reason: str) -> None:
+    if not condition:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI must run the browser tests)")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    """A run trained by the real train stage, a second run, and a broken run with an HTML name."""
+    root = tmp_path_factory.mktemp("browser")
+    data = root / "data"
+    write_dataset(data, n_train=6000, n_test=100)
+    (root / "params.yaml").write_text(PARAMS)
+    runs = root / "runs"
+    subprocess.run([sys.executable, "-m", "pipeline.train", "--params", str(root / "params.yaml"), "--run",
+                    "trained", "--data", str(data), "--out", str(runs / "trained")], check=True, cwd=REPO,
+                   capture_output=True)
+    write_run(runs / "other", training_like(300, seed=3), name="other")
+    broken = runs / HOSTILE_NAME / "trajectory.zarr"
+    broken.mkdir(parents=True)
+    (broken / "zarr.json").write_text("{ this is not json")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def server(runs_dir):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "panel", "serve", "viewer/", "--address", "127.0.0.1", "--port", str(port),
+         "--allow-websocket-origin", f"127.0.0.1:{port}", "--args", "--runs", str(runs_dir)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/viewer"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"panel serve did not come up:\n{process.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need(Path(CHROMIUM).exists() or bool(shutil.which(CHROMIUM)),
+          f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _need(False, "Playwright for Python is not installed (pip install -e '.[test]')")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A browser tab on the viewer that records console errors, page errors and dialogs."""
+
+    def __init__(self, browser, url: str) -> None:
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
+        self.page.goto(url)
+        self.page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30_000)
+        self.wait_idle()
+
+    def wait_idle(self, ms: int = 800) -> None:
+        self.page.wait_for_timeout(ms)
+
+    def tiles_png(self) -> np.ndarray:
+        from PIL import Image
+
+        shot = self.page.locator(".wl-tiles").first.screenshot()
+        return np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+
+    def tile_data(self) -> list:
+        """The weight grid's image array as the browser holds it (row 0 at the bottom)."""
+        return self.page.evaluate("""() => {
+            for (const model of Bokeh.documents[0].all_models) {
+                if (model.type === 'GlyphRenderer' && model.glyph.type === 'Image') {
+                    const image = model.data_source.data.image[0];
+                    const shape = image.shape;
+                    if (shape && shape[0] === 66 && shape[1] === 144) return Array.from(image);
+                }
+            }
+            return null;
+        }""")
+
+    def text(self) -> str:
+        """All text on the page, including inside the shadow roots Panel renders into."""
+        return self.page.evaluate(DEEP_TEXT)
+
+    def wait_for_text(self, text: str, timeout: int = 15_000) -> None:
+        self.page.wait_for_function(f"() => ({DEEP_TEXT})().includes({text!r})", timeout=timeout)
+
+    def close(self) -> None:
+        self.page.close()
+
+
+DEEP_TEXT = """() => {
+    const parts = [];
+    const visit = (node) => {
+        if (node.nodeType === Node.TEXT_NODE) parts.push(node.textContent);
+        if (node.shadowRoot) visit(node.shadowRoot);
+        for (const child of node.childNodes) visit(child);
+    };
+    visit(document.body);
+    return parts.join(' ');
+}"""
+
+
+def count_runs(mask: np.ndarray, min_length: int) -> int:
+    """Number of separate stretches of at least ``min_length`` True values in a 1-d mask."""
+    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    starts = np.flatnonzero(np.diff(padded) == 1)
+    ends = np.flatnonzero(np.diff(padded) == -1)
+    return int(np.sum(ends - starts >= min_length))
+
+
+def test_page_loads_with_ten_images_and_the_slider_moves_them(browser, server):
+    tab = Page(browser, server + "?run=trained")
+    data = np.array(tab.tile_data(), dtype=np.float64)
+    assert data.size == 66 * 144
+    # ten 28x28 tiles of real numbers, NaN between them
+    assert np.isfinite(data).sum() == 10 * 784
+
+    picture = tab.tiles_png()
+    if os.environ.get("WEIGHTLAPSE_SAVE_SHOTS"):
+        from PIL import Image
+        Image.fromarray(picture).save(os.environ["WEIGHTLAPSE_SAVE_SHOTS"])
+    drawn = np.any(picture != 255, axis=2)          # the gaps between tiles are pure white
+    colourful = np.ptp(picture.astype(int), axis=2) > 30
+    rows_with_tiles = np.flatnonzero(colourful.sum(axis=1) > 0.3 * picture.shape[1] * 0.5)
+    band = drawn[rows_with_tiles.min():rows_with_tiles.max() + 1]
+    columns = band.mean(axis=0) > 0.6
+    # A tile is about 90 screen pixels wide; the white gaps between them split the picture.
+    assert count_runs(columns, min_length=60) == 5  # five columns of tiles
+    tile_columns = np.flatnonzero(columns)
+    rows = drawn[:, tile_columns[0]:tile_columns[0] + 20].mean(axis=1) > 0.9
+    assert count_runs(rows, min_length=60) == 2     # two rows of tiles
+
+    handle = tab.page.locator(".noUi-handle").last
+    box = handle.bounding_box()
+    tab.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    tab.page.mouse.down()
+    tab.page.mouse.move(box["x"] + 400, box["y"] + box["height"] / 2, steps=5)
+    tab.page.mouse.up()
+    tab.wait_idle(1500)
+    assert "step=0" not in tab.page.url and "step=" in tab.page.url
+    moved = np.array(tab.tile_data(), dtype=np.float64)
+    assert not np.array_equal(np.nan_to_num(moved), np.nan_to_num(data))
+    assert not np.array_equal(tab.tiles_png(), picture)
+    assert tab.errors == [] and tab.dialogs == []
+    tab.close()
+
+
+def test_diff_and_statistics_modes_render(browser, server):
+    tab = Page(browser, server + "?run=trained&step=250")
+    tab.page.get_by_role("button", name="Step vs step").click()
+    tab.wait_for_text("L2 distance")
+    assert "step 0 vs step 250" in tab.text()
+
+    tab.page.get_by_role("button", name="Statistics").click()
+    tab.wait_idle()
+    before = tab.tiles_png()
+    tab.page.get_by_role("button", name="Compute statistics").click()
+    tab.wait_for_text("Top-changing pixels", timeout=60_000)
+    tab.wait_idle(1000)
+    assert "mode=statistics" in tab.page.url
+    assert not np.array_equal(tab.tiles_png(), before)
+    assert tab.errors == [] and tab.dialogs == []
+    tab.close()
+
+
+def test_bad_runs_and_bad_links_show_a_message_and_run_no_script(browser, server):
+    tab = Page(browser, server + "?run=..%2F..%2Fetc&step=banana&mode=%3Cscript%3E")
+    text = tab.text()
+    assert "could not be used" in text and "../../etc" in text
+    assert HOSTILE_NAME in text          # the broken run is listed by its name, as text
+    assert "broken" in text
+    assert tab.dialogs == []             # its onerror payload never ran
+    assert tab.page.locator("img[src=x]").count() == 0
+    # the rest keeps working: the first run is shown and can be stepped
+    assert len(tab.tile_data()) == 66 * 144
+    assert tab.errors == []
+    tab.close()

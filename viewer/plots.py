@@ -1,0 +1,113 @@
+"""HoloViews elements for the viewer: arrays in, elements out, no state.
+
+The weight grid is one image (a mosaic of the ten 28x28 tiles with one blank pixel
+between them, as the original notebook drew it), so a new step is one array sent to the
+browser rather than ten plots redrawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import holoviews as hv
+import numpy as np
+
+from viewer.frames import IMAGE_SIDE, downsample_curve, mosaic, scale_per_class, symmetric_limit, tile_origin
+
+TILE_PX = 96  # screen pixels per 28-pixel tile
+HEADER = 5    # blank image rows above each row of tiles, where the class names go
+CURVE_POINTS = 1500
+
+
+@dataclass(frozen=True)
+class TileView:
+    """What the weight grid shows: (tile, pixel) values and how to colour them."""
+
+    tiles: np.ndarray            # (class, pixel)
+    label: str = "weight"        # what a value is, for the colour bar and hover
+    diverging: bool = True       # centred on zero (weights, changes) or sequential (statistics)
+    per_class: bool = False      # each tile scaled to its own largest |value|
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class TilePicture:
+    """A TileView made drawable: the mosaic and its colour mapping."""
+
+    picture: np.ndarray          # (rows*29-1, columns*29-1), row 0 at the top, NaN between tiles
+    clim: tuple[float, float]
+    cmap: str
+    label: str
+
+
+def tile_picture(view: TileView) -> TilePicture:
+    tiles = np.asarray(view.tiles, dtype=np.float32)
+    label = view.label
+    if view.per_class:
+        tiles = scale_per_class(tiles)
+        label = f"{label} / class max |{label}|"
+    picture = mosaic(tiles, header=HEADER)
+    if view.diverging:
+        limit = 1.0 if view.per_class else symmetric_limit(picture)
+        return TilePicture(picture, (-limit, limit), "RdBu_r", label)
+    return TilePicture(picture, _value_range(picture), "viridis", label)
+
+
+def _value_range(picture: np.ndarray) -> tuple[float, float]:
+    finite = picture[np.isfinite(picture)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    return low, high if high > low else low + 1
+
+
+def tile_image(view: TileView, *, hooks: tuple = ()) -> hv.Image:
+    """The mosaic of ``view.tiles`` as an image whose pixel (x, y) is tile column x, row y from the top."""
+    drawn = tile_picture(view)
+    height, width = drawn.picture.shape
+    image = hv.Image(drawn.picture, bounds=(0, 0, width, height), kdims=["x", "y"],
+                     vdims=[hv.Dimension("value", label=drawn.label)])
+    return image.opts(cmap=drawn.cmap, clim=drawn.clim, colorbar=True, title=view.title, tools=["hover"],
+                      frame_width=5 * TILE_PX, frame_height=round(5 * TILE_PX * height / width), xaxis=None,
+                      yaxis=None, toolbar="above", clipping_colors={"NaN": "#ffffff"}, hooks=list(hooks))
+
+
+def class_labels(class_names: list[str]) -> hv.Labels:
+    """Each class's name just above its tile."""
+    n_classes = len(class_names)
+    height = tile_origin(n_classes - 1, header=HEADER)[0] + IMAGE_SIDE
+    points = []
+    for index, name in enumerate(class_names):
+        top, left = tile_origin(index, header=HEADER)
+        points.append((left + IMAGE_SIDE / 2, height - top + HEADER / 2, str(name)[:24]))
+    return hv.Labels(points, kdims=["x", "y"], vdims=["text"]).opts(
+        text_font_size="9pt", text_color="#222222", text_baseline="middle")
+
+
+def pixel_map(values: np.ndarray, *, label: str, diverging: bool, title: str) -> hv.Image:
+    """One 28x28 map (pixel,) such as a statistic summed over classes."""
+    picture = np.asarray(values, dtype=np.float32).reshape(IMAGE_SIDE, IMAGE_SIDE)
+    if diverging:
+        limit = symmetric_limit(picture)
+        clim, cmap = (-limit, limit), "RdBu_r"
+    else:
+        clim, cmap = _value_range(picture), "viridis"
+    image = hv.Image(picture, bounds=(0, 0, IMAGE_SIDE, IMAGE_SIDE), kdims=["x", "y"],
+                     vdims=[hv.Dimension("value", label=label)])
+    return image.opts(cmap=cmap, clim=clim, colorbar=True, title=title, tools=["hover"],
+                      frame_width=3 * TILE_PX, frame_height=3 * TILE_PX, xaxis=None, yaxis=None,
+                      toolbar="above")
+
+
+def history_curve(steps: np.ndarray, values: np.ndarray, *, label: str, title: str) -> hv.Overlay:
+    """A per-step curve, binned for display when long: the bin means over a min-max band."""
+    x, mean, low, high = downsample_curve(steps, values, CURVE_POINTS)
+    kdim = hv.Dimension("step", label="step")
+    vdim = hv.Dimension("value", label=label)
+    curve = hv.Curve((x, mean), kdims=[kdim], vdims=[vdim]).opts(color="#1f4e79", line_width=1.5)
+    band = hv.Area((x, low, high), kdims=[kdim], vdims=[vdim, "high"]).opts(
+        color="#9ecae1", alpha=0.5, line_alpha=0)
+    return (band * curve).opts(title=title, frame_width=360, frame_height=160, show_legend=False,
+                               tools=["tap"], toolbar="above")
+
+
+def step_marker(step: int, *, hooks: tuple = ()) -> hv.VLine:
+    return hv.VLine(step).opts(color="#d62728", line_width=1.5, hooks=list(hooks))

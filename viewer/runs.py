@@ -1,0 +1,278 @@
+"""Find the runs under a runs directory and read their weights fast enough to replay them.
+
+The only paths this module opens are entries it listed itself: a run is asked for by
+name, and a name that is not one of the listed directories is refused before anything
+touches the disk. So no string from a URL or a widget can reach a file outside the runs
+directory (``../``, absolute paths, symlinks pointing out of it are all refused).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from pipeline.trajectory import (
+    IMAGE_SIDE, STORE_NAME, TrajectoryError, TrajectoryNotFoundError, open_store,
+)
+
+# A run whose progress marker was updated this recently and is not finished is
+# reported as "being written"; an older unfinished one as "unfinished" (stopped or killed).
+WRITING_GRACE_S = 120
+# Longest run name the viewer accepts; anything longer is not a run the pipeline wrote.
+MAX_NAME_LENGTH = 200
+# Decoded chunks kept per open run (each ~2 MB at 64 steps): enough for smooth playback
+# forwards and backwards without re-decompressing.
+CHUNK_CACHE_SIZE = 8
+
+
+class RunNotFoundError(TrajectoryNotFoundError):
+    """The name is not a run listed in the runs directory."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the run picker shows about one run directory."""
+
+    name: str
+    state: str                        # finished | being written | unfinished | failed | empty | broken
+    message: str = ""                 # why a run is broken or failed, in words
+    steps_done: int = -1
+    n_steps: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    dataset: str = ""
+
+    @property
+    def readable(self) -> bool:
+        return self.state not in ("broken", "empty")
+
+
+class RunCatalog:
+    """The runs directory: lists run directories and opens them by name only."""
+
+    def __init__(self, runs_dir: str | Path) -> None:
+        self.runs_dir = Path(runs_dir).expanduser()
+        self._open: dict[str, Run] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        """Run directory names, sorted; entries that resolve outside the runs directory are skipped."""
+        try:
+            root = self.runs_dir.resolve(strict=True)
+            entries = list(root.iterdir())
+        except OSError:
+            return []
+        names = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or len(name) > MAX_NAME_LENGTH:
+                continue
+            try:
+                inside = entry.resolve(strict=True).parent == root and entry.is_dir()
+            except OSError:
+                continue
+            if inside:
+                names.append(name)
+        return sorted(names)
+
+    def _path(self, name: object) -> Path:
+        # The name must be one of the listed entries, compared as a string: it is never
+        # joined to a path before this check passes.
+        if not isinstance(name, str) or name not in self.names():
+            raise RunNotFoundError(f"no run named {str(name)[:80]!r} in {self.runs_dir}")
+        return self.runs_dir.resolve() / name
+
+    def describe(self, name: str) -> RunInfo:
+        """The run's state, key params and final metrics; never raises for a bad store."""
+        run_dir = self._path(name)
+        store = run_dir / STORE_NAME
+        metrics = _read_metrics(run_dir / "metrics.json")
+        if not store.exists():
+            return RunInfo(name, "empty", f"no {STORE_NAME} yet: train it with `dvc repro`", metrics=metrics)
+        try:
+            group = open_store(store)
+            meta = dict(group.attrs["weightlapse"])
+            progress = _progress(group)
+        except (TrajectoryError, KeyError, TypeError, ValueError) as error:
+            return RunInfo(name, "broken", str(error) or type(error).__name__, metrics=metrics)
+        params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
+        dataset = meta.get("dataset", {}).get("name", "") if isinstance(meta.get("dataset"), dict) else ""
+        state, message = _state(progress)
+        return RunInfo(name, state, message, steps_done=progress["steps_done"], n_steps=progress["n_steps"],
+                       params=params, metrics=metrics if state == "finished" else {}, dataset=str(dataset))
+
+    def list(self) -> list[RunInfo]:
+        return [self.describe(name) for name in self.names()]
+
+    def open(self, name: str) -> Run:
+        """The run called ``name``, opened once and shared (its chunk cache too)."""
+        path = self._path(name) / STORE_NAME
+        with self._lock:
+            run = self._open.get(name)
+            if run is None:
+                run = Run(name, path)
+                self._open[name] = run
+            return run
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def _progress(group: zarr.Group) -> dict[str, Any]:
+    progress = group.attrs.get("progress")
+    if not isinstance(progress, dict):
+        raise TrajectoryError("the store has no progress marker; it was not written by weightlapse")
+    try:
+        steps_done, n_steps = int(progress["steps_done"]), int(progress["n_steps"])
+        evals_done = int(progress.get("evals_done", 0))
+    except (KeyError, TypeError, ValueError):
+        raise TrajectoryError(f"unreadable progress marker: {str(progress)[:200]}") from None
+    if not -1 <= steps_done <= n_steps:
+        raise TrajectoryError(f"progress marker says {steps_done} of {n_steps} steps, which cannot be")
+    return {**progress, "steps_done": steps_done, "n_steps": n_steps, "evals_done": evals_done}
+
+
+def _state(progress: dict[str, Any]) -> tuple[str, str]:
+    if progress.get("finished"):
+        return "finished", ""
+    if progress.get("error"):
+        return "failed", str(progress["error"])
+    if progress["steps_done"] < 0:
+        return "empty", "no step written yet"
+    try:
+        updated = dt.datetime.fromisoformat(str(progress.get("updated")))
+        age = (dt.datetime.now(dt.timezone.utc) - updated).total_seconds()
+    except (TypeError, ValueError):
+        age = float("inf")
+    if age <= WRITING_GRACE_S:
+        return "being written", ""
+    return "unfinished", f"stopped at step {progress['steps_done']} of {progress['n_steps']}"
+
+
+class Run:
+    """One run's store, read lazily: a step's weights cost one chunk decompression at most.
+
+    Only steps up to the progress marker are ever read; :meth:`refresh` re-reads the marker
+    of a run that is still being written.
+    """
+
+    def __init__(self, name: str, store: Path) -> None:
+        self.name = name
+        self.store = store
+        group = open_store(store)
+        self.meta: dict[str, Any] = dict(group.attrs["weightlapse"])
+        try:
+            self._weights = group["weights"]
+            self._loss = group["loss"]
+            self._eval_step = group["eval_step"]
+            self._accuracy = group["heldout_accuracy"]
+        except KeyError as error:
+            raise TrajectoryError(f"{store}: array {error} is missing; the store is incomplete") from None
+        if self._weights.ndim != 3 or self._weights.shape[2] != IMAGE_SIDE * IMAGE_SIDE:
+            raise TrajectoryError(f"{store}: weights have shape {self._weights.shape}, expected (step, class, 784)")
+        self.n_classes = int(self._weights.shape[1])
+        self.chunk_steps = int(self._weights.chunks[0])
+        self._group = group
+        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.progress: dict[str, Any] = {}
+        self.refresh()
+
+    # -- state --------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Re-read the progress marker; True when new steps became valid."""
+        group = zarr.open_group(self.store, mode="r")
+        before = self.progress.get("steps_done")
+        self.progress = _progress(group)
+        return self.progress["steps_done"] != before
+
+    @property
+    def last_step(self) -> int:
+        """The newest valid step (-1 when none is written yet)."""
+        return self.progress["steps_done"]
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.progress.get("finished"))
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.meta.get("dataset", {}).get("class_names") if isinstance(self.meta.get("dataset"), dict) else None
+        if isinstance(names, list) and len(names) == self.n_classes:
+            return [str(name) for name in names]
+        return [str(index) for index in range(self.n_classes)]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        params = self.meta.get("params")
+        return params if isinstance(params, dict) else {}
+
+    # -- data ---------------------------------------------------------------------------
+    def check_step(self, step: int) -> int:
+        if not 0 <= step <= self.last_step:
+            raise IndexError(f"step {step} is outside this run's valid steps 0..{self.last_step}")
+        return step
+
+    def weights_at(self, step: int) -> np.ndarray:
+        """Weights after ``step`` optimizer steps, (class, pixel) float32, exactly as stored."""
+        self.check_step(step)
+        chunk, row = divmod(step, self.chunk_steps)
+        return self._chunk(chunk)[row]
+
+    def _chunk(self, chunk: int) -> np.ndarray:
+        with self._lock:
+            block = self._chunks.get(chunk)
+            if block is not None:
+                self._chunks.move_to_end(chunk)
+                return block
+        start = chunk * self.chunk_steps
+        stop = min(start + self.chunk_steps, self.last_step + 1)
+        try:
+            block = self._weights[start:stop]  # (step, class, pixel): one chunk, one decompression
+        except Exception as error:  # noqa: BLE001 - zarr/numcodecs raise many kinds for a corrupt chunk
+            raise TrajectoryError(
+                f"{self.store}: steps {start}..{stop - 1} cannot be read ({type(error).__name__}: {error}); "
+                "the store is damaged: retrain the run (`dvc repro`)"
+            ) from None
+        if stop - start == self.chunk_steps:
+            # Only complete chunks are cached: the chunk at the frontier of a run being
+            # written still changes.
+            with self._lock:
+                self._chunks[chunk] = block
+                while len(self._chunks) > CHUNK_CACHE_SIZE:
+                    self._chunks.popitem(last=False)
+        return block
+
+    def weights(self, start: int = 0, stop: int | None = None) -> da.Array:
+        """Weights of steps ``start..stop`` (inclusive) as a lazy dask array (step, class, pixel)."""
+        stop = self.last_step if stop is None else stop
+        self.check_step(start)
+        self.check_step(stop)
+        if stop < start:
+            raise ValueError(f"step range {start}..{stop} is empty: the first step must not be after the last")
+        return da.from_zarr(self._weights)[start:stop + 1]
+
+    def loss(self) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, training batch loss) over the valid steps; step 0 has no loss and is left out."""
+        n = self.last_step + 1
+        values = self._loss[1:n] if n > 1 else np.empty(0, np.float32)
+        return np.arange(1, max(n, 1)), np.asarray(values)
+
+    def accuracy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eval steps, held-out accuracy) of the evaluations done so far."""
+        n = int(self.progress.get("evals_done", 0))
+        return np.asarray(self._eval_step[:n]), np.asarray(self._accuracy[:n])

@@ -1,0 +1,302 @@
+"""Per-pixel change statistics over a step range, computed with dask straight from the store.
+
+    python -m viewer.stats runs/original --start 0 --stop 3000 --out runs/original/change_stats.zarr
+
+Headless use, for research scripts::
+
+    from pipeline.trajectory import open_run
+    from viewer.stats import change_statistics
+    stats = change_statistics(open_run("runs/original").weights.sel(step=slice(0, 3000)))
+    stats.path_length_over_classes.values.reshape(28, 28)
+
+For the weights w[t] of steps t = a..b of one (class, pixel):
+
+- ``net_change``   w[b] - w[a]
+- ``path_length``  sum over t of |w[t] - w[t-1]|
+- ``straightness`` |net_change| / path_length: 1 for a straight move, near 0 for wandering
+  (NaN for a weight that never moved)
+- ``std``          standard deviation of w[a..b] (population, ddof 0)
+- ``reversals``    steps whose change has the opposite sign to the previous step's change
+  (a step without change counts as neither)
+- ``settle_step``  the first step t by which the weight had travelled ``settle_fraction``
+  (default 90%) of its path; ``a`` for a weight that never moved
+
+Each has an ``*_over_classes`` variant, one value per pixel over all ten classes: path length,
+|net change| and reversals summed, straightness as their ratio, std as the root of the summed
+variances, and the settle step of the summed path.
+
+Memory stays bounded whatever the range: the data are read twice, chunk by chunk (the
+settle step needs the total path before it can be found), never held whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIDE = 28
+STATISTICS = {
+    "path_length": "path length: sum of |change| between consecutive steps",
+    "net_change": "net change: last step minus first",
+    "straightness": "straightness: |net change| / path length",
+    "std": "standard deviation over the steps",
+    "reversals": "direction reversals: changes opposite in sign to the previous one",
+    "settle_step": "settle step: when the weight had travelled {fraction:.0%} of its path",
+}
+# Steps per dask block: few enough blocks that scheduling is cheap, small enough
+# (about 16 MB of float32 per block) that memory stays low on any machine.
+BLOCK_STEPS = 512
+
+
+class _TaskProgress(Callback):
+    """Reports the fraction of dask tasks done across the passes of one computation."""
+
+    def __init__(self, report: Callable[[float], None], pass_index: int, n_passes: int) -> None:
+        super().__init__()
+        self._report, self._pass, self._passes = report, pass_index, n_passes
+        self._total = self._done = 0
+
+    def _start_state(self, dsk, state) -> None:
+        self._total = sum(len(state[key]) for key in ("ready", "waiting", "running")) or 1
+
+    def _posttask(self, key, result, dsk, state, worker_id) -> None:
+        self._done += 1
+        self._report((self._pass + min(self._done / self._total, 1.0)) / self._passes)
+
+
+def _as_dask(weights) -> tuple[da.Array, int]:
+    """(step, class, pixel) weights as a dask array, and the first step's label."""
+    first_step = 0
+    if isinstance(weights, xr.DataArray):
+        if weights.dims != ("step", "class", "pixel"):
+            raise ValueError(f"weights must have dims (step, class, pixel), got {weights.dims}")
+        if "step" in weights.coords and weights.sizes["step"]:
+            first_step = int(weights["step"][0])
+        weights = weights.data
+    array = weights if isinstance(weights, da.Array) else da.from_array(np.asarray(weights))
+    if array.ndim != 3:
+        raise ValueError(f"weights must be 3-d (step, class, pixel), got shape {array.shape}")
+    if array.shape[0] < 1:
+        raise ValueError("the step range is empty: give at least one step")
+    return array, first_step
+
+
+def change_statistics(weights, *, first_step: int | None = None, settle_fraction: float = 0.9,
+                      progress: Callable[[float], None] | None = None, scheduler=None) -> xr.Dataset:
+    """Per-pixel change statistics of ``weights`` (step, class, pixel) over all its steps.
+
+    ``weights`` is an xarray DataArray (e.g. ``open_run(...).weights.sel(step=slice(a, b))``),
+    a dask array or a numpy array. Step labels come from its ``step`` coordinate, else from
+    ``first_step`` (default 0). ``progress`` is called with the fraction done (0..1).
+    ``scheduler`` is passed to ``dask.compute`` (default: dask's current scheduler).
+    """
+    if not 0 < settle_fraction <= 1:
+        raise ValueError(f"settle_fraction must be in (0, 1], got {settle_fraction}")
+    w, coord_first = _as_dask(weights)
+    first = coord_first if first_step is None else int(first_step)
+    n_rows, n_classes, n_pixels = w.shape
+    compute_kwargs = {} if scheduler is None else {"scheduler": scheduler}
+    starts = list(range(0, n_rows, BLOCK_STEPS))
+
+    def with_context(start: int, context: int) -> tuple[da.Array, int]:
+        # A block's rows plus up to ``context`` rows before it: the changes into the block
+        # and the direction of the change before that (for reversals) cross block edges.
+        lead = min(context, start)
+        return w[start - lead:min(start + BLOCK_STEPS, n_rows)], lead
+
+    # Pass 1: one look at each block gives path, reversals and the moments for std.
+    partials = [dask.delayed(_block_summary)(*with_context(start, 2)) for start in starts]
+    with _callbacks(progress, 0, 2):
+        first_row, last_row, partials = dask.compute(w[0], w[-1], partials, **compute_kwargs)
+    net = last_row.astype(np.float64) - first_row.astype(np.float64)
+    block_paths = np.stack([partial.path for partial in partials])      # (block, class, pixel)
+    path = block_paths.sum(axis=0)
+    reversals = sum(partial.reversals for partial in partials)
+    std = np.sqrt(_merge_moments(partials) / n_rows)
+
+    # Pass 2: the settle step, now that each weight's total path is known. The per-block
+    # paths of pass 1 already say in which block each weight crosses the threshold, so
+    # each block only scans the weights that settle inside it.
+    path_over_classes = path.sum(axis=0)
+    flat_blocks = block_paths.reshape(len(starts), -1)
+    thresholds = settle_fraction * np.concatenate([path.ravel(), path_over_classes])
+    after_block = np.cumsum(np.concatenate([flat_blocks, flat_blocks.reshape(len(starts), n_classes, -1)
+                                            .sum(axis=1)], axis=1), axis=0)           # (block, column)
+    settle_block = np.minimum((after_block < thresholds).sum(axis=0), len(starts) - 1)
+    tasks, columns_of = [], []
+    for index, start in enumerate(starts):
+        columns = np.flatnonzero((settle_block == index) & (thresholds > 0))
+        if columns.size:
+            before = after_block[index - 1, columns] if index else np.zeros(columns.size)
+            tasks.append(dask.delayed(_block_settle_rows)(*with_context(start, 1), columns, before,
+                                                          thresholds[columns]))
+            columns_of.append((columns, max(start, 1)))
+    with _callbacks(progress, 1, 2):
+        found = dask.compute(tasks, **compute_kwargs)[0]
+    settle_all = np.zeros(thresholds.size, dtype=np.int64)   # row index; 0 for weights that never moved
+    for (columns, first_change), below in zip(columns_of, found):
+        settle_all[columns] = np.minimum(first_change + below, n_rows - 1)
+    settle = first + settle_all[:n_classes * n_pixels].reshape(n_classes, n_pixels)
+    settle_over_classes = first + settle_all[n_classes * n_pixels:]
+    if progress:
+        progress(1.0)
+
+    net_over_classes = np.abs(net).sum(axis=0)
+    per_class = ("class", "pixel")
+    pixel = np.arange(n_pixels)
+    stats = xr.Dataset(
+        {
+            "net_change": (per_class, net),
+            "path_length": (per_class, path),
+            "straightness": (per_class, _ratio(np.abs(net), path)),
+            "std": (per_class, std),
+            "reversals": (per_class, reversals.astype(np.int64)),
+            "settle_step": (per_class, settle.astype(np.int64)),
+            "net_change_over_classes": ("pixel", net_over_classes),
+            "path_length_over_classes": ("pixel", path_over_classes),
+            "straightness_over_classes": ("pixel", _ratio(net_over_classes, path_over_classes)),
+            "std_over_classes": ("pixel", np.sqrt((std ** 2).sum(axis=0))),
+            "reversals_over_classes": ("pixel", reversals.sum(axis=0).astype(np.int64)),
+            "settle_step_over_classes": ("pixel", settle_over_classes.astype(np.int64)),
+        },
+        coords={"class": np.arange(n_classes), "pixel": pixel,
+                "row": ("pixel", pixel // IMAGE_SIDE), "col": ("pixel", pixel % IMAGE_SIDE)},
+        attrs={"first_step": first, "last_step": first + n_rows - 1, "settle_fraction": settle_fraction},
+    )
+    for name, long_name in STATISTICS.items():
+        label = long_name.format(fraction=settle_fraction)
+        stats[name].attrs["long_name"] = label
+        stats[f"{name}_over_classes"].attrs["long_name"] = f"{label}, over all classes"
+    return stats
+
+
+class _BlockSummary(NamedTuple):
+    path: np.ndarray       # (class, pixel) sum of |change| into this block's rows
+    reversals: np.ndarray  # (class, pixel) sign flips between consecutive changes into its rows
+    count: int             # rows of the block
+    mean: np.ndarray       # (class, pixel) mean of its rows
+    m2: np.ndarray         # (class, pixel) sum of squared deviations from that mean
+
+
+def _block_summary(rows: np.ndarray, lead: int) -> _BlockSummary:
+    """Pass 1 on one block; ``rows`` starts with ``lead`` (0..2) rows of the block before."""
+    rows = rows.astype(np.float64)
+    change = np.diff(rows, axis=0)
+    own = change[max(lead - 1, 0):]            # the changes that end on this block's rows
+    # Consecutive changes of opposite sign have a negative product (a zero change flips nothing).
+    flips = np.count_nonzero(own[1:] * own[:-1] < 0, axis=0)
+    if lead == 2:
+        flips += change[0] * change[1] < 0     # the pair across the edge with the block before
+    block = rows[lead:]
+    mean = block.mean(axis=0)
+    deviation = block - mean
+    np.square(deviation, out=deviation)
+    return _BlockSummary(np.abs(own).sum(axis=0), flips, len(block), mean, deviation.sum(axis=0))
+
+
+def _merge_moments(partials: list[_BlockSummary]) -> np.ndarray:
+    """Total sum of squared deviations from per-block moments (Chan et al.'s parallel update)."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for partial in partials:
+        total = count + partial.count
+        delta = partial.mean - mean
+        mean = mean + delta * (partial.count / total)
+        m2 = m2 + partial.m2 + delta ** 2 * (count * partial.count / total)
+        count = total
+    return m2
+
+
+def _block_settle_rows(rows: np.ndarray, lead: int, columns: np.ndarray, travelled_before: np.ndarray,
+                       threshold: np.ndarray) -> np.ndarray:
+    """Pass 2 on one block, for the ``columns`` that settle in it: how many of the block's
+    changes end with the cumulative path still below the threshold.
+
+    Columns index the flattened (class, pixel) weights, then the pixels summed over classes.
+    """
+    moved = np.abs(np.diff(rows.astype(np.float64), axis=0))      # (step, class, pixel)
+    moved = moved.reshape(len(moved), -1)
+    moved = np.concatenate([moved, moved.reshape(len(moved), rows.shape[1], -1).sum(axis=1)], axis=1)
+    travelled = travelled_before + np.cumsum(moved[:, columns], axis=0)
+    return (travelled < threshold).sum(axis=0)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+class _callbacks:
+    """A progress callback for one pass, or nothing."""
+
+    def __init__(self, progress, pass_index: int, n_passes: int) -> None:
+        self._callback = _TaskProgress(progress, pass_index, n_passes) if progress else None
+
+    def __enter__(self):
+        if self._callback:
+            self._callback.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        if self._callback:
+            self._callback.__exit__(*exc)
+
+
+def top_pixels(stats: xr.Dataset, statistic: str = "path_length", n: int = 10) -> list[dict]:
+    """The ``n`` pixels with the largest ``statistic`` over classes: [{pixel, row, col, value}]."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
+    values = stats[f"{statistic}_over_classes"].values.astype(np.float64)
+    order = np.argsort(np.where(np.isfinite(values), -values, np.inf), kind="stable")[:n]
+    return [{"pixel": int(p), "row": int(p // IMAGE_SIDE), "col": int(p % IMAGE_SIDE), "value": float(values[p])}
+            for p in order]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    from pipeline.trajectory import TrajectoryError, open_run
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="run directory (runs/<run>) or its trajectory.zarr")
+    parser.add_argument("--start", type=int, default=0, help="first step (default 0)")
+    parser.add_argument("--stop", type=int, default=None, help="last step, inclusive (default: the last valid step)")
+    parser.add_argument("--settle-fraction", type=float, default=0.9, help="fraction of the path for settle_step")
+    parser.add_argument("--out", required=True, help="Zarr store to write the statistics to (xarray.open_zarr reads it)")
+    parser.add_argument("--top", type=int, default=10, help="log this many top-changing pixels (by path length)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        ds = open_run(args.run)
+        last = ds.sizes["step"] - 1
+        stop = last if args.stop is None else args.stop
+        if not 0 <= args.start <= stop <= last:
+            raise ValueError(f"step range {args.start}..{stop} is not inside the run's valid steps 0..{last}")
+        with tqdm(total=100, unit="%", desc="statistics") as bar:
+            def report(fraction: float) -> None:
+                bar.update(round(fraction * 100) - bar.n)
+            stats = change_statistics(ds.weights.isel(step=slice(args.start, stop + 1)),
+                                      settle_fraction=args.settle_fraction, progress=report)
+        stats.attrs["run"] = str(args.run)
+        stats.to_zarr(args.out, mode="w", zarr_format=3)
+    except (TrajectoryError, ValueError) as error:
+        log.error("%s", error)
+        return 1
+    log.info("steps %d..%d of %s -> %s", args.start, stop, args.run, Path(args.out))
+    for rank, entry in enumerate(top_pixels(stats, "path_length", args.top), 1):
+        log.info("#%d pixel (row %d, col %d): path length %.4g", rank, entry["row"], entry["col"], entry["value"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
