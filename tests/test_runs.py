@@ -6,11 +6,10 @@ import os
 import numpy as np
 import pytest
 import zarr
+from viewer_runs import training_like, write_run
 
 from pipeline.trajectory import STORE_NAME, TrajectoryError
 from viewer.runs import RunCatalog, RunNotFoundError
-
-from viewer_runs import training_like, write_run
 
 
 @pytest.fixture

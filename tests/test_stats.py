@@ -5,12 +5,11 @@ import pytest
 import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from viewer_runs import write_run
 
 from pipeline.trajectory import open_run
 from viewer import stats as stats_module
 from viewer.stats import STATISTICS, change_statistics, main, top_pixels
-
-from viewer_runs import write_run
 
 
 def reference(w: np.ndarray, first: int = 0, fraction: float = 0.9) -> dict[str, np.ndarray]:
@@ -49,13 +48,32 @@ def reference(w: np.ndarray, first: int = 0, fraction: float = 0.9) -> dict[str,
     }
 
 
-def assert_matches(result: xr.Dataset, expected: dict[str, np.ndarray]) -> None:
+def assert_matches(result: xr.Dataset, expected: dict[str, np.ndarray], w: np.ndarray) -> None:
+    """Counts exactly; sums to float32 rounding (weights are differenced in their stored float32)."""
     for name, values in expected.items():
         got = result[name].values
-        if name.startswith(("reversals", "settle_step")):
+        if name.startswith("reversals"):
             np.testing.assert_array_equal(got, values, err_msg=name)
+        elif name.startswith("settle_step"):
+            assert_same_settle(got, values, w, result.attrs, over_classes=name.endswith("classes"))
         else:
-            np.testing.assert_allclose(got, values, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=name)
+            np.testing.assert_allclose(got, values, rtol=2e-5, atol=1e-9, equal_nan=True, err_msg=name)
+
+
+def assert_same_settle(got, expected, w, attrs, *, over_classes):
+    """Equal settle steps, except where the path reaches the threshold within rounding of it."""
+    differ = got != expected
+    if not differ.any():
+        return
+    moved = np.abs(np.diff(w.astype(np.float64), axis=0))
+    if over_classes:
+        moved = moved.sum(axis=1)
+    travelled = np.cumsum(moved, axis=0)
+    threshold = attrs["settle_fraction"] * travelled[-1]
+    at = np.minimum(got, expected) - attrs["first_step"] - 1     # the earlier of the two steps
+    reached = np.take_along_axis(travelled, at[None], axis=0)[0]
+    np.testing.assert_allclose(reached[differ], threshold[differ], rtol=1e-5,
+                               err_msg="settle steps differ by more than rounding")
 
 
 def random_walk(rng, n_rows, *, stuck_fraction=0.2):
@@ -69,7 +87,7 @@ def random_walk(rng, n_rows, *, stuck_fraction=0.2):
 def test_matches_numpy_across_block_edges(monkeypatch, n_rows):
     monkeypatch.setattr(stats_module, "BLOCK_STEPS", 512)
     w = random_walk(np.random.default_rng(n_rows), n_rows)
-    assert_matches(change_statistics(w, first_step=7), reference(w, first=7))
+    assert_matches(change_statistics(w, first_step=7), reference(w, first=7), w)
 
 
 @settings(max_examples=40, deadline=None)
@@ -85,7 +103,7 @@ def test_matches_numpy_on_random_trajectories(n_rows, block, seed, fraction, qua
         result = change_statistics(w, settle_fraction=fraction)
     finally:
         stats_module.BLOCK_STEPS = saved
-    assert_matches(result, reference(w, fraction=fraction))
+    assert_matches(result, reference(w, fraction=fraction), w)
 
 
 def test_reads_the_store_lazily_and_labels_steps_from_the_coordinate(tmp_path):
@@ -95,7 +113,7 @@ def test_reads_the_store_lazily_and_labels_steps_from_the_coordinate(tmp_path):
     fractions = []
     result = change_statistics(weights, progress=fractions.append)
     assert result.attrs["first_step"] == 100 and result.attrs["last_step"] == 650
-    assert_matches(result, reference(w[100:651], first=100))
+    assert_matches(result, reference(w[100:651], first=100), w[100:651])
     assert fractions[-1] == 1.0 and fractions == sorted(fractions)
     assert set(STATISTICS) <= set(result.data_vars)
 
@@ -123,5 +141,5 @@ def test_command_line_writes_a_store_xarray_opens(tmp_path):
     out = tmp_path / "stats.zarr"
     assert main([str(tmp_path / "run"), "--start", "10", "--stop", "200", "--out", str(out)]) == 0
     saved = xr.open_zarr(out)
-    assert_matches(saved.load(), reference(w[10:201], first=10))
+    assert_matches(saved.load(), reference(w[10:201], first=10), w[10:201])
     assert main([str(tmp_path / "run"), "--start", "10", "--stop", "999", "--out", str(out)]) == 1

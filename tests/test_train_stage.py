@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from idx_files import idx_bytes
+
 from pipeline.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_dataset
 from pipeline.idx import read_idx_file
 from pipeline.train import main
@@ -17,7 +17,9 @@ from pipeline.trajectory import open_run
 
 PARAMS = """
 data: {dataset: mnist}
-train: {eval_every: 4, capture: {chunk_steps: 4}}
+# device: cpu, so the bit-exact comparisons below hold on a machine with a GPU too
+# (tests/test_cuda.py covers the CUDA path).
+train: {eval_every: 4, device: cpu, capture: {chunk_steps: 4}}
 runs:
   original: {seed: 0}
   sgd: {optimizer: sgd, lr: 0.05, momentum: 0.9, bias: true, capture: {gradients: true}}

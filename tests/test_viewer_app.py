@@ -8,14 +8,13 @@ import numpy as np
 import panel as pn
 import pytest
 from bokeh.models import GlyphRenderer, Image, Span
+from viewer_runs import FASHION_CLASSES, training_like, write_run
 
 from viewer.app import WeightViewer, runs_table_html
 from viewer.frames import mosaic
 from viewer.plots import HEADER
 from viewer.runs import RunCatalog
 from viewer.stats import change_statistics
-
-from viewer_runs import FASHION_CLASSES, training_like, write_run
 
 hv.extension("bokeh")
 TILE_SHAPE = (2 * (28 + HEADER), 5 * 29 - 1)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from idx_files import write_dataset
 from viewer_runs import training_like, write_run
 

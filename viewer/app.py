@@ -27,7 +27,13 @@ from pipeline.trajectory import TrajectoryError
 from viewer.export import animation_steps, png_bytes, write_animation
 from viewer.frames import clamp_step, diff_summary
 from viewer.plots import (
-    TileView, class_labels, history_curve, pixel_map, step_marker, tile_image, tile_picture,
+    TileView,
+    class_labels,
+    history_curve,
+    pixel_map,
+    step_marker,
+    tile_image,
+    tile_picture,
 )
 from viewer.runs import Run, RunCatalog, RunInfo
 from viewer.stats import STATISTICS, change_statistics, top_pixels
@@ -110,6 +116,10 @@ class WeightViewer(pn.viewable.Viewer):
         self._known_last = {}
         self._stats = None
         self._updating = False
+        # Panel's Player sets its slider's value before its maximum, so a browser clamps a
+        # first value above 100 (an HTML range input's default maximum). Its value is held at
+        # 0 until the page has loaded, then set (see _on_load).
+        self._player_live = pn.state.curdoc is None
 
         # -- widgets ----------------------------------------------------------------------
         self.message = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["wl-message"])
@@ -197,7 +207,7 @@ class WeightViewer(pn.viewable.Viewer):
         self._apply_query()
         self._layout = self._build_layout()
         if pn.state.curdoc is not None:
-            pn.state.onload(self._start_polling)
+            pn.state.onload(self._on_load)
 
     # -- layout ------------------------------------------------------------------------------
     def _build_layout(self) -> pn.viewable.Viewable:
@@ -345,7 +355,8 @@ class WeightViewer(pn.viewable.Viewer):
     def _on_step(self) -> None:
         self._updating = True
         try:
-            self.player.value = self.step
+            if self._player_live:
+                self.player.value = self.step
             self.step_slider.value = self.step
             self.step_input.value = self.step
         finally:
@@ -414,6 +425,7 @@ class WeightViewer(pn.viewable.Viewer):
 
     def _capture_tiles(self, plot, element) -> None:
         self._tile_plots[id(plot)] = plot
+        _label_colorbar(plot, element)
 
     def _capture_marker(self, plot, element) -> None:
         self._marker_plots[id(plot)] = plot
@@ -462,9 +474,8 @@ class WeightViewer(pn.viewable.Viewer):
         return ""
 
     def _pixel_map(self, data):
-        if data is None:
-            return hv.Image(np.zeros((28, 28))).opts(frame_width=10, frame_height=10, xaxis=None, yaxis=None)
-        return pixel_map(*data[:1], label=data[1], diverging=False, title=data[2])
+        values, label, title = data if data is not None else (np.full(784, np.nan), "value", "All classes")
+        return pixel_map(values, label=label, diverging=False, title=title).opts(hooks=[_label_colorbar])
 
     # -- statistics ------------------------------------------------------------------------------
     def _stats_key(self) -> tuple:
@@ -563,7 +574,13 @@ class WeightViewer(pn.viewable.Viewer):
         self.say(f"Animation of {len(steps)} frames (steps {start:,}..{stop:,}) is ready to download.", "info")
 
     # -- live follow -----------------------------------------------------------------------------
-    def _start_polling(self) -> None:
+    def _on_load(self) -> None:
+        self._updating = True
+        try:
+            self._player_live = True
+            self.player.value = self.step
+        finally:
+            self._updating = False
         pn.state.add_periodic_callback(self.poll, period=POLL_MS)
 
     def poll(self) -> None:
@@ -615,7 +632,7 @@ class WeightViewer(pn.viewable.Viewer):
         """Restore a view from URL query values; anything unusable is reported and ignored."""
         problems = []
         names = self.run_select.options
-        if "run" in query and query["run"]:
+        if query.get("run"):
             if query["run"] in names:
                 self.run_select.value = query["run"]
             else:
@@ -666,6 +683,14 @@ class WeightViewer(pn.viewable.Viewer):
     def _sync_url(self) -> None:
         if pn.state.location is not None and hasattr(self, "_layout"):
             pn.state.location.update_query(**self.state())
+
+
+def _label_colorbar(plot, element) -> None:
+    # HoloViews titles a colour bar once, when the plot is first drawn; the viewer reuses
+    # one plot for weights, changes and statistics, so the title follows the element.
+    colorbar = plot.handles.get("colorbar")
+    if colorbar is not None:
+        colorbar.title = element.vdims[0].pprint_label
 
 
 def _diff_table(summary, class_names: list[str], caption: str) -> str:

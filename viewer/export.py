@@ -22,10 +22,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # never open a window: exports run in servers and scripts
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from viewer.frames import IMAGE_SIDE, grid_shape, scale_per_class, symmetric_limit  # noqa: E402
+from viewer.frames import IMAGE_SIDE, grid_shape, scale_per_class, symmetric_limit
 
 # MP4 encoders want frame sizes divisible by 16; 960 x 448 pixels fits the 2x5 grid.
 FIGURE_SIZE_PX = (960, 448)

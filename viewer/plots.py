@@ -16,7 +16,7 @@ from viewer.frames import IMAGE_SIDE, downsample_curve, mosaic, scale_per_class,
 
 TILE_PX = 96  # screen pixels per 28-pixel tile
 HEADER = 5    # blank image rows above each row of tiles, where the class names go
-CURVE_POINTS = 1500
+CURVE_POINTS = 600  # bins of a long curve on screen: its mean line and min-max band
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,11 @@ import numpy as np
 import zarr
 
 from pipeline.trajectory import (
-    IMAGE_SIDE, STORE_NAME, TrajectoryError, TrajectoryNotFoundError, open_store,
+    IMAGE_SIDE,
+    STORE_NAME,
+    TrajectoryError,
+    TrajectoryNotFoundError,
+    open_store,
 )
 
 # A run whose progress marker was updated this recently and is not finished is
@@ -155,7 +159,7 @@ def _state(progress: dict[str, Any]) -> tuple[str, str]:
         return "empty", "no step written yet"
     try:
         updated = dt.datetime.fromisoformat(str(progress.get("updated")))
-        age = (dt.datetime.now(dt.timezone.utc) - updated).total_seconds()
+        age = (dt.datetime.now(dt.UTC) - updated).total_seconds()
     except (TypeError, ValueError):
         age = float("inf")
     if age <= WRITING_GRACE_S:

@@ -1,0 +1,176 @@
+"""Viewer benchmark on a long trajectory: frame latency, statistics time and memory.
+
+    python benchmarks/viewing.py [--steps 300000] [--workdir DIR] [--keep] [--json FILE]
+
+Writes a trajectory of --steps steps (a drifting random walk, written by the pipeline's own
+TrajectoryWriter in the real store format) and measures, in this process:
+
+- frame latency: server-side time from setting the viewer's step to the new frame being in
+  the page's Bokeh models (what is then sent to the browser), for random jumps (a chunk is
+  decompressed) and for playback (consecutive steps, mostly cached chunks);
+- statistics over 3,000 steps at random places (all six per-pixel statistics);
+and, in a fresh subprocess so its peak memory is its own, statistics over the whole
+trajectory with the process's peak resident memory next to the trajectory's size.
+Not a test: the numbers go into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RAW_BYTES_PER_STEP = 10 * 784 * 4
+
+
+def write_trajectory(run_dir: Path, n_steps: int, *, seed: int = 0) -> float:
+    """A random walk pulled towards per-class templates, like weights under training; returns seconds."""
+    from tqdm import tqdm
+
+    from pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryWriter
+
+    rng = np.random.default_rng(seed)
+    template = rng.standard_normal((10, 784)).astype(np.float32) * np.float32(0.05)
+    weights = rng.standard_normal((10, 784)).astype(np.float32) * np.float32(0.01)
+    layout = StoreLayout(n_steps=n_steps, eval_steps=tuple(range(0, n_steps + 1, 1000)))
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with TrajectoryWriter(run_dir / STORE_NAME, layout, {"run": run_dir.name, "params": {"optimizer": "adam"}}) \
+            as writer:
+        block = 64
+        for start in tqdm(range(0, n_steps + 1, block), desc="writing trajectory", unit="chunk"):
+            noise = rng.standard_normal((block, 10, 784), dtype=np.float32) * np.float32(0.002)
+            for offset in range(min(block, n_steps + 1 - start)):
+                step = start + offset
+                if step:
+                    weights = weights + np.float32(1e-4) * (template - weights) + noise[offset]
+                writer.record_step(step, weights, 2.3 * np.exp(-step / 20000) if step else float("nan"))
+                if step % 1000 == 0:
+                    writer.record_eval(step, 1 - 0.9 * np.exp(-step / 5000), 0.5)
+    return time.perf_counter() - started
+
+
+def frame_latency(runs_dir: Path, run: str, n_steps: int, *, samples: int = 200) -> dict:
+    import holoviews as hv
+    import panel as pn
+
+    from viewer.app import WeightViewer
+
+    hv.extension("bokeh")
+    viewer = WeightViewer(runs_dir)
+    viewer.run_select.value = run
+    pn.panel(viewer).get_root()  # the Bokeh models a browser page would hold
+    rng = np.random.default_rng(1)
+
+    def timed(steps) -> np.ndarray:
+        times = []
+        for step in steps:
+            started = time.perf_counter()
+            viewer.step = int(step)
+            times.append(time.perf_counter() - started)
+        return np.array(times) * 1000
+
+    timed(rng.integers(0, n_steps, 10))  # warm-up
+    jumps = timed(rng.integers(0, n_steps, samples))
+    start = int(rng.integers(0, n_steps - 10 * samples))
+    playback = timed(range(start, start + samples))
+    return {
+        "random_jump_ms_median": float(np.median(jumps)), "random_jump_ms_p95": float(np.percentile(jumps, 95)),
+        "playback_ms_median": float(np.median(playback)), "playback_ms_p95": float(np.percentile(playback, 95)),
+        "samples": samples,
+    }
+
+
+def window_statistics(run_dir: Path, n_steps: int, *, window: int = 3000, repeats: int = 5) -> dict:
+    from pipeline.trajectory import open_run
+    from viewer.stats import change_statistics
+
+    weights = open_run(run_dir).weights
+    rng = np.random.default_rng(2)
+    times = []
+    for start in rng.integers(0, n_steps - window, repeats):
+        started = time.perf_counter()
+        change_statistics(weights.isel(step=slice(int(start), int(start) + window)))
+        times.append(time.perf_counter() - started)
+    return {"window_steps": window, "seconds_median": float(np.median(times)), "seconds_max": float(max(times)),
+            "repeats": repeats}
+
+
+def whole_statistics(run_dir: Path) -> dict:
+    """Statistics over every step, in a fresh process; its peak resident memory is reported."""
+    code = (
+        "import json, resource, sys, time\n"
+        "from pipeline.trajectory import open_run\n"
+        "from viewer.stats import change_statistics\n"
+        "weights = open_run(sys.argv[1]).weights\n"
+        "started = time.perf_counter()\n"
+        "change_statistics(weights)\n"
+        "print(json.dumps({'seconds': time.perf_counter() - started,\n"
+        "                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300_000, help="trajectory length (default 300,000)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where to write the trajectory (default: a temporary directory; needs ~8 GB)")
+    parser.add_argument("--keep", action="store_true", help="keep the trajectory and reuse it on the next run")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="weightlapse-bench-"))
+    runs_dir = workdir / "runs"
+    run_dir = runs_dir / "long"
+    try:
+        from pipeline.trajectory import TrajectoryError, read_progress
+
+        try:
+            reuse = read_progress(run_dir / "trajectory.zarr")["steps_done"] == args.steps
+        except TrajectoryError:
+            reuse = False
+        if not reuse:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            write_seconds = write_trajectory(run_dir, args.steps)
+        else:
+            write_seconds = None
+        store_bytes = sum(f.stat().st_size for f in (run_dir / "trajectory.zarr").rglob("*") if f.is_file())
+        results = {
+            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+            "steps": args.steps,
+            "raw_gb": (args.steps + 1) * RAW_BYTES_PER_STEP / 1e9,
+            "store_gb": store_bytes / 1e9,
+            "write_seconds": write_seconds,
+            "frame": frame_latency(runs_dir, "long", args.steps),
+            "statistics_3000": window_statistics(run_dir, args.steps),
+            "statistics_whole": whole_statistics(run_dir),
+            "benchmark_process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    frame, window, whole = results["frame"], results["statistics_3000"], results["statistics_whole"]
+    print(f"step change -> frame: {frame['random_jump_ms_median']:.1f} ms median on random jumps "
+          f"(target <= 50), {frame['playback_ms_median']:.1f} ms in playback")
+    print(f"statistics over 3,000 steps: {window['seconds_median']:.2f} s median (target <= 1)")
+    print(f"statistics over all {args.steps:,} steps: {whole['seconds']:.0f} s, peak memory "
+          f"{whole['peak_rss_mb']:.0f} MB for a {results['raw_gb']:.1f} GB trajectory")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

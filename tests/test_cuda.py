@@ -1,0 +1,40 @@
+"""The CUDA path of the train stage. Skipped on machines without a CUDA GPU (CI has none)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.datasets import load_dataset
+from pipeline.params import TrainParams
+from pipeline.train import run_training
+from pipeline.trajectory import open_run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch here")
+
+
+def test_a_cuda_run_records_the_same_trajectory_as_cpu_to_float_rounding(tmp_path, generated_data):
+    data_dir, _ = generated_data
+    dataset = load_dataset(data_dir, "mnist")
+    stores = {}
+    for device in ("cuda", "cpu"):
+        config = TrainParams(device=device, eval_every=5)
+        run_training(config, dataset, tmp_path / device, run_name=device, progress=False)
+        stores[device] = open_run(tmp_path / device)
+    gpu, cpu = stores["cuda"], stores["cpu"]
+    assert gpu.attrs["weightlapse"]["device"].startswith("cuda")
+    assert gpu.attrs["progress"]["finished"] and gpu.sizes["step"] == cpu.sizes["step"] == 11
+    np.testing.assert_array_equal(gpu.weights.values[0], cpu.weights.values[0])  # same initialisation
+    np.testing.assert_allclose(gpu.weights.values, cpu.weights.values, rtol=0, atol=1e-5)
+    metrics = json.loads((tmp_path / "cuda" / "metrics.json").read_text())
+    assert metrics["steps"] == 10
+
+
+def test_cuda_runs_are_bitwise_repeatable(tmp_path, generated_data):
+    data_dir, _ = generated_data
+    dataset = load_dataset(data_dir, "mnist")
+    for name in ("a", "b"):
+        run_training(TrainParams(device="cuda"), dataset, tmp_path / name, run_name=name, progress=False)
+    a, b = open_run(tmp_path / "a").weights.values, open_run(tmp_path / "b").weights.values
+    assert np.array_equal(a.view(np.int32), b.view(np.int32))

@@ -1,0 +1,65 @@
+"""Exports for papers and talks: PNG of a view, GIF and MP4 of a step range."""
+
+import asyncio
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+from PIL import Image
+
+from viewer.app import WeightViewer
+from viewer.export import animation_steps, png_bytes, save_animation, save_png
+from viewer.runs import RunCatalog
+
+from viewer_runs import FASHION_CLASSES, training_like, write_run
+
+
+@pytest.fixture
+def run(tmp_path):
+    write_run(tmp_path / "runs" / "alpha", training_like(120), class_names=FASHION_CLASSES)
+    return RunCatalog(tmp_path / "runs").open("alpha")
+
+
+def test_png_shows_the_grid_at_a_size_for_papers(tmp_path, run):
+    path = save_png(tmp_path / "step.png", run.weights_at(60), class_names=run.class_names, title="step 60")
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == (960, 448)
+    pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # a picture, not a blank canvas
+    per_class = png_bytes(run.weights_at(60), tile_titles=run.class_names, per_class=True)
+    assert per_class != path.read_bytes()
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_animations_have_one_frame_per_chosen_step(tmp_path, run, suffix):
+    fractions = []
+    path = save_animation(tmp_path / f"range{suffix}", run, start=10, stop=40, fps=5, progress=fractions.append)
+    reader = imageio.get_reader(path)
+    frames = [frame for frame in reader]
+    assert len(frames) == 31 and frames[0].shape[:2] == (448, 960)
+    assert not np.array_equal(frames[0], frames[-1])  # the weights moved
+    assert fractions[-1] == 1.0
+
+
+def test_long_ranges_are_thinned_evenly_keeping_both_ends():
+    steps = animation_steps(0, 299_999, max_frames=300)
+    assert len(steps) == 300 and steps[0] == 0 and steps[-1] == 299_999
+    assert animation_steps(5, 7).tolist() == [5, 6, 7]
+    with pytest.raises(ValueError, match="empty"):
+        animation_steps(9, 3)
+
+
+def test_bad_requests_say_what_is_wrong(tmp_path, run):
+    with pytest.raises(ValueError, match="choose a .gif or .mp4"):
+        save_animation(tmp_path / "x.avi", run)
+    with pytest.raises(IndexError, match="outside this run's valid steps"):
+        save_animation(tmp_path / "x.gif", run, start=0, stop=500)
+
+
+def test_the_page_renders_an_animation_of_the_range(tmp_path, run):
+    viewer = WeightViewer(tmp_path / "runs")
+    viewer.param.update(range_start=0, range_stop=120)
+    asyncio.run(viewer._animation_clicked())
+    assert viewer.animation_download.visible and viewer.animation_download.filename == "weightlapse-0-120.gif"
+    gif = Image.open(viewer.animation_download.file)
+    assert gif.n_frames == 121
