@@ -6,12 +6,11 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 from PIL import Image
+from viewer_runs import FASHION_CLASSES, training_like, write_run
 
 from viewer.app import WeightViewer
 from viewer.export import animation_steps, png_bytes, save_animation, save_png
 from viewer.runs import RunCatalog
-
-from viewer_runs import FASHION_CLASSES, training_like, write_run
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from idx_files import write_dataset
+from viewer.frames import mosaic
+from viewer.plots import HEADER
 from viewer_runs import training_like, write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,34 +63,62 @@ def runs_dir(tmp_path_factory) -> Path:
     return runs
 
 
-@pytest.fixture(scope="module")
-def server(runs_dir):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "panel", "serve", "viewer/", "--address", "127.0.0.1", "--port", str(port),
-         "--allow-websocket-origin", f"127.0.0.1:{port}", "--args", "--runs", str(runs_dir)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/viewer"
-    deadline = time.monotonic() + 90
-    while True:
+class Server:
+    """A real `panel serve viewer/` process; its log is kept to check for server-side errors."""
+
+    def __init__(self, runs_dir: Path, log_path: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/viewer"
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # a file, not a pipe: a full pipe would block the server
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "panel", "serve", "viewer/", "--address", "127.0.0.1", "--port", str(port),
+             "--allow-websocket-origin", f"127.0.0.1:{port}", "--args", "--runs", str(runs_dir)],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"panel serve did not come up:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def errors(self) -> list[str]:
+        """Log lines of exceptions raised in the server, in the app or in Panel and Bokeh."""
+        return [line for line in self.log_path.read_text().splitlines()
+                if "Traceback" in line or "Exception" in line or line.startswith(("ERROR", "CRITICAL"))]
+
+    def stop(self) -> None:
+        self.process.terminate()
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"panel serve did not come up:\n{process.stdout.read()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def served(runs_dir, tmp_path_factory):
+    server = Server(runs_dir, tmp_path_factory.mktemp("server") / "panel.log")
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server(served):
+    """The viewer's URL; after the test, the server must not have logged an exception."""
+    yield served.url
+    assert served.errors() == [], "\n".join(served.errors())
 
 
 @pytest.fixture(scope="module")
@@ -237,5 +267,37 @@ def test_bad_runs_and_bad_links_show_a_message_and_run_no_script(browser, server
     assert tab.page.locator("img[src=x]").count() == 0
     # the rest keeps working: the first run is shown and can be stepped
     assert len(tab.tile_data()) == 66 * 144
+    assert tab.errors == []
+    tab.close()
+
+
+def test_follow_keeps_up_with_a_run_being_written(browser, server, runs_dir):
+    rows = training_like(400, seed=5)
+    writer = write_run(runs_dir / "live", rows[:50], n_steps=400, finish=False)
+    try:
+        tab = Page(browser, server + "?run=live&follow=1")
+        tab.page.wait_for_function("() => location.search.includes('step=49')", timeout=10_000)
+        for step in range(50, 200):
+            writer.record_step(step, rows[step], 0.1)
+        writer.flush()
+        tab.page.wait_for_function("() => location.search.includes('step=199')", timeout=15_000)
+        tab.wait_idle()
+        shown = np.flipud(np.array(tab.tile_data(), dtype=np.float32).reshape(66, 144))
+        np.testing.assert_array_equal(shown, mosaic(rows[199], header=HEADER))
+        assert tab.errors == []
+        tab.close()
+    finally:
+        writer.close()
+
+
+def test_clicking_the_loss_curve_jumps_to_that_step(browser, server):
+    tab = Page(browser, server + "?run=trained&step=0")
+    box = tab.page.locator(".wl-loss-curve").first.bounding_box()
+    # the middle of the plot area, which spans steps 1..300
+    tab.page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    tab.page.wait_for_function("() => !location.search.includes('step=0&') && location.search.includes('step=')",
+                               timeout=10_000)
+    step = int(tab.page.evaluate("() => new URLSearchParams(location.search).get('step')"))
+    assert 60 < step < 240
     assert tab.errors == []
     tab.close()

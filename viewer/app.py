@@ -29,6 +29,7 @@ from viewer.frames import clamp_step, diff_summary
 from viewer.plots import (
     TileView,
     class_labels,
+    history_band,
     history_curve,
     pixel_map,
     step_marker,
@@ -127,8 +128,7 @@ class WeightViewer(pn.viewable.Viewer):
         self.compare_select = pn.widgets.Select(label="Compare with (run vs run)", options=[NO_RUN], width=220)
         self.refresh_button = pn.widgets.Button(label="Rescan runs", width=220)
         self.runs_table = pn.pane.HTML("", stylesheets=[TABLE_CSS], sizing_mode="stretch_width")
-        self.mode_buttons = pn.widgets.RadioButtonGroup(label="Mode", options=MODES, value=self.mode,
-                                                        )
+        self.mode_buttons = pn.widgets.RadioButtonGroup(label="Mode", options=MODES, value=self.mode)
         self.player = pn.widgets.Player(label="Player", start=0, end=1, value=0, loop_policy="once",
                                         interval=100, show_loop_controls=True, width=420, show_value=False)
         self.speed = pn.widgets.Select(label="Speed", options=SPEEDS, value=1, width=140)
@@ -148,8 +148,7 @@ class WeightViewer(pn.viewable.Viewer):
         self.progress = pn.indicators.Progress(value=0, max=100, visible=False, width=300)
         self.summary = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["wl-summary"])
         self.png_download = pn.widgets.FileDownload(callback=self._png_file, filename="weightlapse.png",
-                                                    label="Download PNG of this view",
-                                                    width=220)
+                                                    label="Download PNG of this view", width=220)
         self.animation_format = pn.widgets.RadioButtonGroup(options=["gif", "mp4"], value="gif", width=100)
         self.animation_button = pn.widgets.Button(label="Render animation of the range", width=220)
         self.animation_download = pn.widgets.FileDownload(file=None, filename="weightlapse.gif", visible=False,
@@ -166,23 +165,25 @@ class WeightViewer(pn.viewable.Viewer):
         self._tile_plots: dict[int, Any] = {}
         self._marker_plots: dict[int, Any] = {}
         self._drawn_signature = None
-        tiles = hv.DynamicMap(lambda data: tile_image(data, hooks=(self._capture_tiles,)), streams=[self._tiles_pipe])
+        tiles = hv.DynamicMap(lambda data: tile_image(data, hooks=(self._capture_tiles,)),
+                              streams=[self._tiles_pipe])
         labels = hv.DynamicMap(lambda data: class_labels(data), streams=[self._labels_pipe])
         self.tiles_pane = pn.pane.HoloViews(tiles * labels, linked_axes=False, css_classes=["wl-tiles"])
-        self.map_pane = pn.pane.HoloViews(hv.DynamicMap(lambda data: self._pixel_map(data), streams=[self._map_pipe]), visible=False,
-                                          linked_axes=False)
-        loss = hv.DynamicMap(lambda data: history_curve(*data, label="batch loss", title="Training loss"),
-                             streams=[self._loss_pipe])
-        accuracy = hv.DynamicMap(lambda data: history_curve(*data, label="accuracy", title="Held-out accuracy"),
-                                 streams=[self._accuracy_pipe])
+        pixel_maps = hv.DynamicMap(lambda data: self._pixel_map(data), streams=[self._map_pipe])
+        self.map_pane = pn.pane.HoloViews(pixel_maps, visible=False, linked_axes=False)
         marker = step_marker(0, hooks=(self._capture_marker,))
-        for curve in (loss, accuracy):
-            tap = hv.streams.SingleTap(source=curve)
-            tap.add_subscriber(self._jump_to_tap)
-        self.curves = pn.Row(pn.pane.HoloViews((loss * marker).opts(title="Training loss (click to jump)"),
-                                               linked_axes=False),
-                             pn.pane.HoloViews((accuracy * marker).opts(title="Held-out accuracy"),
-                                               linked_axes=False))
+        panes = []
+        for pipe, label, title in ((self._loss_pipe, "batch loss", "Training loss"),
+                                   (self._accuracy_pipe, "accuracy", "Held-out accuracy")):
+            curve = hv.DynamicMap(lambda data, label=label, title=title: history_curve(
+                *data, label=label, title=f"{title} (click to jump)"), streams=[pipe])
+            band = hv.DynamicMap(lambda data, label=label: history_band(*data, label=label), streams=[pipe])
+            # Clicks reach the stream only from a DynamicMap that returns a single element
+            # (not an overlay), and only if the overlay below is not re-styled with .opts().
+            hv.streams.Tap(source=curve).add_subscriber(self._jump_to_tap)
+            panes.append(pn.pane.HoloViews(band * curve * marker, linked_axes=False,
+                                           css_classes=[f"wl-{label.split()[-1]}-curve"]))
+        self.curves = pn.Row(*panes)
 
         # -- wiring ---------------------------------------------------------------------------
         self.run_select.param.watch(lambda event: self._select_run(event.new), "value")
@@ -349,7 +350,8 @@ class WeightViewer(pn.viewable.Viewer):
 
     def _jump_to_tap(self, x=None, y=None) -> None:
         if x is not None and self.run is not None:
-            self._set_step(round(x))
+            step = round(x)
+            _with_document_lock(lambda: self._set_step(step))
 
     @param.depends("step", watch=True)
     def _on_step(self) -> None:
@@ -474,7 +476,7 @@ class WeightViewer(pn.viewable.Viewer):
         return ""
 
     def _pixel_map(self, data):
-        values, label, title = data if data is not None else (np.full(784, np.nan), "value", "All classes")
+        values, label, title = data if data is not None else (np.zeros(784), "value", "All classes")
         return pixel_map(values, label=label, diverging=False, title=title).opts(hooks=[_label_colorbar])
 
     # -- statistics ------------------------------------------------------------------------------
@@ -523,7 +525,7 @@ class WeightViewer(pn.viewable.Viewer):
             while len(_stats_cache) > STATS_CACHE_SIZE:
                 _stats_cache.popitem(last=False)
         self.say("")
-        self._render()
+        _with_document_lock(self._render)
 
     # -- export ----------------------------------------------------------------------------------
     def _png_file(self) -> io.BytesIO:
@@ -581,6 +583,7 @@ class WeightViewer(pn.viewable.Viewer):
             self.player.value = self.step
         finally:
             self._updating = False
+        self._sync_url()  # the link shows the whole view from the start, bad values corrected
         pn.state.add_periodic_callback(self.poll, period=POLL_MS)
 
     def poll(self) -> None:
@@ -683,6 +686,20 @@ class WeightViewer(pn.viewable.Viewer):
     def _sync_url(self) -> None:
         if pn.state.location is not None and hasattr(self, "_layout"):
             pn.state.location.update_query(**self.state())
+
+
+def _with_document_lock(callback) -> None:
+    """Run ``callback`` now, or on the page's next tick when served.
+
+    HoloViews stream events and code after an ``await`` run without the page's document
+    lock, and Bokeh refuses the direct model updates of the fast redraw then; a next-tick
+    callback holds the lock.
+    """
+    document = pn.state.curdoc
+    if document is None or document.session_context is None:
+        callback()
+    else:
+        document.add_next_tick_callback(callback)
 
 
 def _label_colorbar(plot, element) -> None:

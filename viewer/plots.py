@@ -97,16 +97,19 @@ def pixel_map(values: np.ndarray, *, label: str, diverging: bool, title: str) ->
                       toolbar="above")
 
 
-def history_curve(steps: np.ndarray, values: np.ndarray, *, label: str, title: str) -> hv.Overlay:
-    """A per-step curve, binned for display when long: the bin means over a min-max band."""
-    x, mean, low, high = downsample_curve(steps, values, CURVE_POINTS)
-    kdim = hv.Dimension("step", label="step")
-    vdim = hv.Dimension("value", label=label)
-    curve = hv.Curve((x, mean), kdims=[kdim], vdims=[vdim]).opts(color="#1f4e79", line_width=1.5)
-    band = hv.Area((x, low, high), kdims=[kdim], vdims=[vdim, "high"]).opts(
-        color="#9ecae1", alpha=0.5, line_alpha=0)
-    return (band * curve).opts(title=title, frame_width=360, frame_height=160, show_legend=False,
-                               tools=["tap"], toolbar="above")
+def history_curve(steps: np.ndarray, values: np.ndarray, *, label: str, title: str) -> hv.Curve:
+    """A per-step curve, binned for display when long: the mean of each bin."""
+    x, mean, _, _ = downsample_curve(steps, values, CURVE_POINTS)
+    return hv.Curve((x, mean), kdims=[hv.Dimension("step")], vdims=[hv.Dimension("value", label=label)]).opts(
+        color="#1f4e79", line_width=1.5, title=title, frame_width=360, frame_height=160, tools=["tap"],
+        toolbar="above")
+
+
+def history_band(steps: np.ndarray, values: np.ndarray, *, label: str) -> hv.Area:
+    """The min-max band of the same bins, drawn under the curve so the spread stays visible."""
+    x, _, low, high = downsample_curve(steps, values, CURVE_POINTS)
+    return hv.Area((x, low, high), kdims=[hv.Dimension("step")],
+                   vdims=[hv.Dimension("value", label=label), "high"]).opts(color="#9ecae1", alpha=0.5, line_alpha=0)
 
 
 def step_marker(step: int, *, hooks: tuple = ()) -> hv.VLine:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
             stats = change_statistics(ds.weights.isel(step=slice(args.start, stop + 1)),
                                       settle_fraction=args.settle_fraction, progress=report)
         stats.attrs["run"] = str(args.run)
-        stats.to_zarr(args.out, mode="w", zarr_format=3)
+        with warnings.catch_warnings():
+            # Consolidated metadata (one file listing all arrays) is what lets a plain
+            # xarray.open_zarr(path) open it without a warning; zarr notes it is not in the v3 spec yet.
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            stats.to_zarr(args.out, mode="w", zarr_format=3)
     except (TrajectoryError, ValueError) as error:
         log.error("%s", error)
         return 1
