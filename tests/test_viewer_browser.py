@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from idx_files import write_dataset
+from viewer_runs import training_like, write_run
+
 from viewer.frames import mosaic
 from viewer.plots import HEADER
-from viewer_runs import training_like, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("WEIGHTLAPSE_CHROMIUM", "/usr/bin/chromium")
@@ -72,7 +73,7 @@ class Server:
             port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}/viewer"
         self.log_path = log_path
-        self._log = open(log_path, "w")  # a file, not a pipe: a full pipe would block the server
+        self._log = open(log_path, "w")  # noqa: SIM115 - open while the server runs; a pipe could fill and block it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "panel", "serve", "viewer/", "--address", "127.0.0.1", "--port", str(port),
              "--allow-websocket-origin", f"127.0.0.1:{port}", "--args", "--runs", str(runs_dir)],
