@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import queue
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,9 +102,15 @@ def open_store(path: Path) -> zarr.Group:
 class TrajectoryWriter:
     """Record a run step by step, in chunk-sized blocks, with the progress marker after each.
 
-    Memory is one chunk of rows, whatever the run's length. Use as a context manager: on
-    an exception the rows recorded so far are written and the run is marked unfinished.
+    Rows are copied into a chunk-sized buffer; each full buffer is handed to a background
+    thread that compresses and writes it, then moves the progress marker, so compression
+    runs on another core while training goes on. At most ``MAX_PENDING_BLOCKS`` blocks wait
+    at a time (the trainer waits if the disk is slower), so memory is a few chunks whatever
+    the run's length. Use as a context manager: on an exception the rows recorded so far are
+    written and the run is marked unfinished.
     """
+
+    MAX_PENDING_BLOCKS = 2
 
     def __init__(self, path: str | Path, layout: StoreLayout, metadata: dict[str, Any], *,
                  overwrite: bool = False) -> None:
@@ -111,24 +119,34 @@ class TrajectoryWriter:
         _prepare_target(self.path, overwrite=overwrite)
         self.group = _create_store(self.path, layout, metadata)
         self._arrays = {name: self.group[name] for name in self.group.array_keys()}
-        chunk = layout.chunk_steps
-        shape = (chunk, layout.n_classes, layout.n_pixels)
-        self._buffers = {"weights": np.full(shape, np.nan, np.float32),
-                         "loss": np.full(chunk, np.nan, np.float32)}
-        if layout.bias:
-            self._buffers["bias"] = np.full((chunk, layout.n_classes), np.nan, np.float32)
-        if layout.gradients:
-            self._buffers["gradients"] = np.full(shape, np.nan, np.float32)
+        self._buffers = self._new_buffers()
         self._block_start = 0  # step held in buffer row 0
         self._next_step = 0
         self._evals: list[tuple[float, float]] = []
+        self._evals_handed = 0  # evaluations handed to the writer thread
         self._evals_written = 0
         self.steps_done = -1  # last step whose row is on disk
         self.finished = False
+        self._failure: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=self.MAX_PENDING_BLOCKS)
+        self._thread = threading.Thread(target=self._write_blocks, name=f"trajectory-writer:{self.path.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _new_buffers(self) -> dict[str, np.ndarray]:
+        chunk, layout = self.layout.chunk_steps, self.layout
+        shape = (chunk, layout.n_classes, layout.n_pixels)
+        buffers = {"weights": np.full(shape, np.nan, np.float32), "loss": np.full(chunk, np.nan, np.float32)}
+        if layout.bias:
+            buffers["bias"] = np.full((chunk, layout.n_classes), np.nan, np.float32)
+        if layout.gradients:
+            buffers["gradients"] = np.full(shape, np.nan, np.float32)
+        return buffers
 
     # -- recording -------------------------------------------------------------------
     def record_step(self, step: int, weights: np.ndarray, loss: float = float("nan"), *,
                     bias: np.ndarray | None = None, gradient: np.ndarray | None = None) -> None:
+        self._raise_failure()
         if step != self._next_step:
             raise ValueError(f"steps must be recorded in order: expected {self._next_step}, got {step}")
         if step > self.layout.n_steps:
@@ -142,23 +160,34 @@ class TrajectoryWriter:
             self._buffers["gradients"][row] = gradient
         self._next_step = step + 1
         if row + 1 == self.layout.chunk_steps:
-            self.flush()
+            self._hand_over()
 
     def record_eval(self, step: int, accuracy: float, loss: float) -> None:
-        index = self._evals_written + len(self._evals)
+        index = self._evals_handed + len(self._evals)
         planned = self.layout.eval_steps
         if index >= len(planned) or planned[index] != step:
             raise ValueError(f"evaluation at step {step} was not planned (planned: {planned[index:index + 3]}...)")
         self._evals.append((accuracy, loss))
 
+    def wait_written(self) -> None:
+        """Wait until every full chunk handed to the writer thread is on disk."""
+        self._queue.join()
+        self._raise_failure()
+
     def flush(self) -> None:
-        """Write the buffered rows, then advance the progress marker over them."""
-        self._write_buffered()
-        self._write_progress()
+        """Write everything recorded so far and move the progress marker over it; returns when done."""
+        self._hand_over()
+        self._queue.join()
+        self._raise_failure()
 
     def close(self, *, error: str | None = None) -> None:
-        """Write what is buffered and mark the run finished, or unfinished with ``error``."""
-        self._write_buffered()
+        """Write what is recorded and mark the run finished, or unfinished with ``error``."""
+        try:
+            self._hand_over()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_failure()
         self.finished = error is None and self.steps_done == self.layout.n_steps
         self._write_progress(error=error)
 
@@ -174,24 +203,59 @@ class TrajectoryWriter:
         except Exception:  # noqa: BLE001 - the original exception is the one to report
             log.exception("%s: could not record the failure in the store", self.path)
 
-    def _write_buffered(self) -> None:
-        # Data first, progress marker after (in _write_progress): a reader trusting the
-        # marker never sees a row that is not on disk yet.
+    def _hand_over(self) -> None:
+        """Queue the rows and evaluations recorded since the last hand-over for writing."""
         n_rows = self._next_step - self._block_start
+        if not n_rows and not self._evals:
+            return
+        block = (self._block_start, n_rows, self._buffers, self._evals_handed, list(self._evals))
+        self._evals_handed += len(self._evals)
+        self._evals.clear()
         if n_rows:
-            block = slice(self._block_start, self._next_step)
-            for name, buffer in self._buffers.items():
-                self._arrays[name][block] = buffer[:n_rows]
-                buffer.fill(np.nan)
+            self._buffers = self._new_buffers()
             self._block_start = self._next_step
-            self.steps_done = self._next_step - 1
-        if self._evals:
-            done = slice(self._evals_written, self._evals_written + len(self._evals))
-            values = np.asarray(self._evals, dtype=np.float32)
+        while True:  # wait for room, but notice if the writer died meanwhile
+            self._raise_failure()
+            try:
+                self._queue.put(block, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise TrajectoryError(f"{self.path}: writing the store failed: {self._failure}") from self._failure
+
+    # -- the writer thread -------------------------------------------------------------
+    def _write_blocks(self) -> None:
+        while True:
+            block = self._queue.get()
+            try:
+                if block is None:
+                    return
+                if self._failure is None:
+                    self._write_block(*block)
+            except BaseException as error:  # noqa: BLE001 - handed to the training thread
+                self._failure = error
+            finally:
+                self._queue.task_done()
+
+    def _write_block(self, start: int, n_rows: int, buffers: dict[str, np.ndarray], first_eval: int,
+                     evals: list[tuple[float, float]]) -> None:
+        # Data first, progress marker after: a reader trusting the marker never sees a row
+        # that is not on disk yet.
+        if n_rows:
+            rows = slice(start, start + n_rows)
+            for name, buffer in buffers.items():
+                self._arrays[name][rows] = buffer[:n_rows]
+            self.steps_done = start + n_rows - 1
+        if evals:
+            done = slice(first_eval, first_eval + len(evals))
+            values = np.asarray(evals, dtype=np.float32)
             self._arrays["heldout_accuracy"][done] = values[:, 0]
             self._arrays["heldout_loss"][done] = values[:, 1]
-            self._evals_written += len(self._evals)
-            self._evals.clear()
+            self._evals_written = first_eval + len(evals)
+        self._write_progress()
 
     def _write_progress(self, *, error: str | None = None) -> None:
         progress = {

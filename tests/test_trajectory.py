@@ -74,7 +74,10 @@ def test_a_half_written_run_reads_as_its_valid_prefix(tmp_path):
     writer = TrajectoryWriter(path, StoreLayout(n_steps=30, eval_steps=(0, 30), chunk_steps=8), {})
     for step in range(20):
         writer.record_step(step, rows[step])
-    # 20 rows recorded: two full chunks (16 rows) are on disk, the rest still buffered.
+    # 20 rows recorded: two full chunks (16 rows) go to disk in the background, the rest
+    # stays buffered; the marker covers only what is written.
+    assert read_progress(path)["steps_done"] in (-1, 7, 15)
+    writer.wait_written()
     progress = read_progress(path)
     assert progress["steps_done"] == 15 and progress["finished"] is False
     ds = open_run(path)
@@ -95,6 +98,22 @@ def test_a_crash_in_training_keeps_the_recorded_steps_and_marks_the_run_unfinish
     assert progress["steps_done"] == 11 and not progress["finished"]
     assert "RuntimeError: out of memory" in progress["error"]
     assert np.array_equal(open_run(path).weights.values, rows[:12])
+
+
+def test_a_failing_disk_stops_training_with_the_reason(tmp_path):
+    path = tmp_path / "trajectory.zarr"
+    writer = TrajectoryWriter(path, StoreLayout(n_steps=30, eval_steps=(0,), chunk_steps=4), {})
+
+    class FullDisk:
+        def __setitem__(self, index, value):
+            raise OSError(28, "No space left on device")
+
+    writer._arrays["weights"] = FullDisk()  # the writer thread's next write fails
+    with pytest.raises(TrajectoryError, match="writing the store failed.*No space left"):
+        for step in range(31):
+            writer.record_step(step, random_rows(0)[0])
+        writer.close()
+    assert read_progress(path)["steps_done"] == -1  # nothing claimed that is not on disk
 
 
 def test_steps_must_come_in_order(tmp_path):

@@ -1,0 +1,196 @@
+"""Capture benchmark: how fast weightlapse trains while recording every step, against the
+original notebook's loop that recorded nothing.
+
+    python benchmarks/capture.py [--dataset-dir DIR] [--epochs N] [--json FILE]
+
+Measures, in one process, on the same data and device, batch-20 Adam for --epochs epochs:
+
+(a) the original notebook's approach, written from its description: a per-sample Dataset
+    with a transform (one-hot label -> class index), a shuffling DataLoader, Adam, and the
+    weights copied to the CPU after each step; nothing stored;
+(b) the project's training loop (pipeline.trainer.train) with capture off;
+(c) the project's train stage (pipeline.train.run_training) capturing every step to Zarr,
+    with its held-out evaluations, store closed and flushed.
+
+Then, each in a fresh process, (c) for 1 epoch and for --memory-epochs epochs, to show that
+peak memory does not grow with run length. Prints steps/s, the ratios (c)/(a) and (c)/(b),
+bytes per step on disk and peak memory; --json writes them for comparison across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.datasets import load_dataset
+from pipeline.params import TrainParams
+from pipeline.train import run_training
+from pipeline.trainer import SoftmaxRegression, make_optimizer, select_device, train
+
+RAW_BYTES_PER_STEP = 10 * 784 * 4
+DEFAULT_DATASET_DIRS = ("data/mnist", "data/fashion-mnist", "/usr/share/datasets/fashion-mnist")
+
+
+class NotebookDataset(Dataset):
+    """The notebook's dataset: a list of (image, one-hot label) samples and a transform."""
+
+    def __init__(self, samples, transform) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.transform(self.samples[index])
+
+
+def to_tensor(sample):
+    image, one_hot = sample
+    return torch.from_numpy(image).to(torch.float32), torch.tensor(np.argmax(one_hot)).to(torch.long)
+
+
+def notebook_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device: torch.device) -> tuple[int, float]:
+    """(steps, seconds) of the original notebook's training loop."""
+    one_hot = np.eye(10, dtype=np.float32)[labels]
+    samples = list(zip(images, one_hot))
+    loader = DataLoader(NotebookDataset(samples, to_tensor), batch_size=20, shuffle=True)
+    torch.manual_seed(0)
+    model = nn.Linear(784, 10, bias=False).to(device)
+    optimizer = torch.optim.Adam(model.parameters())
+    steps = 0
+    started = time.perf_counter()
+    for _ in range(epochs):
+        for sample, target in loader:
+            optimizer.zero_grad()
+            loss = F.nll_loss(F.log_softmax(model(sample.to(device)), dim=1), target.to(device))
+            loss.backward()
+            optimizer.step()
+            model.weight.cpu().detach().numpy().copy()  # what its live view read each step
+            steps += 1
+    return steps, time.perf_counter() - started
+
+
+def project_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device: torch.device) -> tuple[int, float]:
+    """(steps, seconds) of pipeline.trainer.train with nothing recorded."""
+    x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+    model = SoftmaxRegression(seed=0).to(device)
+    optimizer = make_optimizer(model.parameters(), name="adam", lr=1e-3)
+    steps = [0]
+
+    def count(step: int, loss: float) -> None:
+        steps[0] = step
+
+    started = time.perf_counter()
+    train(model, optimizer, x, y, batch_size=20, epochs=epochs, seed=0, on_step=count)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps[0], time.perf_counter() - started
+
+
+def capture_run(dataset_dir: Path, name: str, epochs: int, device: str, out: Path) -> dict:
+    """The train stage, recording every step; its steps/s, bytes per step and peak memory."""
+    dataset = load_dataset(dataset_dir, name)
+    config = TrainParams(epochs=epochs, device=device)
+    started = time.perf_counter()
+    metrics = run_training(config, dataset, out, run_name="benchmark", progress=False)
+    seconds = time.perf_counter() - started
+    store = out / "trajectory.zarr" / "weights"
+    size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    return {"steps": metrics["steps"], "seconds": seconds, "steps_per_s": metrics["steps"] / seconds,
+            "bytes_per_step": size / (metrics["steps"] + 1),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def capture_in_subprocess(dataset_dir: Path, name: str, epochs: int, device: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="weightlapse-capture-") as tmp:
+        code = ("import json, sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); "
+                "from capture import capture_run; "
+                f"print(json.dumps(capture_run(Path({str(dataset_dir)!r}), {name!r}, {epochs}, {device!r}, "
+                f"Path({tmp!r}) / 'run')))")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parents[1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def find_dataset(given: str | None) -> tuple[Path, str]:
+    candidates = [given] if given else list(DEFAULT_DATASET_DIRS)
+    for candidate in candidates:
+        directory = Path(candidate)
+        if (directory / "train-images-idx3-ubyte.gz").is_file():
+            name = "fashion-mnist" if "fashion" in str(directory) else "mnist"
+            return directory, name
+    raise SystemExit(f"no IDX dataset found in {', '.join(candidates)}: run `dvc repro download` first, "
+                     "install Debian's dataset-fashion-mnist, or pass --dataset-dir DIR")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset-dir", help="directory with the four IDX files (default: data/mnist, "
+                                              "data/fashion-mnist, Debian's fashion-mnist)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs for (a), (b) and (c) (default 1)")
+    parser.add_argument("--memory-epochs", type=int, default=20, help="long run for the memory check (default 20)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    dataset_dir, name = find_dataset(args.dataset_dir)
+    device = select_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as the train stage does: tiny ops run faster on one thread
+    dataset = load_dataset(dataset_dir, name)
+    images, labels = dataset.train.images, dataset.train.labels
+
+    notebook_steps, notebook_s = notebook_loop(images, labels, epochs=args.epochs, device=device)
+    project_steps, project_s = project_loop(images, labels, epochs=args.epochs, device=device)
+    with tempfile.TemporaryDirectory(prefix="weightlapse-capture-") as tmp:
+        capture = capture_run(dataset_dir, name, args.epochs, device.type, Path(tmp) / "run")
+    short = capture_in_subprocess(dataset_dir, name, 1, device.type)
+    long = capture_in_subprocess(dataset_dir, name, args.memory_epochs, device.type)
+
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+                   f"torch {torch.__version__}",
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "dataset": name,
+        "epochs": args.epochs,
+        "notebook_steps_per_s": notebook_steps / notebook_s,
+        "no_capture_steps_per_s": project_steps / project_s,
+        "capture_steps_per_s": capture["steps_per_s"],
+        "bytes_per_step": capture["bytes_per_step"],
+        "raw_bytes_per_step": RAW_BYTES_PER_STEP,
+        "peak_rss_mb": short["peak_rss_mb"],
+        f"peak_rss_mb_{args.memory_epochs}_epochs": long["peak_rss_mb"],
+        "memory_epochs_steps_per_s": long["steps_per_s"],
+    }
+    results["capture_vs_notebook"] = results["capture_steps_per_s"] / results["notebook_steps_per_s"]
+    results["capture_vs_no_capture"] = results["capture_steps_per_s"] / results["no_capture_steps_per_s"]
+    results["compression"] = RAW_BYTES_PER_STEP / results["bytes_per_step"]
+    print(json.dumps(results, indent=2))
+    print(f"(a) notebook {results['notebook_steps_per_s']:,.0f} steps/s, (b) no capture "
+          f"{results['no_capture_steps_per_s']:,.0f}, (c) capture {results['capture_steps_per_s']:,.0f}: "
+          f"(c)/(a) {results['capture_vs_notebook']:.2f} (target >= 4), "
+          f"(c)/(b) {results['capture_vs_no_capture']:.2f} (target >= 0.90)")
+    print(f"{results['bytes_per_step']:,.0f} bytes per step on disk ({results['compression']:.2f}x, target >= 1.3x); "
+          f"peak memory {short['peak_rss_mb']:.0f} MB for 1 epoch, {long['peak_rss_mb']:.0f} MB for "
+          f"{args.memory_epochs} epochs")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
