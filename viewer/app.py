@@ -505,27 +505,35 @@ class WeightViewer(pn.viewable.Viewer):
             self.say(f"Choose a step range inside 0..{run.last_step:,} with the first step before the last.")
             return
         key = self._stats_key()
-        self.compute_button.disabled = True
-        self.progress.visible, self.progress.value = True, 0
-
-        def report(fraction: float) -> None:
-            self.progress.value = int(fraction * 100)
-
-        try:
-            stats = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: change_statistics(run.weights(start, stop), first_step=start, progress=report))
-        except (TrajectoryError, ValueError, IndexError) as error:
-            self.say(f"Statistics failed: {error}", "error")
+        stats = await self._run_with_progress(
+            self.compute_button, "Statistics failed",
+            lambda report: change_statistics(run.weights(start, stop), first_step=start, progress=report))
+        if stats is None:
             return
-        finally:
-            self.compute_button.disabled = False
-            self.progress.visible = False
         with _stats_lock:
             _stats_cache[key] = stats
             while len(_stats_cache) > STATS_CACHE_SIZE:
                 _stats_cache.popitem(last=False)
         self.say("")
         _with_document_lock(self._render)
+
+    async def _run_with_progress(self, button, failure: str, work):
+        """``work(report)`` on a worker thread, with the progress bar shown and ``button``
+        disabled meanwhile; its result, or None after saying why it failed."""
+        button.disabled = True
+        self.progress.visible, self.progress.value = True, 0
+
+        def report(fraction: float) -> None:
+            self.progress.value = int(fraction * 100)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, lambda: work(report))
+        except (TrajectoryError, OSError, ValueError, IndexError) as error:
+            self.say(f"{failure}: {error}", "error")
+            return None
+        finally:
+            button.disabled = False
+            self.progress.visible = False
 
     # -- export ----------------------------------------------------------------------------------
     def _png_file(self) -> io.BytesIO:
@@ -548,27 +556,19 @@ class WeightViewer(pn.viewable.Viewer):
             return
         fmt = self.animation_format.value
         steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES)
-        self.animation_button.disabled = True
-        self.progress.visible, self.progress.value = True, 0
         buffer = io.BytesIO()
 
-        def render() -> None:
+        def render(report) -> bool:
             target = buffer if fmt == "gif" else _temporary_mp4()
             write_animation(target, steps, run.weights_at, fmt=fmt, class_names=run.class_names,
-                            title=lambda step: f"{run.name}: step {step:,}", fps=10,
-                            progress=lambda fraction: setattr(self.progress, "value", int(fraction * 100)))
+                            title=lambda step: f"{run.name}: step {step:,}", fps=10, progress=report)
             if fmt == "mp4":
                 buffer.write(Path(target).read_bytes())
                 Path(target).unlink()
+            return True
 
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, render)
-        except (TrajectoryError, OSError, ValueError) as error:
-            self.say(f"Animation failed: {error}", "error")
+        if not await self._run_with_progress(self.animation_button, "Animation failed", render):
             return
-        finally:
-            self.animation_button.disabled = False
-            self.progress.visible = False
         buffer.seek(0)
         self.animation_download.filename = f"weightlapse-{start}-{stop}.{fmt}"
         self.animation_download.file = buffer
