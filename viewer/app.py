@@ -307,7 +307,7 @@ class WeightViewer(pn.viewable.Viewer):
         finally:
             self._updating = False
         finished = self.run.finished if self.run else False
-        state = "finished" if finished else "still being written" if self.run else ""
+        state = "finished" if finished else "not finished (being written, or stopped)" if self.run else ""
         self.state_text.object = (f"<small>{self.run.last_step + 1:,} steps recorded, {_escape(state)}</small>"
                                   if self.run else "")
         if self.range_stop == 0 and last > 0:

@@ -220,11 +220,6 @@ class Run:
             return [str(name) for name in names]
         return [str(index) for index in range(self.n_classes)]
 
-    @property
-    def params(self) -> dict[str, Any]:
-        params = self.meta.get("params")
-        return params if isinstance(params, dict) else {}
-
     # -- data ---------------------------------------------------------------------------
     def check_step(self, step: int) -> int:
         if not 0 <= step <= self.last_step:
