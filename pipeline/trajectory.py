@@ -40,6 +40,7 @@ SCHEMA_VERSION = 1
 WEIGHT_DIMS = ("step", "class", "pixel")
 STORE_NAME = "trajectory.zarr"
 IMAGE_SIDE = 28
+REQUIRED_ARRAYS = ("weights", "step", "loss", "eval_step", "heldout_accuracy", "heldout_loss")
 # Coordinates and per-step scalars are tiny; one chunk holds many steps.
 SCALAR_CHUNK = 16384
 
@@ -291,7 +292,14 @@ def _prepare_target(path: Path, *, overwrite: bool) -> None:
 
 
 def _create_store(path: Path, layout: StoreLayout, metadata: dict[str, Any]) -> zarr.Group:
-    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    # The group's attributes are written with the group itself, in one atomic write of its
+    # zarr.json: a reader polling a new run sees either no store or one whose marker says
+    # "no steps yet", never a group without its marker.
+    group = zarr.open_group(path, mode="w-", zarr_format=3, attributes={
+        "weightlapse": {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **metadata},
+        "progress": {"steps_done": -1, "n_steps": layout.n_steps, "evals_done": 0,
+                     "finished": False, "updated": _now()},
+    })
     rows = layout.n_steps + 1
     per_step = (layout.chunk_steps, layout.n_classes, layout.n_pixels)
 
@@ -315,11 +323,6 @@ def _create_store(path: Path, layout: StoreLayout, metadata: dict[str, Any]) -> 
     eval_step = group.create_array("eval_step", shape=(n_evals,), chunks=(max(n_evals, 1),), dtype="int64",
                                    fill_value=-1, dimension_names=("eval_step",))
     eval_step[:] = np.asarray(layout.eval_steps, dtype=np.int64)
-    group.attrs.update({
-        "weightlapse": {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **metadata},
-        "progress": {"steps_done": -1, "n_steps": layout.n_steps, "evals_done": 0,
-                     "finished": False, "updated": _now()},
-    })
     return group
 
 
@@ -349,6 +352,10 @@ def open_run(path: str | Path) -> xr.Dataset:
         ds = xr.open_zarr(path, consolidated=False, zarr_format=3, chunks={})
     except Exception as error:  # noqa: BLE001
         raise TrajectoryError(f"{path}: cannot be read as a trajectory: {error}") from None
+    missing = [name for name in REQUIRED_ARRAYS if name not in ds.variables]
+    if missing:
+        raise TrajectoryError(f"{path}: array {missing[0]!r} is missing: the store is still being created "
+                              "(try again in a moment) or was not completely written")
     progress = ds.attrs["progress"]
     ds = ds.isel(step=slice(0, progress["steps_done"] + 1), eval_step=slice(0, progress["evals_done"]))
     n_pixels = ds.sizes["pixel"]

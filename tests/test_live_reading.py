@@ -1,0 +1,63 @@
+"""Reading a run while the train stage is still writing it, from another process."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+from idx_files import write_dataset
+
+from pipeline.trajectory import TrajectoryError, open_run, read_progress
+from viewer.runs import RunCatalog
+
+PARAMS = """\
+data: {dataset: mnist}
+train: {epochs: 10, eval_every: 500, device: cpu}
+runs: {live: {}}
+"""
+
+
+def not_started(store) -> bool:
+    if not (store / "zarr.json").exists():
+        return True
+    try:
+        return read_progress(store)["steps_done"] == -1
+    except TrajectoryError:
+        return False
+
+
+def test_a_reader_never_sees_past_the_committed_step_while_training_appends(tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data, n_train=20_000, n_test=100)
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    store = tmp_path / "runs" / "live" / "trajectory.zarr"
+    trainer = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", str(tmp_path / "params.yaml"),
+                                "--run", "live", "--data", str(data), "--out", str(tmp_path / "runs" / "live")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reads, seen = 0, []
+    deadline = time.monotonic() + 60
+    try:
+        while trainer.poll() is None and time.monotonic() < deadline:
+            try:
+                progress = read_progress(store)
+                ds = open_run(store)                   # a fresh open, as a reader process would
+            except TrajectoryError:
+                assert not_started(store)  # unreadable only while the store is being created
+                continue
+            last = ds.sizes["step"] - 1
+            assert last >= progress["steps_done"]     # the marker never runs ahead of the data
+            if last >= 0:
+                tail = ds.weights.isel(step=slice(max(last - 63, 0), last + 1)).values
+                assert np.isfinite(tail).all() and np.abs(tail).sum(axis=(1, 2)).min() > 0  # no NaN, no zero rows
+            run = RunCatalog(tmp_path / "runs").open("live")  # the viewer's reader
+            run.refresh()
+            if run.last_step >= 0:
+                assert np.isfinite(run.weights_at(run.last_step)).all()
+            seen.append(last)
+            reads += 1
+    finally:
+        trainer.wait(timeout=60)
+    assert trainer.returncode == 0, trainer.stderr.read()[-2000:]
+    assert reads > 20 and seen == sorted(seen) and len(set(seen)) > 5   # it grew while we read
+    final = open_run(store)
+    assert final.attrs["progress"]["finished"] and final.sizes["step"] == 10_001
