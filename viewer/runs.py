@@ -88,16 +88,16 @@ class RunCatalog:
                 names.append(name)
         return sorted(names)
 
-    def _path(self, name: object) -> Path:
+    def _path(self, name: object, listed: list[str] | None = None) -> Path:
         # The name must be one of the listed entries, compared as a string: it is never
         # joined to a path before this check passes.
-        if not isinstance(name, str) or name not in self.names():
+        if not isinstance(name, str) or name not in (self.names() if listed is None else listed):
             raise RunNotFoundError(f"no run named {str(name)[:80]!r} in {self.runs_dir}")
         return self.runs_dir.resolve() / name
 
-    def describe(self, name: str) -> RunInfo:
+    def describe(self, name: str, *, listed: list[str] | None = None) -> RunInfo:
         """The run's state, key params and final metrics; never raises for a bad store."""
-        run_dir = self._path(name)
+        run_dir = self._path(name, listed)
         store = run_dir / STORE_NAME
         metrics = _read_metrics(run_dir / "metrics.json")
         if not store.exists():
@@ -115,7 +115,8 @@ class RunCatalog:
                        params=params, metrics=metrics if state == "finished" else {}, dataset=str(dataset))
 
     def list(self) -> list[RunInfo]:
-        return [self.describe(name) for name in self.names()]
+        names = self.names()  # listed once, not once per run
+        return [self.describe(name, listed=names) for name in names]
 
     def open(self, name: str) -> Run:
         """The run called ``name``, opened once and shared (its chunk cache too)."""
