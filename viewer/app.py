@@ -142,8 +142,8 @@ class WeightViewer(pn.viewable.Viewer):
         self.stat_select = pn.widgets.Select(label="Statistic", options={v.split(":")[0].format(fraction=0.9): k
                                                                         for k, v in STATISTICS.items()},
                                              value=self.statistic, width=200)
-        self.start_input = pn.widgets.IntInput(label="From step", value=0, start=0, width=120)
-        self.stop_input = pn.widgets.IntInput(label="To step", value=0, start=0, width=120)
+        self.start_input = pn.widgets.IntInput(label="First step", value=0, start=0, width=120)
+        self.stop_input = pn.widgets.IntInput(label="Last step", value=0, start=0, width=120)
         self.compute_button = pn.widgets.Button(label="Compute statistics", color="primary", width=180)
         self.progress = pn.indicators.Progress(value=0, max=100, visible=False, width=300)
         self.summary = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["wl-summary"])
@@ -221,11 +221,13 @@ class WeightViewer(pn.viewable.Viewer):
                             self.animation_download, width=260)
         player_row = pn.Row(self.player, self.speed, self.frame_rate, self.step_input)
         diff_row = pn.Row(self.from_input, visible=False)
-        stats_row = pn.Row(self.stat_select, self.start_input, self.stop_input, self.compute_button, self.progress,
-                           visible=False)
+        stats_row = pn.Row(self.stat_select, self.compute_button, visible=False)
+        # The step range serves the statistics and the animation export, so it is always shown.
+        range_row = pn.Row(pn.pane.HTML("<b>Step range</b><br><small>statistics, animation</small>", width=110),
+                           self.start_input, self.stop_input, self.progress)
         self._diff_row, self._stats_row = diff_row, stats_row
         self._refresh_visibility()
-        main = pn.Column(self.mode_buttons, player_row, self.step_slider, diff_row, stats_row,
+        main = pn.Column(self.mode_buttons, player_row, self.step_slider, diff_row, range_row, stats_row,
                          pn.Row(self.tiles_pane, self.map_pane), self.summary, self.curves,
                          sizing_mode="stretch_width")
         return pn.Column(header, self.message, pn.Row(sidebar, main), pn.pane.HTML("<b>Runs</b>"),
@@ -552,7 +554,7 @@ class WeightViewer(pn.viewable.Viewer):
             return
         start, stop = self.range_start, min(self.range_stop, run.last_step)
         if not 0 <= start <= stop:
-            self.say("Choose a step range (From step / To step in Statistics mode) for the animation.")
+            self.say("Choose a step range (First step / Last step) for the animation.")
             return
         fmt = self.animation_format.value
         steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES)
