@@ -178,8 +178,7 @@ class TrajectoryWriter:
     def flush(self) -> None:
         """Write everything recorded so far and move the progress marker over it; returns when done."""
         self._hand_over()
-        self._queue.join()
-        self._raise_failure()
+        self.wait_written()
 
     def close(self, *, error: str | None = None) -> None:
         """Write what is recorded and mark the run finished, or unfinished with ``error``."""
@@ -358,11 +357,10 @@ def open_run(path: str | Path) -> xr.Dataset:
                               "(try again in a moment) or was not completely written")
     progress = ds.attrs["progress"]
     ds = ds.isel(step=slice(0, progress["steps_done"] + 1), eval_step=slice(0, progress["evals_done"]))
-    n_pixels = ds.sizes["pixel"]
+    return ds.assign_coords({"class": np.arange(ds.sizes["class"]), **pixel_coords(ds.sizes["pixel"])})
+
+
+def pixel_coords(n_pixels: int) -> dict[str, Any]:
+    """xarray coordinates of the pixel dimension: its index and the image row and column."""
     pixel = np.arange(n_pixels)
-    return ds.assign_coords({
-        "class": np.arange(ds.sizes["class"]),
-        "pixel": pixel,
-        "row": ("pixel", pixel // IMAGE_SIDE),
-        "col": ("pixel", pixel % IMAGE_SIDE),
-    })
+    return {"pixel": pixel, "row": ("pixel", pixel // IMAGE_SIDE), "col": ("pixel", pixel % IMAGE_SIDE)}

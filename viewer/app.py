@@ -11,8 +11,6 @@ import asyncio
 import html
 import io
 import logging
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -25,7 +23,7 @@ import param
 
 from pipeline.trajectory import TrajectoryError
 from viewer.export import animation_steps, png_bytes, write_animation
-from viewer.frames import clamp_step, diff_summary
+from viewer.frames import clamp_step, colour_map, diff_summary
 from viewer.plots import (
     TileView,
     class_labels,
@@ -407,25 +405,36 @@ class WeightViewer(pn.viewable.Viewer):
             if self.mode == "replay":
                 return TileView(run.weights_at(step), "weight", True, self.per_class,
                                 f"{run.name}: weights after step {step:,}")
-            if self.mode == "step-diff":
-                earlier = min(self.from_step, run.last_step)
-                return TileView(run.weights_at(step) - run.weights_at(earlier), "change", True, self.per_class,
-                                f"{run.name}: step {step:,} minus step {earlier:,}")
-            if self.mode == "run-diff":
-                if self.compare is None:
-                    self.say("Run vs run: choose a run to compare with (left).", "info")
+            if self.mode in ("step-diff", "run-diff"):
+                operands = self._diff_operands()
+                if operands is None:
                     return None
-                if step > self.compare.last_step:
-                    self.say(f"{self.compare.name} has only {self.compare.last_step + 1:,} steps; "
-                             f"pick a step up to {self.compare.last_step:,}.")
-                    return None
-                return TileView(self.compare.weights_at(step) - run.weights_at(step), "difference", True,
-                                self.per_class, f"{self.compare.name} minus {run.name}, step {step:,}")
+                before, after, label, title, _ = operands
+                return TileView(after - before, label, True, self.per_class, title)
             if self.mode == "statistics":
                 return self._statistics_view()
         except (TrajectoryError, IndexError) as error:
             self.say(str(error), "error")
         return None
+
+    def _diff_operands(self) -> tuple[np.ndarray, np.ndarray, str, str, str] | None:
+        """(weights before, weights after, label, tile title, summary caption) of the current
+        diff mode, or None with a message when there is nothing to compare."""
+        run, step = self.run, min(self.step, self.run.last_step)
+        if self.mode == "step-diff":
+            earlier = min(self.from_step, run.last_step)
+            return (run.weights_at(earlier), run.weights_at(step), "change",
+                    f"{run.name}: step {step:,} minus step {earlier:,}", f"step {earlier:,} vs step {step:,}")
+        if self.compare is None:
+            self.say("Run vs run: choose a run to compare with (left).", "info")
+            return None
+        if step > self.compare.last_step:
+            self.say(f"{self.compare.name} has only {self.compare.last_step + 1:,} steps; "
+                     f"pick a step up to {self.compare.last_step:,}.")
+            return None
+        return (run.weights_at(step), self.compare.weights_at(step), "difference",
+                f"{self.compare.name} minus {run.name}, step {step:,}",
+                f"{run.name} vs {self.compare.name} at step {step:,}")
 
     def _capture_tiles(self, plot, element) -> None:
         self._tile_plots[id(plot)] = plot
@@ -461,14 +470,12 @@ class WeightViewer(pn.viewable.Viewer):
         self.summary.object = self._summary_html()
 
     def _summary_html(self) -> str:
-        run, step = self.run, min(self.step, self.run.last_step)
-        if self.mode == "step-diff":
-            earlier = min(self.from_step, run.last_step)
-            return _diff_table(diff_summary(run.weights_at(earlier), run.weights_at(step)), run.class_names,
-                               f"step {earlier:,} vs step {step:,}")
-        if self.mode == "run-diff" and self.compare is not None and step <= self.compare.last_step:
-            return _diff_table(diff_summary(run.weights_at(step), self.compare.weights_at(step)), run.class_names,
-                               f"{run.name} vs {self.compare.name} at step {step:,}")
+        if self.mode in ("step-diff", "run-diff"):
+            operands = self._diff_operands()
+            if operands is None:
+                return ""
+            before, after, _, _, caption = operands
+            return _diff_table(diff_summary(before, after), self.run.class_names, caption)
         if self.mode == "statistics" and self._stats is not None:
             rows = "".join(f"<tr><td>{rank}</td><td>{entry['row']}</td><td>{entry['col']}</td>"
                            f"<td>{entry['value']:.4g}</td></tr>"
@@ -546,7 +553,7 @@ class WeightViewer(pn.viewable.Viewer):
         names = self.run.class_names
         self.png_download.filename = f"weightlapse-{self.mode}-{self.step}.png"
         return io.BytesIO(png_bytes(view.tiles, tile_titles=names, title=view.title, per_class=view.per_class,
-                                    colorbar_label=view.label, cmap="RdBu_r" if view.diverging else "viridis"))
+                                    colorbar_label=view.label, cmap=colour_map(diverging=view.diverging)))
 
     async def _animation_clicked(self, event=None) -> None:
         run = self.run
@@ -561,12 +568,8 @@ class WeightViewer(pn.viewable.Viewer):
         buffer = io.BytesIO()
 
         def render(report) -> bool:
-            target = buffer if fmt == "gif" else _temporary_mp4()
-            write_animation(target, steps, run.weights_at, fmt=fmt, class_names=run.class_names,
+            write_animation(buffer, steps, run.weights_at, fmt=fmt, class_names=run.class_names,
                             title=lambda step: f"{run.name}: step {step:,}", fps=10, progress=report)
-            if fmt == "mp4":
-                buffer.write(Path(target).read_bytes())
-                Path(target).unlink()
             return True
 
         if not await self._run_with_progress(self.animation_button, "Animation failed", render):
@@ -718,10 +721,3 @@ def _diff_table(summary, class_names: list[str], caption: str) -> str:
     return (f"<b>{_escape(caption)}</b>: L2 distance {summary.l2:.4g}, cosine similarity {summary.cosine:.4f}"
             f"<table class='wl-diff'><tr><th>class</th><th>L2 distance</th><th>cosine similarity</th></tr>"
             f"{cells}</table>")
-
-
-def _temporary_mp4() -> str:
-    # The MP4 encoder (ffmpeg) writes to a file, not a stream.
-    handle, name = tempfile.mkstemp(suffix=".mp4", prefix="weightlapse-")
-    os.close(handle)
-    return name

@@ -15,6 +15,7 @@ Frames are drawn with matplotlib (Agg) as the viewer shows them: ten 28x28 tiles
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ matplotlib.use("Agg")  # never open a window: exports run in servers and scripts
 import matplotlib.pyplot as plt
 import numpy as np
 
-from viewer.frames import IMAGE_SIDE, grid_shape, scale_per_class, symmetric_limit
+from viewer.frames import DIVERGING_CMAP, IMAGE_SIDE, grid_shape, scale_per_class, symmetric_limit
 
 # MP4 encoders want frame sizes divisible by 16; 960 x 448 pixels fits the 2x5 grid.
 FIGURE_SIZE_PX = (960, 448)
@@ -37,7 +38,7 @@ ANIMATION_SUFFIXES = (".gif", ".mp4")
 class GridRenderer:
     """One reusable figure of (class, pixel) tiles; redrawing only swaps the image data."""
 
-    def __init__(self, n_tiles: int, *, tile_titles: Sequence[str], cmap: str = "RdBu_r",
+    def __init__(self, n_tiles: int, *, tile_titles: Sequence[str], cmap: str = DIVERGING_CMAP,
                  colorbar_label: str = "weight") -> None:
         rows, cols = grid_shape(n_tiles)
         self.figure = plt.figure(figsize=(FIGURE_SIZE_PX[0] / DPI, FIGURE_SIZE_PX[1] / DPI), dpi=DPI)
@@ -81,7 +82,7 @@ class GridRenderer:
 
 
 def png_bytes(tiles: np.ndarray, *, tile_titles: Sequence[str], title: str = "", per_class: bool = False,
-              colorbar_label: str = "weight", cmap: str = "RdBu_r") -> bytes:
+              colorbar_label: str = "weight", cmap: str = DIVERGING_CMAP) -> bytes:
     """A PNG of ``tiles`` (tile, pixel) as a grid, colour scale shared or per class."""
     tiles = np.asarray(tiles, dtype=np.float32)
     if per_class:
@@ -122,6 +123,14 @@ def write_animation(target, steps: Sequence[int], frame_at: Callable[[int], np.n
 
     if fmt not in ("gif", "mp4"):
         raise ValueError(f"unknown animation format {fmt!r}; use gif or mp4")
+    if fmt == "mp4" and hasattr(target, "write"):
+        # ffmpeg writes MP4 to a file (it seeks back to finish the header), not to a stream.
+        with tempfile.TemporaryDirectory(prefix="weightlapse-") as directory:
+            path = Path(directory) / "animation.mp4"
+            write_animation(path, steps, frame_at, fmt=fmt, class_names=class_names, title=title, fps=fps,
+                            progress=progress)
+            target.write(path.read_bytes())
+        return
     limit = max(symmetric_limit(frame_at(step)) for step in steps)
     renderer = GridRenderer(len(frame_at(steps[0])), tile_titles=class_names)
     if fmt == "gif":

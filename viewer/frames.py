@@ -10,9 +10,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IMAGE_SIDE = 28
+from pipeline.trajectory import IMAGE_SIDE
+
 GRID_COLUMNS = 5  # ten classes as 2 rows x 5 columns, as the original notebook drew them
 GAP = 1           # one blank (NaN) pixel between tiles, as in the notebook's 29-pixel pitch
+DIVERGING_CMAP = "RdBu_r"    # weights and changes: blue negative, white zero, red positive
+SEQUENTIAL_CMAP = "viridis"  # statistics that are never negative
+
+
+def colour_map(*, diverging: bool) -> str:
+    return DIVERGING_CMAP if diverging else SEQUENTIAL_CMAP
 
 
 def grid_shape(n_classes: int, *, columns: int = GRID_COLUMNS) -> tuple[int, int]:

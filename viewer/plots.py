@@ -12,7 +12,16 @@ from dataclasses import dataclass
 import holoviews as hv
 import numpy as np
 
-from viewer.frames import IMAGE_SIDE, downsample_curve, mosaic, scale_per_class, symmetric_limit, tile_origin
+from viewer.frames import (
+    DIVERGING_CMAP,
+    IMAGE_SIDE,
+    SEQUENTIAL_CMAP,
+    downsample_curve,
+    mosaic,
+    scale_per_class,
+    symmetric_limit,
+    tile_origin,
+)
 
 TILE_PX = 96  # screen pixels per 28-pixel tile
 HEADER = 5    # blank image rows above each row of tiles, where the class names go
@@ -34,7 +43,7 @@ class TileView:
 class TilePicture:
     """A TileView made drawable: the mosaic and its colour mapping."""
 
-    picture: np.ndarray          # (rows*29-1, columns*29-1), row 0 at the top, NaN between tiles
+    picture: np.ndarray          # frames.mosaic of the tiles: row 0 at the top, NaN between tiles
     clim: tuple[float, float]
     cmap: str
     label: str
@@ -47,16 +56,18 @@ def tile_picture(view: TileView) -> TilePicture:
         tiles = scale_per_class(tiles)
         label = f"{label} / class max |{label}|"
     picture = mosaic(tiles, header=HEADER)
-    if view.diverging:
-        limit = 1.0 if view.per_class else symmetric_limit(picture)
-        return TilePicture(picture, (-limit, limit), "RdBu_r", label)
-    return TilePicture(picture, _value_range(picture), "viridis", label)
+    return TilePicture(picture, *colour_mapping(picture, diverging=view.diverging, scaled=view.per_class), label)
 
 
-def _value_range(picture: np.ndarray) -> tuple[float, float]:
+def colour_mapping(picture: np.ndarray, *, diverging: bool, scaled: bool = False) -> tuple[tuple[float, float], str]:
+    """(colour limits, colour map): centred on zero for diverging values (±1 once scaled per
+    class), else the values' own range."""
+    if diverging:
+        limit = 1.0 if scaled else symmetric_limit(picture)
+        return (-limit, limit), DIVERGING_CMAP
     finite = picture[np.isfinite(picture)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    return low, high if high > low else low + 1
+    return (low, high if high > low else low + 1), SEQUENTIAL_CMAP
 
 
 def tile_image(view: TileView, *, hooks: tuple = ()) -> hv.Image:
@@ -85,11 +96,7 @@ def class_labels(class_names: list[str]) -> hv.Labels:
 def pixel_map(values: np.ndarray, *, label: str, diverging: bool, title: str) -> hv.Image:
     """One 28x28 map (pixel,) such as a statistic summed over classes."""
     picture = np.asarray(values, dtype=np.float32).reshape(IMAGE_SIDE, IMAGE_SIDE)
-    if diverging:
-        limit = symmetric_limit(picture)
-        clim, cmap = (-limit, limit), "RdBu_r"
-    else:
-        clim, cmap = _value_range(picture), "viridis"
+    clim, cmap = colour_mapping(picture, diverging=diverging)
     image = hv.Image(picture, bounds=(0, 0, IMAGE_SIDE, IMAGE_SIDE), kdims=["x", "y"],
                      vdims=[hv.Dimension("value", label=label)])
     return image.opts(cmap=cmap, clim=clim, colorbar=True, title=title, tools=["hover"],

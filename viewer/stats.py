@@ -45,9 +45,10 @@ import numpy as np
 import xarray as xr
 from dask.callbacks import Callback
 
+from pipeline.trajectory import IMAGE_SIDE, pixel_coords
+
 log = logging.getLogger(__name__)
 
-IMAGE_SIDE = 28
 STATISTICS = {
     "path_length": "path length: sum of |change| between consecutive steps",
     "net_change": "net change: last step minus first",
@@ -172,7 +173,6 @@ def change_statistics(weights, *, first_step: int | None = None, settle_fraction
 
     net_over_classes = np.abs(net).sum(axis=0)
     per_class = ("class", "pixel")
-    pixel = np.arange(n_pixels)
     stats = xr.Dataset(
         {
             "net_change": (per_class, net),
@@ -188,8 +188,7 @@ def change_statistics(weights, *, first_step: int | None = None, settle_fraction
             "reversals_over_classes": ("pixel", reversals.sum(axis=0).astype(np.int64)),
             "settle_step_over_classes": ("pixel", settle_over_classes.astype(np.int64)),
         },
-        coords={"class": np.arange(n_classes), "pixel": pixel,
-                "row": ("pixel", pixel // IMAGE_SIDE), "col": ("pixel", pixel % IMAGE_SIDE)},
+        coords={"class": np.arange(n_classes), **pixel_coords(n_pixels)},
         attrs={"first_step": first, "last_step": first + n_rows - 1, "settle_fraction": settle_fraction},
     )
     for name, long_name in STATISTICS.items():
