@@ -19,6 +19,11 @@ from pipeline.datasets import DATASETS
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 DEVICES = ("auto", "cpu", "cuda")
+# How gradients are computed: "numpy" is the closed-form softmax-regression gradient on the
+# CPU (pipeline.closed_form), "torch" is autograd on any device; "auto" picks numpy where
+# it applies (CPU, an optimizer it implements) and torch otherwise.
+ENGINES = ("auto", "numpy", "torch")
+CLOSED_FORM_OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 class ParamsError(ValueError):
@@ -63,6 +68,7 @@ class TrainParams:
     max_steps: int | None = None
     seed: int = 0
     device: str = "auto"
+    engine: str = "auto"
     # Held-out accuracy is measured at step 0, every eval_every steps, and at the end.
     eval_every: int = 100
     capture: CaptureParams = field(default_factory=CaptureParams)
@@ -74,6 +80,13 @@ class TrainParams:
             )
         if self.device not in DEVICES:
             raise ParamsError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.engine not in ENGINES:
+            raise ParamsError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.engine == "numpy" and self.device == "cuda":
+            raise ParamsError("engine: numpy runs on the CPU only; with device: cuda use engine: torch (or auto)")
+        if self.engine == "numpy" and self.optimizer not in CLOSED_FORM_OPTIMIZERS:
+            raise ParamsError(f"engine: numpy implements {', '.join(CLOSED_FORM_OPTIMIZERS)}, not "
+                              f"{self.optimizer!r}; use engine: torch (or auto)")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ParamsError(f"lr: must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):

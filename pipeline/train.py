@@ -12,10 +12,15 @@ import argparse
 import csv
 import json
 import logging
+import math
 import platform
 import subprocess
 import sys
+import time
 from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +29,21 @@ import zarr
 from tqdm import tqdm
 
 import pipeline
+from pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
 from pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS, Dataset, DatasetError, load_dataset
-from pipeline.params import ParamsError, TrainParams, load_params
+from pipeline.params import CLOSED_FORM_OPTIMIZERS, ParamsError, TrainParams, load_params
 from pipeline.trainer import (
-    DeviceError, SoftmaxRegression, evaluate, make_optimizer, plan_evals, plan_steps,
-    select_device, train,
+    DeviceError,
+    Evaluation,
+    SoftmaxRegression,
+    evaluate,
+    make_optimizer,
+    plan_evals,
+    plan_steps,
+    select_device,
+    train,
 )
+from pipeline.runlock import RunLockedError, exclusive_writer
 from pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryError, TrajectoryWriter
 
 log = logging.getLogger(__name__)
@@ -39,35 +53,57 @@ log = logging.getLogger(__name__)
 FINAL_LOSS_WINDOW = 100
 
 
+@dataclass(frozen=True)
+class RunSummary:
+    metrics: dict[str, float]  # what metrics.json holds
+    engine: str                # "numpy" or "torch"
+    # Wall time from the first recorded step until the store was closed and flushed: the
+    # training loop with its capture, without setup (loading data, creating the store).
+    loop_seconds: float
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.metrics["steps"] / self.loop_seconds
+
+
 def run_training(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_name: str,
-                 overwrite: bool = False, progress: bool = True) -> dict[str, float]:
-    """Train one run on ``dataset`` and write its store, metrics and history into ``out_dir``."""
+                 overwrite: bool = False, progress: bool = True) -> RunSummary:
+    """Train one run on ``dataset`` and write its store, metrics and history into ``out_dir``.
+
+    Raises RunLockedError if another process is writing ``out_dir``.
+    """
+    with exclusive_writer(out_dir):
+        return _train_and_record(config, dataset, out_dir, run_name=run_name, overwrite=overwrite,
+                                 progress=progress)
+
+
+def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_name: str,
+                      overwrite: bool, progress: bool) -> RunSummary:
     device = select_device(config.device)
+    engine = select_engine(config.engine, config.optimizer, device)
     if device.type == "cpu":
         # This model's ops are tiny: one thread is faster than several, and it keeps the
         # float reduction order, hence the trajectory's bits, independent of the core count.
         torch.set_num_threads(1)
-    train_x = torch.from_numpy(dataset.train.images).to(device)
-    train_y = torch.from_numpy(dataset.train.labels).to(device)
     test_x = torch.from_numpy(dataset.test.images).to(device)
     test_y = torch.from_numpy(dataset.test.labels).to(device)
 
-    n_steps = plan_steps(len(train_x), batch_size=config.batch_size, epochs=config.epochs,
+    n_steps = plan_steps(len(dataset.train.labels), batch_size=config.batch_size, epochs=config.epochs,
                          max_steps=config.max_steps)
     eval_steps = plan_evals(n_steps, config.eval_every)
     eval_set = set(eval_steps)
-    model = SoftmaxRegression(N_PIXELS, N_CLASSES, bias=config.bias, seed=config.seed).to(device)
-    optimizer = make_optimizer(model.parameters(), name=config.optimizer, lr=config.lr,
-                               momentum=config.momentum, weight_decay=config.weight_decay)
+    model = make_engine(engine, config, dataset, device)
     layout = StoreLayout(n_steps=n_steps, eval_steps=eval_steps, n_classes=N_CLASSES, n_pixels=N_PIXELS,
                          chunk_steps=config.capture.chunk_steps, bias=config.bias,
                          gradients=config.capture.gradients)
-    metadata = run_metadata(run_name, config, dataset, device)
+    metadata = run_metadata(run_name, config, dataset, device, engine)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     recent_losses: deque[float] = deque(maxlen=FINAL_LOSS_WINDOW)
     last_eval = None
+    loop_started = math.nan
     with TrajectoryWriter(out_dir / STORE_NAME, layout, metadata, overwrite=overwrite) as writer, \
+            HeldOutScorer(test_x, test_y) as scorer, \
             open(out_dir / "loss.csv", "w", newline="") as loss_file, \
             open(out_dir / "accuracy.csv", "w", newline="") as accuracy_file, \
             tqdm(total=n_steps, unit="step", desc=run_name, disable=not progress,
@@ -77,28 +113,32 @@ def run_training(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_na
         accuracy_csv = csv.writer(accuracy_file)
         accuracy_csv.writerow(["step", "heldout_accuracy", "heldout_loss"])
 
-        def on_step(step: int, loss: float) -> None:
+        def record_evaluations(*, wait: bool = False) -> None:
             nonlocal last_eval
-            gradient = None
-            if config.capture.gradients and step > 0:
-                gradient = model.weight.grad.detach().cpu().numpy()
-            writer.record_step(
-                step, model.weight.detach().cpu().numpy(), loss,
-                bias=None if model.bias is None else model.bias.detach().cpu().numpy(),
-                gradient=gradient,
-            )
+            for step, evaluation in scorer.scored(wait=wait):
+                last_eval = evaluation
+                writer.record_eval(step, evaluation.accuracy, evaluation.loss)
+                accuracy_csv.writerow([step, f"{evaluation.accuracy:.6f}", f"{evaluation.loss:.7g}"])
+                bar.set_postfix(accuracy=f"{evaluation.accuracy:.3f}", refresh=False)
+
+        def on_step(step: int, loss: float) -> None:
+            nonlocal loop_started
+            if step == 0:
+                loop_started = time.perf_counter()
+            weight, bias = model.weight_now(), model.bias_now()
+            gradient = model.gradient_now() if config.capture.gradients and step > 0 else None
+            writer.record_step(step, weight, loss, bias=bias, gradient=gradient)
             if step > 0:
                 recent_losses.append(loss)
                 loss_csv.writerow([step, f"{loss:.7g}"])
                 bar.update()
             if step in eval_set:
-                last_eval = evaluate(model, test_x, test_y)
-                writer.record_eval(step, last_eval.accuracy, last_eval.loss)
-                accuracy_csv.writerow([step, f"{last_eval.accuracy:.6f}", f"{last_eval.loss:.7g}"])
-                bar.set_postfix(accuracy=f"{last_eval.accuracy:.3f}", refresh=False)
+                scorer.submit(step, weight, bias)
+                record_evaluations()
 
-        train(model, optimizer, train_x, train_y, batch_size=config.batch_size, epochs=config.epochs,
-              seed=config.seed, max_steps=config.max_steps, on_step=on_step)
+        model.train(on_step)
+        record_evaluations(wait=True)
+    loop_seconds = time.perf_counter() - loop_started
 
     metrics = {
         "steps": n_steps,
@@ -107,10 +147,110 @@ def run_training(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_na
         "heldout_loss": last_eval.loss,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    summary = RunSummary(metrics, engine, loop_seconds)
+    log.info("%s: %d steps in %.2f s (%s steps/s, %s engine), every step recorded", run_name, n_steps,
+             loop_seconds, f"{summary.steps_per_s:,.0f}", engine)
+    return summary
 
 
-def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: torch.device) -> dict:
+def select_engine(engine: str, optimizer: str, device: torch.device) -> str:
+    """"numpy" (closed-form gradient) where it applies and was not ruled out, else "torch"."""
+    if engine != "auto":
+        return engine
+    return "numpy" if device.type == "cpu" and optimizer in CLOSED_FORM_OPTIMIZERS else "torch"
+
+
+class TorchEngine:
+    """The general path: a torch model trained with autograd, on any device."""
+
+    def __init__(self, config: TrainParams, dataset: Dataset, device: torch.device) -> None:
+        self.config = config
+        self.model = SoftmaxRegression(N_PIXELS, N_CLASSES, bias=config.bias, seed=config.seed).to(device)
+        self.optimizer = make_optimizer(self.model.parameters(), name=config.optimizer, lr=config.lr,
+                                        momentum=config.momentum, weight_decay=config.weight_decay)
+        self.images = torch.from_numpy(dataset.train.images).to(device)
+        self.labels = torch.from_numpy(dataset.train.labels).to(device)
+
+    def weight_now(self) -> np.ndarray:
+        return self.model.weight.detach().cpu().numpy()
+
+    def bias_now(self) -> np.ndarray | None:
+        return None if self.model.bias is None else self.model.bias.detach().cpu().numpy()
+
+    def gradient_now(self) -> np.ndarray:
+        return self.model.weight.grad.detach().cpu().numpy()
+
+    def train(self, on_step) -> None:
+        config = self.config
+        train(self.model, self.optimizer, self.images, self.labels, batch_size=config.batch_size,
+              epochs=config.epochs, seed=config.seed, max_steps=config.max_steps, on_step=on_step)
+
+
+class ClosedFormEngine:
+    """The fast CPU path: the same model, initialisation and batches, stepped in numpy."""
+
+    def __init__(self, config: TrainParams, dataset: Dataset) -> None:
+        self.config = config
+        initial = SoftmaxRegression(N_PIXELS, N_CLASSES, bias=config.bias, seed=config.seed)
+        self.model = ClosedFormSoftmaxRegression(
+            initial.weight.detach().numpy(), None if initial.bias is None else initial.bias.detach().numpy(),
+            optimizer=config.optimizer, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.images, self.labels = dataset.train.images, dataset.train.labels
+
+    def weight_now(self) -> np.ndarray:
+        return self.model.weight
+
+    def bias_now(self) -> np.ndarray | None:
+        return self.model.bias
+
+    def gradient_now(self) -> np.ndarray:
+        return self.model.weight_grad
+
+    def train(self, on_step) -> None:
+        config = self.config
+        train_closed_form(self.model, self.images, self.labels, batch_size=config.batch_size,
+                          epochs=config.epochs, seed=config.seed, max_steps=config.max_steps, on_step=on_step)
+
+
+def make_engine(engine: str, config: TrainParams, dataset: Dataset,
+                device: torch.device) -> TorchEngine | ClosedFormEngine:
+    return ClosedFormEngine(config, dataset) if engine == "numpy" else TorchEngine(config, dataset, device)
+
+
+class HeldOutScorer:
+    """Scores held-out data for recorded weights on a worker thread, handing results back in order.
+
+    Scoring 10,000 test images takes milliseconds, as long as dozens of training steps; on
+    the worker thread (torch releases the GIL in its kernels) it overlaps training instead.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+        # torch's thread count is per thread under OpenMP: a new thread would use every core
+        # and take the training thread's, so it gets the caller's count explicitly.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="held-out-scorer",
+                                            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        self._pending: deque[tuple[int, Future]] = deque()
+
+    def submit(self, step: int, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        # Copies: the training thread goes on updating the arrays it passed in.
+        self._pending.append((step, self._executor.submit(
+            evaluate, weight.copy(), None if bias is None else bias.copy(), self.images, self.labels)))
+
+    def scored(self, *, wait: bool = False) -> Iterator[tuple[int, Evaluation]]:
+        """(step, evaluation) of the scorings finished so far (all of them, with ``wait``), in step order."""
+        while self._pending and (wait or self._pending[0][1].done()):
+            step, future = self._pending.popleft()
+            yield step, future.result()
+
+    def __enter__(self) -> HeldOutScorer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: torch.device, engine: str) -> dict:
     """Everything needed to know how a store was made, saved next to the result."""
     spec = DATASETS[dataset.name]
     return {
@@ -125,6 +265,7 @@ def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: t
             "n_test": len(dataset.test.labels),
         },
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "engine": engine,
         "versions": {
             "weightlapse": pipeline.__version__,
             "python": platform.python_version(),
@@ -162,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         config = params.run(args.run)
         dataset = load_dataset(args.data, params.data.dataset)
-        metrics = run_training(config, dataset, Path(args.out), run_name=args.run, overwrite=args.overwrite)
-    except (ParamsError, DatasetError, DeviceError, TrajectoryError, FileExistsError, FileNotFoundError) as error:
+        metrics = run_training(config, dataset, Path(args.out), run_name=args.run, overwrite=args.overwrite).metrics
+    except (ParamsError, DatasetError, DeviceError, TrajectoryError, RunLockedError, FileExistsError,
+            FileNotFoundError) as error:
         log.error("%s", error)
         return 1
     log.info("%s: %d steps, final train loss %.4f, held-out accuracy %.4f", args.run, metrics["steps"],

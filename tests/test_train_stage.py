@@ -9,6 +9,7 @@ import pytest
 import torch
 from idx_files import idx_bytes
 
+from pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
 from pipeline.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_dataset
 from pipeline.idx import read_idx_file
 from pipeline.train import main
@@ -22,6 +23,7 @@ data: {dataset: mnist}
 train: {eval_every: 4, device: cpu, capture: {chunk_steps: 4}}
 runs:
   original: {seed: 0}
+  autograd: {seed: 0, engine: torch}
   sgd: {optimizer: sgd, lr: 0.05, momentum: 0.9, bias: true, capture: {gradients: true}}
 """
 
@@ -50,14 +52,16 @@ def test_stage_writes_the_trajectory_metrics_and_history(tmp_path, params_file, 
     assert meta["device"] == "cpu" and meta["versions"]["torch"] == torch.__version__
     assert ds.attrs["progress"] == {**ds.attrs["progress"], "finished": True, "steps_done": 10}
 
-    # The stored trajectory is exactly what the loop produces for these params.
+    # The stored trajectory is exactly what the loop produces for these params: on the CPU
+    # the stage takes the closed-form numpy engine.
+    assert meta["engine"] == "numpy"
     dataset = load_dataset(data_dir, "mnist")
-    model = SoftmaxRegression(seed=0)
-    optimizer = make_optimizer(model.parameters(), name="adam", lr=1e-3)
+    initial = SoftmaxRegression(seed=0).weight.detach().numpy()
+    model = ClosedFormSoftmaxRegression(initial, None, optimizer="adam", lr=1e-3)
     expected = []
-    train(model, optimizer, torch.from_numpy(dataset.train.images), torch.from_numpy(dataset.train.labels),
-          batch_size=20, epochs=1, seed=0, on_step=lambda step, loss: expected.append(model.weight.detach().clone()))
-    assert np.array_equal(ds.weights.values, torch.stack(expected).numpy())
+    train_closed_form(model, dataset.train.images, dataset.train.labels, batch_size=20, epochs=1, seed=0,
+                      on_step=lambda step, loss: expected.append(model.weight.copy()))
+    assert np.array_equal(ds.weights.values.view(np.int32), np.stack(expected).view(np.int32))
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"steps", "final_train_loss", "heldout_accuracy", "heldout_loss"}
@@ -82,10 +86,34 @@ def test_bias_and_gradients_are_captured_when_asked(tmp_path, params_file, gener
     assert np.isnan(ds.gradients.values[0]).all()
 
 
-def test_two_runs_with_the_same_params_are_bitwise_identical(tmp_path, params_file, generated_data):
+def test_the_autograd_engine_stores_exactly_what_torch_computes(tmp_path, params_file, generated_data):
+    data_dir, _ = generated_data
+    out = tmp_path / "autograd"
+    assert train_run(params_file, data_dir, out, "autograd") == 0
+    ds = open_run(out)
+    assert ds.attrs["weightlapse"]["engine"] == "torch"
+    dataset = load_dataset(data_dir, "mnist")
+    model = SoftmaxRegression(seed=0)
+    optimizer = make_optimizer(model.parameters(), name="adam", lr=1e-3)
+    expected = []
+    train(model, optimizer, torch.from_numpy(dataset.train.images), torch.from_numpy(dataset.train.labels),
+          batch_size=20, epochs=1, seed=0, on_step=lambda step, loss: expected.append(model.weight.detach().clone()))
+    assert np.array_equal(ds.weights.values.view(np.int32), torch.stack(expected).numpy().view(np.int32))
+    # The two engines agree to float32 rounding (tests/test_closed_form.py checks longer runs).
+    np.testing.assert_allclose(ds.weights.values, open_run_after(params_file, data_dir, tmp_path / "numpy"),
+                               rtol=0, atol=1e-6)
+
+
+def open_run_after(params_file, data_dir, out, run="original"):
+    assert train_run(params_file, data_dir, out, run) == 0
+    return open_run(out).weights.values
+
+
+@pytest.mark.parametrize("run", ["original", "autograd", "sgd"])
+def test_two_runs_with_the_same_params_are_bitwise_identical(tmp_path, params_file, generated_data, run):
     data_dir, _ = generated_data
     for name in ("a", "b"):
-        assert train_run(params_file, data_dir, tmp_path / name) == 0
+        assert train_run(params_file, data_dir, tmp_path / name, run) == 0
     a, b = open_run(tmp_path / "a"), open_run(tmp_path / "b")
     assert np.array_equal(a.weights.values.view(np.int32), b.weights.values.view(np.int32))
     assert np.array_equal(a.loss.values, b.loss.values, equal_nan=True)

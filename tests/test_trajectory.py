@@ -10,7 +10,13 @@ import xarray as xr
 import zarr
 
 from pipeline.trajectory import (
-    StoreLayout, TrajectoryError, TrajectoryNotFoundError, TrajectoryWriter, check_schema, open_run,
+    StoreLayout,
+    TrajectoryError,
+    TrajectoryNotFoundError,
+    TrajectoryWriter,
+    _ChunkAlignedWriter,
+    check_schema,
+    open_run,
     read_progress,
 )
 
@@ -71,11 +77,11 @@ def test_plain_zarr_dask_and_xarray_open_it_without_weightlapse(tmp_path):
 def test_a_half_written_run_reads_as_its_valid_prefix(tmp_path):
     rows = random_rows(30)
     path = tmp_path / "trajectory.zarr"
-    writer = TrajectoryWriter(path, StoreLayout(n_steps=30, eval_steps=(0, 30), chunk_steps=8), {})
+    writer = TrajectoryWriter(path, StoreLayout(n_steps=30, eval_steps=(0, 30), chunk_steps=8), {}, block_steps=8)
     for step in range(20):
         writer.record_step(step, rows[step])
-    # 20 rows recorded: two full chunks (16 rows) go to disk in the background, the rest
-    # stays buffered; the marker covers only what is written.
+    # 20 rows recorded: two full one-chunk blocks (16 rows) go to disk in the background,
+    # the rest stays buffered; the marker covers only what is written.
     assert read_progress(path)["steps_done"] in (-1, 7, 15)
     writer.wait_written()
     progress = read_progress(path)
@@ -122,10 +128,11 @@ def test_steps_must_come_in_order(tmp_path):
         writer.record_step(1, random_rows(0)[0])
 
 
-def test_memory_stays_bounded_by_one_chunk(tmp_path):
+def test_memory_stays_bounded_by_a_few_blocks(tmp_path):
     row = random_rows(0)[0]
     n_steps = 2000  # 63 MB of weights
-    writer = TrajectoryWriter(tmp_path / "t.zarr", StoreLayout(n_steps=n_steps, eval_steps=(0,), chunk_steps=16), {})
+    writer = TrajectoryWriter(tmp_path / "t.zarr", StoreLayout(n_steps=n_steps, eval_steps=(0,), chunk_steps=16), {},
+                              block_steps=16)
     tracemalloc.start()
     for step in range(n_steps + 1):
         writer.record_step(step, row)
@@ -181,3 +188,40 @@ def test_store_is_smaller_than_raw(tmp_path):
     write_run(path, rows, chunk_steps=64)
     on_disk = sum(f.stat().st_size for f in (path / "weights").rglob("*") if f.is_file())
     assert on_disk < rows.nbytes
+
+
+def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path):
+    # The writer encodes whole chunks itself (off zarr's write path, for speed); any zarr
+    # reader must see exactly what zarr would have stored.
+    rows = random_rows(49)  # 50 rows, chunks of 8: six whole chunks and a partial one
+    rows[3, 2, 1] = -0.0
+    rows[9, 0, 5] = np.float32(1e-42)
+    ours = tmp_path / "ours.zarr"
+    write_run(ours, rows, chunk_steps=8)
+    assert isinstance(TrajectoryWriter(tmp_path / "probe.zarr", StoreLayout(n_steps=3, eval_steps=(0,)), {})
+                      ._arrays["weights"], _ChunkAlignedWriter)  # the direct path is in use
+    reference = zarr.open_array(ours / "weights", mode="r")
+    by_zarr = zarr.create_array(tmp_path / "zarr-written", shape=reference.shape, chunks=reference.chunks,
+                                dtype="float32", fill_value=np.nan, filters=reference.filters,
+                                compressors=reference.compressors)
+    by_zarr[:] = rows
+    for index in range(7):
+        key = f"c/{index}/0/0"
+        assert (ours / "weights" / key).read_bytes() == (tmp_path / "zarr-written" / key).read_bytes(), key
+    assert np.array_equal(open_run(ours).weights.values.view(np.int32), rows.view(np.int32))
+    assert not list((ours / "weights").rglob("*.partial"))  # no temporary file left behind
+
+
+def test_a_training_trajectory_compresses_at_least_1_3_times(tmp_path):
+    # Adam-like: each weight moves by about 1e-3 of the scale a step, most in the same
+    # direction for a while, pixels of the border never.
+    rng = np.random.default_rng(0)
+    start = rng.uniform(-0.036, 0.036, (10, 784)).astype(np.float32)
+    drift = rng.choice(np.float32([-1e-3, 1e-3]), (1, 10, 784))
+    steps = drift * rng.uniform(0.5, 1.0, (512, 10, 784)).astype(np.float32)
+    steps[:, :, :100] = 0
+    rows = np.concatenate([start[None], start + np.cumsum(steps, axis=0)]).astype(np.float32)
+    path = tmp_path / "trajectory.zarr"
+    write_run(path, rows[:513], chunk_steps=64)
+    on_disk = sum(f.stat().st_size for f in (path / "weights").rglob("*") if f.is_file() and f.name != "zarr.json")
+    assert rows.nbytes / on_disk >= 1.3

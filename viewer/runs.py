@@ -20,6 +20,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from pipeline.runlock import LOCK_NAME, is_being_written
 from pipeline.trajectory import (
     IMAGE_SIDE,
     STORE_NAME,
@@ -110,7 +111,7 @@ class RunCatalog:
             return RunInfo(name, "broken", str(error) or type(error).__name__, metrics=metrics)
         params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
         dataset = meta.get("dataset", {}).get("name", "") if isinstance(meta.get("dataset"), dict) else ""
-        state, message = _state(progress)
+        state, message = _state(progress, writer_alive=writer_alive(run_dir))
         return RunInfo(name, state, message, steps_done=progress["steps_done"], n_steps=progress["n_steps"],
                        params=params, metrics=metrics if state == "finished" else {}, dataset=str(dataset))
 
@@ -127,6 +128,13 @@ class RunCatalog:
                 run = Run(name, path)
                 self._open[name] = run
             return run
+
+
+def writer_alive(run_dir: Path) -> bool | None:
+    """Whether the train stage is writing this run now; None for a run written without its lock."""
+    if not (run_dir / LOCK_NAME).exists():
+        return None
+    return is_being_written(run_dir)
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:
@@ -151,13 +159,21 @@ def _progress(group: zarr.Group) -> dict[str, Any]:
     return {**progress, "steps_done": steps_done, "n_steps": n_steps, "evals_done": evals_done}
 
 
-def _state(progress: dict[str, Any]) -> tuple[str, str]:
+def _state(progress: dict[str, Any], *, writer_alive: bool | None = None) -> tuple[str, str]:
+    """``writer_alive``: whether the train stage's writer lock is held, None when the run has no lock file."""
     if progress.get("finished"):
         return "finished", ""
     if progress.get("error"):
         return "failed", str(progress["error"])
+    if writer_alive is False:  # its writer is gone: killed, or the machine went down
+        if progress["steps_done"] < 0:
+            return "unfinished", "stopped before its first steps were written"
+        return "unfinished", f"stopped at step {progress['steps_done']} of {progress['n_steps']}"
+    if writer_alive:
+        return "being written", "" if progress["steps_done"] >= 0 else "no step written yet"
     if progress["steps_done"] < 0:
         return "empty", "no step written yet"
+    # No lock file (a store written by other code): judge by the marker's age.
     try:
         updated = dt.datetime.fromisoformat(str(progress.get("updated")))
         age = (dt.datetime.now(dt.UTC) - updated).total_seconds()
