@@ -46,8 +46,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
 from pipeline.datasets import load_dataset
+from pipeline.engines import select_engine
 from pipeline.params import TrainParams
-from pipeline.train import run_training, select_engine
+from pipeline.train import run_training
 from pipeline.trainer import SoftmaxRegression, make_optimizer, plan_steps, select_device, train
 
 RAW_BYTES_PER_STEP = 10 * 784 * 4

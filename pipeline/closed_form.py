@@ -72,13 +72,6 @@ class ClosedFormSoftmaxRegression:
         self._optimizer.step()
         return loss
 
-    def log_probabilities(self, images: np.ndarray) -> np.ndarray:
-        logits = images @ self.weight.T
-        if self.bias is not None:
-            logits += self.bias
-        logits -= logits.max(axis=1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-
 
 Pairs = Sequence[tuple[np.ndarray, np.ndarray]]  # (parameter, its gradient), updated in place
 

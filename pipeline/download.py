@@ -126,7 +126,8 @@ def _short_reason(error: Exception, mirror: str, timeout_s: float) -> str:
     """One line a user can act on, instead of a urllib3 traceback summary."""
     host = urlparse(mirror).netloc
     text = str(error)
-    if isinstance(error, requests.Timeout):
+    # A stall mid-file surfaces as a ConnectionError wrapping urllib3's read timeout.
+    if isinstance(error, requests.Timeout) or "timed out" in text.lower():
         return f"no answer from {host} within {timeout_s:g} s"
     if isinstance(error, requests.HTTPError) and error.response is not None:
         return f"HTTP {error.response.status_code} {error.response.reason}"

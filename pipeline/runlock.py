@@ -20,6 +20,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_NAME = ".writer.lock"
+# Lock files this process holds. A forked child (the trajectory's chunk encoder) inherits
+# them, and an inherited copy would keep the lock after this process died.
+_held_fds: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held_fds:
+        os.close(fd)
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class RunLockedError(RuntimeError):
@@ -42,10 +54,11 @@ def exclusive_writer(run_dir: str | Path) -> Iterator[None]:
                 f"{run_dir}: {_describe_holder(fd)} is writing this run. Two writers would mix their "
                 "steps in one store: wait for it to finish, or stop it first"
             ) from None
+        _held_fds.add(fd)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({
             "pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-            "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }).encode())
         try:
             yield
@@ -53,6 +66,7 @@ def exclusive_writer(run_dir: str | Path) -> Iterator[None]:
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
+        _held_fds.discard(fd)
         os.close(fd)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import queue
 import shutil
 import threading
@@ -29,13 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numcodecs
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, TransposeCodec
-from zarr.codecs.bytes import Endian
-from zarr.storage import LocalStore
+from zarr.codecs import BloscCodec, TransposeCodec
+
+from pipeline.chunkwriter import ChunkEncoderProcess, ChunkWriter
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +141,20 @@ class TrajectoryWriter:
                              f"({layout.chunk_steps})")
         _prepare_target(self.path, overwrite=overwrite)
         self.group = _create_store(self.path, layout, metadata)
-        self._arrays = {name: _ChunkAlignedWriter.wrap(self.group[name]) for name in self.group.array_keys()}
-        # Block buffers are reused: the writer thread hands each back once written. Fresh
-        # 16 MiB buffers would cost the training thread a page fault per 4 KiB every block.
-        self._free_buffers: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(self.MAX_PENDING_BLOCKS + 1):
-            self._free_buffers.put(self._new_buffers())
-        self._buffers = self._new_buffers()
+        self._arrays = {name: ChunkWriter.wrap(self.group[name]) for name in self.group.array_keys()}
+        # Block buffers ("slots") are reused: the writer thread frees each once it is written.
+        # Fresh 16 MiB buffers would cost the training thread a page fault per 4 KiB.
+        self._encoder = self._start_encoder()
+        n_slots = self.MAX_PENDING_BLOCKS + 2  # pending, being written, being filled
+        self._slots = self._encoder.slots if self._encoder else [self._new_buffers() for _ in range(n_slots)]
+        for buffers in self._slots:
+            buffers.update({name: buffer for name, buffer in self._new_buffers(small_only=True).items()
+                            if name not in buffers})
+        self._free_slots: queue.SimpleQueue = queue.SimpleQueue()
+        for slot in range(1, n_slots):
+            self._free_slots.put(slot)
+        self._slot = 0
+        self._buffers = self._slots[0]
         self._block_start = 0  # step held in buffer row 0
         self._next_step = 0
         self._evals: list[tuple[float, float]] = []
@@ -163,15 +168,26 @@ class TrajectoryWriter:
                                         daemon=True)
         self._thread.start()
 
-    def _new_buffers(self) -> dict[str, np.ndarray]:
+    def _start_encoder(self) -> ChunkEncoderProcess | None:
+        """A child process for the weight (and gradient) chunks, where the platform and store allow."""
+        direct = {name: self._arrays[name] for name in ("weights", "gradients")
+                  if isinstance(self._arrays.get(name), ChunkWriter)}
+        if not direct or not ChunkEncoderProcess.available():
+            return None
+        shape = (self.block_steps, self.layout.n_classes, self.layout.n_pixels)
+        return ChunkEncoderProcess(direct, {name: shape for name in direct}, self.MAX_PENDING_BLOCKS + 2)
+
+    def _new_buffers(self, *, small_only: bool = False) -> dict[str, np.ndarray]:
         # Only the rows recorded in a block are ever written, so the buffers need no filling.
         rows, layout = self.block_steps, self.layout
         shape = (rows, layout.n_classes, layout.n_pixels)
-        buffers = {"weights": np.empty(shape, np.float32), "loss": np.empty(rows, np.float32)}
+        buffers = {"loss": np.empty(rows, np.float32)}
         if layout.bias:
             buffers["bias"] = np.empty((rows, layout.n_classes), np.float32)
-        if layout.gradients:
-            buffers["gradients"] = np.empty(shape, np.float32)
+        if not small_only:
+            buffers["weights"] = np.empty(shape, np.float32)
+            if layout.gradients:
+                buffers["gradients"] = np.empty(shape, np.float32)
         return buffers
 
     # -- recording -------------------------------------------------------------------
@@ -217,6 +233,8 @@ class TrajectoryWriter:
         finally:
             self._queue.put(None)
             self._thread.join()
+            if self._encoder:
+                self._encoder.close()
         self._raise_failure()
         self.finished = error is None and self.steps_done == self.layout.n_steps
         self._write_progress(error=error)
@@ -238,12 +256,13 @@ class TrajectoryWriter:
         n_rows = self._next_step - self._block_start
         if not n_rows and not self._evals:
             return
-        block = (self._block_start, n_rows, self._buffers if n_rows else None, self._evals_handed,
+        block = (self._block_start, n_rows, self._slot if n_rows else None, self._evals_handed,
                  list(self._evals))
         self._evals_handed += len(self._evals)
         self._evals.clear()
         if n_rows:
-            self._buffers = self._free_buffers.get()
+            self._slot = self._free_slots.get()
+            self._buffers = self._slots[self._slot]
             self._block_start = self._next_step
         while True:  # wait for room, but notice if the writer died meanwhile
             self._raise_failure()
@@ -270,17 +289,26 @@ class TrajectoryWriter:
                 self._failure = error
             finally:
                 if block is not None and block[2] is not None:
-                    self._free_buffers.put(block[2])
+                    self._free_slots.put(block[2])
                 self._queue.task_done()
 
-    def _write_block(self, start: int, n_rows: int, buffers: dict[str, np.ndarray] | None, first_eval: int,
+    def _write_block(self, start: int, n_rows: int, slot: int | None, first_eval: int,
                      evals: list[tuple[float, float]]) -> None:
         # Data first, progress marker after: a reader trusting the marker never sees a row
         # that is not on disk yet.
         if n_rows:
-            rows = slice(start, start + n_rows)
-            for name, buffer in buffers.items():
-                self._arrays[name][rows] = buffer[:n_rows]
+            for name, buffer in self._slots[slot].items():
+                if self._encoder and name in self._encoder.names:
+                    continue
+                self._arrays[name][start:start + n_rows] = buffer[:n_rows]
+            if self._encoder:  # its whole chunks in the encoder process, partial ones here
+                head, whole = self._arrays["weights"].split(start, n_rows)
+                if whole:
+                    self._encoder.write(slot, head, whole, start + head)
+                for name in self._encoder.names:
+                    buffer, writer = self._slots[slot][name], self._arrays[name]
+                    writer.write_partial(start, buffer[:head])
+                    writer.write_partial(start + head + whole, buffer[head + whole:n_rows])
             self.steps_done = start + n_rows - 1
         if evals:
             done = slice(first_eval, first_eval + len(evals))
@@ -301,61 +329,6 @@ class TrajectoryWriter:
         if error:
             progress["error"] = error
         self.group.attrs["progress"] = progress
-
-
-class _ChunkAlignedWriter:
-    """Writes whole chunks of a (step, ...) array in a local store without zarr's write machinery.
-
-    zarr's asynchronous write path runs enough Python per chunk that, on a writer thread,
-    it took a quarter of the training thread's time through the GIL. Here a whole chunk is
-    encoded by the same codecs zarr would use (transpose, little-endian bytes, Blosc: the
-    compression releases the GIL) and written to a temporary file that is then renamed
-    over the chunk's key, so a chunk file is never seen half-written. The bytes are what
-    zarr itself writes (tests/test_trajectory.py compares them), so any zarr reader reads
-    the store. Anything else (partial chunks, other stores, other codecs) goes through zarr.
-    """
-
-    def __init__(self, array: zarr.Array, directory: Path, blosc: numcodecs.Blosc) -> None:
-        self.array, self._directory, self._blosc = array, directory, blosc
-        self._chunk_steps = array.chunks[0]
-        self._order = (*range(1, array.ndim), 0)
-
-    @classmethod
-    def wrap(cls, array: zarr.Array) -> _ChunkAlignedWriter | zarr.Array:
-        """A direct writer for ``array`` when its store and codecs allow it, else the array itself."""
-        codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
-        store = array.store
-        if not (isinstance(store, LocalStore) and array.ndim > 1 and len(codecs) == 3
-                and isinstance(codecs[0], TransposeCodec) and tuple(codecs[0].order) == (*range(1, array.ndim), 0)
-                and isinstance(codecs[1], BytesCodec) and codecs[1].endian in (None, Endian.little)
-                and isinstance(codecs[2], BloscCodec) and array.dtype == np.float32
-                and array.chunks[1:] == array.shape[1:]):
-            return array
-        blosc_config = codecs[2]
-        blosc = numcodecs.Blosc(cname=blosc_config.cname.value, clevel=blosc_config.clevel,
-                                shuffle=_BLOSC_SHUFFLE[blosc_config.shuffle.value],
-                                blocksize=blosc_config.blocksize, typesize=blosc_config.typesize)
-        return cls(array, Path(store.root) / array.path, blosc)
-
-    def __setitem__(self, rows: slice, values: np.ndarray) -> None:
-        start, stop, chunk = rows.start, rows.stop, self._chunk_steps
-        if start % chunk or (stop - start) % chunk:
-            self.array[rows] = values  # a partial chunk: zarr merges it with what is there
-            return
-        for offset in range(0, stop - start, chunk):
-            rows_of_chunk = np.ascontiguousarray(values[offset:offset + chunk].transpose(self._order))
-            key = self.array.metadata.encode_chunk_key(((start + offset) // chunk,) + (0,) * (self.array.ndim - 1))
-            _write_atomically(self._directory / key, self._blosc.encode(rows_of_chunk))
-
-
-_BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def _prepare_target(path: Path, *, overwrite: bool) -> None:

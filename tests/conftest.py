@@ -3,6 +3,7 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,12 @@ class FaultyFileServer:
     """An HTTP server on 127.0.0.1 serving bytes per path, with injectable faults.
 
     ``routes[path] = [response, ...]``: each request takes the next response (the last one
-    repeats). A response is ("ok", body), ("status", code), or ("truncate", body): the
-    full Content-Length is announced but the connection closes halfway.
+    repeats). A response is ("ok", body), ("status", code), ("truncate", body): the
+    full Content-Length is announced but the connection closes halfway, or ("stall", body):
+    the headers and the first bytes come, then nothing for ``stall_s`` seconds.
     """
+
+    stall_s = 5.0
 
     def __init__(self) -> None:
         self.routes: dict[str, list[tuple]] = {}
@@ -62,6 +66,12 @@ class FaultyFileServer:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
+                if kind == "stall":
+                    self.wfile.write(payload[:100])
+                    self.wfile.flush()
+                    time.sleep(server.stall_s)
+                    self.close_connection = True
+                    return
                 self.wfile.write(payload if kind == "ok" else payload[: len(payload) // 2])
                 if kind == "truncate":
                     self.close_connection = True

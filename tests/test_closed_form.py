@@ -6,9 +6,9 @@ import torch
 
 from pipeline.closed_form import ClosedFormSoftmaxRegression, flush_denormals, train_closed_form
 from pipeline.datasets import TEST_IMAGES, TEST_LABELS
+from pipeline.engines import select_engine
 from pipeline.idx import read_idx_file
 from pipeline.params import ParamsError, TrainParams
-from pipeline.train import select_engine
 from pipeline.trainer import SoftmaxRegression, make_optimizer, train
 
 # Weights are O(0.1); float32 rounding of one step is ~1e-8 of that, and differences

@@ -2,7 +2,9 @@ import hashlib
 
 import pytest
 
-from pipeline.datasets import DATASETS, FILES, TEST_IMAGES, TEST_LABELS, TRAIN_LABELS, file_digest
+from pipeline.datasets import (
+    DATASETS, FILES, TEST_IMAGES, TEST_LABELS, TRAIN_LABELS, DatasetError, file_digest, load_dataset,
+)
 from pipeline.download import DownloadError, fetch_dataset, fetch_file, main, mirror_list
 
 
@@ -129,3 +131,47 @@ def test_stage_reports_bad_params_without_a_traceback(tmp_path, caplog):
     params.write_text("data: {dataset: cifar10}\nruns: {original: {seed: 0}}\n")
     assert main(["--params", str(params), "--out", str(tmp_path / "data")]) == 1
     assert "data.dataset: unknown dataset 'cifar10'; choose one of fashion-mnist, mnist" in caplog.text
+
+
+def test_a_stalled_server_times_out_and_the_next_mirror_serves(tmp_path, generated_data, http_server):
+    source, checksums = generated_data
+    body = (source / TEST_IMAGES).read_bytes()
+    http_server.stall_s = 3.0
+    http_server.routes["/slow/" + TEST_IMAGES] = [("stall", body)]
+    http_server.routes["/good/" + TEST_IMAGES] = [("ok", body)]
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DownloadError) as raised:
+        fetch_file(TEST_IMAGES, checksums[TEST_IMAGES], out, mirrors=[http_server.url + "slow/"], retries=0,
+                   timeout_s=0.5, progress=False)
+    assert "within 0.5 s" in str(raised.value)
+    assert no_partial_files(out) == []
+    path = fetch_file(TEST_IMAGES, checksums[TEST_IMAGES], out, timeout_s=0.5, retries=0, progress=False,
+                      mirrors=[http_server.url + "slow/", http_server.url + "good/"])
+    assert path.read_bytes() == body
+
+
+def test_a_pickle_offered_as_data_is_refused_and_never_runs(tmp_path, generated_data):
+    # A pickle whose loading would create a file: the attack the original notebook was open to.
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    source, checksums = generated_data
+    mirror = tmp_path / "evil-mirror"
+    mirror.mkdir()
+    for name in FILES:
+        (mirror / name).write_bytes(pickle.dumps(Payload()))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DownloadError, match="could not get"):
+        fetch_file(TEST_IMAGES, checksums[TEST_IMAGES], out, mirrors=[str(mirror)], retries=0, progress=False)
+    assert list(out.iterdir()) == [] and not marker.exists()
+    # Offered straight to the parser, as files already in the data directory: refused too.
+    with pytest.raises(DatasetError):
+        load_dataset(mirror, "mnist")
+    assert not marker.exists()

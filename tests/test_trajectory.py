@@ -9,12 +9,12 @@ import pytest
 import xarray as xr
 import zarr
 
+from pipeline.chunkwriter import ChunkEncoderProcess, ChunkWriter
 from pipeline.trajectory import (
     StoreLayout,
     TrajectoryError,
     TrajectoryNotFoundError,
     TrajectoryWriter,
-    _ChunkAlignedWriter,
     check_schema,
     open_run,
     read_progress,
@@ -106,20 +106,39 @@ def test_a_crash_in_training_keeps_the_recorded_steps_and_marks_the_run_unfinish
     assert np.array_equal(open_run(path).weights.values, rows[:12])
 
 
-def test_a_failing_disk_stops_training_with_the_reason(tmp_path):
+@pytest.fixture(params=["encoder process", "writer thread"])
+def chunk_path(request, monkeypatch):
+    """Run a test with weight chunks written by the encoder process (Linux) and by the writer thread."""
+    if request.param == "writer thread":
+        monkeypatch.setattr(ChunkEncoderProcess, "available", classmethod(lambda cls: False))
+    elif not ChunkEncoderProcess.available():
+        pytest.skip("the encoder process is used on Linux only")
+    return request.param
+
+
+def test_a_failing_disk_stops_training_with_the_reason(tmp_path, chunk_path):
     path = tmp_path / "trajectory.zarr"
-    writer = TrajectoryWriter(path, StoreLayout(n_steps=30, eval_steps=(0,), chunk_steps=4), {})
-
-    class FullDisk:
-        def __setitem__(self, index, value):
-            raise OSError(28, "No space left on device")
-
-    writer._arrays["weights"] = FullDisk()  # the writer thread's next write fails
-    with pytest.raises(TrajectoryError, match="writing the store failed.*No space left"):
+    writer = TrajectoryWriter(path, StoreLayout(n_steps=30, eval_steps=(0,), chunk_steps=4), {}, block_steps=8)
+    assert (writer._encoder is not None) == (chunk_path == "encoder process")
+    (path / "weights" / "c").write_bytes(b"")  # a file where the chunk directory must go: every write fails
+    with pytest.raises(TrajectoryError, match="writing the store failed.*(Not a directory|File exists)"):
         for step in range(31):
             writer.record_step(step, random_rows(0)[0])
         writer.close()
     assert read_progress(path)["steps_done"] == -1  # nothing claimed that is not on disk
+
+
+def test_rows_are_exact_whatever_the_block_and_flush_boundaries(tmp_path, chunk_path):
+    rows = random_rows(70)
+    path = tmp_path / "trajectory.zarr"
+    writer = TrajectoryWriter(path, StoreLayout(n_steps=70, eval_steps=(0,), chunk_steps=8), {}, block_steps=16)
+    for step, row in enumerate(rows):
+        writer.record_step(step, row)
+        if step in (5, 6, 29):  # flushes inside a chunk, then blocks that start mid-chunk
+            writer.flush()
+            assert open_run(path).sizes["step"] == step + 1
+    writer.close()
+    assert np.array_equal(open_run(path).weights.values.view(np.int32), rows.view(np.int32))
 
 
 def test_steps_must_come_in_order(tmp_path):
@@ -199,7 +218,7 @@ def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path):
     ours = tmp_path / "ours.zarr"
     write_run(ours, rows, chunk_steps=8)
     assert isinstance(TrajectoryWriter(tmp_path / "probe.zarr", StoreLayout(n_steps=3, eval_steps=(0,)), {})
-                      ._arrays["weights"], _ChunkAlignedWriter)  # the direct path is in use
+                      ._arrays["weights"], ChunkWriter)  # the direct path is in use
     reference = zarr.open_array(ours / "weights", mode="r")
     by_zarr = zarr.create_array(tmp_path / "zarr-written", shape=reference.shape, chunks=reference.chunks,
                                 dtype="float32", fill_value=np.nan, filters=reference.filters,

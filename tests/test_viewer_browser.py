@@ -302,3 +302,26 @@ def test_clicking_the_loss_curve_jumps_to_that_step(browser, server):
     assert 60 < step < 240
     assert tab.errors == []
     tab.close()
+
+
+def websocket_handshake_status(page_url: str, origin: str) -> int:
+    """The HTTP status the viewer's server answers a WebSocket upgrade from ``origin`` with."""
+    host, port = page_url.split("//")[1].split("/")[0].split(":")
+    request = (f"GET /viewer/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               f"Origin: {origin}\r\n\r\n")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request.encode())
+        status_line = connection.recv(4096).split(b"\r\n", 1)[0].decode()
+    return int(status_line.split()[1])
+
+
+def test_websocket_connections_from_other_origins_are_refused(served):
+    # A page on another site must not drive the viewer through the visitor's browser
+    # (cross-site WebSocket hijacking); look-alike host names included (CVE-2026-21883).
+    own = served.url.rsplit("/", 1)[0]
+    host_port = own.split("//")[1]
+    for forged in ("http://evil.example", f"http://{host_port}.evil.example", f"http://evil.example/{host_port}",
+                   "null"):
+        assert websocket_handshake_status(served.url, forged) == 403, forged
+    assert websocket_handshake_status(served.url, own) != 403
