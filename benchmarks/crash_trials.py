@@ -15,7 +15,9 @@ stage left, read-only, as a reader would. A trial passes when:
 - or, when the kill came before the store existed, there is no store or ``open_run`` says
   clearly that it is still being created;
 - or, when the kill came after the store was complete (while the process wrote its
-  metrics or exited, or after it had exited), the whole run is there and marked finished.
+  metrics or exited, or after it had exited), the whole run is there and marked finished;
+- and (unless --no-resume) the stage run again with ``--resume`` ends with every row of
+  the reference, bit for bit.
 
 Prints a summary and, with --json, the per-trial figures recorded in docs/reliability.md.
 """
@@ -106,7 +108,16 @@ def check_killed_run(out: Path, reference: np.ndarray, *, finished: bool = False
     return result
 
 
-def run_trials(n_trials: int, dataset_dir: Path, dataset: str, epochs: int, *, seed: int = 0,
+def check_resume(command: list[str], out: Path, reference: np.ndarray) -> bool:
+    """Run the stage again with --resume: the finished store must equal the reference, every row."""
+    if subprocess.run([*command, "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode:
+        return False
+    store = out / STORE_NAME
+    weights = zarr.open_array(store / "weights", mode="r")[:]
+    return bool(read_progress(store)["finished"] and np.array_equal(weights.view(np.int32), reference.view(np.int32)))
+
+
+def run_trials(n_trials: int, dataset_dir: Path, dataset: str, epochs: int, *, seed: int = 0, resume: bool = True,
                log=print) -> dict:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="weightlapse-crash-") as tmp:
@@ -135,6 +146,9 @@ def run_trials(n_trials: int, dataset_dir: Path, dataset: str, epochs: int, *, s
             time.sleep(0.2)  # let the orphaned chunk encoder notice and exit
             result = {"trial": index, "killed_after_s": round(delay, 3), "finished_before_the_kill": finished_first,
                       **check_killed_run(out, reference, finished=finished_first)}
+            if resume:
+                result["resumed_exactly"] = check_resume(train_command(workdir, dataset_dir, out), out, reference)
+                result["ok"] = result["ok"] and result["resumed_exactly"]
             trials.append(result)
             log(f"trial {index}: killed after {delay:.2f} s, committed step {result.get('steps_done')}, "
                 f"{'ok' if result['ok'] else 'FAILED'}")
@@ -148,6 +162,7 @@ def run_trials(n_trials: int, dataset_dir: Path, dataset: str, epochs: int, *, s
         "killed_with_rows_committed": sum(1 for t in with_store if t["steps_done"] >= 0),
         "rows_checked_against_reference": sum(t["steps_done"] + 1 for t in with_store),
         "leftover_partial_files": sum(t.get("leftover_partial_files", 0) for t in trials),
+        "resumed_exactly": sum(bool(t.get("resumed_exactly")) for t in trials) if resume else None,
         "reference_steps": int(len(reference) - 1),
         "details": trials,
     }
@@ -160,14 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="default: guessed from the path")
     parser.add_argument("--epochs", type=int, default=3, help="length of the run being killed (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
+    parser.add_argument("--no-resume", action="store_true", help="skip resuming each killed run")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     dataset_dir, guessed = find_dataset(args.dataset_dir)
-    summary = run_trials(args.trials, dataset_dir, args.dataset or guessed, args.epochs, seed=args.seed)
+    summary = run_trials(args.trials, dataset_dir, args.dataset or guessed, args.epochs, seed=args.seed,
+                         resume=not args.no_resume)
     print(f"{summary['passed']} of {summary['trials']} trials passed; {summary['killed_with_rows_committed']} "
           f"killed with rows committed, {summary['finished_before_the_kill']} finished before the kill, {summary['rows_checked_against_reference']:,} committed rows checked "
           f"bit for bit, {summary['killed_before_the_store_existed']} killed before the store existed, "
-          f"{summary['leftover_partial_files']} leftover .partial files")
+          f"{summary['leftover_partial_files']} leftover .partial files; "
+          f"{summary['resumed_exactly']} resumed to the uninterrupted trajectory, bit for bit")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if summary["passed"] == summary["trials"] else 1

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.params import CLOSED_FORM_OPTIMIZERS
-from pipeline.trainer import batch_indices
+from pipeline.trainer import remaining_batches
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which the autograd path uses too
 ADAM_EPS = 1e-8
@@ -72,6 +72,24 @@ class ClosedFormSoftmaxRegression:
         self._optimizer.step()
         return loss
 
+    def optimizer_state(self) -> np.ndarray:
+        """The optimizer's state as one float32 vector, in pipeline.engines' order (a copy)."""
+        arrays = self._optimizer.state_arrays()
+        return np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+
+    def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None:
+        """Put the model where it was after ``steps`` steps: its parameters and optimizer state."""
+        self.weight[...] = weight
+        if self.bias is not None:
+            self.bias[...] = bias
+        arrays, offset = [], 0
+        for target in self._optimizer.state_arrays():
+            arrays.append(state[offset:offset + target.size].reshape(target.shape))
+            offset += target.size
+        if offset != len(state):
+            raise ValueError(f"optimizer state of {len(state)} values, expected {offset}")
+        self._optimizer.load_state(arrays, steps)
+
 
 Pairs = Sequence[tuple[np.ndarray, np.ndarray]]  # (parameter, its gradient), updated in place
 
@@ -103,6 +121,14 @@ class Adam:
         self.exp_avg_sq = [np.zeros_like(param) for param, _ in pairs]
         self._scratch = [np.empty_like(param) for param, _ in pairs]
         self._denom = [np.empty_like(param) for param, _ in pairs]
+
+    def state_arrays(self) -> list[np.ndarray]:
+        return [*self.exp_avg, *self.exp_avg_sq]  # torch's keys in order: exp_avg, exp_avg_sq
+
+    def load_state(self, arrays: list[np.ndarray], steps: int) -> None:
+        for target, value in zip(self.state_arrays(), arrays):
+            target[...] = value
+        self.steps = steps
 
     def step(self) -> None:
         self.steps += 1
@@ -146,6 +172,16 @@ class SGD:
         self.buffers: list[np.ndarray | None] = [None] * len(pairs)
         self._scratch = [np.empty_like(param) for param, _ in pairs]
 
+    def state_arrays(self) -> list[np.ndarray]:
+        if not self.momentum:
+            return []
+        return [np.zeros_like(param) if buffer is None else buffer
+                for (param, _), buffer in zip(self.pairs, self.buffers)]
+
+    def load_state(self, arrays: list[np.ndarray], steps: int) -> None:
+        if self.momentum and steps > 0:  # before the first step torch has no buffer either
+            self.buffers = [np.array(value, dtype=np.float32) for value in arrays]
+
     def step(self) -> None:
         for index, ((param, grad), scratch) in enumerate(zip(self.pairs, self._scratch)):
             if self.weight_decay:
@@ -184,16 +220,18 @@ def flush_denormals():
 
 def train_closed_form(model: ClosedFormSoftmaxRegression, images: np.ndarray, labels: np.ndarray, *,
                       batch_size: int, epochs: int, seed: int, max_steps: int | None = None,
-                      on_step: Callable[[int, float], None]) -> None:
+                      on_step: Callable[[int, float], None], start_step: int = 0) -> None:
     """Train ``model`` as pipeline.trainer.train trains a torch model: same batches, same calls.
 
     Calls ``on_step(0, nan)`` first, then ``on_step(t, loss_t)`` right after step t, while
     ``model.weight`` holds the weights after t steps and ``model.weight_grad`` the gradient
-    of step t.
+    of step t. With ``start_step`` s, ``model`` holds the state after s steps (see
+    :meth:`ClosedFormSoftmaxRegression.load_state`) and training continues with step s + 1.
     """
-    on_step(0, math.nan)
-    batches = batch_indices(len(images), batch_size=batch_size, epochs=epochs, seed=seed, max_steps=max_steps)
+    if start_step == 0:
+        on_step(0, math.nan)
     with flush_denormals():
-        for step, batch in enumerate(batches, start=1):
+        for step, batch in remaining_batches(len(images), batch_size=batch_size, epochs=epochs, seed=seed,
+                                             max_steps=max_steps, start_step=start_step):
             index = batch.numpy()
             on_step(step, model.step(images[index], labels[index]))

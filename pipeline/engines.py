@@ -3,6 +3,11 @@
 Both start from the same seeded initialisation and take the same batches. ``train(on_step)``
 runs the loop; during ``on_step(step, loss)``, ``weight_now()`` (and ``bias_now()``,
 ``gradient_now()``) give the current parameters as numpy arrays, which the caller copies.
+
+For resuming a run, ``optimizer_state()`` gives the optimizer's state as one float32
+vector (the arrays of :func:`optimizer_state_keys`, key by key, parameter by parameter),
+and ``restore(weight, bias, state, steps)`` puts a model back where it was after
+``steps`` steps; ``train(on_step, start_step=steps)`` then carries on.
 """
 
 from __future__ import annotations
@@ -14,6 +19,23 @@ from pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
 from pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
 from pipeline.params import CLOSED_FORM_OPTIMIZERS, TrainParams
 from pipeline.trainer import SoftmaxRegression, StepCallback, make_optimizer, train
+
+
+def optimizer_state_keys(optimizer: str, momentum: float) -> tuple[str, ...]:
+    """The per-parameter state arrays of a torch.optim optimizer, as torch names them."""
+    if optimizer in ("adam", "adamw"):
+        return ("exp_avg", "exp_avg_sq")
+    if optimizer == "sgd":
+        return ("momentum_buffer",) if momentum else ()
+    if optimizer == "rmsprop":
+        return ("square_avg",) + (("momentum_buffer",) if momentum else ())
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def optimizer_state_size(config: TrainParams) -> int:
+    """Length of the optimizer state vector of a run (0 for plain SGD, which keeps none)."""
+    n_parameters = N_CLASSES * N_PIXELS + (N_CLASSES if config.bias else 0)
+    return n_parameters * len(optimizer_state_keys(config.optimizer, config.momentum))
 
 
 def select_engine(engine: str, optimizer: str, device: torch.device) -> str:
@@ -43,10 +65,40 @@ class TorchEngine:
     def gradient_now(self) -> np.ndarray:
         return self.model.weight.grad.detach().cpu().numpy()
 
-    def train(self, on_step: StepCallback) -> None:
+    def optimizer_state(self) -> np.ndarray:
+        arrays = []
+        for key in optimizer_state_keys(self.config.optimizer, self.config.momentum):
+            for p in self.model.parameters():
+                value = self.optimizer.state.get(p, {}).get(key)  # none yet before the first step
+                arrays.append(np.zeros(p.numel(), np.float32) if value is None
+                              else value.detach().cpu().numpy().ravel())
+        return np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
+
+    def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None:
+        device = self.model.weight.device
+        parameters = list(self.model.parameters())
+        with torch.no_grad():
+            self.model.weight.copy_(torch.from_numpy(weight))
+            if bias is not None:
+                self.model.bias.copy_(torch.from_numpy(bias))
+        offset = 0
+        states: dict[torch.nn.Parameter, dict] = {p: {} for p in parameters}
+        for key in optimizer_state_keys(self.config.optimizer, self.config.momentum):
+            for p in parameters:
+                states[p][key] = torch.from_numpy(state[offset:offset + p.numel()].reshape(p.shape).copy()).to(device)
+                offset += p.numel()
+        if self.config.optimizer != "sgd":  # torch counts steps in the state (float32 tensor)
+            for p in parameters:
+                states[p]["step"] = torch.tensor(float(steps), dtype=torch.float32)
+        for p in parameters:
+            if states[p]:
+                self.optimizer.state[p] = states[p]
+
+    def train(self, on_step: StepCallback, start_step: int = 0) -> None:
         config = self.config
         train(self.model, self.optimizer, self.images, self.labels, batch_size=config.batch_size,
-              epochs=config.epochs, seed=config.seed, max_steps=config.max_steps, on_step=on_step)
+              epochs=config.epochs, seed=config.seed, max_steps=config.max_steps, on_step=on_step,
+              start_step=start_step)
 
 
 class ClosedFormEngine:
@@ -69,10 +121,17 @@ class ClosedFormEngine:
     def gradient_now(self) -> np.ndarray:
         return self.model.weight_grad
 
-    def train(self, on_step: StepCallback) -> None:
+    def optimizer_state(self) -> np.ndarray:
+        return self.model.optimizer_state()
+
+    def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None:
+        self.model.restore(weight, bias, state, steps)
+
+    def train(self, on_step: StepCallback, start_step: int = 0) -> None:
         config = self.config
         train_closed_form(self.model, self.images, self.labels, batch_size=config.batch_size,
-                          epochs=config.epochs, seed=config.seed, max_steps=config.max_steps, on_step=on_step)
+                          epochs=config.epochs, seed=config.seed, max_steps=config.max_steps, on_step=on_step,
+                          start_step=start_step)
 
 
 def make_engine(engine: str, config: TrainParams, dataset: Dataset,

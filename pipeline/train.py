@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import platform
 import subprocess
 import sys
@@ -30,11 +29,11 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS, Dataset, DatasetError, load_dataset
-from pipeline.engines import make_engine, select_engine
+from pipeline.engines import make_engine, optimizer_state_size, select_engine
 from pipeline.params import ParamsError, TrainParams, load_params
 from pipeline.runlock import RunLockedError, exclusive_writer
 from pipeline.trainer import DeviceError, Evaluation, evaluate, plan_evals, plan_steps, select_device
-from pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryError, TrajectoryWriter
+from pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryError, TrajectoryWriter, find_resume_point
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +56,21 @@ class RunSummary:
 
 
 def run_training(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_name: str,
-                 overwrite: bool = False, progress: bool = True) -> RunSummary:
+                 overwrite: bool = False, resume: bool = False, progress: bool = True) -> RunSummary:
     """Train one run on ``dataset`` and write its store, metrics and history into ``out_dir``.
 
-    Raises RunLockedError if another process is writing ``out_dir``.
+    With ``resume``, an unfinished store of the same run (same params, data and engine)
+    is carried on from its last checkpoint, giving the trajectory an uninterrupted run
+    gives, bit for bit; any other store there is replaced. Raises RunLockedError if
+    another process is writing ``out_dir``.
     """
     with exclusive_writer(out_dir):
         return _train_and_record(config, dataset, out_dir, run_name=run_name, overwrite=overwrite,
-                                 progress=progress)
+                                 resume=resume, progress=progress)
 
 
 def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_name: str,
-                      overwrite: bool, progress: bool) -> RunSummary:
+                      overwrite: bool, resume: bool, progress: bool) -> RunSummary:
     device = select_device(config.device)
     engine = select_engine(config.engine, config.optimizer, device)
     if device.type == "cpu":
@@ -85,23 +87,46 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, r
     model = make_engine(engine, config, dataset, device)
     layout = StoreLayout(n_steps=n_steps, eval_steps=eval_steps, n_classes=N_CLASSES, n_pixels=N_PIXELS,
                          chunk_steps=config.capture.chunk_steps, bias=config.bias,
-                         gradients=config.capture.gradients)
+                         gradients=config.capture.gradients, resume_size=optimizer_state_size(config))
     metadata = run_metadata(run_name, config, dataset, device, engine)
+    point = None
+    if resume and (out_dir / STORE_NAME).exists():
+        found = find_resume_point(out_dir / STORE_NAME, layout, metadata)
+        if isinstance(found, str):
+            log.info("%s: training from the start, replacing the store in %s: %s", run_name, out_dir, found)
+            overwrite = True
+        else:
+            point = found
+            model.restore(point.weight, point.bias, point.optimizer_state, point.step)
+            log.info("%s: resuming after step %d of %d", run_name, point.step, n_steps)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     recent_losses: deque[float] = deque(maxlen=FINAL_LOSS_WINDOW)
     last_eval = None
-    loop_started = math.nan
-    with TrajectoryWriter(out_dir / STORE_NAME, layout, metadata, overwrite=overwrite) as writer, \
+    with TrajectoryWriter(out_dir / STORE_NAME, layout, metadata, overwrite=overwrite,
+                          checkpoint=model.optimizer_state, resume_from=point) as writer, \
             HeldOutScorer(test_x, test_y) as scorer, \
             open(out_dir / "loss.csv", "w", newline="") as loss_file, \
             open(out_dir / "accuracy.csv", "w", newline="") as accuracy_file, \
-            tqdm(total=n_steps, unit="step", desc=run_name, disable=not progress,
-                 mininterval=0.5) as bar:
+            tqdm(total=n_steps, initial=point.step if point else 0, unit="step", desc=run_name,
+                 disable=not progress, mininterval=0.5) as bar:
         loss_csv = csv.writer(loss_file)
         loss_csv.writerow(["step", "loss"])
         accuracy_csv = csv.writer(accuracy_file)
         accuracy_csv.writerow(["step", "heldout_accuracy", "heldout_loss"])
+        if point is not None:  # the history so far, from the store, as the first run wrote it
+            for step, loss in enumerate(point.losses.tolist(), start=1):
+                loss_csv.writerow([step, f"{loss:.7g}"])
+            recent_losses.extend(point.losses[-FINAL_LOSS_WINDOW:].tolist())
+            for step, (accuracy, loss) in zip(eval_steps, point.heldout.tolist()):
+                last_eval = Evaluation(accuracy=accuracy, loss=loss)
+                accuracy_csv.writerow([step, f"{accuracy:.6f}", f"{loss:.7g}"])
+            # evaluations of steps before the checkpoint that were not written: score them again
+            for step in eval_steps[len(point.heldout):]:
+                if step > point.step:
+                    break
+                scorer.submit(step, writer.group["weights"][step],
+                              writer.group["bias"][step] if config.bias else None)
 
         def record_evaluations(*, wait: bool = False) -> None:
             nonlocal last_eval
@@ -112,9 +137,6 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, r
                 bar.set_postfix(accuracy=f"{evaluation.accuracy:.3f}", refresh=False)
 
         def on_step(step: int, loss: float) -> None:
-            nonlocal loop_started
-            if step == 0:
-                loop_started = time.perf_counter()
             weight, bias = model.weight_now(), model.bias_now()
             gradient = model.gradient_now() if config.capture.gradients and step > 0 else None
             writer.record_step(step, weight, loss, bias=bias, gradient=gradient)
@@ -126,7 +148,8 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, r
                 scorer.submit(step, weight, bias)
                 record_evaluations()
 
-        model.train(on_step)
+        loop_started = time.perf_counter()
+        model.train(on_step, start_step=point.step if point else 0)
         record_evaluations(wait=True)
     loop_seconds = time.perf_counter() - loop_started
 
@@ -223,13 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="directory written by the data stage")
     parser.add_argument("--out", required=True, help="run directory to write (runs/<run>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing trajectory store")
+    parser.add_argument("--resume", action="store_true",
+                        help="carry on an unfinished store of this run from its last checkpoint (bit for bit "
+                             "as if never interrupted); any other existing store is replaced")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
         config = params.run(args.run)
         dataset = load_dataset(args.data, params.data.dataset)
-        metrics = run_training(config, dataset, Path(args.out), run_name=args.run, overwrite=args.overwrite).metrics
+        metrics = run_training(config, dataset, Path(args.out), run_name=args.run, overwrite=args.overwrite,
+                               resume=args.resume).metrics
     except (ParamsError, DatasetError, DeviceError, TrajectoryError, RunLockedError, FileExistsError,
             FileNotFoundError) as error:
         log.error("%s", error)

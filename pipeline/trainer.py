@@ -135,19 +135,31 @@ StepCallback = Callable[[int, float], None]
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
           labels: torch.Tensor, *, batch_size: int, epochs: int, seed: int,
-          max_steps: int | None = None, on_step: StepCallback) -> None:
+          max_steps: int | None = None, on_step: StepCallback, start_step: int = 0) -> None:
     """Train with shuffled mini-batches; ``images`` (sample, pixel) and ``labels`` on the model's device.
 
     Calls ``on_step(0, nan)`` first, then ``on_step(t, loss_t)`` right after optimizer step t,
     while the model holds the weights after t steps and ``.grad`` the gradient of step t.
+    With ``start_step`` s, the model and optimizer hold the state after s steps and training
+    continues with step s + 1, on the batches an uninterrupted run would use.
     """
-    on_step(0, float("nan"))
-    batches = batch_indices(len(images), batch_size=batch_size, epochs=epochs, seed=seed,
-                            max_steps=max_steps)
-    for step, batch in enumerate(batches, start=1):
+    if start_step == 0:
+        on_step(0, float("nan"))
+    for step, batch in remaining_batches(len(images), batch_size=batch_size, epochs=epochs, seed=seed,
+                                         max_steps=max_steps, start_step=start_step):
         batch = batch.to(images.device)
         optimizer.zero_grad(set_to_none=True)
         loss = F.nll_loss(model(images[batch]), labels[batch])
         loss.backward()
         optimizer.step()
         on_step(step, loss.item())
+
+
+def remaining_batches(n_samples: int, *, batch_size: int, epochs: int, seed: int, max_steps: int | None,
+                      start_step: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(step, sample indices) for the steps after ``start_step``: the shuffles are redrawn from
+    the seed, so a resumed run takes exactly the batches an uninterrupted one would."""
+    batches = batch_indices(n_samples, batch_size=batch_size, epochs=epochs, seed=seed, max_steps=max_steps)
+    for step, batch in enumerate(batches, start=1):
+        if step > start_step:
+            yield step, batch

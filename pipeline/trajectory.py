@@ -10,20 +10,25 @@ One Zarr v3 group per run, ``runs/<run>/trajectory.zarr``::
     eval_step         int64   (eval_step,)          coordinate: steps where held-out data was scored
     heldout_accuracy  float32 (eval_step,)
     heldout_loss      float32 (eval_step,)
+    resume_state      float32 (checkpoint, value)   two optimizer-state checkpoints, for resuming
 
 Pixel p is image row p // 28, column p % 28. Arrays are allocated at their final length
 when the run starts and filled with NaN; the group attribute ``progress`` says how many
 steps (and evaluations) are valid and whether the run finished. Readers must never look
-past ``progress["steps_done"]``: :func:`open_run` does this for you.
+past ``progress["steps_done"]``: :func:`open_run` does this for you. ``progress["resume"]``
+names the last checkpoint: ``{"step": s, "slot": k}``, the optimizer state after step s
+being ``resume_state[k]`` (absent for plain SGD, which keeps none).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import queue
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +69,19 @@ class StoreLayout:
     chunk_steps: int = 64
     bias: bool = False
     gradients: bool = False
+    resume_size: int = 0         # length of the optimizer state saved for resuming (0: none kept)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where an interrupted run can carry on: its state after ``step`` steps, read from its store."""
+    step: int
+    weight: np.ndarray            # (class, pixel) after ``step`` steps
+    bias: np.ndarray | None
+    optimizer_state: np.ndarray   # the vector saved with the checkpoint
+    slot: int                     # resume_state row holding it
+    losses: np.ndarray            # loss of steps 1 .. step
+    heldout: np.ndarray           # (evals_done, 2): accuracy and loss of the evaluations written
 
 
 def _step_series_codecs(ndim: int) -> dict[str, Any]:
@@ -130,17 +148,30 @@ class TrajectoryWriter:
     BLOCK_BYTES = 16 * 2**20
 
     def __init__(self, path: str | Path, layout: StoreLayout, metadata: dict[str, Any], *,
-                 overwrite: bool = False, block_steps: int | None = None) -> None:
+                 overwrite: bool = False, block_steps: int | None = None,
+                 checkpoint: Callable[[], np.ndarray] | None = None,
+                 resume_from: ResumePoint | None = None) -> None:
+        """Create the store at ``path``, or with ``resume_from`` carry on in the existing one.
+
+        ``checkpoint()``, if given, returns the optimizer state (a float32 vector of
+        ``layout.resume_size``); it is called after the last step of each block and saved
+        with the block, so that an interrupted run can resume (:func:`find_resume_point`).
+        """
         self.path = Path(path)
         self.layout = layout
+        self._checkpoint = checkpoint
         chunk_bytes = layout.chunk_steps * layout.n_classes * layout.n_pixels * 4
         run_chunks = -(-(layout.n_steps + 1) // layout.chunk_steps)
         self.block_steps = block_steps or layout.chunk_steps * min(run_chunks, max(1, self.BLOCK_BYTES // chunk_bytes))
         if self.block_steps % layout.chunk_steps:
             raise ValueError(f"block_steps ({self.block_steps}) must be a multiple of chunk_steps "
                              f"({layout.chunk_steps})")
-        _prepare_target(self.path, overwrite=overwrite)
-        self.group = _create_store(self.path, layout, metadata)
+        if resume_from is None:
+            _prepare_target(self.path, overwrite=overwrite)
+            self.group = _create_store(self.path, layout, metadata)
+        else:
+            _remove_partial_files(self.path)
+            self.group = zarr.open_group(self.path, mode="r+")
         self._arrays = {name: ChunkWriter.wrap(self.group[name]) for name in self.group.array_keys()}
         # Block buffers ("slots") are reused: the writer thread frees each once it is written.
         # Fresh 16 MiB buffers would cost the training thread a page fault per 4 KiB.
@@ -155,12 +186,19 @@ class TrajectoryWriter:
             self._free_slots.put(slot)
         self._slot = 0
         self._buffers = self._slots[0]
-        self._block_start = 0  # step held in buffer row 0
-        self._next_step = 0
+        # Carrying on after step s: rows from s + 1 are written again, whatever is there.
+        first = 0 if resume_from is None else resume_from.step + 1
+        self._block_start = first  # step held in buffer row 0
+        self._next_step = first
         self._evals: list[tuple[float, float]] = []
-        self._evals_handed = 0  # evaluations handed to the writer thread
-        self._evals_written = 0
-        self.steps_done = -1  # last step whose row is on disk
+        evals_done = 0 if resume_from is None else len(resume_from.heldout)
+        self._evals_handed = evals_done  # evaluations handed to the writer thread
+        self._evals_written = evals_done
+        self.steps_done = first - 1  # last step whose row is on disk
+        # The checkpoint the marker names, and the resume_state row the next one goes to:
+        # never the row the marker names, so a crash mid-write leaves that one intact.
+        self._resume = None if resume_from is None else {"step": resume_from.step, "slot": resume_from.slot}
+        self._next_checkpoint_slot = 0 if resume_from is None else 1 - resume_from.slot
         self.finished = False
         self._failure: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=self.MAX_PENDING_BLOCKS)
@@ -256,8 +294,9 @@ class TrajectoryWriter:
         n_rows = self._next_step - self._block_start
         if not n_rows and not self._evals:
             return
+        state = self._checkpoint() if n_rows and self._checkpoint else None
         block = (self._block_start, n_rows, self._slot if n_rows else None, self._evals_handed,
-                 list(self._evals))
+                 list(self._evals), state)
         self._evals_handed += len(self._evals)
         self._evals.clear()
         if n_rows:
@@ -293,7 +332,7 @@ class TrajectoryWriter:
                 self._queue.task_done()
 
     def _write_block(self, start: int, n_rows: int, slot: int | None, first_eval: int,
-                     evals: list[tuple[float, float]]) -> None:
+                     evals: list[tuple[float, float]], state: np.ndarray | None) -> None:
         # Data first, progress marker after: a reader trusting the marker never sees a row
         # that is not on disk yet.
         if n_rows:
@@ -316,6 +355,12 @@ class TrajectoryWriter:
             self._arrays["heldout_accuracy"][done] = values[:, 0]
             self._arrays["heldout_loss"][done] = values[:, 1]
             self._evals_written = first_eval + len(evals)
+        if state is not None:
+            checkpoint_slot = self._next_checkpoint_slot
+            if len(state):  # plain SGD keeps no optimizer state: the weights are all it needs
+                self._arrays["resume_state"][checkpoint_slot] = state
+            self._resume = {"step": self.steps_done, "slot": checkpoint_slot}
+            self._next_checkpoint_slot = 1 - checkpoint_slot
         self._write_progress()
 
     def _write_progress(self, *, error: str | None = None) -> None:
@@ -324,8 +369,13 @@ class TrajectoryWriter:
             "n_steps": self.layout.n_steps,
             "evals_done": self._evals_written,
             "finished": self.finished,
-            "updated": _now(),
         }
+        if not self.finished:
+            # Only for telling a live run from a stale one; a finished store carries no
+            # timestamp, so a resumed run ends byte for byte as an uninterrupted one.
+            progress["updated"] = _now()
+        if self._resume:
+            progress["resume"] = self._resume
         if error:
             progress["error"] = error
         self.group.attrs["progress"] = progress
@@ -373,6 +423,11 @@ def _create_store(path: Path, layout: StoreLayout, metadata: dict[str, Any]) -> 
         floats("bias", (rows, layout.n_classes), (SCALAR_CHUNK // 16, layout.n_classes), ("step", "class"))
     if layout.gradients:
         floats("gradients", (rows, layout.n_classes, layout.n_pixels), per_step, WEIGHT_DIMS)
+    if layout.resume_size:
+        # Two rows, written in turn: the progress marker names the one that is complete.
+        group.create_array("resume_state", shape=(2, layout.resume_size), chunks=(1, layout.resume_size),
+                           dtype="float32", fill_value=np.nan, dimension_names=("checkpoint", "value"),
+                           compressors=_step_series_codecs(1)["compressors"])
     n_evals = len(layout.eval_steps)
     floats("heldout_accuracy", (n_evals,), (max(n_evals, 1),), ("eval_step",))
     floats("heldout_loss", (n_evals,), (max(n_evals, 1),), ("eval_step",))
@@ -388,6 +443,58 @@ def _create_store(path: Path, layout: StoreLayout, metadata: dict[str, Any]) -> 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# What must be the same for a run to carry on in an existing store.
+RESUME_MUST_MATCH = ("model", "params", "dataset", "engine")
+
+
+def find_resume_point(path: str | Path, layout: StoreLayout, metadata: dict[str, Any]) -> ResumePoint | str:
+    """Where the unfinished run in the store at ``path`` can carry on, or why it cannot.
+
+    It can when the store was started with the same model, params, dataset and engine as
+    ``metadata`` describes and holds a checkpoint: the step the progress marker names, its
+    weights and its optimizer state.
+    """
+    path = Path(path)
+    try:
+        group = open_store(path)
+        meta, progress = dict(group.attrs["weightlapse"]), dict(group.attrs["progress"])
+    except (TrajectoryError, KeyError, TypeError) as error:
+        return f"it is not a readable trajectory ({error})"
+    if progress.get("finished"):
+        return "it is finished"
+    for key in RESUME_MUST_MATCH:
+        if meta.get(key) != json.loads(json.dumps(metadata.get(key))):
+            return f"it was started with other {key}"
+    resume = progress.get("resume")
+    if not isinstance(resume, dict):
+        return "it has no checkpoint yet"
+    try:
+        step, slot = int(resume["step"]), int(resume["slot"])
+        if not (0 <= step <= int(progress["steps_done"]) and slot in (0, 1)):
+            raise ValueError(f"checkpoint {resume} beyond the marker {progress['steps_done']}")
+        if group["weights"].shape[0] != layout.n_steps + 1 or (
+                layout.resume_size and group["resume_state"].shape != (2, layout.resume_size)):
+            raise ValueError("array shapes differ from this run's")
+        weight = group["weights"][step]
+        bias = group["bias"][step] if layout.bias else None
+        state = group["resume_state"][slot] if layout.resume_size else np.zeros(0, np.float32)
+        evals_done = sum(1 for e in layout.eval_steps[:int(progress["evals_done"])] if e <= step)
+        heldout = np.stack([group["heldout_accuracy"][:evals_done], group["heldout_loss"][:evals_done]], axis=1)
+        losses = group["loss"][1:step + 1]
+    except (KeyError, ValueError, TypeError) as error:
+        return f"its checkpoint cannot be used ({error})"
+    if not (np.isfinite(weight).all() and np.isfinite(state).all() and np.isfinite(losses).all()):
+        return "its checkpoint holds values that are not finite"
+    return ResumePoint(step=step, weight=weight, bias=bias, optimizer_state=state, slot=slot, losses=losses,
+                       heldout=heldout)
+
+
+def _remove_partial_files(path: Path) -> None:
+    """Temporary files a killed writer left (ours and zarr's): never data, and no part of a clean store."""
+    for leftover in path.rglob("*.partial"):
+        leftover.unlink(missing_ok=True)
 
 
 # -- reading -------------------------------------------------------------------------
@@ -417,6 +524,7 @@ def open_run(path: str | Path) -> xr.Dataset:
         raise TrajectoryError(f"{path}: array {missing[0]!r} is missing: the store is still being created "
                               "(try again in a moment) or was not completely written")
     progress = ds.attrs["progress"]
+    ds = ds.drop_vars("resume_state", errors="ignore")  # the writer's, for resuming; no data
     ds = ds.isel(step=slice(0, progress["steps_done"] + 1), eval_step=slice(0, progress["evals_done"]))
     return ds.assign_coords({"class": np.arange(ds.sizes["class"]), **pixel_coords(ds.sizes["pixel"])})
 

@@ -1,4 +1,5 @@
-"""SIGKILL at random moments: what the train stage leaves is always readable and exact.
+"""SIGKILL at random moments: what the train stage leaves is always readable and exact,
+and resuming it gives the uninterrupted run's trajectory.
 
 The short variant of benchmarks/crash_trials.py (50 trials there, figures in
 docs/reliability.md): a few kills of a real train stage process, each store checked
@@ -27,3 +28,4 @@ def test_a_killed_train_stage_leaves_only_exact_committed_rows(tmp_path):
     assert summary["passed"] == summary["trials"] == 5
     assert summary["killed_with_rows_committed"] >= 2  # the kills landed mid-run, not only before or after
     assert summary["rows_checked_against_reference"] > 1_000
+    assert summary["resumed_exactly"] == 5  # and each, run again with --resume, ended as the reference

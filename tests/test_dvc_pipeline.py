@@ -9,15 +9,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from idx_files import write_dataset
-from pipeline.trajectory import open_run
+from pipeline.trajectory import TrajectoryError, open_run, read_progress
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
@@ -125,3 +127,41 @@ def test_dvc_exp_run_changes_or_adds_a_run_and_trains_only_it(generated_project)
     # A new run, declared on the command line alone.
     assert stages_run(sh(project, "dvc", "exp", "run", "-S", "+runs.fast.lr=0.01")) == ["train@fast"]
     assert open_run(project / "runs" / "fast").attrs["weightlapse"]["params"]["lr"] == 0.01
+
+
+def test_a_dvc_repro_killed_mid_run_resumes_to_the_clean_dvc_lock(tmp_path):
+    def edit(params):
+        params["train"].update(epochs=20, eval_every=100)
+        params["runs"] = {"original": {"seed": 0}}
+    project = copy_project(tmp_path / "project", edit)
+    write_dataset(project / "data" / "mnist", n_train=4_000, n_test=100)  # 200 steps an epoch, 4,000 in all
+    sh(project, "dvc", "commit", "-f", "download")
+    sh(project, "dvc", "repro")
+    clean_lock = yaml.safe_load((project / "dvc.lock").read_text())
+    clean_files = {p.relative_to(project): p.read_bytes() for p in (project / "runs").rglob("*")
+                   if p.is_file() and p.name != ".writer.lock"}
+
+    shutil.rmtree(project / "runs" / "original")
+    store = project / "runs" / "original" / "trajectory.zarr"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while dvc.poll() is None and time.monotonic() < deadline:
+        try:
+            if read_progress(store)["steps_done"] >= 1_000:
+                break
+        except (TrajectoryError, KeyError, OSError):
+            pass
+        time.sleep(0.01)
+    assert dvc.poll() is None, "dvc repro finished before it could be killed"
+    os.killpg(dvc.pid, signal.SIGKILL)  # dvc and its stage die together, as in a crash
+    dvc.wait()
+    assert not read_progress(store)["finished"]
+
+    output = sh(project, "dvc", "repro")
+    assert stages_run(output) == ["train@original"] and "resuming after step" in output
+    assert yaml.safe_load((project / "dvc.lock").read_text()) == clean_lock
+    assert {p.relative_to(project): p.read_bytes() for p in (project / "runs").rglob("*")
+            if p.is_file() and p.name != ".writer.lock"} == clean_files
