@@ -67,16 +67,19 @@ def runs_dir(tmp_path_factory) -> Path:
 class Server:
     """A real `panel serve viewer/` process; its log is kept to check for server-side errors."""
 
-    def __init__(self, runs_dir: Path, log_path: Path) -> None:
+    def __init__(self, runs_dir: Path, log_path: Path, *, address: str = "127.0.0.1", hosts: tuple[str, ...] = (),
+                 share: bool = False, extra: tuple[str, ...] = ()) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
+        self.port = port
         self.url = f"http://127.0.0.1:{port}/viewer"
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - open while the server runs; a pipe could fill and block it
+        origins = [arg for host in ("127.0.0.1", *hosts) for arg in ("--allow-websocket-origin", f"{host}:{port}")]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "panel", "serve", "viewer/", "--address", "127.0.0.1", "--port", str(port),
-             "--allow-websocket-origin", f"127.0.0.1:{port}", "--args", "--runs", str(runs_dir)],
+            [sys.executable, "-m", "panel", "serve", "viewer/", "--address", address, "--port", str(port), *origins,
+             *extra, "--args", "--runs", str(runs_dir), *(["--share"] if share else [])],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 90) -> None:
@@ -325,3 +328,92 @@ def test_websocket_connections_from_other_origins_are_refused(served):
                    "null"):
         assert websocket_handshake_status(served.url, forged) == 403, forged
     assert websocket_handshake_status(served.url, own) != 403
+
+
+def network_address() -> str | None:
+    """This machine's address on its network (not loopback), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # a UDP "connection" sends nothing; it picks the interface
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_other_machines_see_runs_only_when_shared(browser, runs_dir, tmp_path, share):
+    # Served on every interface, as bare `panel serve` does: a browser elsewhere on the
+    # network (here: this machine through its network address, not loopback) gets no run
+    # unless the viewer was started with --share.
+    address = network_address()
+    if address is None:
+        pytest.skip("this machine has no network interface besides loopback")
+    server = Server(runs_dir, tmp_path / "panel.log", address="0.0.0.0", hosts=(address,), share=share)
+    try:
+        server.wait_ready()
+        tabs = {"local": Page(browser, server.url), "remote": Page(browser, f"http://{address}:{server.port}/viewer")}
+        for tab in tabs.values():
+            tab.page.wait_for_function(f"() => ({DEEP_TEXT})().includes('trained') || "
+                                       f"({DEEP_TEXT})().includes('private to the machine')", timeout=30_000)
+        text = {where: tab.text() for where, tab in tabs.items()}
+        for tab in tabs.values():
+            tab.close()
+        assert server.errors() == [], "\n".join(server.errors())
+    finally:
+        server.stop()
+    assert "trained" in text["local"] and "private to the machine" not in text["local"]
+    if share:
+        assert "trained" in text["remote"] and "private to the machine" not in text["remote"]
+    else:
+        assert "private to the machine" in text["remote"] and "trained" not in text["remote"]
+
+
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_many_tabs_keep_the_server_memory_bounded(browser, runs_dir, tmp_path):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read the server's memory")
+    # Sessions of closed tabs are discarded after 1 s here (Bokeh's default is 15 s).
+    server = Server(runs_dir, tmp_path / "panel.log",
+                    extra=("--unused-session-lifetime", "1000", "--check-unused-sessions", "500"))
+    try:
+        server.wait_ready()
+        Page(browser, server.url + "?run=trained").close()  # the first session loads the libraries
+        wait_for_log(server, "viewer page closed (0 open)")
+        memory = {"idle": resident_mb(server.process.pid)}
+        for round_ in (1, 2, 3):
+            tabs = [Page(browser, f"{server.url}?run=trained&step={(37 * i) % 300}") for i in range(TABS)]
+            assert f"viewer page opened ({TABS} open)" in server.log_path.read_text()
+            memory[f"{TABS} tabs, round {round_}"] = resident_mb(server.process.pid)
+            for tab in tabs:
+                assert tab.errors == [], tab.errors
+                tab.close()
+            wait_for_log(server, "viewer page closed (0 open)", after=round_ + 1)
+        assert server.errors() == [], "\n".join(server.errors())
+    finally:
+        server.stop()
+    print("server memory (MB):", {key: round(value) for key, value in memory.items()})
+    per_tab = (memory[f"{TABS} tabs, round 1"] - memory["idle"]) / TABS
+    assert per_tab < 50, f"{per_tab:.0f} MB per open tab"
+    # Every page was closed (the log counts them), and closed pages give their memory back:
+    # by the third round the server has stopped growing. (When HoloViews' option cache
+    # held each viewer through its plot hooks, every round of 6 tabs added about 8 MB.)
+    growth = memory[f"{TABS} tabs, round 3"] - memory[f"{TABS} tabs, round 2"]
+    assert growth < 4, f"{growth:.1f} MB more for the third round of {TABS} tabs: {memory}"
+
+
+TABS = 6
+
+
+def wait_for_log(server: Server, line: str, *, after: int = 0, timeout: float = 30) -> None:
+    """Wait until the server's log holds ``line`` more than ``after`` times in all."""
+    deadline = time.monotonic() + timeout
+    while server.log_path.read_text().count(line) < max(after, 1):
+        assert time.monotonic() < deadline, f"no {line!r} in the server log"
+        time.sleep(0.2)

@@ -12,7 +12,9 @@ import html
 import io
 import logging
 import threading
+import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,53 @@ STATS_CACHE_SIZE = 16
 _stats_cache: OrderedDict[tuple, Any] = OrderedDict()
 _stats_lock = threading.Lock()
 _catalogs: dict[Path, RunCatalog] = {}
+
+
+def _weakly(method: Callable) -> Callable:
+    """``method``, called through a weak reference: the callable does not keep its viewer alive.
+
+    Hooks and periodic callbacks outlive a page: HoloViews caches option lookups, hooks
+    included, in a class-level dict for the life of the process, and Panel keeps periodic
+    callbacks per document. Bound methods there kept every closed page's viewer, about
+    1.4 MB each.
+    """
+    reference = weakref.WeakMethod(method)
+
+    def call(*args) -> None:
+        target = reference()
+        if target is not None:
+            target(*args)
+
+    return call
+
+
+_open_sessions = 0
+_sessions_lock = threading.Lock()
+
+
+def track_session(viewer: WeightViewer) -> None:
+    """Count open pages and release a page's viewer when Bokeh discards its session (tab closed).
+
+    Runs, chunk caches and statistics are shared between pages (shared_catalog), so each
+    page holds only its own plots and widgets, about 5 MB, and gives them back when its tab
+    closes: nothing global refers to a viewer but weakly (see _weakly; measured in
+    docs/reliability.md).
+    """
+    global _open_sessions
+    with _sessions_lock:
+        _open_sessions += 1
+        count = _open_sessions
+    log.info("viewer page opened (%d open)", count)
+
+    def closed(session_context) -> None:
+        global _open_sessions
+        viewer.close()
+        with _sessions_lock:
+            _open_sessions -= 1
+            remaining = _open_sessions
+        log.info("viewer page closed (%d open)", remaining)
+
+    pn.state.on_session_destroyed(closed)
 
 
 def shared_catalog(runs_dir: str | Path) -> RunCatalog:
@@ -163,13 +212,13 @@ class WeightViewer(pn.viewable.Viewer):
         self._tile_plots: dict[int, Any] = {}
         self._marker_plots: dict[int, Any] = {}
         self._drawn_signature = None
-        tiles = hv.DynamicMap(lambda data: tile_image(data, hooks=(self._capture_tiles,)),
+        tiles = hv.DynamicMap(lambda data: tile_image(data, hooks=(_weakly(self._capture_tiles),)),
                               streams=[self._tiles_pipe])
         labels = hv.DynamicMap(lambda data: class_labels(data), streams=[self._labels_pipe])
         self.tiles_pane = pn.pane.HoloViews(tiles * labels, linked_axes=False, css_classes=["wl-tiles"])
         pixel_maps = hv.DynamicMap(lambda data: self._pixel_map(data), streams=[self._map_pipe])
         self.map_pane = pn.pane.HoloViews(pixel_maps, visible=False, linked_axes=False)
-        marker = step_marker(0, hooks=(self._capture_marker,))
+        marker = step_marker(0, hooks=(_weakly(self._capture_marker),))
         panes = []
         for pipe, label, title in ((self._loss_pipe, "batch loss", "Training loss"),
                                    (self._accuracy_pipe, "accuracy", "Held-out accuracy")):
@@ -436,6 +485,17 @@ class WeightViewer(pn.viewable.Viewer):
                 f"{self.compare.name} minus {run.name}, step {step:,}",
                 f"{run.name} vs {self.compare.name} at step {step:,}")
 
+    def close(self) -> None:
+        """Let go of what this page held (plots, runs, statistics): its tab is gone."""
+        # Stop polling the runs for a page nobody sees.
+        poller = getattr(self, "_poller", None)  # set once the page has loaded
+        if poller is not None:
+            poller.stop()
+        self._tile_plots.clear()
+        self._marker_plots.clear()
+        self.run = self.compare = None
+        self._stats = None
+
     def _capture_tiles(self, plot, element) -> None:
         self._tile_plots[id(plot)] = plot
         _label_colorbar(plot, element)
@@ -589,7 +649,7 @@ class WeightViewer(pn.viewable.Viewer):
         finally:
             self._updating = False
         self._sync_url()  # the link shows the whole view from the start, bad values corrected
-        pn.state.add_periodic_callback(self.poll, period=POLL_MS)
+        self._poller = pn.state.add_periodic_callback(_weakly(self.poll), period=POLL_MS)
 
     def poll(self) -> None:
         """Pick up new steps of runs being written; with follow on, jump to the newest."""

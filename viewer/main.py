@@ -1,10 +1,12 @@
 """Entry point of ``panel serve viewer/``: builds the app over the chosen runs directory.
 
-    panel serve viewer/ --address 127.0.0.1 --args --runs DIR
+    panel serve viewer/ --address 127.0.0.1 --args --runs DIR [--share]
 
 The runs directory is, in order: ``--args --runs DIR``, the WEIGHTLAPSE_RUNS environment
-variable, or ``runs/`` under the current directory. Panel runs this file as a script, so
-the project's modules are imported by their installed names.
+variable, or ``runs/`` under the current directory. Browsers on other machines get a
+page saying the viewer is private unless ``--share`` (or WEIGHTLAPSE_SHARE=1) is given
+(viewer/access.py). Panel runs this file as a script, so the project's modules are
+imported by their installed names.
 """
 
 import argparse
@@ -15,19 +17,42 @@ import sys
 import holoviews as hv
 import panel as pn
 
-from viewer.app import WeightViewer
+from viewer.access import NOT_SHARED_MESSAGE, is_same_machine
+from viewer.app import WeightViewer, track_session
 
 DEFAULT_RUNS_DIR = "runs"
 
 
-def runs_dir_from(argv: list[str]) -> str:
+def options_from(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="panel serve viewer/ --args", add_help=False)
     parser.add_argument("--runs", default=os.environ.get("WEIGHTLAPSE_RUNS", DEFAULT_RUNS_DIR))
+    parser.add_argument("--share", action="store_true", default=os.environ.get("WEIGHTLAPSE_SHARE") == "1")
     known, _ = parser.parse_known_args(argv)
-    return known.runs
+    return known
 
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def client_ip() -> str | None:
+    context = pn.state.curdoc.session_context if pn.state.curdoc else None
+    request = getattr(context, "request", None)
+    return getattr(request, "remote_ip", None)
+
+
+# The server log shows the viewer's own lines (pages opened and closed, problems with
+# runs). Panel has configured logging already, and runs this script once per page: add
+# the handler once.
+viewer_log = logging.getLogger("viewer")
+if not viewer_log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    viewer_log.addHandler(handler)
+    viewer_log.setLevel(logging.INFO)
+    viewer_log.propagate = False
 pn.extension(notifications=False)
 hv.extension("bokeh", logo=False)
-WeightViewer(runs_dir_from(sys.argv[1:])).servable(title="weightlapse")
+options = options_from(sys.argv[1:])
+if options.share or is_same_machine(client_ip()):
+    viewer = WeightViewer(options.runs)
+    track_session(viewer)
+    viewer.servable(title="weightlapse")
+else:
+    pn.pane.Markdown(NOT_SHARED_MESSAGE, disable_math=True).servable(title="weightlapse")
