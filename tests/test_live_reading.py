@@ -10,11 +10,14 @@ from idx_files import write_dataset
 from pipeline.trajectory import TrajectoryError, open_run, read_progress
 from viewer.runs import RunCatalog
 
+# 40 steps an epoch at batch 500: far more steps than 10 s can train, so the stage is
+# still writing when the reader stops, and is then killed.
 PARAMS = """\
 data: {dataset: mnist}
-train: {epochs: 10, eval_every: 500, device: cpu}
+train: {epochs: 1000, batch_size: 500, eval_every: 500, device: cpu}
 runs: {live: {}}
 """
+READ_FOR_S = 10
 
 
 def not_started(store) -> bool:
@@ -35,9 +38,13 @@ def test_a_reader_never_sees_past_the_committed_step_while_training_appends(tmp_
                                 "--run", "live", "--data", str(data), "--out", str(tmp_path / "runs" / "live")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     reads, seen = 0, []
-    deadline = time.monotonic() + 60
     try:
-        while trainer.poll() is None and time.monotonic() < deadline:
+        while not (store / "zarr.json").exists():
+            assert trainer.poll() is None, trainer.stderr.read()[-2000:]
+            time.sleep(0.01)
+        stop = time.monotonic() + READ_FOR_S
+        while time.monotonic() < stop:
+            assert trainer.poll() is None, "the train stage stopped before the reader did"
             try:
                 progress = read_progress(store)
                 ds = open_run(store)                   # a fresh open, as a reader process would
@@ -56,8 +63,9 @@ def test_a_reader_never_sees_past_the_committed_step_while_training_appends(tmp_
             seen.append(last)
             reads += 1
     finally:
+        trainer.kill()
         trainer.wait(timeout=60)
-    assert trainer.returncode == 0, trainer.stderr.read()[-2000:]
-    assert reads > 20 and seen == sorted(seen) and len(set(seen)) > 5   # it grew while we read
-    final = open_run(store)
-    assert final.attrs["progress"]["finished"] and final.sizes["step"] == 10_001
+    assert reads > 50 and seen == sorted(seen) and len(set(seen)) >= 3  # it grew while we read
+    killed = open_run(store)  # and what the killed stage left reads cleanly
+    assert not killed.attrs["progress"]["finished"] and killed.sizes["step"] - 1 == killed.attrs["progress"]["steps_done"]
+    assert np.isfinite(killed.weights.isel(step=-1).values).all()

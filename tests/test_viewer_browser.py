@@ -7,6 +7,7 @@ missing browser is a failure rather than a silent skip.
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -99,7 +100,7 @@ class Server:
     def errors(self) -> list[str]:
         """Log lines of exceptions raised in the server, in the app or in Panel and Bokeh."""
         return [line for line in self.log_path.read_text().splitlines()
-                if "Traceback" in line or "Exception" in line or line.startswith(("ERROR", "CRITICAL"))]
+                if "Traceback" in line or "Exception" in line or re.search(r"\b(ERROR|CRITICAL)\b", line)]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -387,7 +388,7 @@ def test_many_tabs_keep_the_server_memory_bounded(browser, runs_dir, tmp_path):
         Page(browser, server.url + "?run=trained").close()  # the first session loads the libraries
         wait_for_log(server, "viewer page closed (0 open)")
         memory = {"idle": resident_mb(server.process.pid)}
-        for round_ in (1, 2, 3):
+        for round_ in (1, 2, 3, 4):
             tabs = [Page(browser, f"{server.url}?run=trained&step={(37 * i) % 300}") for i in range(TABS)]
             assert f"viewer page opened ({TABS} open)" in server.log_path.read_text()
             memory[f"{TABS} tabs, round {round_}"] = resident_mb(server.process.pid)
@@ -402,16 +403,16 @@ def test_many_tabs_keep_the_server_memory_bounded(browser, runs_dir, tmp_path):
     per_tab = (memory[f"{TABS} tabs, round 1"] - memory["idle"]) / TABS
     assert per_tab < 50, f"{per_tab:.0f} MB per open tab"
     # Every page was closed (the log counts them), and closed pages give their memory back:
-    # by the third round the server has stopped growing. (When HoloViews' option cache
-    # held each viewer through its plot hooks, every round of 6 tabs added about 8 MB.)
-    growth = memory[f"{TABS} tabs, round 3"] - memory[f"{TABS} tabs, round 2"]
-    assert growth < 4, f"{growth:.1f} MB more for the third round of {TABS} tabs: {memory}"
+    # after the first rounds the server stops growing. (When HoloViews' option cache held
+    # each viewer through its plot hooks, every round of 6 tabs added about 8 MB.)
+    growth = memory[f"{TABS} tabs, round 4"] - memory[f"{TABS} tabs, round 2"]
+    assert growth < 8, f"{growth:.1f} MB more over rounds 3 and 4 of {TABS} tabs: {memory}"
 
 
 TABS = 6
 
 
-def wait_for_log(server: Server, line: str, *, after: int = 0, timeout: float = 30) -> None:
+def wait_for_log(server: Server, line: str, *, after: int = 0, timeout: float = 60) -> None:
     """Wait until the server's log holds ``line`` more than ``after`` times in all."""
     deadline = time.monotonic() + timeout
     while server.log_path.read_text().count(line) < max(after, 1):
