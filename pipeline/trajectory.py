@@ -16,7 +16,7 @@ Pixel p is image row p // 28, column p % 28. Arrays are allocated at their final
 when the run starts and filled with NaN; the group attribute ``progress`` says how many
 steps (and evaluations) are valid and whether the run finished. Readers must never look
 past ``progress["steps_done"]``: :func:`open_run` does this for you. ``progress["resume"]``
-names the last checkpoint: ``{"step": s, "slot": k}``, the optimizer state after step s
+names the last checkpoint: ``{"step": s, "row": k}``, the optimizer state after step s
 being ``resume_state[k]`` (absent for plain SGD, which keeps none).
 """
 
@@ -79,7 +79,7 @@ class ResumePoint:
     weight: np.ndarray            # (class, pixel) after ``step`` steps
     bias: np.ndarray | None
     optimizer_state: np.ndarray   # the vector saved with the checkpoint
-    slot: int                     # resume_state row holding it
+    row: int                      # resume_state row holding it
     losses: np.ndarray            # loss of steps 1 .. step
     heldout: np.ndarray           # (evals_done, 2): accuracy and loss of the evaluations written
 
@@ -197,8 +197,8 @@ class TrajectoryWriter:
         self.steps_done = first - 1  # last step whose row is on disk
         # The checkpoint the marker names, and the resume_state row the next one goes to:
         # never the row the marker names, so a crash mid-write leaves that one intact.
-        self._resume = None if resume_from is None else {"step": resume_from.step, "slot": resume_from.slot}
-        self._next_checkpoint_slot = 0 if resume_from is None else 1 - resume_from.slot
+        self._resume = None if resume_from is None else {"step": resume_from.step, "row": resume_from.row}
+        self._next_checkpoint_row = 0 if resume_from is None else 1 - resume_from.row
         self.finished = False
         self._failure: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=self.MAX_PENDING_BLOCKS)
@@ -356,11 +356,11 @@ class TrajectoryWriter:
             self._arrays["heldout_loss"][done] = values[:, 1]
             self._evals_written = first_eval + len(evals)
         if state is not None:
-            checkpoint_slot = self._next_checkpoint_slot
+            row = self._next_checkpoint_row
             if len(state):  # plain SGD keeps no optimizer state: the weights are all it needs
-                self._arrays["resume_state"][checkpoint_slot] = state
-            self._resume = {"step": self.steps_done, "slot": checkpoint_slot}
-            self._next_checkpoint_slot = 1 - checkpoint_slot
+                self._arrays["resume_state"][row] = state
+            self._resume = {"step": self.steps_done, "row": row}
+            self._next_checkpoint_row = 1 - row
         self._write_progress()
 
     def _write_progress(self, *, error: str | None = None) -> None:
@@ -471,15 +471,15 @@ def find_resume_point(path: str | Path, layout: StoreLayout, metadata: dict[str,
     if not isinstance(resume, dict):
         return "it has no checkpoint yet"
     try:
-        step, slot = int(resume["step"]), int(resume["slot"])
-        if not (0 <= step <= int(progress["steps_done"]) and slot in (0, 1)):
+        step, row = int(resume["step"]), int(resume["row"])
+        if not (0 <= step <= int(progress["steps_done"]) and row in (0, 1)):
             raise ValueError(f"checkpoint {resume} beyond the marker {progress['steps_done']}")
         if group["weights"].shape[0] != layout.n_steps + 1 or (
                 layout.resume_size and group["resume_state"].shape != (2, layout.resume_size)):
             raise ValueError("array shapes differ from this run's")
         weight = group["weights"][step]
         bias = group["bias"][step] if layout.bias else None
-        state = group["resume_state"][slot] if layout.resume_size else np.zeros(0, np.float32)
+        state = group["resume_state"][row] if layout.resume_size else np.zeros(0, np.float32)
         evals_done = sum(1 for e in layout.eval_steps[:int(progress["evals_done"])] if e <= step)
         heldout = np.stack([group["heldout_accuracy"][:evals_done], group["heldout_loss"][:evals_done]], axis=1)
         losses = group["loss"][1:step + 1]
@@ -487,7 +487,7 @@ def find_resume_point(path: str | Path, layout: StoreLayout, metadata: dict[str,
         return f"its checkpoint cannot be used ({error})"
     if not (np.isfinite(weight).all() and np.isfinite(state).all() and np.isfinite(losses).all()):
         return "its checkpoint holds values that are not finite"
-    return ResumePoint(step=step, weight=weight, bias=bias, optimizer_state=state, slot=slot, losses=losses,
+    return ResumePoint(step=step, weight=weight, bias=bias, optimizer_state=state, row=row, losses=losses,
                        heldout=heldout)
 
 
