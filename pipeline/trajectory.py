@@ -177,10 +177,11 @@ class TrajectoryWriter:
         # Fresh 16 MiB buffers would cost the training thread a page fault per 4 KiB.
         self._encoder = self._start_encoder()
         n_slots = self.MAX_PENDING_BLOCKS + 2  # pending, being written, being filled
-        self._slots = self._encoder.slots if self._encoder else [self._new_buffers() for _ in range(n_slots)]
-        for buffers in self._slots:
-            buffers.update({name: buffer for name, buffer in self._new_buffers(small_only=True).items()
-                            if name not in buffers})
+        # Per-step arrays live in the encoder's shared memory when there is one.
+        step_buffers = self._encoder.slots if self._encoder else [
+            {name: np.empty(shape, np.float32) for name, shape in self._step_array_shapes().items()}
+            for _ in range(n_slots)]
+        self._slots = [{**arrays, **self._scalar_buffers()} for arrays in step_buffers]
         self._free_slots: queue.SimpleQueue = queue.SimpleQueue()
         for slot in range(1, n_slots):
             self._free_slots.put(slot)
@@ -208,24 +209,23 @@ class TrajectoryWriter:
 
     def _start_encoder(self) -> ChunkEncoderProcess | None:
         """A child process for the weight (and gradient) chunks, where the platform and store allow."""
-        direct = {name: self._arrays[name] for name in ("weights", "gradients")
-                  if isinstance(self._arrays.get(name), ChunkWriter)}
-        if not direct or not ChunkEncoderProcess.available():
+        shapes = self._step_array_shapes()
+        if not ChunkEncoderProcess.available() or not all(isinstance(self._arrays[name], ChunkWriter)
+                                                          for name in shapes):
             return None
-        shape = (self.block_steps, self.layout.n_classes, self.layout.n_pixels)
-        return ChunkEncoderProcess(direct, {name: shape for name in direct}, self.MAX_PENDING_BLOCKS + 2)
+        return ChunkEncoderProcess({name: self._arrays[name] for name in shapes}, shapes,
+                                   self.MAX_PENDING_BLOCKS + 2)
 
-    def _new_buffers(self, *, small_only: bool = False) -> dict[str, np.ndarray]:
-        # Only the rows recorded in a block are ever written, so the buffers need no filling.
-        rows, layout = self.block_steps, self.layout
-        shape = (rows, layout.n_classes, layout.n_pixels)
-        buffers = {"loss": np.empty(rows, np.float32)}
-        if layout.bias:
-            buffers["bias"] = np.empty((rows, layout.n_classes), np.float32)
-        if not small_only:
-            buffers["weights"] = np.empty(shape, np.float32)
-            if layout.gradients:
-                buffers["gradients"] = np.empty(shape, np.float32)
+    # Only the rows recorded in a block are ever written, so block buffers need no filling.
+    def _step_array_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Block buffer shapes of the (step, class, pixel) arrays."""
+        shape = (self.block_steps, self.layout.n_classes, self.layout.n_pixels)
+        return {"weights": shape, **({"gradients": shape} if self.layout.gradients else {})}
+
+    def _scalar_buffers(self) -> dict[str, np.ndarray]:
+        buffers = {"loss": np.empty(self.block_steps, np.float32)}
+        if self.layout.bias:
+            buffers["bias"] = np.empty((self.block_steps, self.layout.n_classes), np.float32)
         return buffers
 
     # -- recording -------------------------------------------------------------------
