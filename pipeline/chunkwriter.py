@@ -122,8 +122,10 @@ class ChunkEncoderProcess:
 
     @classmethod
     def available(cls) -> bool:
-        # fork is Linux's cheap start; macOS forks badly with threads, Windows cannot.
-        return sys.platform.startswith("linux")
+        # fork is Linux's cheap start; macOS forks badly with threads, Windows cannot. A
+        # daemonic process (a Dask worker training a sweep's run) may not start children:
+        # there the chunks are encoded on the writer thread.
+        return sys.platform.startswith("linux") and not multiprocessing.current_process().daemon
 
     def write(self, slot: int, first_row: int, n_rows: int, start: int) -> None:
         """Write rows ``first_row .. first_row + n_rows`` of ``slot``, whole chunks from step ``start``."""

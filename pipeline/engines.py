@@ -38,11 +38,18 @@ def optimizer_state_size(config: TrainParams) -> int:
     return n_parameters * len(optimizer_state_keys(config.optimizer, config.momentum))
 
 
-def select_engine(engine: str, optimizer: str, device: torch.device) -> str:
-    """"numpy" (closed-form gradient) where it applies and was not ruled out, else "torch"."""
+def select_engine(engine: str, optimizer: str, device: torch.device, *, even_batches: bool = True) -> str:
+    """The engine "auto" means here: "numpy" (closed-form gradient) on the CPU with the
+    optimizers it implements, "cuda-graph" on CUDA when every batch has the same size (a
+    graph replays one shape), else "torch". An engine named explicitly is kept, except
+    "cuda-graph" with uneven batches, which falls back to "torch"."""
+    if engine == "cuda-graph" and not even_batches:
+        return "torch"
     if engine != "auto":
         return engine
-    return "numpy" if device.type == "cpu" and optimizer in CLOSED_FORM_OPTIMIZERS else "torch"
+    if device.type == "cuda":
+        return "cuda-graph" if even_batches else "torch"
+    return "numpy" if optimizer in CLOSED_FORM_OPTIMIZERS else "torch"
 
 
 class TorchEngine:
@@ -134,6 +141,13 @@ class ClosedFormEngine:
                           start_step=start_step)
 
 
-def make_engine(engine: str, config: TrainParams, dataset: Dataset,
-                device: torch.device) -> TorchEngine | ClosedFormEngine:
-    return ClosedFormEngine(config, dataset) if engine == "numpy" else TorchEngine(config, dataset, device)
+def make_engine(engine: str, config: TrainParams, dataset: Dataset, device: torch.device, *,
+                block_steps: int = 512) -> TorchEngine | ClosedFormEngine:
+    """``block_steps``: the trajectory writer's block, where the cuda-graph engine ends its ring blocks."""
+    if engine == "numpy":
+        return ClosedFormEngine(config, dataset)
+    if engine == "cuda-graph":
+        from pipeline.graph_engine import CudaGraphEngine
+
+        return CudaGraphEngine(config, dataset, device, block_steps=block_steps)
+    return TorchEngine(config, dataset, device)

@@ -8,6 +8,7 @@ says what would be accepted, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,11 +20,14 @@ from pipeline.datasets import DATASETS
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 DEVICES = ("auto", "cpu", "cuda")
-# How gradients are computed: "numpy" is the closed-form softmax-regression gradient on the
-# CPU (pipeline.closed_form), "torch" is autograd on any device; "auto" picks numpy where
-# it applies (CPU, an optimizer it implements) and torch otherwise.
-ENGINES = ("auto", "numpy", "torch")
+# How training steps run: "numpy" is the closed-form softmax-regression gradient on the
+# CPU (pipeline.closed_form), "torch" is autograd on any device, "cuda-graph" is autograd
+# replayed as a CUDA graph with capture into a device ring (pipeline.graph_engine); "auto"
+# picks numpy on the CPU where it applies, cuda-graph on CUDA where it applies, else torch.
+ENGINES = ("auto", "numpy", "torch", "cuda-graph")
 CLOSED_FORM_OPTIMIZERS = ("adam", "adamw", "sgd")
+# The axes of the sweep grid, in the order dvc.yaml's matrix expands them (the last varies fastest).
+SWEEP_AXES = ("optimizer", "lr", "batch_size", "seed")
 
 
 class ParamsError(ValueError):
@@ -82,6 +86,8 @@ class TrainParams:
             raise ParamsError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.engine not in ENGINES:
             raise ParamsError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.engine == "cuda-graph" and self.device == "cpu":
+            raise ParamsError("engine: cuda-graph needs a CUDA GPU; with device: cpu use engine: numpy, torch or auto")
         if self.engine == "numpy" and self.device == "cuda":
             raise ParamsError("engine: numpy runs on the CPU only; with device: cuda use engine: torch (or auto)")
         if self.engine == "numpy" and self.optimizer not in CLOSED_FORM_OPTIMIZERS:
@@ -116,14 +122,20 @@ class Params:
     train: TrainParams
     # run name -> that run's resolved training params (train defaults + the run's overrides)
     runs: dict[str, TrainParams]
+    # the sweep's grid, expanded: run name -> train defaults with that grid point's values
+    sweep_runs: dict[str, TrainParams] = field(default_factory=dict)
+
+    @property
+    def all_runs(self) -> dict[str, TrainParams]:
+        return {**self.runs, **self.sweep_runs}
 
     def run(self, name: str) -> TrainParams:
         try:
-            return self.runs[name]
+            return self.all_runs[name]
         except KeyError:
             raise ParamsError(
-                f"run {name!r} is not listed under 'runs' in params.yaml; "
-                f"listed runs: {', '.join(self.runs) or '(none)'}"
+                f"run {name!r} is neither listed under 'runs' nor a point of the 'sweep' grid in params.yaml; "
+                f"runs: {', '.join(self.runs) or '(none)'}; sweep: {', '.join(self.sweep_runs) or '(none)'}"
             ) from None
 
 
@@ -143,7 +155,7 @@ def load_params(path: str | Path) -> Params:
 
 def parse_params(raw: Any, *, source: str = "params") -> Params:
     _require_mapping(raw, source)
-    _reject_unknown(raw, {"data", "train", "runs"}, source)
+    _reject_unknown(raw, {"data", "train", "runs", "sweep"}, source)
     data = _build(DataParams, raw.get("data", {}), "data")
     train_raw = raw.get("train", {})
     train = _build(TrainParams, train_raw, "train")
@@ -161,7 +173,51 @@ def parse_params(raw: Any, *, source: str = "params") -> Params:
         _require_mapping(overrides, f"runs.{name}")
         merged = _deep_merge(train_raw or {}, overrides)
         runs[str(name)] = _build(TrainParams, merged, f"runs.{name}")
-    return Params(data=data, train=train, runs=runs)
+    sweep_runs = expand_sweep(raw.get("sweep"), train_raw or {})
+    clashes = sorted(set(runs) & set(sweep_runs))
+    if clashes:
+        raise ParamsError(f"runs: {', '.join(clashes)} is also a point of the sweep grid; rename the run")
+    return Params(data=data, train=train, runs=runs, sweep_runs=sweep_runs)
+
+
+def sweep_run_name(point: dict[str, Any]) -> str:
+    """A grid point's run name, e.g. ``adam-lr0.001-b20-seed0``.
+
+    dvc.yaml builds the same name from the same values (``${item.optimizer}-lr${item.lr}-...``),
+    so each value appears as its YAML text would: ``str`` of what YAML read.
+    """
+    return "{optimizer}-lr{lr}-b{batch_size}-seed{seed}".format(**{key: str(value) for key, value in point.items()})
+
+
+def expand_sweep(raw: Any, train_raw: dict) -> dict[str, TrainParams]:
+    """The sweep grid (one list of values per axis in ``SWEEP_AXES``) as runs, in dvc.yaml's order."""
+    if raw is None:
+        return {}
+    _require_mapping(raw, "sweep")
+    _reject_unknown(raw, set(SWEEP_AXES), "sweep")
+    missing = [axis for axis in SWEEP_AXES if axis not in raw]
+    if missing:
+        # dvc.yaml's matrix names every axis, so DVC itself needs them all.
+        raise ParamsError(f"sweep: axis {', '.join(missing)} is missing; give every one of "
+                          f"{', '.join(SWEEP_AXES)} a list of values (one value keeps it fixed)")
+    for axis in SWEEP_AXES:
+        values = raw[axis]
+        if not isinstance(values, list) or not values:
+            raise ParamsError(f"sweep.{axis}: expected a non-empty list of values, e.g. [{_example(axis)}], "
+                              f"got {values!r}")
+        if len(set(map(str, values))) != len(values):
+            raise ParamsError(f"sweep.{axis}: a value is listed twice: {values!r}")
+    runs = {}
+    for values in itertools.product(*(raw[axis] for axis in SWEEP_AXES)):
+        point = dict(zip(SWEEP_AXES, values))
+        name = sweep_run_name(point)
+        check_run_name(name)
+        runs[name] = _build(TrainParams, _deep_merge(train_raw, point), f"sweep ({name})")
+    return runs
+
+
+def _example(axis: str) -> str:
+    return {"optimizer": "adam, sgd", "lr": "0.001, 0.01", "batch_size": "20", "seed": "0, 1, 2"}[axis]
 
 
 def check_run_name(name: str) -> None:

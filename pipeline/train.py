@@ -72,7 +72,8 @@ def run_training(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_na
 def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_name: str,
                       overwrite: bool, resume: bool, progress: bool) -> RunSummary:
     device = select_device(config.device)
-    engine = select_engine(config.engine, config.optimizer, device)
+    engine = select_engine(config.engine, config.optimizer, device,
+                           even_batches=len(dataset.train.labels) % config.batch_size == 0)
     if device.type == "cpu":
         # This model's ops are tiny: one thread is faster than several, and it keeps the
         # float reduction order, hence the trajectory's bits, independent of the core count.
@@ -84,10 +85,11 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, r
                          max_steps=config.max_steps)
     eval_steps = plan_evals(n_steps, config.eval_every)
     eval_set = set(eval_steps)
-    model = make_engine(engine, config, dataset, device)
     layout = StoreLayout(n_steps=n_steps, eval_steps=eval_steps, n_classes=N_CLASSES, n_pixels=N_PIXELS,
                          chunk_steps=config.capture.chunk_steps, bias=config.bias,
                          gradients=config.capture.gradients, resume_size=optimizer_state_size(config))
+    block_steps = TrajectoryWriter.default_block_steps(layout)
+    model = make_engine(engine, config, dataset, device, block_steps=block_steps)
     metadata = run_metadata(run_name, config, dataset, device, engine)
     point = None
     if resume and (out_dir / STORE_NAME).exists():
@@ -103,7 +105,7 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, r
     out_dir.mkdir(parents=True, exist_ok=True)
     recent_losses: deque[float] = deque(maxlen=FINAL_LOSS_WINDOW)
     last_eval = None
-    with TrajectoryWriter(out_dir / STORE_NAME, layout, metadata, overwrite=overwrite,
+    with TrajectoryWriter(out_dir / STORE_NAME, layout, metadata, overwrite=overwrite, block_steps=block_steps,
                           checkpoint=model.optimizer_state, resume_from=point) as writer, \
             HeldOutScorer(test_x, test_y) as scorer, \
             open(out_dir / "loss.csv", "w", newline="") as loss_file, \

@@ -102,7 +102,7 @@ def test_the_engine_is_chosen_where_it_applies():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert select_engine("auto", "adam", cpu) == "numpy"
     assert select_engine("auto", "rmsprop", cpu) == "torch"  # no closed-form rmsprop
-    assert select_engine("auto", "adam", cuda) == "torch"
+    assert select_engine("auto", "adam", cuda) == "cuda-graph"  # tests/test_graph_engine.py
     assert select_engine("torch", "adam", cpu) == "torch"
     with pytest.raises(ParamsError, match="engine: numpy runs on the CPU only"):
         TrainParams(engine="numpy", device="cuda")

@@ -19,11 +19,15 @@ import pytest
 import yaml
 
 from idx_files import write_dataset
+from pipeline.params import load_params
 from pipeline.trajectory import TrajectoryError, open_run, read_progress
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
 RUNS = ("original", "seed-1", "sgd")
+# Most tests shrink the sweep to one grid point (one more stage); the offline test trains it whole.
+ONE_POINT_SWEEP = {"optimizer": ["adam"], "lr": [0.001], "batch_size": [20], "seed": [0]}
+STAGES = sorted([*(f"train@{run}" for run in RUNS), "sweep@adam-0.001-20-0"])
 
 
 def sh(cwd, *args):
@@ -50,8 +54,12 @@ def edit_params(root, edit):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def copy_project(root, edit):
+def copy_project(root, edit, *, whole_sweep=False):
     """A fresh git repository holding the project's pipeline, with params edited."""
+    if not whole_sweep:
+        def edit(params, edit=edit):
+            params["sweep"] = dict(ONE_POINT_SWEEP)
+            edit(params)
     for name in COPIED:
         source, target = REPO / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -82,11 +90,15 @@ def test_dvc_repro_downloads_and_trains_offline(tmp_path, debian_fashion, monkey
         params["data"]["dataset"] = "fashion-mnist"
         params["train"]["max_steps"] = 50
         params["train"]["eval_every"] = 25
-    project = copy_project(tmp_path / "project", edit)
+    project = copy_project(tmp_path / "project", edit, whole_sweep=True)
     monkeypatch.setenv("WEIGHTLAPSE_MIRRORS", str(debian_fashion))
     output = sh(project, "dvc", "repro")
-    assert stages_run(output) == ["download", *(f"train@{run}" for run in RUNS)]
-    for run in RUNS:
+    sweep = load_params(project / "params.yaml").sweep_runs
+    assert len(sweep) >= 12
+    assert stages_run(output) == sorted(["download", *(f"train@{run}" for run in RUNS),
+                                         *(f"sweep@{'-'.join(map(str, (c.optimizer, c.lr, c.batch_size, c.seed)))}"
+                                           for c in sweep.values())])
+    for run in [*RUNS, *sweep]:
         ds = open_run(project / "runs" / run)
         assert ds.sizes["step"] == 51 and ds.attrs["progress"]["finished"]
         assert ds.attrs["weightlapse"]["dataset"]["name"] == "fashion-mnist"
@@ -96,14 +108,14 @@ def test_dvc_repro_downloads_and_trains_offline(tmp_path, debian_fashion, monkey
 
 def test_every_run_is_trained_then_only_what_is_new(generated_project):
     project = generated_project
-    assert stages_run(sh(project, "dvc", "repro")) == [f"train@{run}" for run in RUNS]
+    assert stages_run(sh(project, "dvc", "repro")) == STAGES
     original, seed_1 = open_run(project / "runs" / "original"), open_run(project / "runs" / "seed-1")
     assert original.sizes["step"] == 11  # 200 generated samples, batch 20
     assert not original.weights.equals(seed_1.weights)
 
     metrics = json.loads(sh(project, "dvc", "metrics", "show", "--json"))
     shown = next(iter(metrics.values()))["data"]
-    assert set(shown) == {f"runs/{run}/metrics.json" for run in RUNS}
+    assert set(shown) == {f"runs/{run}/metrics.json" for run in [*RUNS, "adam-lr0.001-b20-seed0"]}
     assert 0 <= shown["runs/sgd/metrics.json"]["data"]["heldout_accuracy"] <= 1
     plots = json.loads(sh(project, "dvc", "plots", "show", "--json"))["data"]
     assert {"runs/original/loss.csv", "runs/sgd/accuracy.csv"} <= set(plots)
@@ -113,6 +125,12 @@ def test_every_run_is_trained_then_only_what_is_new(generated_project):
     assert stages_run(sh(project, "dvc", "repro")) == ["train@rmsprop"]
     assert open_run(project / "runs" / "rmsprop").attrs["weightlapse"]["params"]["optimizer"] == "rmsprop"
     assert "up to date" in sh(project, "dvc", "status")
+
+    # A new seed in the sweep grid: only its grid point is trained.
+    edit_params(project, lambda params: params["sweep"]["seed"].append(1))
+    assert stages_run(sh(project, "dvc", "repro")) == ["sweep@adam-0.001-20-1"]
+    seed_1 = open_run(project / "runs" / "adam-lr0.001-b20-seed1")
+    assert seed_1.attrs["weightlapse"]["params"]["seed"] == 1 and seed_1.attrs["progress"]["finished"]
 
 
 def test_dvc_exp_run_changes_or_adds_a_run_and_trains_only_it(generated_project):

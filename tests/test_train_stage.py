@@ -130,7 +130,7 @@ def test_bad_input_fails_with_a_message_and_loses_nothing(tmp_path, params_file,
     assert np.array_equal(open_run(out).weights.values, before)
 
     assert train_run(params_file, data_dir, tmp_path / "x", "nope") == 1
-    assert "run 'nope' is not listed" in caplog.text
+    assert "run 'nope' is neither listed under 'runs'" in caplog.text
 
     (data_dir / TRAIN_LABELS).unlink()
     assert train_run(params_file, data_dir, tmp_path / "y") == 1

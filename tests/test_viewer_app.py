@@ -7,7 +7,7 @@ import holoviews as hv
 import numpy as np
 import panel as pn
 import pytest
-from bokeh.models import GlyphRenderer, Image, Span
+from bokeh.models import GlyphRenderer, Image, Span, Title
 from viewer_runs import FASHION_CLASSES, training_like, write_run
 
 from viewer.app import WeightViewer, runs_table_html
@@ -156,3 +156,35 @@ def test_the_runs_table_escapes_everything():
     table = runs_table_html([RunInfo("<b>x</b>", "broken", "bad <script>alert(1)</script>",
                                      params={"optimizer": "<i>"})])
     assert "<script>" not in table and "<b>x</b>" not in table and "&lt;i&gt;" in table
+
+
+def test_compare_mode_draws_a_seed_group_from_the_runs_index(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        write_run(runs / f"adam-seed{seed}", training_like(200, seed=seed), name=f"adam-seed{seed}",
+                  params={"optimizer": "adam", "lr": 0.001, "seed": seed})
+    write_run(runs / "sgd", training_like(200, seed=9), name="sgd", params={"optimizer": "sgd", "lr": 0.01, "seed": 0})
+    viewer = WeightViewer(runs)
+    render(viewer)
+    viewer.mode = "compare"
+    panel = viewer.comparison
+    assert not viewer._step_views.visible and panel._layout.visible
+    # The selected run's seed group is preselected, the reference first.
+    assert panel.runs_choice.value == ["adam-seed0", "adam-seed1", "adam-seed2"]
+    panel.every_input.value = 1
+    asyncio.run(panel._compare_clicked())
+    result = panel.result
+    assert list(result.run.values) == ["adam-seed0", "adam-seed1", "adam-seed2"]
+    stack = np.stack([training_like(200, seed=seed).astype(np.float64) for seed in range(3)])
+    np.testing.assert_allclose(result.mean_spread, stack.std(axis=0, ddof=1).mean(axis=(1, 2)), rtol=1e-9)
+    np.testing.assert_allclose(result.distance_to_reference.sel(other_run="adam-seed2"),
+                               np.sqrt(((stack[2] - stack[0]) ** 2).sum(axis=(1, 2))), rtol=1e-9)
+    page = pn.panel(viewer).get_root()
+    titles = {model.text for model in page.select({"type": Title})}
+    assert {"Distance from adam-seed0", "Cosine similarity of the weights", "Trajectories in a shared PCA basis",
+            "Variance explained (blue: these runs, grey: a random walk)", "A random walk, same PCA"} <= titles
+    assert "random walk" in panel.caveat.object and "Antognini" in panel.caveat.object
+
+    panel.runs_choice.value = ["sgd"]
+    asyncio.run(panel._compare_clicked())
+    assert "at least two runs" in viewer.message.object

@@ -262,6 +262,28 @@ def test_diff_and_statistics_modes_render(browser, server):
     tab.close()
 
 
+def test_compare_runs_mode_draws_the_comparison_and_the_random_walk_caveat(browser, server):
+    tab = Page(browser, server + "?run=trained&mode=compare&runs=trained,other")
+    tab.page.get_by_role("button", name="Compute comparison").click()
+    tab.wait_for_text("Read the PCA with care", timeout=60_000)
+    tab.wait_idle(1500)
+    titles = tab.page.evaluate("""() => Array.from(Bokeh.documents[0].all_models)
+        .filter((model) => model.type === 'Title').map((model) => model.text)""")
+    for title in ("Distance from trained", "Cosine similarity of the weights", "Trajectories in a shared PCA basis",
+                  "Variance explained (blue: these runs, grey: a random walk)", "A random walk, same PCA"):
+        assert title in titles
+    from PIL import Image
+
+    shot = np.asarray(Image.open(io.BytesIO(tab.page.locator(".wl-comparison").first.screenshot())).convert("RGB"))
+    if os.environ.get("WEIGHTLAPSE_SAVE_SHOTS"):
+        Image.fromarray(shot).save(os.environ["WEIGHTLAPSE_SAVE_SHOTS"].replace(".png", "-compare.png"))
+    colourful = np.ptp(shot.astype(int), axis=2) > 60
+    assert colourful.mean() > 0.05  # heat map, spread map and curves are drawn, not blank frames
+    assert "runs=trained%2Cother" in tab.page.url or "runs=trained,other" in tab.page.url
+    assert tab.errors == [] and tab.dialogs == []
+    tab.close()
+
+
 def test_bad_runs_and_bad_links_show_a_message_and_run_no_script(browser, server):
     tab = Page(browser, server + "?run=..%2F..%2Fetc&step=banana&mode=%3Cscript%3E")
     text = tab.text()

@@ -23,7 +23,9 @@ import numpy as np
 import panel as pn
 import param
 
+from pipeline.locations import is_url
 from pipeline.trajectory import TrajectoryError
+from viewer.compare_view import RunComparison
 from viewer.export import animation_steps, png_bytes, write_animation
 from viewer.frames import clamp_step, colour_map, diff_summary
 from viewer.plots import (
@@ -41,7 +43,8 @@ from viewer.stats import STATISTICS, change_statistics, top_pixels
 
 log = logging.getLogger(__name__)
 
-MODES = {"Replay": "replay", "Step vs step": "step-diff", "Run vs run": "run-diff", "Statistics": "statistics"}
+MODES = {"Replay": "replay", "Step vs step": "step-diff", "Run vs run": "run-diff", "Statistics": "statistics",
+         "Compare runs": "compare"}
 SPEEDS = {"1 step/frame": 1, "10 steps/frame": 10, "100 steps/frame": 100, "1000 steps/frame": 1000}
 FRAME_RATES = {"2 fps": 500, "5 fps": 200, "10 fps": 100, "20 fps": 50}
 NO_RUN = "(none)"
@@ -52,7 +55,7 @@ STATS_CACHE_SIZE = 16
 
 _stats_cache: OrderedDict[tuple, Any] = OrderedDict()
 _stats_lock = threading.Lock()
-_catalogs: dict[Path, RunCatalog] = {}
+_catalogs: dict[Path | str, RunCatalog] = {}
 
 
 def _weakly(method: Callable) -> Callable:
@@ -103,8 +106,12 @@ def track_session(viewer: WeightViewer) -> None:
 
 
 def shared_catalog(runs_dir: str | Path) -> RunCatalog:
-    """One catalog per runs directory for the whole server, so browser tabs share open runs and caches."""
-    key = Path(runs_dir).expanduser().absolute()
+    """One catalog per runs location for the whole server, so browser tabs share open runs and caches.
+
+    ``runs_dir``: a local directory or an fsspec URL (``s3://bucket/runs``); credentials and
+    endpoints come from the environment (AWS_* variables, FSSPEC_S3_ENDPOINT_URL, ...).
+    """
+    key = str(runs_dir) if is_url(runs_dir) else Path(runs_dir).expanduser().absolute()
     if key not in _catalogs:
         _catalogs[key] = RunCatalog(key)
     return _catalogs[key]
@@ -156,9 +163,12 @@ class WeightViewer(pn.viewable.Viewer):
     range_start = param.Integer(default=0)
     range_stop = param.Integer(default=0)
 
-    def __init__(self, runs_dir: str | Path, **params) -> None:
+    def __init__(self, runs_dir: str | Path, *, scheduler: str | None = None, **params) -> None:
+        """``runs_dir``: a directory or an fsspec URL; ``scheduler``: a Dask scheduler address to
+        compute statistics and comparisons on (default: threads in the server's process)."""
         super().__init__(**params)
         self.catalog = shared_catalog(runs_dir)
+        self.scheduler = scheduler
         self.run: Run | None = None
         self.compare: Run | None = None
         self._known_last = {}
@@ -251,6 +261,9 @@ class WeightViewer(pn.viewable.Viewer):
         self.compute_button.on_click(self._compute_clicked)
         self.animation_button.on_click(self._animation_clicked)
 
+        self.comparison = RunComparison(self.catalog, self.say, scheduler=scheduler)
+        self.comparison.runs_choice.param.watch(lambda event: self._sync_url(), "value")
+
         self.rescan()
         self._apply_query()
         self._layout = self._build_layout()
@@ -273,10 +286,11 @@ class WeightViewer(pn.viewable.Viewer):
         range_row = pn.Row(pn.pane.HTML("<b>Step range</b><br><small>statistics, animation</small>", width=110),
                            self.start_input, self.stop_input, self.progress)
         self._diff_row, self._stats_row = diff_row, stats_row
+        self._step_views = pn.Column(player_row, self.step_slider, diff_row, range_row, stats_row,
+                                     pn.Row(self.tiles_pane, self.map_pane), self.summary, self.curves,
+                                     sizing_mode="stretch_width")
         self._refresh_visibility()
-        main = pn.Column(self.mode_buttons, player_row, self.step_slider, diff_row, range_row, stats_row,
-                         pn.Row(self.tiles_pane, self.map_pane), self.summary, self.curves,
-                         sizing_mode="stretch_width")
+        main = pn.Column(self.mode_buttons, self._step_views, self.comparison, sizing_mode="stretch_width")
         return pn.Column(header, self.message, pn.Row(sidebar, main), pn.pane.HTML("<b>Runs</b>"),
                          self.runs_table, sizing_mode="stretch_width")
 
@@ -309,6 +323,7 @@ class WeightViewer(pn.viewable.Viewer):
             self.run_select.value = readable[0]
         elif readable and self.run is None:
             self._select_run(self.run_select.value)
+        self.comparison.update_runs(infos, self.run_select.value)
 
     def _open(self, name: str | None) -> Run | None:
         if not name or name == NO_RUN:
@@ -442,12 +457,14 @@ class WeightViewer(pn.viewable.Viewer):
         self._diff_row.visible = self.mode == "step-diff"
         self._stats_row.visible = self.mode == "statistics"
         self.map_pane.visible = self.mode == "statistics"
+        self._step_views.visible = self.mode != "compare"
+        self.comparison.set_visible(self.mode == "compare")
 
     # -- drawing ---------------------------------------------------------------------------------
     def current_view(self) -> TileView | None:
         """What the weight grid shows now, or None with a message when it cannot be shown."""
         run = self.run
-        if run is None or run.last_step < 0:
+        if run is None or run.last_step < 0 or self.mode == "compare":
             return None
         step = min(self.step, run.last_step)
         try:
@@ -576,7 +593,8 @@ class WeightViewer(pn.viewable.Viewer):
         key = self._stats_key()
         stats = await self._run_with_progress(
             self.compute_button, "Statistics failed",
-            lambda report: change_statistics(run.weights(start, stop), first_step=start, progress=report))
+            lambda report: change_statistics(run.weights(start, stop), first_step=start, progress=report,
+                                             scheduler=self.scheduler))
         if stats is None:
             return
         with _stats_lock:
@@ -679,7 +697,7 @@ class WeightViewer(pn.viewable.Viewer):
         self._sync_url()
 
     # -- URL state -------------------------------------------------------------------------------
-    URL_KEYS = ("run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale", "follow")
+    URL_KEYS = ("run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale", "follow", "runs")
 
     def state(self) -> dict[str, str]:
         """The view as URL query values."""
@@ -694,6 +712,7 @@ class WeightViewer(pn.viewable.Viewer):
             "stat": self.statistic,
             "scale": "class" if self.per_class else "shared",
             "follow": "1" if self.follow else "0",
+            "runs": ",".join(self.comparison.runs_choice.value),  # the runs compared in "Compare runs"
         }
 
     def apply_state(self, query: dict[str, str]) -> None:
@@ -735,6 +754,12 @@ class WeightViewer(pn.viewable.Viewer):
             self.step = step
         if query.get("follow") == "1":
             self.follow = True
+        if query.get("runs"):
+            chosen = [name for name in query["runs"].split(",") if name]
+            unknown = [name for name in chosen if name not in names]
+            if unknown:
+                problems.append(f"no readable run named {unknown[0][:80]!r} to compare")
+            self.comparison.runs_choice.value = [name for name in chosen if name in names]
         if problems:
             self.say("Some of the link's settings could not be used: " + "; ".join(problems) + ".")
 
@@ -745,7 +770,8 @@ class WeightViewer(pn.viewable.Viewer):
         for key in self.URL_KEYS:
             values = pn.state.session_args.get(key)
             if values:
-                query[key] = values[0].decode("utf-8", errors="replace")[:300]
+                # a list of runs may be long; one value is not
+                query[key] = values[0].decode("utf-8", errors="replace")[:20_000 if key == "runs" else 300]
         self.apply_state(query)
 
     def _sync_url(self) -> None:

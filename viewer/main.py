@@ -1,9 +1,11 @@
 """Entry point of ``panel serve viewer/``: builds the app over the chosen runs directory.
 
-    panel serve viewer/ --address 127.0.0.1 --args --runs DIR [--share]
+    panel serve viewer/ --address 127.0.0.1 --args --runs DIR [--share] [--scheduler ADDRESS]
 
 The runs directory is, in order: ``--args --runs DIR``, the WEIGHTLAPSE_RUNS environment
-variable, or ``runs/`` under the current directory. Browsers on other machines get a
+variable, or ``runs/`` under the current directory; an fsspec URL (``s3://bucket/runs``)
+works too. ``--scheduler`` (or WEIGHTLAPSE_SCHEDULER) is a Dask scheduler address to
+compute statistics and comparisons on; by default they run in the server's process. Browsers on other machines get a
 page saying the viewer is private unless ``--share`` (or WEIGHTLAPSE_SHARE=1) is given
 (viewer/access.py). Panel runs this file as a script, so the project's modules are
 imported by their installed names.
@@ -27,6 +29,7 @@ def options_from(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="panel serve viewer/ --args", add_help=False)
     parser.add_argument("--runs", default=os.environ.get("WEIGHTLAPSE_RUNS", DEFAULT_RUNS_DIR))
     parser.add_argument("--share", action="store_true", default=os.environ.get("WEIGHTLAPSE_SHARE") == "1")
+    parser.add_argument("--scheduler", default=os.environ.get("WEIGHTLAPSE_SCHEDULER") or None)
     known, _ = parser.parse_known_args(argv)
     return known
 
@@ -51,7 +54,7 @@ pn.extension(notifications=False)
 hv.extension("bokeh", logo=False)
 options = options_from(sys.argv[1:])
 if options.share or is_same_machine(client_ip()):
-    viewer = WeightViewer(options.runs)
+    viewer = WeightViewer(options.runs, scheduler=options.scheduler)
     track_session(viewer)
     viewer.servable(title="weightlapse")
 else:

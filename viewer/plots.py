@@ -121,3 +121,71 @@ def history_band(steps: np.ndarray, values: np.ndarray, *, label: str) -> hv.Are
 
 def step_marker(step: int, *, hooks: tuple = ()) -> hv.VLine:
     return hv.VLine(step).opts(color="#d62728", line_width=1.5, hooks=list(hooks))
+
+
+# -- cross-run comparisons (viewer/compare.py's results) ------------------------------------------
+COMPARE_WIDTH = 360
+COMPARE_HEIGHT = 220
+
+
+def distance_curves(distances, reference: str) -> hv.Overlay:
+    """L2 distance of each run from the reference run over the shared steps: (other_run, step)."""
+    curves = [hv.Curve((distances.step.values, distances.sel(other_run=name).values), "step",
+                       hv.Dimension("distance", label="L2 distance"), label=str(name))
+              for name in distances.other_run.values]
+    return hv.Overlay(curves).opts(
+        hv.opts.Curve(frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT, line_width=1.5, tools=["hover"]),
+        hv.opts.Overlay(title=f"Distance from {reference}", legend_position="top_left", show_legend=len(curves) <= 12))
+
+
+def spread_curve(steps: np.ndarray, mean_spread: np.ndarray) -> hv.Curve:
+    """Mean per-weight spread (std across the runs) over the shared steps."""
+    return hv.Curve((steps, mean_spread), "step", hv.Dimension("spread", label="mean std across runs")).opts(
+        color="#1f4e79", line_width=1.5, frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT,
+        title="Spread across runs (mean over weights)", tools=["hover"])
+
+
+def similarity_heatmap(cosine) -> hv.HeatMap:
+    """Cosine similarity of every pair of runs' weights: (run, other)."""
+    names = [str(name) for name in cosine.run.values]
+    cells = [(a, b, float(cosine.values[i, j])) for i, a in enumerate(names) for j, b in enumerate(names)]
+    size = max(COMPARE_HEIGHT, 22 * len(names))
+    return hv.HeatMap(cells, kdims=["run", "other"], vdims=[hv.Dimension("cosine", range=(-1, 1))]).opts(
+        cmap="viridis", colorbar=True, frame_width=size, frame_height=size, xrotation=60, tools=["hover"],
+        title="Cosine similarity of the weights", toolbar="above")
+
+
+def pca_paths(path) -> hv.Overlay:
+    """Each run's trajectory through the first two shared principal components, its start marked."""
+    elements = []
+    for name in path.run.values:
+        xy = path.sel(run=name).values
+        elements.append(hv.Curve((xy[:, 0], xy[:, 1]), "PC1", "PC2", label=str(name)))
+    starts = hv.Scatter([(float(path.sel(run=name).values[0, 0]), float(path.sel(run=name).values[0, 1]))
+                         for name in path.run.values], "PC1", "PC2", label="start").opts(color="black", size=6)
+    return hv.Overlay([*elements, starts]).opts(
+        hv.opts.Curve(frame_width=COMPARE_WIDTH, frame_height=COMPARE_WIDTH, line_width=1.5, tools=["hover"]),
+        hv.opts.Overlay(title="Trajectories in a shared PCA basis", legend_position="top_left",
+                        show_legend=len(elements) <= 12))
+
+
+def random_walk_paths(n_points: int = 200) -> hv.Curve:
+    """What PCA makes of a random walk (Antognini & Sohl-Dickstein, 2018): projections on the
+    first two components are close to cos(pi t) and cos(2 pi t), scaled by their variance."""
+    t = np.linspace(0, 1, n_points)
+    scale = np.sqrt(6 / np.pi ** 2 / np.array([1, 4]))
+    return hv.Curve((scale[0] * np.cos(np.pi * t), scale[1] * np.cos(2 * np.pi * t)), "PC1", "PC2").opts(
+        color="#7f7f7f", line_dash="dashed", line_width=1.5, frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT,
+        title="A random walk, same PCA", xaxis=None, yaxis=None)
+
+
+def variance_bars(explained, random_walk) -> hv.Bars:
+    """Explained variance of each fitted component beside a random walk's 6/(pi^2 k^2)."""
+    rows = [(f"PC{k}", source, float(value)) for k, ours, walk in zip(explained.fitted.values, explained.values,
+                                                                       random_walk.values)
+            for source, value in (("these runs", ours), ("random walk", walk))]
+    return hv.Bars(rows, kdims=["component", "source"], vdims=[hv.Dimension("ratio", label="variance explained")]
+                   ).opts(frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT, multi_level=False,
+                          color=hv.dim("source").categorize({"these runs": "#1f77b4", "random walk": "#bbbbbb"}),
+                          title="Variance explained (blue: these runs, grey: a random walk)", tools=["hover"],
+                          xrotation=45)

@@ -1,4 +1,8 @@
-"""Find the runs under a runs directory and read their weights fast enough to replay them.
+"""Find the runs under a runs location and read their weights fast enough to replay them.
+
+A runs location is a local directory (``runs/``) or an fsspec URL (``s3://bucket/runs``;
+see pipeline/locations.py). :meth:`RunCatalog.index` is the runs index that the viewer and
+research scripts share: one row per run with its state, params and metrics.
 
 The only paths this module opens are entries it listed itself: a run is asked for by
 name, and a name that is not one of the listed directories is refused before anything
@@ -9,6 +13,7 @@ directory (``../``, absolute paths, symlinks pointing out of it are all refused)
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -18,14 +23,17 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import zarr
 
+from pipeline.locations import Location, as_location
 from pipeline.runlock import LOCK_NAME, is_being_written
 from pipeline.trajectory import (
     IMAGE_SIDE,
     STORE_NAME,
     TrajectoryError,
     TrajectoryNotFoundError,
+    dask_steps,
     open_store,
 )
 
@@ -61,18 +69,32 @@ class RunInfo:
         return self.state not in ("broken", "empty")
 
 
-class RunCatalog:
-    """The runs directory: lists run directories and opens them by name only."""
+# The params a runs index shows as columns, in this order (all of a run's params are in RunInfo.params).
+INDEX_PARAMS = ("optimizer", "lr", "batch_size", "seed", "epochs", "momentum", "weight_decay", "bias", "engine")
 
-    def __init__(self, runs_dir: str | Path) -> None:
-        self.runs_dir = Path(runs_dir).expanduser()
+
+class RunCatalog:
+    """The runs directory: lists run directories and opens them by name only.
+
+    ``runs_dir``: a local directory or an fsspec URL such as ``s3://bucket/runs``, reached
+    with ``storage_options`` (credentials, ``endpoint_url``, ...).
+    """
+
+    def __init__(self, runs_dir: str | Path | Location, storage_options: dict[str, Any] | None = None) -> None:
+        self.runs_dir = as_location(runs_dir, storage_options)
         self._open: dict[str, Run] = {}
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
         """Run directory names, sorted; entries that resolve outside the runs directory are skipped."""
+        if not self.runs_dir.local:
+            try:
+                listed = self.runs_dir.directory_names()
+            except (OSError, ValueError):
+                return []
+            return [name for name in listed if not name.startswith(".") and len(name) <= MAX_NAME_LENGTH]
         try:
-            root = self.runs_dir.resolve(strict=True)
+            root = self.runs_dir.local_path.resolve(strict=True)
             entries = list(root.iterdir())
         except OSError:
             return []
@@ -89,12 +111,18 @@ class RunCatalog:
                 names.append(name)
         return sorted(names)
 
-    def _path(self, name: object, listed: list[str] | None = None) -> Path:
+    def _path(self, name: object, listed: list[str] | None = None) -> Location:
         # The name must be one of the listed entries, compared as a string: it is never
         # joined to a path before this check passes.
         if not isinstance(name, str) or name not in (self.names() if listed is None else listed):
             raise RunNotFoundError(f"no run named {str(name)[:80]!r} in {self.runs_dir}")
-        return self.runs_dir.resolve() / name
+        if self.runs_dir.local:
+            return Location(self.runs_dir.local_path.resolve() / name)
+        return self.runs_dir / name
+
+    def location(self, name: str) -> Location:
+        """Where the listed run ``name`` lives (its run directory)."""
+        return self._path(name)
 
     def describe(self, name: str, *, listed: list[str] | None = None) -> RunInfo:
         """The run's state, key params and final metrics; never raises for a bad store."""
@@ -119,6 +147,25 @@ class RunCatalog:
         names = self.names()  # listed once, not once per run
         return [self.describe(name, listed=names) for name in names]
 
+    def index(self, infos: list[RunInfo] | None = None) -> pd.DataFrame:
+        """The runs index: one row per run (indexed by name) with its state, steps, dataset,
+        the params in ``INDEX_PARAMS`` and its final metrics (``metric.*``, finished runs only).
+
+        ``group`` names the runs that differ in seed alone (same dataset and every other
+        param): the runs whose spread the cross-run analytics measure (viewer/compare.py).
+        ``infos``: the runs as :meth:`list` just gave them, to save listing them again.
+        """
+        rows = []
+        for info in self.list() if infos is None else infos:
+            row = {"name": info.name, "state": info.state, "steps_done": info.steps_done, "n_steps": info.n_steps,
+                   "dataset": info.dataset}
+            row.update({key: info.params.get(key) for key in INDEX_PARAMS})
+            row.update({f"metric.{key}": value for key, value in info.metrics.items()})
+            row["group"] = seed_group(info) if info.readable else ""
+            rows.append(row)
+        columns = ["name", "state", "steps_done", "n_steps", "dataset", *INDEX_PARAMS, "group"]
+        return pd.DataFrame(rows, columns=list(dict.fromkeys(columns + [k for r in rows for k in r]))).set_index("name")
+
     def open(self, name: str) -> Run:
         """The run called ``name``, opened once and shared (its chunk cache too)."""
         path = self._path(name) / STORE_NAME
@@ -130,14 +177,27 @@ class RunCatalog:
             return run
 
 
-def writer_alive(run_dir: Path) -> bool | None:
-    """Whether the train stage is writing this run now; None for a run written without its lock."""
-    if not (run_dir / LOCK_NAME).exists():
+def seed_group(info: RunInfo) -> str:
+    """A label shared by the runs that differ only in their seed, e.g. ``mnist adam lr=0.001 b=20``."""
+    params = {key: value for key, value in info.params.items() if key not in ("seed", "device", "engine")}
+    if not params:
+        return ""
+    shown = " ".join(f"{key}={params[key]}" for key in ("lr", "batch_size", "epochs") if key in params)
+    rest = {key: params[key] for key in sorted(params) if key not in ("optimizer", "lr", "batch_size", "epochs")}
+    # Two groups that differ elsewhere (momentum, capture options, ...) must not share a label.
+    digest = hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:6] if rest else ""
+    return " ".join(part for part in (info.dataset, str(params.get("optimizer", "")), shown, digest) if part)
+
+
+def writer_alive(run_dir: Location) -> bool | None:
+    """Whether the train stage is writing this run now; None for a run written without its lock
+    (and for runs in object storage, whose writers hold no lock there)."""
+    if not run_dir.local or not (run_dir.local_path / LOCK_NAME).exists():
         return None
-    return is_being_written(run_dir)
+    return is_being_written(run_dir.local_path)
 
 
-def _read_metrics(path: Path) -> dict[str, Any]:
+def _read_metrics(path: Location) -> dict[str, Any]:
     try:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -191,9 +251,9 @@ class Run:
     of a run that is still being written.
     """
 
-    def __init__(self, name: str, store: Path) -> None:
+    def __init__(self, name: str, store: str | Path | Location) -> None:
         self.name = name
-        self.store = store
+        self.store = as_location(store)
         group = open_store(store)
         self.meta: dict[str, Any] = dict(group.attrs["weightlapse"])
         try:
@@ -216,7 +276,7 @@ class Run:
     # -- state --------------------------------------------------------------------------
     def refresh(self) -> bool:
         """Re-read the progress marker; True when new steps became valid."""
-        group = zarr.open_group(self.store, mode="r")
+        group = zarr.open_group(self._group.store, mode="r")
         before = self.progress.get("steps_done")
         self.progress = _progress(group)
         return self.progress["steps_done"] != before
@@ -280,7 +340,7 @@ class Run:
         self.check_step(stop)
         if stop < start:
             raise ValueError(f"step range {start}..{stop} is empty: the first step must not be after the last")
-        return da.from_zarr(self._weights)[start:stop + 1]
+        return dask_steps(self._weights)[start:stop + 1]
 
     def loss(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps, training batch loss) over the valid steps; step 0 has no loss and is left out."""
@@ -292,3 +352,24 @@ class Run:
         """(eval steps, held-out accuracy) of the evaluations done so far."""
         n = int(self.progress.get("evals_done", 0))
         return np.asarray(self._eval_step[:n]), np.asarray(self._accuracy[:n])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m viewer.runs [RUNS_DIR] [--csv FILE]``: print the runs index (or write it as CSV)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The runs index: each run's state, params and final metrics")
+    parser.add_argument("runs_dir", nargs="?", default="runs", help="a runs directory or an fsspec URL (default runs/)")
+    parser.add_argument("--csv", help="write the index to this CSV file instead of printing it")
+    args = parser.parse_args(argv)
+    index = RunCatalog(args.runs_dir).index()
+    if args.csv:
+        index.to_csv(args.csv)
+    else:
+        with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
+            print(index if len(index) else f"no runs in {args.runs_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -37,14 +37,13 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-from dask.callbacks import Callback
 
+from pipeline.cluster import client_for, compute
 from pipeline.trajectory import IMAGE_SIDE, pixel_coords
 
 log = logging.getLogger(__name__)
@@ -63,22 +62,6 @@ BLOCK_STEPS = 512
 # A step range up to this size is read once and kept in memory for both passes
 # (decompression is about half the time of a 3,000-step window); longer ones are read twice.
 IN_MEMORY_BYTES = 512 * 2**20
-
-
-class _TaskProgress(Callback):
-    """Reports the fraction of dask tasks done across the passes of one computation."""
-
-    def __init__(self, report: Callable[[float], None], pass_index: int, n_passes: int) -> None:
-        super().__init__()
-        self._report, self._pass, self._passes = report, pass_index, n_passes
-        self._total = self._done = 0
-
-    def _start_state(self, dsk, state) -> None:
-        self._total = sum(len(state[key]) for key in ("ready", "waiting", "running")) or 1
-
-    def _posttask(self, key, result, dsk, state, worker_id) -> None:
-        self._done += 1
-        self._report((self._pass + min(self._done / self._total, 1.0)) / self._passes)
 
 
 def _as_dask(weights) -> tuple[da.Array, int]:
@@ -113,7 +96,9 @@ def change_statistics(weights, *, first_step: int | None = None, settle_fraction
     w, coord_first = _as_dask(weights)
     first = coord_first if first_step is None else int(first_step)
     n_rows, n_classes, n_pixels = w.shape
-    compute_kwargs = {} if scheduler is None else {"scheduler": scheduler}
+
+    def pass_progress(index: int) -> Callable[[float], None] | None:
+        return None if progress is None else (lambda fraction: progress((index + fraction) / 2))
     starts = list(range(0, n_rows, BLOCK_STEPS))
 
     def with_context(start: int, context: int) -> tuple[da.Array, int]:
@@ -125,12 +110,13 @@ def change_statistics(weights, *, first_step: int | None = None, settle_fraction
     # Pass 1: one look at each block gives path, reversals and the moments for std.
     # A short range comes back whole from this same pass (read once, decompressed while
     # other blocks compute) and pass 2 reuses it; a long one is read again in pass 2.
-    keep = w.nbytes <= IN_MEMORY_BYTES
+    # (Not on a cluster: the rows would travel to this process and back.)
+    keep = w.nbytes <= IN_MEMORY_BYTES and client_for(scheduler) is None
     blocks = [with_context(start, 2) for start in starts]
     summarize = dask.delayed(_block_summary, pure=False, nout=2)
-    with _callbacks(progress, 0, 2):
-        first_row, last_row, results = dask.compute(w[0], w[-1], [summarize(rows, lead, keep) for rows, lead in blocks],
-                                                    **compute_kwargs)
+    first_row, last_row = compute([w[0], w[-1]], scheduler=scheduler)
+    results = compute([summarize(rows, lead, keep) for rows, lead in blocks], scheduler=scheduler,
+                      progress=pass_progress(0))
     partials = [partial for partial, _ in results]
     kept = [rows for _, rows in results] if keep else []
     net = last_row.astype(np.float64) - first_row.astype(np.float64)
@@ -161,8 +147,7 @@ def change_statistics(weights, *, first_step: int | None = None, settle_fraction
             tasks.append(dask.delayed(_block_settle_rows, pure=False)(*context, columns, before,
                                                                       thresholds[columns]))
             columns_of.append((columns, max(start, 1)))
-    with _callbacks(progress, 1, 2):
-        found = dask.compute(tasks, **compute_kwargs)[0]
+    found = compute(tasks, scheduler=scheduler, progress=pass_progress(1))
     settle_all = np.zeros(thresholds.size, dtype=np.int64)   # row index; 0 for weights that never moved
     for (columns, first_change), below in zip(columns_of, found):
         settle_all[columns] = np.minimum(first_change + below, n_rows - 1)
@@ -272,21 +257,6 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
         return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
 
 
-class _callbacks:
-    """A progress callback for one pass, or nothing."""
-
-    def __init__(self, progress, pass_index: int, n_passes: int) -> None:
-        self._callback = _TaskProgress(progress, pass_index, n_passes) if progress else None
-
-    def __enter__(self):
-        if self._callback:
-            self._callback.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        if self._callback:
-            self._callback.__exit__(*exc)
-
-
 def top_pixels(stats: xr.Dataset, statistic: str = "path_length", n: int = 10) -> list[dict]:
     """The ``n`` pixels with the largest ``statistic`` over classes: [{pixel, row, col, value}]."""
     if statistic not in STATISTICS:
@@ -300,15 +270,18 @@ def top_pixels(stats: xr.Dataset, statistic: str = "path_length", n: int = 10) -
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
+    from pipeline.cluster import ClusterError
     from pipeline.trajectory import TrajectoryError, open_run
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="run directory (runs/<run>) or its trajectory.zarr")
+    parser.add_argument("run", help="run directory (runs/<run>) or its trajectory.zarr, or an fsspec URL of one")
     parser.add_argument("--start", type=int, default=0, help="first step (default 0)")
     parser.add_argument("--stop", type=int, default=None, help="last step, inclusive (default: the last valid step)")
     parser.add_argument("--settle-fraction", type=float, default=0.9, help="fraction of the path for settle_step")
     parser.add_argument("--out", required=True, help="Zarr store to write the statistics to (xarray.open_zarr reads it)")
     parser.add_argument("--top", type=int, default=10, help="log this many top-changing pixels (by path length)")
+    parser.add_argument("--scheduler", default=None,
+                        help="Dask scheduler address to compute on (default: threads in this process)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -321,17 +294,18 @@ def main(argv: list[str] | None = None) -> int:
             def report(fraction: float) -> None:
                 bar.update(round(fraction * 100) - bar.n)
             stats = change_statistics(ds.weights.isel(step=slice(args.start, stop + 1)),
-                                      settle_fraction=args.settle_fraction, progress=report)
+                                      settle_fraction=args.settle_fraction, progress=report,
+                                      scheduler=args.scheduler)
         stats.attrs["run"] = str(args.run)
         with warnings.catch_warnings():
             # Consolidated metadata (one file listing all arrays) is what lets a plain
             # xarray.open_zarr(path) open it without a warning; zarr notes it is not in the v3 spec yet.
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             stats.to_zarr(args.out, mode="w", zarr_format=3)
-    except (TrajectoryError, ValueError) as error:
+    except (TrajectoryError, ClusterError, ValueError, OSError) as error:
         log.error("%s", error)
         return 1
-    log.info("steps %d..%d of %s -> %s", args.start, stop, args.run, Path(args.out))
+    log.info("steps %d..%d of %s -> %s", args.start, stop, args.run, args.out)
     for rank, entry in enumerate(top_pixels(stats, "path_length", args.top), 1):
         log.info("#%d pixel (row %d, col %d): path length %.4g", rank, entry["row"], entry["col"], entry["value"])
     return 0
