@@ -22,6 +22,8 @@ stage uses the plain torch engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,9 @@ from pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
 from pipeline.engines import TorchEngine, optimizer_state_keys
 from pipeline.params import TrainParams
 from pipeline.trainer import StepCallback, make_optimizer, remaining_batches
+
+# on_block(first_step, {"weight": (n, class, pixel), "loss": (n,), ...}): a block of recorded rows
+BlockCallback = Callable[[int, dict[str, np.ndarray]], None]
 
 # Eager steps before the graph is captured: CUDA needs its libraries' work areas and the
 # optimizer its state allocated before capture (PyTorch's documented warm-up).
@@ -113,7 +118,12 @@ class CudaGraphEngine(TorchEngine):
                     self.optimizer.state[p]["step"] = self.optimizer.state[p]["step"].to(self.device)
 
     # -- training -------------------------------------------------------------------------------
-    def train(self, on_step: StepCallback, start_step: int = 0) -> None:
+    def train(self, on_step: StepCallback, start_step: int = 0, on_block: BlockCallback | None = None) -> None:
+        """As the other engines' ``train``; with ``on_block``, each block's rows after step 0
+        go to ``on_block(first_step, rows)`` at once instead of ``on_step`` row by row:
+        ``rows`` maps "weight", "loss" (and "bias", "gradient") to arrays of the block's
+        steps, valid during the call. During it, :meth:`optimizer_state` is the state after
+        the block's last step."""
         config = self.config
         if start_step == 0:
             on_step(0, float("nan"))
@@ -138,10 +148,10 @@ class CudaGraphEngine(TorchEngine):
             self._snapshot_state(half, end)
             self._copy_to_host(block)
             if pending is not None:
-                self._drain(pending, on_step)
+                self._drain(pending, on_step, on_block)
             pending = block
             step = end
-        self._drain(pending, on_step)
+        self._drain(pending, on_step, on_block)
         self._row = None
 
     def _advance(self) -> None:
@@ -211,12 +221,17 @@ class CudaGraphEngine(TorchEngine):
         copied.record(self.copy_stream)
         self._copied[half] = copied
 
-    def _drain(self, block: tuple[int, int, int], on_step: StepCallback) -> None:
-        """Hand a copied block's rows to on_step, in order."""
+    def _drain(self, block: tuple[int, int, int], on_step: StepCallback, on_block: BlockCallback | None) -> None:
+        """Hand a copied block's rows to on_block at once, or to on_step in order."""
         half, first, last = block
         if self.copy_stream is not None:
             self._copied[half].synchronize()
-        losses = self.host["loss"][half * self.block_steps:half * self.block_steps + last - first + 1].tolist()
+        rows = slice(half * self.block_steps, half * self.block_steps + last - first + 1)
+        if on_block is not None:
+            self._row = (rows.stop - 1, last)
+            on_block(first, {name: tensor[rows].numpy() for name, tensor in self.host.items()})
+            return
+        losses = self.host["loss"][rows].tolist()
         for offset, loss in enumerate(losses):
             self._row = (half * self.block_steps + offset, first + offset)
             on_step(first + offset, loss)

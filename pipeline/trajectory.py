@@ -264,6 +264,35 @@ class TrajectoryWriter:
         if row + 1 == self.block_steps:
             self._hand_over()
 
+    def record_steps(self, first_step: int, weights: np.ndarray, losses: np.ndarray, *,
+                     biases: np.ndarray | None = None, gradients: np.ndarray | None = None) -> None:
+        """Record consecutive steps ``first_step ..`` at once: ``weights`` (n, class, pixel),
+        ``losses`` (n,), and (n, class) ``biases`` / (n, class, pixel) ``gradients`` where the
+        layout has them. The same rows as n calls of :meth:`record_step`, with one copy per block."""
+        self._raise_failure()
+        n_rows = len(weights)
+        if first_step != self._next_step:
+            raise ValueError(f"steps must be recorded in order: expected {self._next_step}, got {first_step}")
+        if first_step + n_rows - 1 > self.layout.n_steps:
+            raise ValueError(f"steps up to {first_step + n_rows - 1} are past the planned {self.layout.n_steps}")
+        done = 0
+        while done < n_rows:
+            row = self._next_step - self._block_start
+            take = min(n_rows - done, self.block_steps - row)
+            rows, given = slice(row, row + take), slice(done, done + take)
+            self._buffers["weights"][rows] = weights[given]
+            self._buffers["loss"][rows] = losses[given]
+            if self.layout.bias:
+                self._buffers["bias"][rows] = biases[given]
+            if self.layout.gradients:
+                self._buffers["gradients"][rows] = gradients[given]
+                if self._next_step == 0:  # step 0 has no gradient: NaN, like a row never written
+                    self._buffers["gradients"][row] = np.nan
+            self._next_step += take
+            done += take
+            if row + take == self.block_steps:
+                self._hand_over()
+
     def record_eval(self, step: int, accuracy: float, loss: float) -> None:
         index = self._evals_handed + len(self._evals)
         planned = self.layout.eval_steps

@@ -55,18 +55,18 @@ def test_the_graph_engine_runs_on_cuda_and_resumes_bit_for_bit(tmp_path, monkeyp
     monkeypatch.setattr(TrajectoryWriter, "default_block_steps", classmethod(lambda cls, layout: 64))
     summary = run_training(config, dataset, tmp_path / "clean", run_name="r", progress=False)
     assert summary.engine == "cuda-graph"
-    original = TrajectoryWriter.record_step
+    original = TrajectoryWriter.record_steps  # the train stage records this engine's rows a block at a time
 
-    def failing(self, step, *args, **kwargs):
-        if step == 150:
+    def failing(self, first, weights, *args, **kwargs):
+        if first <= 150 < first + len(weights):
             raise RuntimeError("simulated crash")
-        return original(self, step, *args, **kwargs)
+        return original(self, first, weights, *args, **kwargs)
 
-    monkeypatch.setattr(TrajectoryWriter, "record_step", failing)
+    monkeypatch.setattr(TrajectoryWriter, "record_steps", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_training(config, dataset, tmp_path / "resumed", run_name="r", progress=False)
     assert read_progress(tmp_path / "resumed" / "trajectory.zarr")["resume"]["step"] == 127
-    monkeypatch.setattr(TrajectoryWriter, "record_step", original)
+    monkeypatch.setattr(TrajectoryWriter, "record_steps", original)
     run_training(config, dataset, tmp_path / "resumed", run_name="r", resume=True, progress=False)
     clean, resumed = open_run(tmp_path / "clean"), open_run(tmp_path / "resumed")
     for name in ("weights", "gradients", "loss", "heldout_accuracy"):

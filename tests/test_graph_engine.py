@@ -70,7 +70,7 @@ def test_checkpoints_are_the_optimizer_state_at_each_block_end(generated_data):
 
 
 def test_a_run_interrupted_mid_block_resumes_to_the_uninterrupted_store(generated_data, tmp_path, monkeypatch):
-    """The train stage on the ring engine (forced on the CPU): killed by an error at step 150,
+    """The train stage on the ring engine (forced on the CPU): stopped by an error recording the block of step 150,
     resumed from its last checkpoint, it ends with the uninterrupted run's arrays, bit for bit."""
     from idx_files import write_dataset
 
@@ -81,19 +81,19 @@ def test_a_run_interrupted_mid_block_resumes_to_the_uninterrupted_store(generate
     monkeypatch.setattr(TrajectoryWriter, "default_block_steps", classmethod(lambda cls, layout: 64))
     run_training(config, dataset, tmp_path / "clean", run_name="r", progress=False)
 
-    original = TrajectoryWriter.record_step
+    original = TrajectoryWriter.record_steps  # the train stage records this engine's rows a block at a time
 
-    def failing(self, step, *args, **kwargs):
-        if step == 150:
+    def failing(self, first, weights, *args, **kwargs):
+        if first <= 150 < first + len(weights):
             raise RuntimeError("simulated crash")
-        return original(self, step, *args, **kwargs)
+        return original(self, first, weights, *args, **kwargs)
 
-    monkeypatch.setattr(TrajectoryWriter, "record_step", failing)
+    monkeypatch.setattr(TrajectoryWriter, "record_steps", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_training(config, dataset, tmp_path / "resumed", run_name="r", progress=False)
     progress = read_progress(tmp_path / "resumed" / "trajectory.zarr")
     assert progress["resume"]["step"] == 127 and not progress["finished"]  # the last block end before 150
-    monkeypatch.setattr(TrajectoryWriter, "record_step", original)
+    monkeypatch.setattr(TrajectoryWriter, "record_steps", original)
     run_training(config, dataset, tmp_path / "resumed", run_name="r", resume=True, progress=False)
 
     clean, resumed = open_run(tmp_path / "clean"), open_run(tmp_path / "resumed")

@@ -244,3 +244,29 @@ def test_a_training_trajectory_compresses_at_least_1_3_times(tmp_path):
     write_run(path, rows[:513], chunk_steps=64)
     on_disk = sum(f.stat().st_size for f in (path / "weights").rglob("*") if f.is_file() and f.name != "zarr.json")
     assert rows.nbytes / on_disk >= 1.3
+
+
+def test_recording_steps_a_block_at_a_time_writes_the_same_store(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 100
+    weights = rng.standard_normal((n + 1, 10, 784)).astype(np.float32)
+    losses = rng.random(n + 1).astype(np.float32)
+    biases = rng.standard_normal((n + 1, 10)).astype(np.float32)
+    gradients = rng.standard_normal((n + 1, 10, 784)).astype(np.float32)
+    layout = StoreLayout(n_steps=n, eval_steps=(0, n), chunk_steps=8, bias=True, gradients=True)
+    with TrajectoryWriter(tmp_path / "one.zarr", layout, {"run": "x"}, block_steps=16) as writer:
+        for step in range(n + 1):
+            writer.record_step(step, weights[step], losses[step], bias=biases[step],
+                               gradient=gradients[step] if step else None)
+    with TrajectoryWriter(tmp_path / "blocks.zarr", layout, {"run": "x"}, block_steps=16) as writer:
+        first = 0
+        for size in (7, 30, 1, 62, 1):  # across block edges, and a block of one
+            rows = slice(first, first + size)
+            writer.record_steps(first, weights[rows], losses[rows], biases=biases[rows], gradients=gradients[rows])
+            first += size
+        with pytest.raises(ValueError, match="in order"):
+            writer.record_steps(5, weights[:2], losses[:2], biases=biases[:2], gradients=gradients[:2])
+    one, blocks = open_run(tmp_path / "one.zarr"), open_run(tmp_path / "blocks.zarr")
+    for name in ("weights", "loss", "bias", "gradients"):
+        np.testing.assert_array_equal(one[name].values, blocks[name].values, err_msg=name)
+    assert np.isnan(blocks.gradients.values[0]).all()
