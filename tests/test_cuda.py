@@ -44,34 +44,16 @@ def test_the_graph_engine_runs_on_cuda_and_resumes_bit_for_bit(tmp_path, monkeyp
     """Auto picks the cuda-graph engine on CUDA. Interrupted mid-block and resumed, the
     run ends with the uninterrupted run's arrays, bit for bit (the CPU twin of this test,
     without graphs, is in tests/test_graph_engine.py)."""
-    from idx_files import write_dataset
+    from interrupted_runs import clean_and_resumed
 
     from pipeline.params import CaptureParams
-    from pipeline.trajectory import TrajectoryWriter, read_progress
 
-    write_dataset(tmp_path / "data", n_train=2000, n_test=50)
-    dataset = load_dataset(tmp_path / "data", "mnist")
     config = TrainParams(device="cuda", epochs=3, eval_every=40, capture=CaptureParams(chunk_steps=16, gradients=True))
-    monkeypatch.setattr(TrajectoryWriter, "default_block_steps", classmethod(lambda cls, layout: 64))
-    summary = run_training(config, dataset, tmp_path / "clean", run_name="r", progress=False)
-    assert summary.engine == "cuda-graph"
-    original = TrajectoryWriter.record_steps  # the train stage records this engine's rows a block at a time
-
-    def failing(self, first, weights, *args, **kwargs):
-        if first <= 150 < first + len(weights):
-            raise RuntimeError("simulated crash")
-        return original(self, first, weights, *args, **kwargs)
-
-    monkeypatch.setattr(TrajectoryWriter, "record_steps", failing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_training(config, dataset, tmp_path / "resumed", run_name="r", progress=False)
-    assert read_progress(tmp_path / "resumed" / "trajectory.zarr")["resume"]["step"] == 127
-    monkeypatch.setattr(TrajectoryWriter, "record_steps", original)
-    run_training(config, dataset, tmp_path / "resumed", run_name="r", resume=True, progress=False)
-    clean, resumed = open_run(tmp_path / "clean"), open_run(tmp_path / "resumed")
+    clean, resumed, stopped = clean_and_resumed(config, tmp_path, monkeypatch)
+    assert clean.attrs["weightlapse"]["engine"] == "cuda-graph" and stopped["resume"]["step"] == 127
     for name in ("weights", "gradients", "loss", "heldout_accuracy"):
         assert np.array_equal(clean[name].values.view(np.int32), resumed[name].values.view(np.int32)), name
     # and the graph engine agrees with the CPU's autograd to float32 rounding
-    run_training(TrainParams(device="cpu", engine="torch", epochs=3, eval_every=40), dataset, tmp_path / "cpu",
-                 run_name="r", progress=False)
+    run_training(TrainParams(device="cpu", engine="torch", epochs=3, eval_every=40),
+                 load_dataset(tmp_path / "data", "mnist"), tmp_path / "cpu", run_name="r", progress=False)
     np.testing.assert_allclose(clean.weights.values, open_run(tmp_path / "cpu").weights.values, rtol=0, atol=1e-5)

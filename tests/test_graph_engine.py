@@ -9,14 +9,13 @@ the trajectory of the plain torch engine, and resume to it bit for bit.
 import numpy as np
 import pytest
 import torch
+from interrupted_runs import clean_and_resumed
 
 import pipeline.train as train_stage
 from pipeline.datasets import load_dataset
 from pipeline.engines import TorchEngine, select_engine
 from pipeline.graph_engine import CudaGraphEngine
 from pipeline.params import CaptureParams, ParamsError, TrainParams
-from pipeline.train import run_training
-from pipeline.trajectory import TrajectoryWriter, open_run, read_progress
 
 CPU = torch.device("cpu")
 
@@ -69,34 +68,13 @@ def test_checkpoints_are_the_optimizer_state_at_each_block_end(generated_data):
         assert np.array_equal(states[step], state), step
 
 
-def test_a_run_interrupted_mid_block_resumes_to_the_uninterrupted_store(generated_data, tmp_path, monkeypatch):
+def test_a_run_interrupted_mid_block_resumes_to_the_uninterrupted_store(tmp_path, monkeypatch):
     """The train stage on the ring engine (forced on the CPU): stopped by an error recording the block of step 150,
     resumed from its last checkpoint, it ends with the uninterrupted run's arrays, bit for bit."""
-    from idx_files import write_dataset
-
-    write_dataset(tmp_path / "data", n_train=2000, n_test=50)
-    dataset = load_dataset(tmp_path / "data", "mnist")
     config = TrainParams(device="cpu", epochs=3, eval_every=40, capture=CaptureParams(chunk_steps=16))
     monkeypatch.setattr(train_stage, "select_engine", lambda *args, **kwargs: "cuda-graph")
-    monkeypatch.setattr(TrajectoryWriter, "default_block_steps", classmethod(lambda cls, layout: 64))
-    run_training(config, dataset, tmp_path / "clean", run_name="r", progress=False)
-
-    original = TrajectoryWriter.record_steps  # the train stage records this engine's rows a block at a time
-
-    def failing(self, first, weights, *args, **kwargs):
-        if first <= 150 < first + len(weights):
-            raise RuntimeError("simulated crash")
-        return original(self, first, weights, *args, **kwargs)
-
-    monkeypatch.setattr(TrajectoryWriter, "record_steps", failing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_training(config, dataset, tmp_path / "resumed", run_name="r", progress=False)
-    progress = read_progress(tmp_path / "resumed" / "trajectory.zarr")
-    assert progress["resume"]["step"] == 127 and not progress["finished"]  # the last block end before 150
-    monkeypatch.setattr(TrajectoryWriter, "record_steps", original)
-    run_training(config, dataset, tmp_path / "resumed", run_name="r", resume=True, progress=False)
-
-    clean, resumed = open_run(tmp_path / "clean"), open_run(tmp_path / "resumed")
+    clean, resumed, stopped = clean_and_resumed(config, tmp_path, monkeypatch)
+    assert stopped["resume"]["step"] == 127 and not stopped["finished"]  # the last block end before 150
     assert resumed.attrs["progress"]["finished"] and resumed.attrs["weightlapse"]["engine"] == "cuda-graph"
     for name in ("weights", "loss", "heldout_accuracy", "heldout_loss"):
         assert np.array_equal(clean[name].values.view(np.int32), resumed[name].values.view(np.int32)), name
