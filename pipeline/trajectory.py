@@ -561,9 +561,9 @@ def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None
     path = as_location(path, storage_options)
     if path.name != STORE_NAME and (path / STORE_NAME).exists():
         path = path / STORE_NAME
-    check_schema(path)
+    group = open_store(path)
     try:
-        ds = xr.open_zarr(path.zarr_store(), consolidated=False, zarr_format=3, chunks={})
+        ds = xr.open_zarr(group.store, consolidated=False, zarr_format=3, chunks={})
     except Exception as error:  # noqa: BLE001
         raise TrajectoryError(f"{path}: cannot be read as a trajectory: {error}") from None
     missing = [name for name in REQUIRED_ARRAYS if name not in ds.variables]
@@ -572,7 +572,6 @@ def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None
                               "(try again in a moment) or was not completely written")
     progress = ds.attrs["progress"]
     ds = ds.drop_vars("resume_state", errors="ignore")  # the writer's, for resuming; no data
-    group = zarr.open_group(path.zarr_store(), mode="r")
     for name in ("weights", "gradients"):
         if name in ds:
             ds[name] = ds[name].copy(data=dask_steps(group[name]))
