@@ -105,6 +105,23 @@ def test_dvc_repro_downloads_and_trains_offline(tmp_path, debian_fashion, monkey
         assert ds.attrs["weightlapse"]["dataset"]["n_train"] == 60000
     assert "up to date" in sh(project, "dvc", "status")
 
+    # The sweep, compared through the runs index and the headless API: seeds group together.
+    from viewer.compare import compare_runs, open_trajectories
+    from viewer.runs import RunCatalog
+
+    catalog = RunCatalog(project / "runs")
+    index = catalog.index()
+    assert len(index) == len(RUNS) + len(sweep) and (index.state == "finished").all()
+    seeds = index.loc[list(sweep)].groupby("group").size()
+    assert len(seeds) == len(sweep) // 3 and set(seeds) == {3}  # every grid point's three seeds
+    group = list(index.index[index.group == index.group["adam-lr0.001-b20-seed0"]])
+    # "original" and "seed-1" are that grid point's setup too (seeds 0 and 1)
+    assert group == ["adam-lr0.001-b20-seed0", "adam-lr0.001-b20-seed1", "adam-lr0.001-b20-seed2", "original", "seed-1"]
+    result = compare_runs(open_trajectories(catalog, group))
+    assert result.pca_path.shape == (5, 51, 2)
+    final = result.distance_to_reference.isel(step=-1)
+    assert float(final.sel(other_run="original")) == 0 and float(final.sel(other_run="adam-lr0.001-b20-seed2")) > 0
+
 
 def test_every_run_is_trained_then_only_what_is_new(generated_project):
     project = generated_project
