@@ -82,7 +82,6 @@ def dispatch(runs: dict[str, TrainParams], *, data_dir: str | Path, dataset_name
              scheduler, progress: Callable[[str, dict], None] | None = None) -> SweepResult:
     """Train ``runs`` on the cluster at ``scheduler`` (an address or Client), all at once."""
     from pipeline.cluster import as_completed, submit
-    from pipeline.trainer import plan_steps  # noqa: F401 - imported here so the workers' import errors show early
 
     started = time.perf_counter()
     # A Location travels whole (with its storage options) to the workers.
