@@ -55,11 +55,13 @@ def select_engine(engine: str, optimizer: str, device: torch.device, *, even_bat
 class TorchEngine:
     """The general path: a torch model trained with autograd, on any device."""
 
-    def __init__(self, config: TrainParams, dataset: Dataset, device: torch.device) -> None:
+    def __init__(self, config: TrainParams, dataset: Dataset, device: torch.device, *,
+                 capturable: bool = False) -> None:
         self.config = config
         self.model = SoftmaxRegression(N_PIXELS, N_CLASSES, bias=config.bias, seed=config.seed).to(device)
         self.optimizer = make_optimizer(self.model.parameters(), name=config.optimizer, lr=config.lr,
-                                        momentum=config.momentum, weight_decay=config.weight_decay)
+                                        momentum=config.momentum, weight_decay=config.weight_decay,
+                                        capturable=capturable)
         self.images = torch.from_numpy(dataset.train.images).to(device)
         self.labels = torch.from_numpy(dataset.train.labels).to(device)
 
@@ -73,13 +75,18 @@ class TorchEngine:
         return self.model.weight.grad.detach().cpu().numpy()
 
     def optimizer_state(self) -> np.ndarray:
-        arrays = []
+        return self.optimizer_state_tensor().cpu().numpy()
+
+    def optimizer_state_tensor(self) -> torch.Tensor:
+        """The optimizer state as one float32 vector on the model's device (see the module docstring)."""
+        device = self.model.weight.device
+        vectors = []
         for key in optimizer_state_keys(self.config.optimizer, self.config.momentum):
             for p in self.model.parameters():
                 value = self.optimizer.state.get(p, {}).get(key)  # none yet before the first step
-                arrays.append(np.zeros(p.numel(), np.float32) if value is None
-                              else value.detach().cpu().numpy().ravel())
-        return np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
+                vectors.append(torch.zeros(p.numel(), device=device) if value is None
+                               else value.detach().reshape(-1))
+        return torch.cat(vectors) if vectors else torch.zeros(0, device=device)
 
     def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None:
         device = self.model.weight.device

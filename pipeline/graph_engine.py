@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
-from pipeline.engines import TorchEngine, optimizer_state_keys
+from pipeline.engines import TorchEngine, optimizer_state_size
 from pipeline.params import TrainParams
-from pipeline.trainer import StepCallback, make_optimizer, remaining_batches
+from pipeline.trainer import StepCallback, remaining_batches
 
 # on_block(first_step, {"weight": (n, class, pixel), "loss": (n,), ...}): a block of recorded rows
 BlockCallback = Callable[[int, dict[str, np.ndarray]], None]
@@ -55,13 +55,10 @@ class CudaGraphEngine(TorchEngine):
     """
 
     def __init__(self, config: TrainParams, dataset: Dataset, device: torch.device, *, block_steps: int) -> None:
-        super().__init__(config, dataset, device)
+        # capturable on CUDA: the step count and bias corrections stay on the device
+        super().__init__(config, dataset, device, capturable=device.type == "cuda")
         self.device = device
         self.use_graph = device.type == "cuda"
-        if self.use_graph:  # capturable: the step count and bias corrections stay on the device
-            self.optimizer = make_optimizer(self.model.parameters(), name=config.optimizer, lr=config.lr,
-                                            momentum=config.momentum, weight_decay=config.weight_decay,
-                                            capturable=True)
         self.block_steps = block_steps
         self.parameters = list(self.model.parameters())
         rows = 2 * block_steps  # two halves: the GPU fills one while the host drains the other
@@ -74,8 +71,7 @@ class CudaGraphEngine(TorchEngine):
         pin = self.use_graph
         self.host = {name: torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
                      for name, tensor in self.ring.items()}
-        self.state_size = sum(p.numel() for p in self.parameters) * len(
-            optimizer_state_keys(config.optimizer, config.momentum))
+        self.state_size = optimizer_state_size(config)
         self.state_snapshot = torch.zeros(2, self.state_size, device=device)
         self.state_host = torch.zeros(2, self.state_size, pin_memory=pin)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)     # ring row the next step writes
@@ -194,13 +190,7 @@ class CudaGraphEngine(TorchEngine):
 
     def _snapshot_state(self, half: int, step: int) -> None:
         if self.state_size:
-            vectors = []
-            for key in optimizer_state_keys(self.config.optimizer, self.config.momentum):
-                for p in self.parameters:
-                    value = self.optimizer.state.get(p, {}).get(key)
-                    vectors.append(torch.zeros(p.numel(), device=self.device) if value is None
-                                   else value.detach().reshape(-1))
-            self.state_snapshot[half].copy_(torch.cat(vectors))
+            self.state_snapshot[half].copy_(self.optimizer_state_tensor())
         self._snapshot_step[half] = step
 
     def _copy_to_host(self, block: tuple[int, int, int]) -> None:
