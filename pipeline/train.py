@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # final_train_loss in metrics.json is the mean batch loss over this many last steps:
 # a single batch's loss is too noisy to compare runs by.
 FINAL_LOSS_WINDOW = 100
+# Steps whose loss rows are written to loss.csv at once.
+LOSS_HISTORY_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -140,14 +142,30 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, r
                 accuracy_csv.writerow([step, f"{evaluation.accuracy:.6f}", f"{evaluation.loss:.7g}"])
                 bar.set_postfix(accuracy=f"{evaluation.accuracy:.3f}", refresh=False)
 
+        # The loss history goes to loss.csv (and the recent-loss window) in batches: per step
+        # that Python would cost the training thread about a tenth of a numpy step.
+        new_losses: list[float] = []
+        first_new_step = [point.step + 1 if point else 1]
+
+        def write_loss_history() -> None:
+            first = first_new_step[0]
+            loss_csv.writerows([step, f"{loss:.7g}"] for step, loss in enumerate(new_losses, start=first))
+            recent_losses.extend(new_losses[-FINAL_LOSS_WINDOW:])
+            bar.update(len(new_losses))
+            first_new_step[0] = first + len(new_losses)
+            new_losses.clear()
+
+        record_step, weight_now, bias_now = writer.record_step, model.weight_now, model.bias_now
+        gradient_now = model.gradient_now if config.capture.gradients else lambda: None
+
         def on_step(step: int, loss: float) -> None:
-            weight, bias = model.weight_now(), model.bias_now()
-            gradient = model.gradient_now() if config.capture.gradients and step > 0 else None
-            writer.record_step(step, weight, loss, bias=bias, gradient=gradient)
-            if step > 0:
-                recent_losses.append(loss)
-                loss_csv.writerow([step, f"{loss:.7g}"])
-                bar.update()
+            # Once per training step: only what must happen now. The rest is batched.
+            weight, bias = weight_now(), bias_now()
+            record_step(step, weight, loss, bias=bias, gradient=gradient_now() if step else None)
+            if step:
+                new_losses.append(loss)
+                if len(new_losses) == LOSS_HISTORY_BATCH:
+                    write_loss_history()
             if step in eval_set:
                 scorer.submit(step, weight, bias)
                 record_evaluations()
@@ -157,9 +175,8 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, r
             with one copy per block instead of one per step, which the GPU path is fast enough to need."""
             losses = rows["loss"]
             writer.record_steps(first, rows["weight"], losses, biases=rows.get("bias"), gradients=rows.get("gradient"))
-            recent_losses.extend(losses[-FINAL_LOSS_WINDOW:].tolist())
-            loss_csv.writerows([step, f"{loss:.7g}"] for step, loss in enumerate(losses.tolist(), start=first))
-            bar.update(len(losses))
+            new_losses.extend(losses.tolist())
+            write_loss_history()
             index = bisect.bisect_left(eval_steps, first)
             while index < len(eval_steps) and eval_steps[index] < first + len(losses):
                 row = eval_steps[index] - first
@@ -172,6 +189,9 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, r
             model.train(on_step, start_step=point.step if point else 0, on_block=on_block)
         else:
             model.train(on_step, start_step=point.step if point else 0)
+        write_loss_history()
+        # The last rows go to the store writer while the last step is scored.
+        writer.send_recorded()
         record_evaluations(wait=True)
     loop_seconds = time.perf_counter() - loop_started
 

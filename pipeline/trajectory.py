@@ -25,9 +25,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import queue
 import shutil
-import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, TransposeCodec
 
-from pipeline.chunkwriter import ChunkEncoderProcess, ChunkWriter
+from pipeline.chunkwriter import ChunkWriter, WriterFailed, WriterProcess, WriterThread, shared_buffers
 from pipeline.locations import Location, as_location
 
 log = logging.getLogger(__name__)
@@ -143,20 +142,26 @@ def open_store(path: str | Path | Location, storage_options: dict[str, Any] | No
 class TrajectoryWriter:
     """Record a run step by step, in blocks of whole chunks, with the progress marker after each.
 
-    Rows are copied into a block buffer; each full buffer is handed to a background thread
-    that compresses and writes it, then moves the progress marker, so compression runs on
-    another core while training goes on. At most ``MAX_PENDING_BLOCKS`` blocks wait at a
-    time (the trainer waits if the disk is slower), so memory is a few blocks whatever the
-    run's length. Use as a context manager: on an exception the rows recorded so far are
-    written and the run is marked unfinished.
+    Rows are copied into a block buffer and handed to the store writer, which compresses
+    and writes them; after each full block it writes the block's small arrays and
+    checkpoint, then moves the progress marker. On Linux the store writer is a forked
+    process (:class:`~pipeline.chunkwriter.WriterProcess`), so the training thread does
+    nothing but copy rows: compression, files and zarr's Python run on another core under
+    another interpreter lock. Elsewhere it is a thread. At most ``N_SLOTS - 1`` blocks are
+    being written at a time (the trainer waits if the disk is slower), so memory is a few
+    blocks whatever the run's length. Use as a context manager: on an exception the rows
+    recorded so far are written and the run is marked unfinished.
     """
 
-    MAX_PENDING_BLOCKS = 2
-    # A block is this many bytes of weights, in whole chunks. Each block hands the writer
-    # thread a fixed amount of Python work (the loss rows, the progress marker), which
-    # competes with the training thread for the GIL; a few large blocks a second keep that
-    # small. At 10,000 steps/s, 16 MiB blocks move the marker about 20 times a second.
+    N_SLOTS = 3  # block buffers: one being filled, the others being written or waiting
+    # A block is this many bytes of weights, in whole chunks: the progress marker moves,
+    # and a checkpoint is saved, once a block. At 10,000 steps/s, 16 MiB blocks move the
+    # marker about 20 times a second.
     BLOCK_BYTES = 16 * 2**20
+    # Inside a block, rows go to the store writer every this many bytes of weights (whole
+    # chunks), so that it compresses while training goes on and little is left to write
+    # after the last step: a message costs the training thread about 20 microseconds.
+    HANDOFF_BYTES = 2 * 2**20
 
     def __init__(self, path: str | Path, layout: StoreLayout, metadata: dict[str, Any], *,
                  overwrite: bool = False, block_steps: int | None = None,
@@ -176,46 +181,37 @@ class TrajectoryWriter:
         if self.block_steps % layout.chunk_steps:
             raise ValueError(f"block_steps ({self.block_steps}) must be a multiple of chunk_steps "
                              f"({layout.chunk_steps})")
+        chunk_bytes = layout.chunk_steps * layout.n_classes * layout.n_pixels * 4
+        self._handoff_steps = min(self.block_steps, layout.chunk_steps * max(1, self.HANDOFF_BYTES // chunk_bytes))
         if resume_from is None:
             _prepare_target(self.path, overwrite=overwrite)
             self.group = _create_store(self.path, layout, metadata)
         else:
             _remove_partial_files(self.path)
             self.group = zarr.open_group(self.path, mode="r+")
-        self._arrays = {name: ChunkWriter.wrap(self.group[name]) for name in self.group.array_keys()}
-        # Block buffers ("slots") are reused: the writer thread frees each once it is written.
-        # Fresh 16 MiB buffers would cost the training thread a page fault per 4 KiB.
-        self._encoder = self._start_encoder()
-        n_slots = self.MAX_PENDING_BLOCKS + 2  # pending, being written, being filled
-        # Per-step arrays live in the encoder's shared memory when there is one.
-        step_buffers = self._encoder.slots if self._encoder else [
-            {name: np.empty(shape, np.float32) for name, shape in self._step_array_shapes().items()}
-            for _ in range(n_slots)]
-        self._slots = [{**arrays, **self._scalar_buffers()} for arrays in step_buffers]
-        self._free_slots: queue.SimpleQueue = queue.SimpleQueue()
-        for slot in range(1, n_slots):
-            self._free_slots.put(slot)
+        in_process = WriterProcess.available()
+        # Block buffers ("slots") are reused: the store writer frees each once it is written.
+        self._slots = shared_buffers(self._block_shapes(), self.N_SLOTS, shared=in_process)
+        self._store_writer = _StoreWriter(self.group, layout, self._slots, resume_from)
+        name = f"trajectory-writer:{self.path.name}"
+        self._worker = WriterProcess(self._store_writer.handle, name) if in_process \
+            else WriterThread(self._store_writer.handle, name)
+        self._free_slots = list(range(self.N_SLOTS - 1, 0, -1))
+        self._slots_in_flight: deque[int | None] = deque()  # per message sent, in order: the slot it frees
         self._slot = 0
         self._buffers = self._slots[0]
         # Carrying on after step s: rows from s + 1 are written again, whatever is there.
         first = 0 if resume_from is None else resume_from.step + 1
         self._block_start = first  # step held in buffer row 0
         self._next_step = first
+        self._rows_handed = 0  # rows of this block already sent to the store writer
+        self._next_handoff = self._handoff_steps  # buffer row count at which rows go next
         self._evals: list[tuple[float, float]] = []
-        evals_done = 0 if resume_from is None else len(resume_from.heldout)
-        self._evals_handed = evals_done  # evaluations handed to the writer thread
-        self._evals_written = evals_done
-        self.steps_done = first - 1  # last step whose row is on disk
-        # The checkpoint the marker names, and the resume_state row the next one goes to:
-        # never the row the marker names, so a crash mid-write leaves that one intact.
-        self._resume = None if resume_from is None else {"step": resume_from.step, "row": resume_from.row}
-        self._next_checkpoint_row = 0 if resume_from is None else 1 - resume_from.row
+        self._evals_handed = 0 if resume_from is None else len(resume_from.heldout)
+        self.steps_done = first - 1  # last step whose row is on disk (as the store writer last said)
         self.finished = False
-        self._failure: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=self.MAX_PENDING_BLOCKS)
-        self._thread = threading.Thread(target=self._write_blocks, name=f"trajectory-writer:{self.path.name}",
-                                        daemon=True)
-        self._thread.start()
+        self._failure: str | None = None
+        self._closed = False
 
     @classmethod
     def default_block_steps(cls, layout: StoreLayout) -> int:
@@ -224,61 +220,50 @@ class TrajectoryWriter:
         run_chunks = -(-(layout.n_steps + 1) // layout.chunk_steps)
         return layout.chunk_steps * min(run_chunks, max(1, cls.BLOCK_BYTES // chunk_bytes))
 
-    def _start_encoder(self) -> ChunkEncoderProcess | None:
-        """A child process for the weight (and gradient) chunks, where the platform and store allow."""
-        shapes = self._step_array_shapes()
-        if not ChunkEncoderProcess.available() or not all(isinstance(self._arrays[name], ChunkWriter)
-                                                          for name in shapes):
-            return None
-        return ChunkEncoderProcess({name: self._arrays[name] for name in shapes}, shapes,
-                                   self.MAX_PENDING_BLOCKS + 2)
-
     # Only the rows recorded in a block are ever written, so block buffers need no filling.
-    def _step_array_shapes(self) -> dict[str, tuple[int, int, int]]:
-        """Block buffer shapes of the (step, class, pixel) arrays."""
-        shape = (self.block_steps, self.layout.n_classes, self.layout.n_pixels)
-        return {"weights": shape, **({"gradients": shape} if self.layout.gradients else {})}
-
-    def _scalar_buffers(self) -> dict[str, np.ndarray]:
-        buffers = {"loss": np.empty(self.block_steps, np.float32)}
-        if self.layout.bias:
-            buffers["bias"] = np.empty((self.block_steps, self.layout.n_classes), np.float32)
-        return buffers
+    def _block_shapes(self) -> dict[str, tuple[int, ...]]:
+        layout, rows = self.layout, self.block_steps
+        shapes: dict[str, tuple[int, ...]] = {"weights": (rows, layout.n_classes, layout.n_pixels),
+                                              "loss": (rows,)}
+        if layout.bias:
+            shapes["bias"] = (rows, layout.n_classes)
+        if layout.gradients:
+            shapes["gradients"] = (rows, layout.n_classes, layout.n_pixels)
+        if layout.resume_size:
+            shapes["resume_state"] = (layout.resume_size,)
+        return shapes
 
     # -- recording -------------------------------------------------------------------
     def record_step(self, step: int, weights: np.ndarray, loss: float = float("nan"), *,
                     bias: np.ndarray | None = None, gradient: np.ndarray | None = None) -> None:
-        self._raise_failure()
-        if step != self._next_step:
-            raise ValueError(f"steps must be recorded in order: expected {self._next_step}, got {step}")
-        if step > self.layout.n_steps:
-            raise ValueError(f"step {step} is past the planned {self.layout.n_steps} steps")
+        # This runs once per training step: it copies the row into the block buffer and
+        # checks one counter; everything else happens a few times per block.
+        if step != self._next_step or step > self.layout.n_steps:
+            self._refuse_steps(step, step)
         row = step - self._block_start
-        self._buffers["weights"][row] = weights
-        self._buffers["loss"][row] = loss
+        buffers = self._buffers
+        buffers["weights"][row] = weights
+        buffers["loss"][row] = loss
         if self.layout.bias:
-            self._buffers["bias"][row] = bias
+            buffers["bias"][row] = bias
         if self.layout.gradients:  # step 0 has no gradient: NaN, like a row never written
-            self._buffers["gradients"][row] = np.nan if gradient is None else gradient
+            buffers["gradients"][row] = np.nan if gradient is None else gradient
         self._next_step = step + 1
-        if row + 1 == self.block_steps:
-            self._hand_over()
+        if row + 1 == self._next_handoff:
+            self._hand_off_rows()
 
     def record_steps(self, first_step: int, weights: np.ndarray, losses: np.ndarray, *,
                      biases: np.ndarray | None = None, gradients: np.ndarray | None = None) -> None:
         """Record consecutive steps ``first_step ..`` at once: ``weights`` (n, class, pixel),
         ``losses`` (n,), and (n, class) ``biases`` / (n, class, pixel) ``gradients`` where the
         layout has them. The same rows as n calls of :meth:`record_step`, with one copy per block."""
-        self._raise_failure()
         n_rows = len(weights)
-        if first_step != self._next_step:
-            raise ValueError(f"steps must be recorded in order: expected {self._next_step}, got {first_step}")
-        if first_step + n_rows - 1 > self.layout.n_steps:
-            raise ValueError(f"steps up to {first_step + n_rows - 1} are past the planned {self.layout.n_steps}")
+        if first_step != self._next_step or first_step + n_rows - 1 > self.layout.n_steps:
+            self._refuse_steps(first_step, first_step + n_rows - 1)
         done = 0
         while done < n_rows:
             row = self._next_step - self._block_start
-            take = min(n_rows - done, self.block_steps - row)
+            take = min(n_rows - done, self._next_handoff - row)
             rows, given = slice(row, row + take), slice(done, done + take)
             self._buffers["weights"][rows] = weights[given]
             self._buffers["loss"][rows] = losses[given]
@@ -290,8 +275,14 @@ class TrajectoryWriter:
                     self._buffers["gradients"][row] = np.nan
             self._next_step += take
             done += take
-            if row + take == self.block_steps:
-                self._hand_over()
+            if row + take == self._next_handoff:
+                self._hand_off_rows()
+
+    def _refuse_steps(self, first: int, last: int) -> None:
+        self._raise_failure()
+        if first != self._next_step:
+            raise ValueError(f"steps must be recorded in order: expected {self._next_step}, got {first}")
+        raise ValueError(f"step {last} is past the planned {self.layout.n_steps} steps")
 
     def record_eval(self, step: int, accuracy: float, loss: float) -> None:
         index = self._evals_handed + len(self._evals)
@@ -301,27 +292,31 @@ class TrajectoryWriter:
         self._evals.append((accuracy, loss))
 
     def wait_written(self) -> None:
-        """Wait until every full chunk handed to the writer thread is on disk."""
-        self._queue.join()
+        """Wait until every block handed to the store writer is on disk."""
+        while self._worker.pending:
+            self._take_reply(self._next_reply())
         self._raise_failure()
 
     def flush(self) -> None:
         """Write everything recorded so far and move the progress marker over it; returns when done."""
-        self._hand_over()
+        self.send_recorded()
         self.wait_written()
+
+    def send_recorded(self) -> None:
+        """Hand everything recorded so far to the store writer now, without waiting for it."""
+        self._hand_over()
 
     def close(self, *, error: str | None = None) -> None:
         """Write what is recorded and mark the run finished, or unfinished with ``error``."""
+        if self._closed:
+            return
+        self._closed = True
         try:
-            self._hand_over()
+            self._hand_over(check=False)
+            self._send(("close", error), None)
+            self.wait_written()
         finally:
-            self._queue.put(None)
-            self._thread.join()
-            if self._encoder:
-                self._encoder.close()
-        self._raise_failure()
-        self.finished = error is None and self.steps_done == self.layout.n_steps
-        self._write_progress(error=error)
+            self._worker.close()
 
     def __enter__(self) -> TrajectoryWriter:
         return self
@@ -335,93 +330,165 @@ class TrajectoryWriter:
         except Exception:  # noqa: BLE001 - the original exception is the one to report
             log.exception("%s: could not record the failure in the store", self.path)
 
-    def _hand_over(self) -> None:
-        """Queue the rows and evaluations recorded since the last hand-over for writing."""
+    def _hand_off_rows(self) -> None:
+        """The buffer holds another hand-off's worth of rows: send them, or the whole block if full."""
+        n_rows = self._next_step - self._block_start
+        if n_rows == self.block_steps:
+            self._hand_over()
+            return
+        for reply in self._worker.replies():  # notice a failure early, and free slots
+            self._take_reply(reply)
+        self._raise_failure()
+        self._send(("rows", self._slot, self._block_start, self._rows_handed, n_rows - self._rows_handed), None)
+        self._rows_handed = n_rows
+        self._next_handoff = min(self.block_steps, n_rows + self._handoff_steps)
+
+    def _hand_over(self, *, check: bool = True) -> None:
+        """Send the block recorded so far (its rows not handed off yet, its small arrays, a
+        checkpoint) and the evaluations since the last hand-over; the store writer then moves the marker."""
+        for reply in self._worker.replies():  # notice a failure early, and free slots
+            self._take_reply(reply)
+        if check:
+            self._raise_failure()
         n_rows = self._next_step - self._block_start
         if not n_rows and not self._evals:
             return
-        state = self._checkpoint() if n_rows and self._checkpoint else None
-        block = (self._block_start, n_rows, self._slot if n_rows else None, self._evals_handed,
-                 list(self._evals), state)
+        slot = self._slot if n_rows else None
+        has_state = False
+        if n_rows and self._checkpoint:
+            state = self._checkpoint()
+            if state is not None:
+                if len(state):
+                    self._buffers["resume_state"][:] = state
+                has_state = True
+        self._send(("block", slot, self._block_start, self._rows_handed, n_rows, self._evals_handed,
+                    list(self._evals), has_state), slot)
         self._evals_handed += len(self._evals)
         self._evals.clear()
         if n_rows:
-            self._slot = self._free_slots.get()
+            while not self._free_slots:  # wait for the store writer to free one
+                self._take_reply(self._next_reply())
+            self._slot = self._free_slots.pop()
             self._buffers = self._slots[self._slot]
             self._block_start = self._next_step
-        while True:  # wait for room, but notice if the writer died meanwhile
+            self._rows_handed = 0
+            self._next_handoff = self._handoff_steps
+
+    def _send(self, message: tuple, frees_slot: int | None) -> None:
+        try:
+            self._worker.submit(message)
+        except OSError as error:
+            self._failure = self._failure or str(error)
             self._raise_failure()
-            try:
-                self._queue.put(block, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._slots_in_flight.append(frees_slot)
+
+    def _next_reply(self) -> Any:
+        try:
+            return self._worker.next_reply()
+        except OSError as error:
+            self._failure = self._failure or str(error)
+            self._raise_failure()
+
+    def _take_reply(self, reply: Any) -> None:
+        slot = self._slots_in_flight.popleft()
+        if slot is not None:
+            self._free_slots.append(slot)
+        if isinstance(reply, WriterFailed):
+            self._failure = self._failure or reply.reason
+            return
+        self.steps_done = reply["steps_done"]
+        self.finished = reply["finished"]
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
-            raise TrajectoryError(f"{self.path}: writing the store failed: {self._failure}") from self._failure
+            raise TrajectoryError(f"{self.path}: writing the store failed: {self._failure}")
 
-    # -- the writer thread -------------------------------------------------------------
-    def _write_blocks(self) -> None:
-        while True:
-            block = self._queue.get()
-            try:
-                if block is None:
-                    return
-                if self._failure is None:
-                    self._write_block(*block)
-            except BaseException as error:  # noqa: BLE001 - handed to the training thread
-                self._failure = error
-            finally:
-                if block is not None and block[2] is not None:
-                    self._free_slots.put(block[2])
-                self._queue.task_done()
 
-    def _write_block(self, start: int, n_rows: int, slot: int | None, first_eval: int,
-                     evals: list[tuple[float, float]], state: np.ndarray | None) -> None:
+class _StoreWriter:
+    """Writes what the training side hands over into the store, progress marker last.
+
+    It runs in the store writer (a child process or a thread), never on the training
+    thread, and it alone writes the store once it is created. Messages, in order:
+
+    - ``("rows", slot, block_start, first_row, n_rows)``: rows of a block being filled, for
+      the big per-step arrays;
+    - ``("block", slot, block_start, rows_handed, n_rows, first_eval, evals, has_state)``: a
+      block is complete (or flushed): the rest of its rows, its small arrays, evaluations
+      and checkpoint, then the marker;
+    - ``("close", error)``: the final marker.
+    """
+
+    def __init__(self, group: zarr.Group, layout: StoreLayout, slots: list[dict[str, np.ndarray]],
+                 resume_from: ResumePoint | None) -> None:
+        self.group, self.layout, self.slots = group, layout, slots
+        self.arrays = {name: ChunkWriter.wrap(group[name]) for name in group.array_keys()}
+        self.step_arrays = [name for name in ("weights", "gradients") if name in slots[0]]
+        self.scalar_arrays = [name for name in ("loss", "bias") if name in slots[0]]
+        self.steps_done = -1 if resume_from is None else resume_from.step
+        self.evals_written = 0 if resume_from is None else len(resume_from.heldout)
+        # The checkpoint the marker names, and the resume_state row the next one goes to:
+        # never the row the marker names, so a crash mid-write leaves that one intact.
+        self.resume = None if resume_from is None else {"step": resume_from.step, "row": resume_from.row}
+        self.next_checkpoint_row = 0 if resume_from is None else 1 - resume_from.row
+        self.finished = False
+
+    def handle(self, messages: list[tuple]) -> list[dict[str, Any]]:
+        replies = []
+        for index, (kind, *details) in enumerate(messages):
+            if kind == "rows":
+                self._write_rows(*details)
+            elif kind == "block":
+                self._write_block(*details)
+                if not (index + 1 < len(messages) and messages[index + 1][0] == "close"):
+                    self._write_progress()  # else the close writes it, once
+            else:
+                error = details[0]
+                self.finished = error is None and self.steps_done == self.layout.n_steps
+                self._write_progress(error=error)
+            replies.append({"steps_done": self.steps_done, "finished": self.finished})
+        return replies
+
+    def _write_rows(self, slot: int, block_start: int, first_row: int, n_rows: int) -> None:
+        rows = slice(first_row, first_row + n_rows)
+        for name in self.step_arrays:  # whole chunks straight to files, any partial ones through zarr
+            self.arrays[name][block_start + first_row:block_start + first_row + n_rows] = self.slots[slot][name][rows]
+
+    def _write_block(self, slot: int | None, start: int, rows_handed: int, n_rows: int, first_eval: int,
+                     evals: list[tuple[float, float]], has_state: bool) -> None:
         # Data first, progress marker after: a reader trusting the marker never sees a row
         # that is not on disk yet.
         if n_rows:
-            for name, buffer in self._slots[slot].items():
-                if self._encoder and name in self._encoder.names:
-                    continue
-                self._arrays[name][start:start + n_rows] = buffer[:n_rows]
-            if self._encoder:  # its whole chunks in the encoder process, partial ones here
-                head, whole = self._arrays["weights"].split(start, n_rows)
-                if whole:
-                    self._encoder.write(slot, head, whole, start + head)
-                for name in self._encoder.names:
-                    buffer, writer = self._slots[slot][name], self._arrays[name]
-                    writer.write_partial(start, buffer[:head])
-                    writer.write_partial(start + head + whole, buffer[head + whole:n_rows])
+            buffers = self.slots[slot]
+            self._write_rows(slot, start, rows_handed, n_rows - rows_handed)
+            for name in self.scalar_arrays:
+                self.arrays[name][start:start + n_rows] = buffers[name][:n_rows]
             self.steps_done = start + n_rows - 1
         if evals:
             done = slice(first_eval, first_eval + len(evals))
             values = np.asarray(evals, dtype=np.float32)
-            self._arrays["heldout_accuracy"][done] = values[:, 0]
-            self._arrays["heldout_loss"][done] = values[:, 1]
-            self._evals_written = first_eval + len(evals)
-        if state is not None:
-            row = self._next_checkpoint_row
-            if len(state):  # plain SGD keeps no optimizer state: the weights are all it needs
-                self._arrays["resume_state"][row] = state
-            self._resume = {"step": self.steps_done, "row": row}
-            self._next_checkpoint_row = 1 - row
-        self._write_progress()
+            self.arrays["heldout_accuracy"][done] = values[:, 0]
+            self.arrays["heldout_loss"][done] = values[:, 1]
+            self.evals_written = first_eval + len(evals)
+        if has_state:
+            row = self.next_checkpoint_row
+            if self.layout.resume_size:  # plain SGD keeps no optimizer state: the weights are all it needs
+                self.arrays["resume_state"][row] = self.slots[slot]["resume_state"]
+            self.resume = {"step": self.steps_done, "row": row}
+            self.next_checkpoint_row = 1 - row
 
     def _write_progress(self, *, error: str | None = None) -> None:
         progress = {
             "steps_done": self.steps_done,
             "n_steps": self.layout.n_steps,
-            "evals_done": self._evals_written,
+            "evals_done": self.evals_written,
             "finished": self.finished,
         }
         if not self.finished:
             # Only for telling a live run from a stale one; a finished store carries no
             # timestamp, so a resumed run ends byte for byte as an uninterrupted one.
             progress["updated"] = _now()
-        if self._resume:
-            progress["resume"] = self._resume
+        if self.resume:
+            progress["resume"] = self.resume
         if error:
             progress["error"] = error
         self.group.attrs["progress"] = progress

@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline.chunkwriter import ChunkEncoderProcess, ChunkWriter
+from pipeline.chunkwriter import ChunkWriter, WriterProcess, WriterThread
 from pipeline.trajectory import (
     StoreLayout,
     TrajectoryError,
@@ -106,20 +106,20 @@ def test_a_crash_in_training_keeps_the_recorded_steps_and_marks_the_run_unfinish
     assert np.array_equal(open_run(path).weights.values, rows[:12])
 
 
-@pytest.fixture(params=["encoder process", "writer thread"])
+@pytest.fixture(params=["writer process", "writer thread"])
 def chunk_path(request, monkeypatch):
-    """Run a test with weight chunks written by the encoder process (Linux) and by the writer thread."""
+    """Run a test with the store written by the writer process (Linux) and by the writer thread."""
     if request.param == "writer thread":
-        monkeypatch.setattr(ChunkEncoderProcess, "available", classmethod(lambda cls: False))
-    elif not ChunkEncoderProcess.available():
-        pytest.skip("the encoder process is used on Linux only")
+        monkeypatch.setattr(WriterProcess, "available", classmethod(lambda cls: False))
+    elif not WriterProcess.available():
+        pytest.skip("the writer process is used on Linux only")
     return request.param
 
 
 def test_a_failing_disk_stops_training_with_the_reason(tmp_path, chunk_path):
     path = tmp_path / "trajectory.zarr"
     writer = TrajectoryWriter(path, StoreLayout(n_steps=30, eval_steps=(0,), chunk_steps=4), {}, block_steps=8)
-    assert (writer._encoder is not None) == (chunk_path == "encoder process")
+    assert isinstance(writer._worker, WriterProcess if chunk_path == "writer process" else WriterThread)
     (path / "weights" / "c").write_bytes(b"")  # a file where the chunk directory must go: every write fails
     with pytest.raises(TrajectoryError, match="writing the store failed.*(Not a directory|File exists)"):
         for step in range(31):
@@ -218,7 +218,7 @@ def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path):
     ours = tmp_path / "ours.zarr"
     write_run(ours, rows, chunk_steps=8)
     assert isinstance(TrajectoryWriter(tmp_path / "probe.zarr", StoreLayout(n_steps=3, eval_steps=(0,)), {})
-                      ._arrays["weights"], ChunkWriter)  # the direct path is in use
+                      ._store_writer.arrays["weights"], ChunkWriter)  # the direct path is in use
     reference = zarr.open_array(ours / "weights", mode="r")
     by_zarr = zarr.create_array(tmp_path / "zarr-written", shape=reference.shape, chunks=reference.chunks,
                                 dtype="float32", fill_value=np.nan, filters=reference.filters,
