@@ -1,7 +1,7 @@
 """Capture benchmark: how fast weightlapse trains while recording every step, against the
 original notebook's loop that recorded nothing.
 
-    python benchmarks/capture.py [--dataset-dir DIR] [--epochs N] [--repeats N] [--json FILE]
+    python benchmarks/capture.py [--dataset-dir DIR] [--epochs N] [--repeats N] [--sweep-runs N] [--json FILE]
 
 Measures, in one process, on the same data and device, batch-20 Adam for --epochs epochs:
 
@@ -19,8 +19,9 @@ Measures, in one process, on the same data and device, batch-20 Adam for --epoch
 Each of these runs --repeats times, interleaved, and the medians count: timings on a
 small shared machine drift by 20% between runs.
 
-Then, each in a fresh process, (c) for 1 epoch and for --memory-epochs epochs, to show that
-peak memory does not grow with run length. Prints steps/s, the ratios (c)/(a) and (c)/(b),
+Then the aggregate throughput of a sweep of --sweep-runs seeds trained one after another
+and in parallel processes. Then, each in a fresh process, (c) for 1 epoch and for
+--memory-epochs epochs, to show that peak memory does not grow with run length. Prints steps/s, the ratios (c)/(a) and (c)/(b),
 bytes per step on disk and peak memory; --json writes them for comparison across machines.
 """
 
@@ -35,8 +36,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -137,12 +140,80 @@ def capture_run(dataset_dir: Path, name: str, epochs: int, device: str, out: Pat
     dataset = load_dataset(dataset_dir, name)
     steps = plan_steps(len(dataset.train.labels), batch_size=20, epochs=epochs, max_steps=None)
     config = TrainParams(epochs=epochs, device=device, eval_every=heldout_every or steps)
-    summary = run_training(config, dataset, out, run_name="benchmark", progress=False)
+    # The store writer is forked from the training process: most of its resident pages
+    # (the dataset, the interpreter) are the parent's, shared, and counted in both peaks.
+    with ChildPeakMemory() as writer:
+        summary = run_training(config, dataset, out, run_name="benchmark", progress=False)
     store = out / "trajectory.zarr" / "weights"
     size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file() and f.name != "zarr.json")
     return {"steps": summary.metrics["steps"], "seconds": summary.loop_seconds, "steps_per_s": summary.steps_per_s,
             "engine": summary.engine, "bytes_per_step": size / (summary.metrics["steps"] + 1),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb(), "writer_peak_rss_mb": writer.peak_mb}
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's peak resident memory in MB: Linux's VmHWM, else getrusage's maximum.
+
+    Not ru_maxrss on Linux: it is kept across exec, so a fresh process started by a big one
+    reports the big one's peak.
+    """
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid == "self" else float("nan")
+
+
+class ChildPeakMemory:
+    """Samples the peak resident memory of this process's child processes (the store writer) while it runs."""
+
+    def __init__(self, every_s: float = 0.02) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            for children in Path("/proc/self/task").glob("*/children"):
+                for pid in children.read_text().split():
+                    self.peak_mb = max(self.peak_mb, peak_rss_mb(pid))
+
+
+def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, device: str) -> dict:
+    """Aggregate run-steps/s of ``n_runs`` seeds, every step recorded: one after another in this
+    process (as `dvc repro` trains a sweep), and in parallel worker processes, one per core
+    (``pipeline.sweep`` on a local Dask cluster). Data is loaded beforehand in both."""
+    from distributed import Client
+
+    from pipeline.sweep import _loaded_dataset, dispatch, local_cluster
+
+    dataset = load_dataset(dataset_dir, name)
+    steps = plan_steps(len(dataset.train.labels), batch_size=20, epochs=epochs, max_steps=None)
+    runs = {f"seed-{seed}": TrainParams(epochs=epochs, device=device, seed=seed, eval_every=steps)
+            for seed in range(n_runs)}
+    with tempfile.TemporaryDirectory(prefix="weightlapse-sweep-") as tmp:
+        started = time.perf_counter()
+        for run, config in runs.items():
+            run_training(config, dataset, Path(tmp) / "sequential" / run, run_name=run, progress=False)
+        sequential = n_runs * steps / (time.perf_counter() - started)
+        n_workers = os.cpu_count() or 1
+        with local_cluster(n_workers) as cluster, Client(cluster) as client:
+            client.run(_loaded_dataset, str(dataset_dir), name)  # every worker loads the data first
+            result = dispatch(runs, data_dir=str(dataset_dir), dataset_name=name, out=str(Path(tmp) / "parallel"),
+                              scheduler=client)
+    return {"runs": n_runs, "epochs": epochs, "workers": n_workers,
+            "sequential_run_steps_per_s": sequential, "parallel_run_steps_per_s": result.run_steps_per_s,
+            "parallel_vs_sequential": result.run_steps_per_s / sequential}
 
 
 def capture_in_subprocess(dataset_dir: Path, name: str, epochs: int, device: str) -> dict:
@@ -175,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="times each of (a), (b), (c) runs, interleaved; the median counts (default 3)")
     parser.add_argument("--memory-epochs", type=int, default=20, help="long run for the memory check (default 20)")
+    parser.add_argument("--sweep-runs", type=int, default=4,
+                        help="seeds trained one after another and in parallel for the sweep throughput "
+                             "(default 4; 0 skips it)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -200,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             rates["capture"].append(capture["steps_per_s"])
             rates["heldout"].append(capture_run(dataset_dir, name, args.epochs, device.type, Path(tmp) / "scored",
                                                 heldout_every=100)["steps_per_s"])
+    sweep = sweep_throughput(dataset_dir, name, args.sweep_runs, args.epochs, device.type) if args.sweep_runs else None
     short = capture_in_subprocess(dataset_dir, name, 1, device.type)
     long = capture_in_subprocess(dataset_dir, name, args.memory_epochs, device.type)
 
@@ -222,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         "raw_bytes_per_step": RAW_BYTES_PER_STEP,
         "peak_rss_mb": short["peak_rss_mb"],
         f"peak_rss_mb_{args.memory_epochs}_epochs": long["peak_rss_mb"],
+        "writer_peak_rss_mb": short["writer_peak_rss_mb"],
+        f"writer_peak_rss_mb_{args.memory_epochs}_epochs": long["writer_peak_rss_mb"],
         "memory_epochs_steps_per_s": long["steps_per_s"],
+        "sweep": sweep,
     }
     results["capture_vs_notebook"] = results["capture_steps_per_s"] / results["notebook_steps_per_s"]
     results["capture_vs_no_capture"] = results["capture_steps_per_s"] / results["no_capture_steps_per_s"]
@@ -235,7 +313,12 @@ def main(argv: list[str] | None = None) -> int:
           f"(c)/(b) {results['capture_vs_no_capture']:.2f} (target >= 0.90)")
     print(f"{results['bytes_per_step']:,.0f} bytes per step on disk ({results['compression']:.2f}x, target >= 1.3x); "
           f"peak memory {short['peak_rss_mb']:.0f} MB for 1 epoch, {long['peak_rss_mb']:.0f} MB for "
-          f"{args.memory_epochs} epochs")
+          f"{args.memory_epochs} epochs (store writer process: {short['writer_peak_rss_mb']:.0f} and "
+          f"{long['writer_peak_rss_mb']:.0f} MB, mostly pages shared with training)")
+    if sweep:
+        print(f"sweep of {sweep['runs']} runs: {sweep['sequential_run_steps_per_s']:,.0f} run-steps/s one after "
+              f"another, {sweep['parallel_run_steps_per_s']:,.0f} on {sweep['workers']} worker processes "
+              f"({sweep['parallel_vs_sequential']:.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -144,7 +144,7 @@ def run_trials(n_trials: int, dataset_dir: Path, dataset: str, epochs: int, *, s
             finished_first = process.poll() is not None  # it was faster this time: nothing to kill
             process.send_signal(signal.SIGKILL)
             process.wait()
-            time.sleep(0.2)  # let the orphaned chunk encoder notice and exit
+            time.sleep(0.2)  # the store writer process is killed with it: let it go
             result = {"trial": index, "killed_after_s": round(delay, 3), "finished_before_the_kill": finished_first,
                       **check_killed_run(out, reference, finished=finished_first)}
             if resume:

@@ -35,7 +35,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from pipeline.params import parse_params
-from pipeline.sweep import dispatch
+from pipeline.sweep import dispatch, local_cluster
 from pipeline.trajectory import open_run
 from viewer import compare
 from viewer.stats import change_statistics
@@ -84,8 +84,7 @@ def sequential(n_runs: int, epochs: int, data: Path, dataset: str, out: Path) ->
 
 def sweep(n_workers: int, n_runs: int, epochs: int, data: Path, dataset: str, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=None, silence_logs=40,
-                      memory_limit=0) as cluster, Client(cluster) as client:
+    with local_cluster(n_workers) as cluster, Client(cluster) as client:
         result = dispatch(sweep_params(n_runs, epochs, dataset).sweep_runs, data_dir=data, dataset_name=dataset,
                           out=str(out), scheduler=client)
     return {"workers": n_workers, "runs": n_runs, "run_steps": result.run_steps, "seconds": round(result.seconds, 2),

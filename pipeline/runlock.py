@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_NAME = ".writer.lock"
-# Lock files this process holds. A forked child (the trajectory's chunk encoder) inherits
+# Lock files this process holds. A forked child (the trajectory's store writer) inherits
 # them, and an inherited copy would keep the lock after this process died.
 _held_fds: set[int] = set()
 

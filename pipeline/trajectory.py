@@ -38,7 +38,8 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, TransposeCodec
 
-from pipeline.chunkwriter import ChunkWriter, WriterFailed, WriterProcess, WriterThread, shared_buffers
+from pipeline.chunkwriter import ChunkWriter
+from pipeline.handoff import WriterFailed, WriterProcess, WriterThread, shared_buffers
 from pipeline.locations import Location, as_location
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,11 @@
 """The store format: what the viewer and research scripts rely on."""
 
 import json
+import subprocess
+import sys
+import time
 import tracemalloc
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -9,7 +13,8 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline.chunkwriter import ChunkWriter, WriterProcess, WriterThread
+from pipeline.chunkwriter import ChunkWriter
+from pipeline.handoff import WriterProcess, WriterThread
 from pipeline.trajectory import (
     StoreLayout,
     TrajectoryError,
@@ -270,3 +275,60 @@ def test_recording_steps_a_block_at_a_time_writes_the_same_store(tmp_path):
     for name in ("weights", "loss", "bias", "gradients"):
         np.testing.assert_array_equal(one[name].values, blocks[name].values, err_msg=name)
     assert np.isnan(blocks.gradients.values[0]).all()
+
+
+def test_every_array_the_writer_encodes_is_the_bytes_zarr_writes(tmp_path):
+    # Loss, bias, gradients, evaluations and checkpoints are encoded by the writer too,
+    # rewritten whole as their chunks fill up a few rows at a time.
+    rng = np.random.default_rng(5)
+    n = 90
+    layout = StoreLayout(n_steps=n, eval_steps=(0, 40, 90), chunk_steps=16, bias=True, gradients=True,
+                         resume_size=20)
+    states = iter(rng.standard_normal((50, 20)).astype(np.float32))
+    ours = tmp_path / "ours.zarr"
+    with TrajectoryWriter(ours, layout, {"run": "x"}, block_steps=32, checkpoint=lambda: next(states)) as writer:
+        for step in range(n + 1):
+            writer.record_step(step, rng.standard_normal((10, 784)).astype(np.float32), float(rng.random()),
+                               bias=rng.standard_normal(10).astype(np.float32),
+                               gradient=rng.standard_normal((10, 784)).astype(np.float32) if step else None)
+            if step in layout.eval_steps:
+                writer.record_eval(step, float(rng.random()), float(rng.random()))
+    group = zarr.open_group(ours, mode="r")
+    for name in ("weights", "gradients", "loss", "bias", "heldout_accuracy", "heldout_loss", "resume_state"):
+        reference = group[name]
+        assert isinstance(ChunkWriter.wrap(zarr.open_array(ours / name, mode="r+")), ChunkWriter), name
+        by_zarr = zarr.create_array(tmp_path / f"zarr-{name}", shape=reference.shape, chunks=reference.chunks,
+                                    dtype="float32", fill_value=np.nan, filters=reference.filters,
+                                    compressors=reference.compressors)
+        by_zarr[...] = reference[...]
+        chunk_files = sorted(p.relative_to(ours / name) for p in (ours / name).rglob("*")
+                             if p.is_file() and p.name != "zarr.json")
+        assert chunk_files, name
+        for key in chunk_files:
+            assert (ours / name / key).read_bytes() == (tmp_path / f"zarr-{name}" / key).read_bytes(), (name, key)
+
+
+@pytest.mark.skipif(not WriterProcess.available(), reason="the writer process is used on Linux only")
+def test_the_writer_process_stops_writing_when_the_training_process_dies(tmp_path):
+    # An orphan writing on could overwrite the files and marker of a run resumed meanwhile.
+    # Here the writer is slowed down mid-chunk; its parent dies; the chunk must never appear.
+    store = tmp_path / "t.zarr"
+    script = f"""
+import os, time, numpy as np
+from pipeline import chunkwriter
+from pipeline.trajectory import StoreLayout, TrajectoryWriter
+original = chunkwriter.ChunkWriter._write_chunk
+def slow(self, index, rows):
+    time.sleep(2)
+    original(self, index, rows)
+chunkwriter.ChunkWriter._write_chunk = slow
+writer = TrajectoryWriter({str(store)!r}, StoreLayout(n_steps=200, eval_steps=(0,), chunk_steps=64), {{}})
+for step in range(64):  # one whole chunk: handed to the writer process at once
+    writer.record_step(step, np.zeros((10, 784), np.float32))
+time.sleep(0.5)
+os.kill(os.getpid(), 9)
+"""
+    subprocess.run([sys.executable, "-c", script], timeout=60, cwd=Path(__file__).resolve().parents[1], check=False)
+    time.sleep(3)
+    assert not (store / "weights" / "c" / "0" / "0" / "0").exists(), "the writer process wrote after its parent died"
+    assert read_progress(store)["steps_done"] == -1
