@@ -195,7 +195,7 @@ def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, dev
     (``pipeline.sweep`` on a local Dask cluster). Data is loaded beforehand in both."""
     from distributed import Client
 
-    from pipeline.sweep import _loaded_dataset, dispatch, local_cluster
+    from pipeline.sweep import dispatch, local_cluster, warm_up_worker
 
     dataset = load_dataset(dataset_dir, name)
     steps = plan_steps(len(dataset.train.labels), batch_size=20, epochs=epochs, max_steps=None)
@@ -208,7 +208,7 @@ def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, dev
         sequential = n_runs * steps / (time.perf_counter() - started)
         n_workers = os.cpu_count() or 1
         with local_cluster(n_workers) as cluster, Client(cluster) as client:
-            client.run(_loaded_dataset, str(dataset_dir), name)  # every worker loads the data first
+            client.run(warm_up_worker, str(dataset_dir), name)  # imports and data, before timing
             result = dispatch(runs, data_dir=str(dataset_dir), dataset_name=name, out=str(Path(tmp) / "parallel"),
                               scheduler=client)
     return {"runs": n_runs, "epochs": epochs, "workers": n_workers,

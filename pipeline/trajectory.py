@@ -146,7 +146,7 @@ class TrajectoryWriter:
     Rows are copied into a block buffer and handed to the store writer, which compresses
     and writes them; after each full block it writes the block's small arrays and
     checkpoint, then moves the progress marker. On Linux the store writer is a forked
-    process (:class:`~pipeline.chunkwriter.WriterProcess`), so the training thread does
+    process (:class:`~pipeline.handoff.WriterProcess`), so the training thread does
     nothing but copy rows: compression, files and zarr's Python run on another core under
     another interpreter lock. Elsewhere it is a thread. At most ``N_SLOTS - 1`` blocks are
     being written at a time (the trainer waits if the disk is slower), so memory is a few
