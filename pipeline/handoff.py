@@ -59,8 +59,8 @@ class WriterProcess:
     The training process then spends no time on the store: compressing, writing files and
     zarr's own Python all run there, on another core and under another interpreter lock.
     Block data travels in buffers from :func:`shared_buffers` made before this object;
-    messages are small tuples naming them. ``handle`` gets every message waiting at once (it
-    may write several blocks' small arrays and the progress marker once for all) and
+    messages are small tuples naming them. ``handle`` gets every message waiting at once (so
+    it can, say, write one progress marker for a block and the close right behind it) and
     returns one reply per message; the replies come back in order through :meth:`replies`
     and :meth:`next_reply`. If ``handle`` raises, that message and all later ones are answered
     ``WriterFailed`` and nothing more is written.
@@ -159,8 +159,11 @@ def _serve(connection, parent_end, handle: Callable[[list], list], parent_pid: i
         except (EOFError, OSError):
             return  # the parent closed its end, or died
         replies, failure = _handle_safely(handle, messages, failure)
-        for reply in replies:
-            connection.send(reply)
+        try:
+            for reply in replies:
+                connection.send(reply)
+        except OSError:
+            return  # the parent stopped listening: it gave up on the run
 
 
 def _die_with_parent(parent_pid: int) -> None:

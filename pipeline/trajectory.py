@@ -451,7 +451,7 @@ class _StoreWriter:
 
     def _write_rows(self, slot: int, block_start: int, first_row: int, n_rows: int) -> None:
         rows = slice(first_row, first_row + n_rows)
-        for name in self.step_arrays:  # whole chunks straight to files, any partial ones through zarr
+        for name in self.step_arrays:  # a chunk's rows may come in pieces (pipeline.chunkwriter keeps it)
             self.arrays[name][block_start + first_row:block_start + first_row + n_rows] = self.slots[slot][name][rows]
 
     def _write_block(self, slot: int | None, start: int, rows_handed: int, n_rows: int, first_eval: int,
