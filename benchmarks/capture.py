@@ -31,19 +31,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from memory import ChildPeakMemory, peak_rss_mb  # this folder is on sys.path
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -149,44 +147,6 @@ def capture_run(dataset_dir: Path, name: str, epochs: int, device: str, out: Pat
     return {"steps": summary.metrics["steps"], "seconds": summary.loop_seconds, "steps_per_s": summary.steps_per_s,
             "engine": summary.engine, "bytes_per_step": size / (summary.metrics["steps"] + 1),
             "peak_rss_mb": peak_rss_mb(), "writer_peak_rss_mb": writer.peak_mb}
-
-
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """A process's peak resident memory in MB: Linux's VmHWM, else getrusage's maximum.
-
-    Not ru_maxrss on Linux: it is kept across exec, so a fresh process started by a big one
-    reports the big one's peak.
-    """
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid == "self" else float("nan")
-
-
-class ChildPeakMemory:
-    """Samples the peak resident memory of this process's child processes (the store writer) while it runs."""
-
-    def __init__(self, every_s: float = 0.02) -> None:
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            for children in Path("/proc/self/task").glob("*/children"):
-                for pid in children.read_text().split():
-                    self.peak_mb = max(self.peak_mb, peak_rss_mb(pid))
 
 
 def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, device: str) -> dict:

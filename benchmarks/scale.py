@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -31,8 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cloudpickle
 import dask
+import memory  # this folder's, on sys.path when run as a script
 from distributed import Client, LocalCluster
+from memory import peak_rss_mb
 
 from pipeline.params import parse_params
 from pipeline.sweep import dispatch, local_cluster
@@ -45,6 +47,8 @@ RAW_BYTES_PER_STEP = 10 * 784 * 4
 # distributed's worker profiler samples every thread's stack every 10 ms; with zarr's reads
 # waiting on its I/O thread that halved read throughput here (docs/scaling.md).
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+# Workers cannot import this folder's modules: send the memory probe by value.
+cloudpickle.register_pickle_by_value(memory)
 
 
 def find_dataset(given: str | None) -> tuple[Path, str]:
@@ -54,10 +58,6 @@ def find_dataset(given: str | None) -> tuple[Path, str]:
             return directory, "fashion-mnist" if "fashion" in str(directory) else "mnist"
     raise SystemExit("no IDX dataset found: install Debian's dataset-fashion-mnist, run `dvc repro download`, "
                      "or pass --dataset-dir DIR")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def sweep_params(n_runs: int, epochs: int, dataset: str):

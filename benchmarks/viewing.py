@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from memory import peak_rss_mb  # this folder's, on sys.path when run as a script
 
 RAW_BYTES_PER_STEP = 10 * 784 * 4
 
@@ -108,16 +109,18 @@ def window_statistics(run_dir: Path, n_steps: int, *, window: int = 3000, repeat
 def whole_statistics(run_dir: Path) -> dict:
     """Statistics over every step, in a fresh process; its peak resident memory is reported."""
     code = (
-        "import json, resource, sys, time\n"
+        "import json, sys, time\n"
+        "from memory import peak_rss_mb\n"
         "from pipeline.trajectory import open_run\n"
         "from viewer.stats import change_statistics\n"
         "weights = open_run(sys.argv[1]).weights\n"
         "started = time.perf_counter()\n"
         "change_statistics(weights)\n"
-        "print(json.dumps({'seconds': time.perf_counter() - started,\n"
-        "                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+        "print(json.dumps({'seconds': time.perf_counter() - started, 'peak_rss_mb': peak_rss_mb()}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))})
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             "frame": frame_latency(runs_dir, "long", args.steps),
             "statistics_3000": window_statistics(run_dir, args.steps),
             "statistics_whole": whole_statistics(run_dir),
-            "benchmark_process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "benchmark_process_peak_rss_mb": peak_rss_mb(),
         }
     finally:
         if not args.keep and args.workdir is None:

@@ -337,8 +337,7 @@ class TrajectoryWriter:
         if n_rows == self.block_steps:
             self._hand_over()
             return
-        for reply in self._worker.replies():  # notice a failure early, and free slots
-            self._take_reply(reply)
+        self._take_arrived_replies()
         self._raise_failure()
         self._send(("rows", self._slot, self._block_start, self._rows_handed, n_rows - self._rows_handed), None)
         self._rows_handed = n_rows
@@ -347,8 +346,7 @@ class TrajectoryWriter:
     def _hand_over(self, *, check: bool = True) -> None:
         """Send the block recorded so far (its rows not handed off yet, its small arrays, a
         checkpoint) and the evaluations since the last hand-over; the store writer then moves the marker."""
-        for reply in self._worker.replies():  # notice a failure early, and free slots
-            self._take_reply(reply)
+        self._take_arrived_replies()
         if check:
             self._raise_failure()
         n_rows = self._next_step - self._block_start
@@ -382,6 +380,11 @@ class TrajectoryWriter:
             self._failure = self._failure or str(error)
             self._raise_failure()
         self._slots_in_flight.append(frees_slot)
+
+    def _take_arrived_replies(self) -> None:
+        """Take the replies in so far, without waiting: a failure is noticed early and slots freed."""
+        for reply in self._worker.replies():
+            self._take_reply(reply)
 
     def _next_reply(self) -> Any:
         try:
