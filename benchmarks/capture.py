@@ -19,10 +19,12 @@ Measures, in one process, on the same data and device, batch-20 Adam for --epoch
 Each of these runs --repeats times, interleaved, and the medians count: timings on a
 small shared machine drift by 20% between runs.
 
-Then the aggregate throughput of a sweep of --sweep-runs seeds trained one after another
-and in parallel processes. Then, each in a fresh process, (c) for 1 epoch and for
---memory-epochs epochs, to show that peak memory does not grow with run length. Prints steps/s, the ratios (c)/(a) and (c)/(b),
-bytes per step on disk and peak memory; --json writes them for comparison across machines.
+Then the aggregate throughput of a sweep of --sweep-runs seeds: trained one after another,
+as one stack (one numpy computation for all, pipeline.train.train_stack), and by
+pipeline.sweep on a local Dask cluster. Then, each in a fresh process, (c) for 1 epoch and
+for --memory-epochs epochs, to show that peak memory does not grow with run length. Prints
+steps/s, the ratios (c)/(a) and (c)/(b), bytes per step on disk and peak memory; --json
+writes them for comparison across machines.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ from memory import ChildPeakMemory, peak_rss_mb  # this folder is on sys.path
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
-from pipeline.datasets import load_dataset
-from pipeline.engines import select_engine
+from pipeline.datasets import Dataset as RunData
+from pipeline.datasets import Split, load_dataset
+from pipeline.engines import ClosedFormEngine, select_engine
 from pipeline.params import TrainParams
 from pipeline.train import run_training
 from pipeline.trainer import SoftmaxRegression, make_optimizer, plan_steps, select_device, train
@@ -103,22 +105,21 @@ def project_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device:
     def count(step: int, loss: float) -> None:
         steps[0] = step
 
+    split = Split(images, labels)
+    dataset = RunData("benchmark", split, split, {})
     if engine == "cuda-graph":
-        from pipeline.datasets import Dataset, Split
         from pipeline.graph_engine import CudaGraphEngine
 
-        split = Split(images, labels)
-        ring = CudaGraphEngine(TrainParams(epochs=epochs, device=device.type), Dataset("benchmark", split, split, {}),
-                               device, block_steps=512)
+        ring = CudaGraphEngine(TrainParams(epochs=epochs, device=device.type), dataset, device, block_steps=512)
         started = time.perf_counter()
         ring.train(count, on_block=lambda first, rows: count(first + len(rows["loss"]) - 1, 0.0))
         return steps[0], time.perf_counter() - started
-    model = SoftmaxRegression(seed=0).to(device)
-    if engine == "numpy":
-        closed = ClosedFormSoftmaxRegression(model.weight.detach().cpu().numpy(), None, optimizer="adam", lr=1e-3)
+    if engine == "numpy":  # the engine the train stage drives, as it drives it
+        closed = ClosedFormEngine(TrainParams(epochs=epochs, device="cpu"), dataset)
         started = time.perf_counter()
-        train_closed_form(closed, images, labels, batch_size=20, epochs=epochs, seed=0, on_step=count)
+        closed.train(count)
         return steps[0], time.perf_counter() - started
+    model = SoftmaxRegression(seed=0).to(device)
     x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     optimizer = make_optimizer(model.parameters(), name="adam", lr=1e-3)
     started = time.perf_counter()
@@ -149,31 +150,49 @@ def capture_run(dataset_dir: Path, name: str, epochs: int, device: str, out: Pat
             "peak_rss_mb": peak_rss_mb(), "writer_peak_rss_mb": writer.peak_mb}
 
 
-def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, device: str) -> dict:
+def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, device: str, repeats: int) -> dict:
     """Aggregate run-steps/s of ``n_runs`` seeds, every step recorded: one after another in this
-    process (as `dvc repro` trains a sweep), and in parallel worker processes, one per core
-    (``pipeline.sweep`` on a local Dask cluster). Data is loaded beforehand in both."""
+    process (as `dvc repro` trains a sweep); as one stack in this process (pipeline.train.train_stack);
+    and as ``pipeline.sweep`` trains them on a local Dask cluster of one worker process per
+    core (stacks split across the workers). Data is loaded beforehand in all three; each is
+    timed ``repeats`` times and the median counts."""
     from distributed import Client
 
     from pipeline.sweep import dispatch, local_cluster, warm_up_worker
+    from pipeline.train import train_stack
 
     dataset = load_dataset(dataset_dir, name)
     steps = plan_steps(len(dataset.train.labels), batch_size=20, epochs=epochs, max_steps=None)
     runs = {f"seed-{seed}": TrainParams(epochs=epochs, device=device, seed=seed, eval_every=steps)
             for seed in range(n_runs)}
+    stackable = select_device(device).type == "cpu"  # a stack is the CPU's numpy engine
+    timings: dict[str, list[float]] = {"sequential": [], "stacked": [], "cluster": []}
+    n_workers = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="weightlapse-sweep-") as tmp:
-        started = time.perf_counter()
-        for run, config in runs.items():
-            run_training(config, dataset, Path(tmp) / "sequential" / run, run_name=run, progress=False)
-        sequential = n_runs * steps / (time.perf_counter() - started)
-        n_workers = os.cpu_count() or 1
+        for repeat in range(repeats):
+            started = time.perf_counter()
+            for run, config in runs.items():
+                run_training(config, dataset, Path(tmp) / f"sequential-{repeat}" / run, run_name=run, progress=False)
+            timings["sequential"].append(n_runs * steps / (time.perf_counter() - started))
+            if stackable:
+                started = time.perf_counter()
+                train_stack({run: (config, Path(tmp) / f"stacked-{repeat}" / run) for run, config in runs.items()},
+                            dataset)
+                timings["stacked"].append(n_runs * steps / (time.perf_counter() - started))
         with local_cluster(n_workers) as cluster, Client(cluster) as client:
             client.run(warm_up_worker, str(dataset_dir), name)  # imports and data, before timing
-            result = dispatch(runs, data_dir=str(dataset_dir), dataset_name=name, out=str(Path(tmp) / "parallel"),
-                              scheduler=client)
+            for repeat in range(repeats):
+                result = dispatch(runs, data_dir=str(dataset_dir), dataset_name=name,
+                                  out=str(Path(tmp) / f"cluster-{repeat}"), scheduler=client)
+                timings["cluster"].append(result.run_steps_per_s)
+    medians = {way: statistics.median(values) if values else None for way, values in timings.items()}
+    sequential = medians["sequential"]
     return {"runs": n_runs, "epochs": epochs, "workers": n_workers,
-            "sequential_run_steps_per_s": sequential, "parallel_run_steps_per_s": result.run_steps_per_s,
-            "parallel_vs_sequential": result.run_steps_per_s / sequential}
+            "sequential_run_steps_per_s": sequential,
+            "stacked_run_steps_per_s": medians["stacked"],
+            "cluster_run_steps_per_s": medians["cluster"],
+            "stacked_vs_sequential": medians["stacked"] / sequential if stackable else None,
+            "cluster_vs_sequential": medians["cluster"] / sequential}
 
 
 def capture_in_subprocess(dataset_dir: Path, name: str, epochs: int, device: str) -> dict:
@@ -207,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="times each of (a), (b), (c) runs, interleaved; the median counts (default 3)")
     parser.add_argument("--memory-epochs", type=int, default=20, help="long run for the memory check (default 20)")
     parser.add_argument("--sweep-runs", type=int, default=4,
-                        help="seeds trained one after another and in parallel for the sweep throughput "
-                             "(default 4; 0 skips it)")
+                        help="seeds trained one after another, as one stack and by pipeline.sweep for the "
+                             "sweep throughput (default 4; 0 skips it)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -234,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             rates["capture"].append(capture["steps_per_s"])
             rates["heldout"].append(capture_run(dataset_dir, name, args.epochs, device.type, Path(tmp) / "scored",
                                                 heldout_every=100)["steps_per_s"])
-    sweep = sweep_throughput(dataset_dir, name, args.sweep_runs, args.epochs, device.type) if args.sweep_runs else None
+    sweep = sweep_throughput(dataset_dir, name, args.sweep_runs, args.epochs, device.type, args.repeats) \
+        if args.sweep_runs else None
     short = capture_in_subprocess(dataset_dir, name, 1, device.type)
     long = capture_in_subprocess(dataset_dir, name, args.memory_epochs, device.type)
 
@@ -276,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.memory_epochs} epochs (store writer process: {short['writer_peak_rss_mb']:.0f} and "
           f"{long['writer_peak_rss_mb']:.0f} MB, mostly pages shared with training)")
     if sweep:
-        print(f"sweep of {sweep['runs']} runs: {sweep['sequential_run_steps_per_s']:,.0f} run-steps/s one after "
-              f"another, {sweep['parallel_run_steps_per_s']:,.0f} on {sweep['workers']} worker processes "
-              f"({sweep['parallel_vs_sequential']:.2f}x)")
+        stacked = "" if sweep["stacked_run_steps_per_s"] is None else \
+            f"{sweep['stacked_run_steps_per_s']:,.0f} as one stack ({sweep['stacked_vs_sequential']:.2f}x), "
+        print(f"sweep of {sweep['runs']} runs, run-steps/s: {sweep['sequential_run_steps_per_s']:,.0f} one after "
+              f"another, {stacked}{sweep['cluster_run_steps_per_s']:,.0f} by pipeline.sweep on "
+              f"{sweep['workers']} worker processes ({sweep['cluster_vs_sequential']:.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -14,92 +14,109 @@ optimizers take the autograd path.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.params import CLOSED_FORM_OPTIMIZERS
-from pipeline.trainer import remaining_batches
+from pipeline.trainer import epoch_orders, plan_steps
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which the autograd path uses too
 ADAM_EPS = 1e-8
 
 
 class ClosedFormSoftmaxRegression:
-    """Softmax regression whose parameters are numpy arrays updated in place each step.
+    """Softmax regression for a stack of runs stepped together, parameters updated in place.
 
-    ``weight`` is (class, pixel) and ``bias`` (class,) or None, as in nn.Linear. After
-    :meth:`step`, ``weight_grad`` and ``bias_grad`` hold the gradient that step applied.
+    ``weight`` is (run, class, pixel) and ``bias`` (run, class) or None: each run's slice
+    is an nn.Linear's parameter. A stack of one is a single run. The runs of a stack share
+    everything but their initial weights, their batches and their learning rate (``lr``, a
+    number or one per run): one numpy call then steps them all, and a call's fixed cost,
+    which dominates this tiny model's step, is paid once per stack instead of once per run.
+    Every run's numbers are the ones it gets when trained alone, bit for bit: the stacked
+    matrix products are the same BLAS calls slice by slice, and every other operation is
+    elementwise or reduces along the same axis in the same order (tests/test_closed_form.py).
+
+    After :meth:`step`, ``weight_grad`` and ``bias_grad`` hold the gradient that step applied.
     """
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, *, optimizer: str, lr: float,
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, *, optimizer: str, lr: float | Sequence[float],
                  momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         self.weight = np.array(weight, dtype=np.float32, order="C")
+        if self.weight.ndim != 3:
+            raise ValueError(f"weight: expected (run, class, pixel), got shape {self.weight.shape}")
+        self.n_runs = len(self.weight)
         self.bias = None if bias is None else np.array(bias, dtype=np.float32)
         self.weight_grad = np.zeros_like(self.weight)
         self.bias_grad = None if bias is None else np.zeros_like(self.bias)
         pairs = [(self.weight, self.weight_grad)]
         if self.bias is not None:
             pairs.append((self.bias, self.bias_grad))
-        self._optimizer = make_closed_form_optimizer(pairs, name=optimizer, lr=lr, momentum=momentum,
+        lrs = np.broadcast_to(np.asarray(lr, dtype=np.float64), (self.n_runs,))
+        self._optimizer = make_closed_form_optimizer(pairs, name=optimizer, lrs=lrs, momentum=momentum,
                                                      weight_decay=weight_decay)
         self._logits: np.ndarray | None = None  # work arrays, sized at the first batch
 
-    def step(self, images: np.ndarray, labels: np.ndarray) -> float:
-        """One optimizer step on a batch, (sample, pixel) float32 and (sample,) int; returns its loss."""
-        n = len(labels)
-        if self._logits is None or len(self._logits) != n:  # the last batch of an epoch may be short
-            self._logits = np.empty((n, len(self.weight)), np.float32)
-            self._rows = np.arange(n)
-        logits, rows = self._logits, self._rows
-        np.matmul(images, self.weight.T, out=logits)
+    def step(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """One optimizer step on each run's batch, (run, sample, pixel) float32 and (run, sample)
+        int; returns each run's loss."""
+        n = labels.shape[1]
+        if self._logits is None or self._logits.shape[1] != n:  # the last batch of an epoch may be short
+            self._logits = np.empty((self.n_runs, n, self.weight.shape[1]), np.float32)
+            self._runs, self._rows = np.arange(self.n_runs)[:, None], np.arange(n)[None, :]
+        logits, runs, rows = self._logits, self._runs, self._rows
+        np.matmul(images, self.weight.transpose(0, 2, 1), out=logits)
         if self.bias is not None:
-            logits += self.bias
-        logits -= logits.max(axis=1, keepdims=True)  # softmax is shift-invariant; exp cannot overflow
-        target_logit = logits[rows, labels]
+            logits += self.bias[:, None, :]
+        logits -= logits.max(axis=2, keepdims=True)  # softmax is shift-invariant; exp cannot overflow
+        target_logit = logits[runs, rows, labels]
         np.exp(logits, out=logits)
-        sums = logits.sum(axis=1)
-        loss = float(np.mean(np.log(sums) - target_logit))
+        sums = logits.sum(axis=2)
+        losses = np.mean(np.log(sums) - target_logit, axis=1)
         # d(mean NLL)/d(logits) = (softmax - one_hot) / n
-        logits /= sums[:, None]
-        logits[rows, labels] -= 1.0
+        logits /= sums[:, :, None]
+        logits[runs, rows, labels] -= 1.0
         logits *= np.float32(1.0 / n)
-        np.matmul(logits.T, images, out=self.weight_grad)
+        np.matmul(logits.transpose(0, 2, 1), images, out=self.weight_grad)
         if self.bias is not None:
-            np.sum(logits, axis=0, out=self.bias_grad)
+            np.sum(logits, axis=1, out=self.bias_grad)
         self._optimizer.step()
-        return loss
+        return losses
 
-    def optimizer_state(self) -> np.ndarray:
-        """The optimizer's state as one float32 vector, in pipeline.engines' order (a copy)."""
+    def optimizer_state(self, run: int = 0) -> np.ndarray:
+        """One run's optimizer state as one float32 vector, in pipeline.engines' order (a copy)."""
         arrays = self._optimizer.state_arrays()
-        return np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+        return np.concatenate([a[run].ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
 
     def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None:
-        """Put the model where it was after ``steps`` steps: its parameters and optimizer state."""
-        self.weight[...] = weight
+        """Put a stack of one where its run was after ``steps`` steps: parameters and optimizer state."""
+        if self.n_runs != 1:
+            raise ValueError("only a single run resumes; a stack's runs resume one by one")
+        self.weight[0] = weight
         if self.bias is not None:
-            self.bias[...] = bias
+            self.bias[0] = bias
         arrays, offset = [], 0
         for target in self._optimizer.state_arrays():
-            arrays.append(state[offset:offset + target.size].reshape(target.shape))
-            offset += target.size
+            size = target[0].size
+            arrays.append(state[offset:offset + size].reshape(target.shape))
+            offset += size
         if offset != len(state):
             raise ValueError(f"optimizer state of {len(state)} values, expected {offset}")
         self._optimizer.load_state(arrays, steps)
 
 
-Pairs = Sequence[tuple[np.ndarray, np.ndarray]]  # (parameter, its gradient), updated in place
+# (parameter, its gradient), updated in place; the first axis of each is the run.
+Pairs = Sequence[tuple[np.ndarray, np.ndarray]]
 
 
-def make_closed_form_optimizer(pairs: Pairs, *, name: str, lr: float, momentum: float = 0.0,
+def make_closed_form_optimizer(pairs: Pairs, *, name: str, lrs: np.ndarray, momentum: float = 0.0,
                                weight_decay: float = 0.0) -> Adam | SGD:
+    """``lrs``: each run's learning rate (float64, as the Python float torch is given)."""
     if name in ("adam", "adamw"):
-        return Adam(pairs, lr=lr, weight_decay=weight_decay, decoupled=name == "adamw")
+        return Adam(pairs, lrs=lrs, weight_decay=weight_decay, decoupled=name == "adamw")
     if name == "sgd":
-        return SGD(pairs, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return SGD(pairs, lrs=lrs, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"no closed-form path for optimizer {name!r} (it has one for {', '.join(CLOSED_FORM_OPTIMIZERS)}); "
                      "use engine: torch")
 
@@ -109,12 +126,18 @@ def _f32(value: float) -> np.float32:
     return np.float32(value)
 
 
+def _per_run(values: np.ndarray, param: np.ndarray) -> np.ndarray:
+    """One float32 scalar per run (computed in float64 as torch computes its Python scalars),
+    shaped to broadcast over that run's slice of ``param``."""
+    return values.astype(np.float32).reshape((len(values),) + (1,) * (param.ndim - 1))
+
+
 class Adam:
     """torch.optim.Adam / AdamW (single-tensor, amsgrad off), in the same operation order."""
 
-    def __init__(self, pairs: Pairs, *, lr: float, weight_decay: float = 0.0, decoupled: bool = False,
+    def __init__(self, pairs: Pairs, *, lrs: np.ndarray, weight_decay: float = 0.0, decoupled: bool = False,
                  betas: tuple[float, float] = ADAM_BETAS, eps: float = ADAM_EPS) -> None:
-        self.pairs, self.lr, self.weight_decay, self.decoupled = pairs, lr, weight_decay, decoupled
+        self.pairs, self.lrs, self.weight_decay, self.decoupled = pairs, lrs, weight_decay, decoupled
         self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
         self.steps = 0
         self.exp_avg = [np.zeros_like(param) for param, _ in pairs]
@@ -135,14 +158,14 @@ class Adam:
         step = self.steps
         bias_correction1 = 1 - self.beta1 ** step
         bias_correction2 = 1 - self.beta2 ** step
-        step_size = self.lr / bias_correction1
+        step_sizes = self.lrs / bias_correction1
         one_minus_beta1, beta2, one_minus_beta2 = _f32(1 - self.beta1), _f32(self.beta2), _f32(1 - self.beta2)
         bias_correction2_sqrt, eps = _f32(bias_correction2 ** 0.5), _f32(self.eps)
         for (param, grad), exp_avg, exp_avg_sq, scratch, denom in zip(
                 self.pairs, self.exp_avg, self.exp_avg_sq, self._scratch, self._denom):
             if self.weight_decay:
                 if self.decoupled:
-                    param *= _f32(1 - self.lr * self.weight_decay)
+                    param *= _per_run(1 - self.lrs * self.weight_decay, param)
                 else:
                     grad = grad + _f32(self.weight_decay) * param
             # exp_avg.lerp_(grad, 1 - beta1)
@@ -159,7 +182,7 @@ class Adam:
             denom /= bias_correction2_sqrt
             denom += eps
             # param.addcdiv_(exp_avg, denom, value=-step_size)
-            np.multiply(exp_avg, _f32(-step_size), out=scratch)
+            np.multiply(exp_avg, _per_run(-step_sizes, param), out=scratch)
             scratch /= denom
             param += scratch
 
@@ -167,8 +190,9 @@ class Adam:
 class SGD:
     """torch.optim.SGD (single-tensor, no dampening, not Nesterov), in the same operation order."""
 
-    def __init__(self, pairs: Pairs, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        self.pairs, self.lr, self.momentum, self.weight_decay = pairs, lr, momentum, weight_decay
+    def __init__(self, pairs: Pairs, *, lrs: np.ndarray, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        self.pairs, self.momentum, self.weight_decay = pairs, momentum, weight_decay
+        self._minus_lrs = [_per_run(-lrs, param) for param, _ in pairs]
         self.buffers: list[np.ndarray | None] = [None] * len(pairs)
         self._scratch = [np.empty_like(param) for param, _ in pairs]
 
@@ -183,7 +207,7 @@ class SGD:
             self.buffers = [np.array(value, dtype=np.float32) for value in arrays]
 
     def step(self) -> None:
-        for index, ((param, grad), scratch) in enumerate(zip(self.pairs, self._scratch)):
+        for index, ((param, grad), scratch, minus_lr) in enumerate(zip(self.pairs, self._scratch, self._minus_lrs)):
             if self.weight_decay:
                 grad = grad + _f32(self.weight_decay) * param
             if self.momentum:
@@ -194,7 +218,7 @@ class SGD:
                     buffer *= _f32(self.momentum)
                     buffer += grad
                 grad = buffer
-            np.multiply(grad, _f32(-self.lr), out=scratch)
+            np.multiply(grad, minus_lr, out=scratch)
             param += scratch
 
 
@@ -219,19 +243,38 @@ def flush_denormals():
 
 
 def train_closed_form(model: ClosedFormSoftmaxRegression, images: np.ndarray, labels: np.ndarray, *,
-                      batch_size: int, epochs: int, seed: int, max_steps: int | None = None,
-                      on_step: Callable[[int, float], None], start_step: int = 0) -> None:
-    """Train ``model`` as pipeline.trainer.train trains a torch model: same batches, same calls.
+                      batch_size: int, epochs: int, seeds: Sequence[int], max_steps: int | None = None,
+                      on_step: Callable[[int, np.ndarray], None], start_step: int = 0) -> None:
+    """Train ``model``'s runs as pipeline.trainer.train trains a torch model: same batches, same calls.
 
-    Calls ``on_step(0, nan)`` first, then ``on_step(t, loss_t)`` right after step t, while
+    ``seeds`` holds each run's seed, which draws its batches. Calls ``on_step(0, nans)``
+    first, then ``on_step(t, losses_t)`` (one loss per run) right after step t, while
     ``model.weight`` holds the weights after t steps and ``model.weight_grad`` the gradient
     of step t. With ``start_step`` s, ``model`` holds the state after s steps (see
-    :meth:`ClosedFormSoftmaxRegression.load_state`) and training continues with step s + 1.
+    :meth:`ClosedFormSoftmaxRegression.restore`) and training continues with step s + 1.
     """
+    if len(seeds) != model.n_runs:
+        raise ValueError(f"{len(seeds)} seeds for a stack of {model.n_runs} runs")
     if start_step == 0:
-        on_step(0, math.nan)
+        on_step(0, np.full(model.n_runs, np.nan, np.float32))
     with flush_denormals():
-        for step, batch in remaining_batches(len(images), batch_size=batch_size, epochs=epochs, seed=seed,
-                                             max_steps=max_steps, start_step=start_step):
-            index = batch.numpy()
+        for step, index in stacked_batches(len(images), batch_size=batch_size, epochs=epochs, seeds=seeds,
+                                           max_steps=max_steps, start_step=start_step):
             on_step(step, model.step(images[index], labels[index]))
+
+
+def stacked_batches(n_samples: int, *, batch_size: int, epochs: int, seeds: Sequence[int], max_steps: int | None,
+                    start_step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(step, sample indices (run, sample)) for the steps after ``start_step``: for each seed,
+    the batches pipeline.trainer.remaining_batches gives it, side by side. Each epoch's
+    orders become one numpy array, so a step's batches are one slice of it."""
+    n_steps = plan_steps(n_samples, batch_size=batch_size, epochs=epochs, max_steps=max_steps)
+    step = 0
+    for orders in zip(*(epoch_orders(n_samples, epochs=epochs, seed=seed) for seed in seeds)):
+        order = np.stack([run_order.numpy() for run_order in orders])
+        for start in range(0, n_samples, batch_size):
+            if step == n_steps:
+                return
+            step += 1
+            if step > start_step:
+                yield step, order[:, start:start + batch_size]

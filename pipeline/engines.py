@@ -116,24 +116,27 @@ class TorchEngine:
 
 
 class ClosedFormEngine:
-    """The fast CPU path: the same model, initialisation and batches, stepped in numpy."""
+    """The fast CPU path: the same model, initialisation and batches, stepped in numpy (a stack of one run)."""
 
     def __init__(self, config: TrainParams, dataset: Dataset) -> None:
         self.config = config
         initial = SoftmaxRegression(N_PIXELS, N_CLASSES, bias=config.bias, seed=config.seed)
         self.model = ClosedFormSoftmaxRegression(
-            initial.weight.detach().numpy(), None if initial.bias is None else initial.bias.detach().numpy(),
+            initial.weight.detach().numpy()[None], None if initial.bias is None else initial.bias.detach().numpy()[None],
             optimizer=config.optimizer, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.images, self.labels = dataset.train.images, dataset.train.labels
+        # Views of the run's slice: updated in place, like the arrays of the stack.
+        self._weight, self._gradient = self.model.weight[0], self.model.weight_grad[0]
+        self._bias = None if self.model.bias is None else self.model.bias[0]
 
     def weight_now(self) -> np.ndarray:
-        return self.model.weight
+        return self._weight
 
     def bias_now(self) -> np.ndarray | None:
-        return self.model.bias
+        return self._bias
 
     def gradient_now(self) -> np.ndarray:
-        return self.model.weight_grad
+        return self._gradient
 
     def optimizer_state(self) -> np.ndarray:
         return self.model.optimizer_state()
@@ -144,8 +147,8 @@ class ClosedFormEngine:
     def train(self, on_step: StepCallback, start_step: int = 0) -> None:
         config = self.config
         train_closed_form(self.model, self.images, self.labels, batch_size=config.batch_size,
-                          epochs=config.epochs, seed=config.seed, max_steps=config.max_steps, on_step=on_step,
-                          start_step=start_step)
+                          epochs=config.epochs, seeds=[config.seed], max_steps=config.max_steps,
+                          on_step=lambda step, losses: on_step(step, float(losses[0])), start_step=start_step)
 
 
 def make_engine(engine: str, config: TrainParams, dataset: Dataset, device: torch.device, *,

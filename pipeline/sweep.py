@@ -5,9 +5,11 @@
 
 ``dvc repro`` trains the sweep of params.yaml one stage after another on one machine and
 keeps the results in DVC. This command trains the same runs (every grid point of
-``sweep``, or the runs named, which may also come from ``runs``), each as one task on the
-cluster's workers, several at a time, with the same code and params, so each gives the
-trajectory its DVC stage would, bit for bit.
+``sweep``, or the runs named, which may also come from ``runs``) as tasks on the cluster's
+workers, several at a time, with the same code and params, so each gives the trajectory its
+DVC stage would, bit for bit. Runs that differ only in seed and learning rate train
+together, as one stack, in one task (:func:`plan_tasks`, pipeline.train.train_stack): on
+the CPU that is faster than training them one after another or side by side.
 
 Each task trains into a staging directory on its worker's local disk (the writer relies
 on atomic renames, which object stores lack), then publishes the run to ``--out/<run>``
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import logging
 import os
 import shutil
@@ -32,8 +35,14 @@ from pathlib import Path
 
 from pipeline.locations import Location, as_location, publish_run
 from pipeline.params import Params, ParamsError, TrainParams, load_params
+from pipeline.trajectory import STORE_NAME
 
 log = logging.getLogger(__name__)
+
+
+# Runs in one stack at most. Past 4 runs a stack steps no faster per run (docs/benchmarks.md),
+# and each of its runs has its own block buffers (48 MB) and store writer process.
+MAX_STACK_RUNS = 8
 
 
 @dataclass(frozen=True)
@@ -48,25 +57,69 @@ class SweepResult:
         return self.run_steps / self.seconds
 
 
-def train_and_publish(name: str, config: TrainParams, data_dir: str, dataset_name: str, out: str | Location) -> dict:
-    """One run, as a cluster task: train it and put it at ``out/<name>``; its metrics."""
+def train_and_publish(runs: dict[str, TrainParams], data_dir: str, dataset_name: str, out: str | Location) -> dict:
+    """A task: train ``runs`` (one stack, or one run) and put each at ``out/<name>``; their metrics by name.
+
+    A run whose local destination already holds a store is carried on from its checkpoint,
+    alone; so are all of them on a worker with a GPU, where ``device: auto`` trains on it.
+    """
     import torch
 
-    from pipeline.train import run_training
+    from pipeline.train import run_training, train_stack
+    from pipeline.trainer import select_device
 
     torch.set_num_threads(1)  # one run per worker thread; the model's ops are tiny
     dataset = load_dataset_once(data_dir, dataset_name)
-    destination = as_location(out) / name
-    if destination.local:
-        return run_training(config, dataset, destination.local_path, run_name=name, resume=True,
-                            progress=False).metrics
-    staging = Path(tempfile.mkdtemp(prefix=f"weightlapse-{name}-"))
+    out = as_location(out)
+    staging = None if out.local else Path(tempfile.mkdtemp(prefix="weightlapse-sweep-"))
     try:
-        metrics = run_training(config, dataset, staging / name, run_name=name, progress=False).metrics
-        publish_run(staging / name, destination)
+        directories = {name: (out / name).local_path if staging is None else staging / name for name in runs}
+        alone = {name: config for name, config in runs.items()
+                 if (directories[name] / STORE_NAME).exists() or select_device(config.device).type != "cpu"}
+        stacked = {name: (config, directories[name]) for name, config in runs.items() if name not in alone}
+        metrics = {}
+        if len(stacked) > 1:
+            metrics.update({name: summary.metrics for name, summary in train_stack(stacked, dataset).items()})
+        else:
+            alone.update({name: config for name, (config, _) in stacked.items()})
+        for name, config in alone.items():
+            metrics[name] = run_training(config, dataset, directories[name], run_name=name, resume=True,
+                                         progress=False).metrics
+        if staging is not None:
+            for name in runs:
+                publish_run(staging / name, out / name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return metrics
+
+
+def plan_tasks(runs: dict[str, TrainParams], slots: int) -> list[dict[str, TrainParams]]:
+    """The sweep's runs as cluster tasks: runs that can train as one stack (pipeline.train.stack_key)
+    in one task, up to ``MAX_STACK_RUNS`` a stack; stacks are halved while there are fewer
+    tasks than ``slots`` (the cluster's worker threads), so that no worker stays idle."""
+    from pipeline.train import stack_key
+
+    groups: dict[tuple, list[str]] = {}
+    alone: list[list[str]] = []
+    for name, config in runs.items():
+        key = stack_key(config)
+        if key is None:
+            alone.append([name])
+        else:
+            groups.setdefault(key, []).append(name)
+    stacks = [part for names in groups.values() for part in _split_evenly(names, -(-len(names) // MAX_STACK_RUNS))]
+    while len(stacks) + len(alone) < slots and any(len(stack) > 1 for stack in stacks):
+        largest = max(stacks, key=len)
+        stacks.remove(largest)
+        stacks.extend(_split_evenly(largest, 2))
+    return [{name: runs[name] for name in task} for task in stacks + alone]
+
+
+def _split_evenly(names: list[str], parts: int) -> list[list[str]]:
+    size, extra = divmod(len(names), parts)
+    bounds = [part * size + min(part, extra) for part in range(parts + 1)]
+    return [names[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 def load_dataset_once(data_dir: str, dataset_name: str):
@@ -120,19 +173,20 @@ def sweep_runs(params: Params, names: Iterable[str] | None = None) -> dict[str, 
 def dispatch(runs: dict[str, TrainParams], *, data_dir: str | Path, dataset_name: str, out: str | Location,
              scheduler, progress: Callable[[str, dict], None] | None = None) -> SweepResult:
     """Train ``runs`` on the cluster at ``scheduler`` (an address or Client), all at once."""
-    from pipeline.cluster import as_completed, submit
+    from pipeline.cluster import as_completed, client_for, submit
 
     started = time.perf_counter()
+    slots = sum(client_for(scheduler).nthreads().values())
     # A Location travels whole (with its storage options) to the workers.
-    futures = {submit(train_and_publish, name, config, str(data_dir), dataset_name, out, scheduler=scheduler,
-                      key=f"train-{name}"): name
-               for name, config in runs.items()}
+    futures = [submit(train_and_publish, task, str(data_dir), dataset_name, out, scheduler=scheduler,
+                      key=f"train-{'+'.join(task)}")
+               for task in plan_tasks(runs, slots)]
     metrics: dict[str, dict] = {}
-    for future in as_completed(list(futures)):
-        name = futures[future]
-        metrics[name] = future.result()  # a failed run raises here, naming its error
-        if progress:
-            progress(name, metrics[name])
+    for future in as_completed(futures):
+        for name, run_metrics in future.result().items():  # a failed run raises here, naming its error
+            metrics[name] = run_metrics
+            if progress:
+                progress(name, run_metrics)
     seconds = time.perf_counter() - started
     return SweepResult(metrics, sum(int(m["steps"]) for m in metrics.values()), seconds)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import csv
+import functools
 import json
 import logging
 import platform
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +31,21 @@ import zarr
 from tqdm import tqdm
 
 import pipeline
+from pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
 from pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS, Dataset, DatasetError, load_dataset
 from pipeline.engines import make_engine, optimizer_state_size, select_engine
 from pipeline.graph_engine import CudaGraphEngine
-from pipeline.params import ParamsError, TrainParams, load_params
+from pipeline.params import CLOSED_FORM_OPTIMIZERS, ParamsError, TrainParams, load_params
 from pipeline.runlock import RunLockedError, exclusive_writer
-from pipeline.trainer import DeviceError, Evaluation, evaluate, plan_evals, plan_steps, select_device
-from pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryError, TrajectoryWriter, find_resume_point
+from pipeline.trainer import DeviceError, Evaluation, SoftmaxRegression, evaluate, plan_evals, plan_steps, select_device
+from pipeline.trajectory import (
+    STORE_NAME,
+    ResumePoint,
+    StoreLayout,
+    TrajectoryError,
+    TrajectoryWriter,
+    find_resume_point,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,134 +88,246 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, *, r
     device = select_device(config.device)
     engine = select_engine(config.engine, config.optimizer, device,
                            even_batches=len(dataset.train.labels) % config.batch_size == 0)
-    if device.type == "cpu":
-        # This model's ops are tiny: one thread is faster than several, and it keeps the
-        # float reduction order, hence the trajectory's bits, independent of the core count.
-        torch.set_num_threads(1)
-    test_x = torch.from_numpy(dataset.test.images).to(device)
-    test_y = torch.from_numpy(dataset.test.labels).to(device)
-
-    n_steps = plan_steps(len(dataset.train.labels), batch_size=config.batch_size, epochs=config.epochs,
-                         max_steps=config.max_steps)
-    eval_steps = plan_evals(n_steps, config.eval_every)
-    eval_set = set(eval_steps)
-    layout = StoreLayout(n_steps=n_steps, eval_steps=eval_steps, n_classes=N_CLASSES, n_pixels=N_PIXELS,
-                         chunk_steps=config.capture.chunk_steps, bias=config.bias,
-                         gradients=config.capture.gradients, resume_size=optimizer_state_size(config))
-    block_steps = TrajectoryWriter.default_block_steps(layout)
-    model = make_engine(engine, config, dataset, device, block_steps=block_steps)
+    _use_one_cpu_thread(device)
+    plan = RunPlan.of(config, dataset)
+    model = make_engine(engine, config, dataset, device, block_steps=plan.block_steps)
     metadata = run_metadata(run_name, config, dataset, device, engine)
     point = None
     if resume and (out_dir / STORE_NAME).exists():
-        found = find_resume_point(out_dir / STORE_NAME, layout, metadata)
+        found = find_resume_point(out_dir / STORE_NAME, plan.layout, metadata)
         if isinstance(found, str):
             log.info("%s: training from the start, replacing the store in %s: %s", run_name, out_dir, found)
             overwrite = True
         else:
             point = found
             model.restore(point.weight, point.bias, point.optimizer_state, point.step)
-            log.info("%s: resuming after step %d of %d", run_name, point.step, n_steps)
+            log.info("%s: resuming after step %d of %d", run_name, point.step, plan.layout.n_steps)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recent_losses: deque[float] = deque(maxlen=FINAL_LOSS_WINDOW)
-    last_eval = None
-    with TrajectoryWriter(out_dir / STORE_NAME, layout, metadata, overwrite=overwrite, block_steps=block_steps,
-                          checkpoint=model.optimizer_state, resume_from=point) as writer, \
-            HeldOutScorer(test_x, test_y) as scorer, \
-            open(out_dir / "loss.csv", "w", newline="") as loss_file, \
-            open(out_dir / "accuracy.csv", "w", newline="") as accuracy_file, \
-            tqdm(total=n_steps, initial=point.step if point else 0, unit="step", desc=run_name,
-                 disable=not progress, mininterval=0.5) as bar:
-        loss_csv = csv.writer(loss_file)
-        loss_csv.writerow(["step", "loss"])
-        accuracy_csv = csv.writer(accuracy_file)
-        accuracy_csv.writerow(["step", "heldout_accuracy", "heldout_loss"])
-        if point is not None:  # the history so far, from the store, as the first run wrote it
-            for step, loss in enumerate(point.losses.tolist(), start=1):
-                loss_csv.writerow([step, f"{loss:.7g}"])
-            recent_losses.extend(point.losses[-FINAL_LOSS_WINDOW:].tolist())
-            for step, (accuracy, loss) in zip(eval_steps, point.heldout.tolist()):
-                last_eval = Evaluation(accuracy=accuracy, loss=loss)
-                accuracy_csv.writerow([step, f"{accuracy:.6f}", f"{loss:.7g}"])
-            # evaluations of steps before the checkpoint that were not written: score them again
-            for step in eval_steps[len(point.heldout):]:
-                if step > point.step:
-                    break
-                scorer.submit(step, writer.group["weights"][step],
-                              writer.group["bias"][step] if config.bias else None)
-
-        def record_evaluations(*, wait: bool = False) -> None:
-            nonlocal last_eval
-            for step, evaluation in scorer.scored(wait=wait):
-                last_eval = evaluation
-                writer.record_eval(step, evaluation.accuracy, evaluation.loss)
-                accuracy_csv.writerow([step, f"{evaluation.accuracy:.6f}", f"{evaluation.loss:.7g}"])
-                bar.set_postfix(accuracy=f"{evaluation.accuracy:.3f}", refresh=False)
-
-        # The loss history goes to loss.csv (and the recent-loss window) in batches: per step
-        # that Python would cost the training thread about a tenth of a numpy step.
-        new_losses: list[float] = []
-        first_new_step = [point.step + 1 if point else 1]
-
-        def write_loss_history() -> None:
-            first = first_new_step[0]
-            loss_csv.writerows([step, f"{loss:.7g}"] for step, loss in enumerate(new_losses, start=first))
-            recent_losses.extend(new_losses[-FINAL_LOSS_WINDOW:])
-            bar.update(len(new_losses))
-            first_new_step[0] = first + len(new_losses)
-            new_losses.clear()
-
-        record_step, weight_now, bias_now = writer.record_step, model.weight_now, model.bias_now
-        gradient_now = model.gradient_now if config.capture.gradients else lambda: None
-
-        def on_step(step: int, loss: float) -> None:
-            # Once per training step: only what must happen now. The rest is batched.
-            weight, bias = weight_now(), bias_now()
-            record_step(step, weight, loss, bias=bias, gradient=gradient_now() if step else None)
-            if step:
-                new_losses.append(loss)
-                if len(new_losses) == LOSS_HISTORY_BATCH:
-                    write_loss_history()
-            if step in eval_set:
-                scorer.submit(step, weight, bias)
-                record_evaluations()
-
-        def on_block(first: int, rows: dict[str, np.ndarray]) -> None:
-            """A block of steps at once (the cuda-graph engine): the same records as on_step's,
-            with one copy per block instead of one per step, which the GPU path is fast enough to need."""
-            losses = rows["loss"]
-            writer.record_steps(first, rows["weight"], losses, biases=rows.get("bias"), gradients=rows.get("gradient"))
-            new_losses.extend(losses.tolist())
-            write_loss_history()
-            index = bisect.bisect_left(eval_steps, first)
-            while index < len(eval_steps) and eval_steps[index] < first + len(losses):
-                row = eval_steps[index] - first
-                scorer.submit(eval_steps[index], rows["weight"][row], rows["bias"][row] if "bias" in rows else None)
-                index += 1
-            record_evaluations()
-
+    with contextlib.ExitStack() as open_files:
+        recording = RunRecording(open_files, plan, dataset, device, out_dir, metadata, run_name=run_name,
+                                 sources=(model.weight_now, model.bias_now, model.gradient_now),
+                                 checkpoint=model.optimizer_state, overwrite=overwrite, point=point,
+                                 progress=progress)
         loop_started = time.perf_counter()
         if isinstance(model, CudaGraphEngine):
-            model.train(on_step, start_step=point.step if point else 0, on_block=on_block)
+            model.train(recording.on_step, start_step=point.step if point else 0, on_block=recording.on_block)
         else:
-            model.train(on_step, start_step=point.step if point else 0)
-        write_loss_history()
-        # The last rows go to the store writer while the last step is scored.
-        writer.send_recorded()
-        record_evaluations(wait=True)
-    loop_seconds = time.perf_counter() - loop_started
+            model.train(recording.on_step, start_step=point.step if point else 0)
+        recording.finish_training()
+    return recording.summary(engine, time.perf_counter() - loop_started)
 
-    metrics = {
-        "steps": n_steps,
-        "final_train_loss": float(np.mean(recent_losses)),  # plan_steps guarantees >= 1 step
-        "heldout_accuracy": last_eval.accuracy,
-        "heldout_loss": last_eval.loss,
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    summary = RunSummary(metrics, engine, loop_seconds)
-    log.info("%s: %d steps in %.2f s (%s steps/s, %s engine), every step recorded", run_name, n_steps,
-             loop_seconds, f"{summary.steps_per_s:,.0f}", engine)
-    return summary
+
+def train_stack(runs: dict[str, tuple[TrainParams, Path]], dataset: Dataset, *, overwrite: bool = False,
+                progress: bool = False) -> dict[str, RunSummary]:
+    """Train several runs together, as one stack, and record each into its own directory.
+
+    ``runs`` maps each run's name to its params and output directory. The runs must differ
+    in ``seed`` and ``lr`` only (:func:`stack_key`), and train on the CPU's numpy engine:
+    one numpy call then steps them all (pipeline.closed_form), so a sweep's runs train
+    faster together than one after another (docs/benchmarks.md). Each run's store, metrics
+    and history are the ones :func:`run_training` writes for it, bit for bit. Runs start
+    from the beginning: an interrupted run resumes alone, with :func:`run_training`.
+    """
+    configs = [config for config, _ in runs.values()]
+    keys = {stack_key(config) for config in configs}
+    if len(keys) != 1 or None in keys:
+        raise ValueError("a stack's runs must differ in seed and lr only, and train on the CPU's numpy engine; "
+                         "group them with pipeline.train.stack_key")
+    first = configs[0]
+    device = select_device(first.device)
+    if device.type != "cpu":
+        raise ValueError(f"a stack trains on the CPU, and device: {first.device} picks {device} here; "
+                         "train these runs one by one (run_training), or set device: cpu")
+    _use_one_cpu_thread(device)
+    plan = RunPlan.of(first, dataset)
+    initial = [SoftmaxRegression(N_PIXELS, N_CLASSES, bias=first.bias, seed=config.seed) for config in configs]
+    model = ClosedFormSoftmaxRegression(
+        np.stack([m.weight.detach().numpy() for m in initial]),
+        np.stack([m.bias.detach().numpy() for m in initial]) if first.bias else None,
+        optimizer=first.optimizer, lr=[config.lr for config in configs], momentum=first.momentum,
+        weight_decay=first.weight_decay)
+    with contextlib.ExitStack() as open_files:
+        recordings = []
+        for run, (name, (config, out_dir)) in enumerate(runs.items()):
+            open_files.enter_context(exclusive_writer(out_dir))
+            weight, gradient = model.weight[run], model.weight_grad[run]  # views, updated in place
+            bias = None if model.bias is None else model.bias[run]
+            recordings.append(RunRecording(
+                open_files, plan, dataset, device, out_dir, run_metadata(name, config, dataset, device, "numpy"),
+                run_name=name, sources=(lambda w=weight: w, lambda b=bias: b, lambda g=gradient: g),
+                checkpoint=functools.partial(model.optimizer_state, run), overwrite=overwrite, point=None,
+                progress=progress))
+        record_steps = [recording.on_step for recording in recordings]
+
+        def on_step(step: int, losses: np.ndarray) -> None:
+            for record_step, loss in zip(record_steps, losses.tolist()):
+                record_step(step, loss)
+
+        loop_started = time.perf_counter()
+        train_closed_form(model, dataset.train.images, dataset.train.labels, batch_size=first.batch_size,
+                          epochs=first.epochs, seeds=[config.seed for config in configs],
+                          max_steps=first.max_steps, on_step=on_step)
+        for recording in recordings:
+            recording.finish_training()
+    seconds = time.perf_counter() - loop_started
+    return {name: recording.summary("numpy", seconds) for name, recording in zip(runs, recordings)}
+
+
+def stack_key(config: TrainParams) -> tuple | None:
+    """Runs with equal keys can train as one stack (:func:`train_stack`) on a machine without
+    a GPU; None: this run trains alone anywhere (its engine is not the CPU's numpy engine)."""
+    if config.device == "cuda" or config.engine not in ("auto", "numpy") or \
+            config.optimizer not in CLOSED_FORM_OPTIMIZERS:
+        return None
+    return tuple(sorted((key, repr(value)) for key, value in config.to_dict().items() if key not in ("seed", "lr")))
+
+
+def _use_one_cpu_thread(device: torch.device) -> None:
+    if device.type == "cpu":
+        # This model's ops are tiny: one thread is faster than several, and it keeps the
+        # float reduction order, hence the trajectory's bits, independent of the core count.
+        torch.set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run's params and data fix before it trains: its steps, evaluations and store layout."""
+
+    layout: StoreLayout
+    block_steps: int
+
+    @classmethod
+    def of(cls, config: TrainParams, dataset: Dataset) -> RunPlan:
+        n_steps = plan_steps(len(dataset.train.labels), batch_size=config.batch_size, epochs=config.epochs,
+                             max_steps=config.max_steps)
+        layout = StoreLayout(n_steps=n_steps, eval_steps=plan_evals(n_steps, config.eval_every), n_classes=N_CLASSES,
+                             n_pixels=N_PIXELS, chunk_steps=config.capture.chunk_steps, bias=config.bias,
+                             gradients=config.capture.gradients, resume_size=optimizer_state_size(config))
+        return cls(layout, TrajectoryWriter.default_block_steps(layout))
+
+
+class RunRecording:
+    """Everything one run records while it trains: its trajectory store, held-out scores,
+    loss and accuracy history, and progress bar.
+
+    Opens them into ``open_files`` (an ExitStack), which closes them; ``sources`` are the
+    engine's ``weight_now``, ``bias_now`` and ``gradient_now``. The engine calls
+    :meth:`on_step` after every step (or :meth:`on_block` after a block of them); after the
+    last, :meth:`finish_training` writes the rest, and :meth:`summary` gives the metrics.
+    """
+
+    def __init__(self, open_files: contextlib.ExitStack, plan: RunPlan, dataset: Dataset, device: torch.device,
+                 out_dir: Path, metadata: dict, *, run_name: str,
+                 sources: tuple[Callable[[], np.ndarray], Callable[[], np.ndarray | None], Callable[[], np.ndarray]],
+                 checkpoint: Callable[[], np.ndarray | None], overwrite: bool, point: ResumePoint | None,
+                 progress: bool) -> None:
+        layout = plan.layout
+        self.run_name, self.out_dir, self.eval_steps = run_name, out_dir, layout.eval_steps
+        self._eval_set = set(layout.eval_steps)
+        self.recent_losses: deque[float] = deque(maxlen=FINAL_LOSS_WINDOW)
+        self.last_eval: Evaluation | None = None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = open_files.enter_context(TrajectoryWriter(
+            out_dir / STORE_NAME, layout, metadata, overwrite=overwrite, block_steps=plan.block_steps,
+            checkpoint=checkpoint, resume_from=point))
+        self.scorer = open_files.enter_context(HeldOutScorer(torch.from_numpy(dataset.test.images).to(device),
+                                                             torch.from_numpy(dataset.test.labels).to(device)))
+        loss_file = open_files.enter_context(open(out_dir / "loss.csv", "w", newline=""))  # noqa: SIM115
+        accuracy_file = open_files.enter_context(open(out_dir / "accuracy.csv", "w", newline=""))  # noqa: SIM115
+        self.bar = open_files.enter_context(tqdm(total=layout.n_steps, initial=point.step if point else 0, unit="step",
+                                                 desc=run_name, disable=not progress, mininterval=0.5))
+        self.loss_csv = csv.writer(loss_file)
+        self.loss_csv.writerow(["step", "loss"])
+        self.accuracy_csv = csv.writer(accuracy_file)
+        self.accuracy_csv.writerow(["step", "heldout_accuracy", "heldout_loss"])
+        # The loss history goes to loss.csv (and the recent-loss window) in batches: per step
+        # that Python would cost the training thread about a tenth of a numpy step.
+        self.new_losses: list[float] = []
+        self.first_new_step = point.step + 1 if point else 1
+        if point is not None:
+            self._replay_history(point)
+        self._record_step = self.writer.record_step
+        self._weight_now, self._bias_now, gradient_now = sources
+        self._gradient_now = gradient_now if layout.gradients else lambda: None
+
+    def _replay_history(self, point: ResumePoint) -> None:
+        """The history so far, from the store, as the first run wrote it."""
+        for step, loss in enumerate(point.losses.tolist(), start=1):
+            self.loss_csv.writerow([step, f"{loss:.7g}"])
+        self.recent_losses.extend(point.losses[-FINAL_LOSS_WINDOW:].tolist())
+        for step, (accuracy, loss) in zip(self.eval_steps, point.heldout.tolist()):
+            self.last_eval = Evaluation(accuracy=accuracy, loss=loss)
+            self.accuracy_csv.writerow([step, f"{accuracy:.6f}", f"{loss:.7g}"])
+        # evaluations of steps before the checkpoint that were not written: score them again
+        group = self.writer.group
+        for step in self.eval_steps[len(point.heldout):]:
+            if step > point.step:
+                break
+            self.scorer.submit(step, group["weights"][step], group["bias"][step] if "bias" in group else None)
+
+    def on_step(self, step: int, loss: float) -> None:
+        # Once per training step: only what must happen now. The rest is batched.
+        weight, bias = self._weight_now(), self._bias_now()
+        self._record_step(step, weight, loss, bias=bias, gradient=self._gradient_now() if step else None)
+        if step:
+            self.new_losses.append(loss)
+            if len(self.new_losses) == LOSS_HISTORY_BATCH:
+                self._write_loss_history()
+        if step in self._eval_set:
+            self.scorer.submit(step, weight, bias)
+            self._record_evaluations()
+
+    def on_block(self, first: int, rows: dict[str, np.ndarray]) -> None:
+        """A block of steps at once (the cuda-graph engine): the same records as on_step's,
+        with one copy per block instead of one per step, which the GPU path is fast enough to need."""
+        losses = rows["loss"]
+        self.writer.record_steps(first, rows["weight"], losses, biases=rows.get("bias"),
+                                 gradients=rows.get("gradient"))
+        self.new_losses.extend(losses.tolist())
+        self._write_loss_history()
+        eval_steps = self.eval_steps
+        index = bisect.bisect_left(eval_steps, first)
+        while index < len(eval_steps) and eval_steps[index] < first + len(losses):
+            row = eval_steps[index] - first
+            self.scorer.submit(eval_steps[index], rows["weight"][row], rows["bias"][row] if "bias" in rows else None)
+            index += 1
+        self._record_evaluations()
+
+    def finish_training(self) -> None:
+        """After the last step: the rest of the history, and the last rows to the store writer
+        while the last step is scored."""
+        self._write_loss_history()
+        self.writer.send_recorded()
+        self._record_evaluations(wait=True)
+
+    def summary(self, engine: str, loop_seconds: float) -> RunSummary:
+        """Write metrics.json (once the run's files are closed) and return the run's summary."""
+        metrics = {
+            "steps": self.writer.layout.n_steps,
+            "final_train_loss": float(np.mean(self.recent_losses)),  # plan_steps guarantees >= 1 step
+            "heldout_accuracy": self.last_eval.accuracy,
+            "heldout_loss": self.last_eval.loss,
+        }
+        (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        summary = RunSummary(metrics, engine, loop_seconds)
+        log.info("%s: %d steps in %.2f s (%s steps/s, %s engine), every step recorded", self.run_name,
+                 metrics["steps"], loop_seconds, f"{summary.steps_per_s:,.0f}", engine)
+        return summary
+
+    def _write_loss_history(self) -> None:
+        first, losses = self.first_new_step, self.new_losses
+        self.loss_csv.writerows([step, f"{loss:.7g}"] for step, loss in enumerate(losses, start=first))
+        self.recent_losses.extend(losses[-FINAL_LOSS_WINDOW:])
+        self.bar.update(len(losses))
+        self.first_new_step = first + len(losses)
+        losses.clear()
+
+    def _record_evaluations(self, *, wait: bool = False) -> None:
+        for step, evaluation in self.scorer.scored(wait=wait):
+            self.last_eval = evaluation
+            self.writer.record_eval(step, evaluation.accuracy, evaluation.loss)
+            self.accuracy_csv.writerow([step, f"{evaluation.accuracy:.6f}", f"{evaluation.loss:.7g}"])
+            self.bar.set_postfix(accuracy=f"{evaluation.accuracy:.3f}", refresh=False)
 
 
 class HeldOutScorer:

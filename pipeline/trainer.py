@@ -97,14 +97,19 @@ def plan_evals(n_steps: int, every: int) -> tuple[int, ...]:
     return tuple(steps)
 
 
+def epoch_orders(n_samples: int, *, epochs: int, seed: int) -> Iterator[torch.Tensor]:
+    """The order in which each epoch visits the samples: a seeded permutation per epoch."""
+    generator = torch.Generator().manual_seed(derive_seeds(seed)[1])
+    for _ in range(epochs):
+        yield torch.randperm(n_samples, generator=generator)
+
+
 def batch_indices(n_samples: int, *, batch_size: int, epochs: int, seed: int,
                   max_steps: int | None = None) -> Iterator[torch.Tensor]:
     """Sample indices of each batch: a fresh seeded permutation per epoch, in order."""
-    generator = torch.Generator().manual_seed(derive_seeds(seed)[1])
     n_steps = plan_steps(n_samples, batch_size=batch_size, epochs=epochs, max_steps=max_steps)
     step = 0
-    for _ in range(epochs):
-        order = torch.randperm(n_samples, generator=generator)
+    for order in epoch_orders(n_samples, epochs=epochs, seed=seed):
         for start in range(0, n_samples, batch_size):
             if step == n_steps:
                 return

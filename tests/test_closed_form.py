@@ -29,8 +29,8 @@ def digits_like(n=600, seed=0):
 def both_engines(images, labels, *, optimizer, lr, bias=False, momentum=0.0, weight_decay=0.0, epochs=2, seed=3):
     """Per-step (weights, loss, gradient) of the autograd and the closed-form engines."""
     model = SoftmaxRegression(bias=bias, seed=seed)
-    closed = ClosedFormSoftmaxRegression(model.weight.detach().numpy(),
-                                         None if model.bias is None else model.bias.detach().numpy(),
+    closed = ClosedFormSoftmaxRegression(model.weight.detach().numpy()[None],
+                                         None if model.bias is None else model.bias.detach().numpy()[None],
                                          optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     opt = make_optimizer(model.parameters(), name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     general, fast = [], []
@@ -40,13 +40,14 @@ def both_engines(images, labels, *, optimizer, lr, bias=False, momentum=0.0, wei
         bias_now = None if model.bias is None else model.bias.detach().clone().numpy()
         general.append((model.weight.detach().clone().numpy(), loss, grad, bias_now))
 
-    def record_fast(step, loss):
-        grad = None if step == 0 else closed.weight_grad.copy()
-        fast.append((closed.weight.copy(), loss, grad, None if closed.bias is None else closed.bias.copy()))
+    def record_fast(step, losses):
+        grad = None if step == 0 else closed.weight_grad[0].copy()
+        fast.append((closed.weight[0].copy(), float(losses[0]), grad,
+                     None if closed.bias is None else closed.bias[0].copy()))
 
     train(model, opt, torch.from_numpy(images), torch.from_numpy(labels), batch_size=20, epochs=epochs,
           seed=seed, on_step=record_general)
-    train_closed_form(closed, images, labels, batch_size=20, epochs=epochs, seed=seed, on_step=record_fast)
+    train_closed_form(closed, images, labels, batch_size=20, epochs=epochs, seeds=[seed], on_step=record_fast)
     return general, fast
 
 
@@ -89,6 +90,45 @@ def test_each_engine_is_bitwise_deterministic():
         a = np.stack([row[0] for row in first[engine]])
         b = np.stack([row[0] for row in second[engine]])
         assert np.array_equal(a.view(np.int32), b.view(np.int32))
+
+
+def closed_form_stack(images, labels, *, seeds, lrs, optimizer, bias=False, momentum=0.0, weight_decay=0.0,
+                      epochs=2):
+    """Per-step (weights, losses, gradients, biases) of one stack of runs, each (step, run, ...)."""
+    initial = [SoftmaxRegression(bias=bias, seed=seed) for seed in seeds]
+    stack = ClosedFormSoftmaxRegression(np.stack([m.weight.detach().numpy() for m in initial]),
+                                        np.stack([m.bias.detach().numpy() for m in initial]) if bias else None,
+                                        optimizer=optimizer, lr=lrs, momentum=momentum, weight_decay=weight_decay)
+    rows = []
+    train_closed_form(stack, images, labels, batch_size=20, epochs=epochs, seeds=seeds,
+                      on_step=lambda step, losses: rows.append(
+                          (stack.weight.copy(), losses.copy(), stack.weight_grad.copy(),
+                           stack.bias.copy() if bias else np.zeros(len(seeds), np.float32))))
+    return [np.stack(column) for column in zip(*rows)]
+
+
+@pytest.mark.parametrize("setup", [
+    {"optimizer": "adam"},
+    {"optimizer": "adam", "bias": True, "weight_decay": 1e-3},
+    {"optimizer": "adamw", "bias": True, "weight_decay": 0.05},
+    {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-3, "bias": True},
+])
+def test_runs_trained_as_one_stack_get_the_bits_they_get_alone(setup):
+    # A sweep's runs are stepped together (pipeline.stacked); each run's trajectory must
+    # be the one its own train stage records, bit for bit, whatever it is stacked with.
+    images, labels = digits_like(n=590)  # 590 / 20: each epoch ends with a short batch
+    seeds, lrs = [0, 1, 2, 5], [1e-3, 1e-2, 1e-3, 3e-2]
+    together = closed_form_stack(images, labels, seeds=seeds, lrs=lrs, **setup)
+    for run, (seed, lr) in enumerate(zip(seeds, lrs)):
+        alone = closed_form_stack(images, labels, seeds=[seed], lrs=[lr], **setup)
+        for name, stacked, single in zip(("weights", "losses", "gradients", "bias"), together, alone):
+            assert np.array_equal(np.ascontiguousarray(stacked[:, run]).view(np.int32),
+                                  np.ascontiguousarray(single[:, 0]).view(np.int32)), \
+                f"run {run} (seed {seed}, lr {lr}): {name} differ"
+    final = together[0][-1]
+    assert len(together[0]) == 61  # 2 epochs of 30 batches, plus step 0
+    # the runs went different ways, so a stack that mixed up its runs' slices would fail above
+    assert all(not np.array_equal(final[a], final[b]) for a in range(4) for b in range(a))
 
 
 def test_subnormals_are_flushed_only_while_the_engine_trains():

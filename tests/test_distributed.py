@@ -3,6 +3,7 @@
 cluster from a sweep; statistics and comparisons computed on the cluster from S3 must
 equal the local ones. Nothing here talks to the internet."""
 
+import dataclasses
 import socket
 
 import boto3
@@ -16,7 +17,7 @@ import xarray as xr
 from pipeline.datasets import load_dataset
 from pipeline.locations import Location, publish_run
 from pipeline.params import parse_params
-from pipeline.sweep import dispatch, sweep_runs
+from pipeline.sweep import MAX_STACK_RUNS, dispatch, plan_tasks, sweep_runs
 from pipeline.train import run_training
 from pipeline.trajectory import open_run
 from viewer import compare
@@ -126,6 +127,22 @@ def test_a_sweep_dispatched_to_the_cluster_trains_every_run_into_s3_bit_for_bit(
         assert dispatched.attrs["progress"]["finished"]
         assert np.array_equal(dispatched.weights.values.view(np.int32), here.weights.values.view(np.int32)), name
     assert fsspec.filesystem("s3", **s3).exists(f"{BUCKET}/dispatched/{name}/metrics.json")
+
+
+def test_a_sweep_trains_runs_that_differ_in_seed_and_lr_as_stacks_on_every_worker():
+    params = parse_params({**PARAMS, "sweep": {"optimizer": ["adam", "sgd"], "lr": [0.001, 0.01], "batch_size": [20],
+                                               "seed": [0, 1, 2]}})
+    runs = sweep_runs(params)
+    tasks = plan_tasks(runs, slots=2)
+    assert [sorted({name.split("-")[0] for name in task}) for task in tasks] == [["adam"], ["sgd"]]
+    assert [len(task) for task in tasks] == [6, 6]
+    assert sorted(len(task) for task in plan_tasks(runs, slots=4)) == [3, 3, 3, 3]  # no worker left idle
+    assert len(plan_tasks(runs, slots=100)) == 12
+    autograd = {name: dataclasses.replace(config, engine="torch") for name, config in list(runs.items())[:2]}
+    assert [len(task) for task in plan_tasks(autograd, slots=1)] == [1, 1]  # only the numpy engine stacks
+    many = {f"seed-{seed}": params.train for seed in range(2 * MAX_STACK_RUNS + 1)}
+    sizes = [len(task) for task in plan_tasks(many, slots=1)]  # as few stacks as the limit allows, even
+    assert len(sizes) == 3 and max(sizes) <= MAX_STACK_RUNS and max(sizes) - min(sizes) <= 1 and sum(sizes) == len(many)
 
 
 def test_an_unreachable_scheduler_says_how_to_start_one(trained, monkeypatch):

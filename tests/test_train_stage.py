@@ -1,6 +1,7 @@
 """The train stage end to end: params file and data directory in, run directory out."""
 
 import csv
+import dataclasses
 import gzip
 import json
 
@@ -12,7 +13,8 @@ from idx_files import idx_bytes
 from pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
 from pipeline.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_dataset
 from pipeline.idx import read_idx_file
-from pipeline.train import main
+from pipeline.params import CaptureParams, TrainParams
+from pipeline.train import main, run_training, stack_key, train_stack
 from pipeline.trainer import SoftmaxRegression, make_optimizer, train
 from pipeline.trajectory import open_run
 
@@ -57,10 +59,10 @@ def test_stage_writes_the_trajectory_metrics_and_history(tmp_path, params_file, 
     assert meta["engine"] == "numpy"
     dataset = load_dataset(data_dir, "mnist")
     initial = SoftmaxRegression(seed=0).weight.detach().numpy()
-    model = ClosedFormSoftmaxRegression(initial, None, optimizer="adam", lr=1e-3)
+    model = ClosedFormSoftmaxRegression(initial[None], None, optimizer="adam", lr=1e-3)
     expected = []
-    train_closed_form(model, dataset.train.images, dataset.train.labels, batch_size=20, epochs=1, seed=0,
-                      on_step=lambda step, loss: expected.append(model.weight.copy()))
+    train_closed_form(model, dataset.train.images, dataset.train.labels, batch_size=20, epochs=1, seeds=[0],
+                      on_step=lambda step, losses: expected.append(model.weight[0].copy()))
     assert np.array_equal(ds.weights.values.view(np.int32), np.stack(expected).view(np.int32))
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -159,3 +161,43 @@ def test_learns_real_digits(tmp_path, shared_mnist):
     assert accuracy[0] < 0.3 and accuracy[-1] > 0.85  # from chance to a working classifier
     # The "7" template's weights moved from their initial values.
     assert float(abs(ds.weights.sel(step=400) - ds.weights.sel(step=0)).max()) > 0.05
+
+
+def test_runs_trained_as_a_stack_write_what_each_run_writes_alone(tmp_path, generated_data):
+    # A sweep's runs that differ in seed and lr train as one stack (pipeline.sweep): each
+    # run directory must hold what the run's own train stage writes, bit for bit.
+    data_dir, _ = generated_data
+    dataset = load_dataset(data_dir, "mnist")
+    base = TrainParams(device="cpu", epochs=3, eval_every=4, bias=True,
+                       capture=CaptureParams(chunk_steps=4, gradients=True))
+    configs = {f"s{seed}-lr{lr}": dataclasses.replace(base, seed=seed, lr=lr)
+               for seed, lr in [(0, 1e-3), (1, 1e-3), (2, 3e-2)]}
+    assert len({stack_key(config) for config in configs.values()}) == 1
+    summaries = train_stack({name: (config, tmp_path / "stack" / name) for name, config in configs.items()}, dataset)
+
+    for name, config in configs.items():
+        run_training(config, dataset, tmp_path / "alone" / name, run_name=name, progress=False)
+        stacked, alone = open_run(tmp_path / "stack" / name), open_run(tmp_path / "alone" / name)
+        assert stacked.attrs["progress"]["finished"] and stacked.sizes["step"] == 31
+        for variable in ("weights", "gradients", "bias", "loss", "heldout_accuracy", "heldout_loss"):
+            assert np.array_equal(stacked[variable].values.view(np.int32), alone[variable].values.view(np.int32)), \
+                f"{name}: {variable} differs"
+        for file in ("metrics.json", "loss.csv", "accuracy.csv"):
+            assert (tmp_path / "stack" / name / file).read_text() == (tmp_path / "alone" / name / file).read_text()
+        assert summaries[name].metrics == json.loads((tmp_path / "stack" / name / "metrics.json").read_text())
+    finals = [open_run(tmp_path / "stack" / name).weights[-1].values for name in configs]
+    assert not np.array_equal(finals[0], finals[1])  # the runs went their own ways
+
+
+def test_only_runs_that_differ_in_seed_and_lr_stack(tmp_path, generated_data):
+    base = TrainParams(device="cpu")
+    assert stack_key(base) == stack_key(dataclasses.replace(base, seed=4, lr=0.1))
+    assert stack_key(base) != stack_key(dataclasses.replace(base, batch_size=10))
+    assert stack_key(base) != stack_key(dataclasses.replace(base, optimizer="sgd"))
+    assert stack_key(dataclasses.replace(base, engine="torch")) is None  # autograd runs train alone
+    assert stack_key(dataclasses.replace(base, optimizer="rmsprop")) is None  # no closed form for it
+    dataset = load_dataset(generated_data[0], "mnist")
+    runs = {"a": (base, tmp_path / "a"), "b": (dataclasses.replace(base, epochs=2), tmp_path / "b")}
+    with pytest.raises(ValueError, match="must differ in seed and lr only"):
+        train_stack(runs, dataset)
+    assert not (tmp_path / "a").exists()

@@ -332,3 +332,19 @@ os.kill(os.getpid(), 9)
     time.sleep(3)
     assert not (store / "weights" / "c" / "0" / "0" / "0").exists(), "the writer process wrote after its parent died"
     assert read_progress(store)["steps_done"] == -1
+
+
+@pytest.mark.skipif(not WriterProcess.available(), reason="the writer process is used on Linux only")
+def test_a_writer_process_exits_when_closed_while_a_later_one_runs():
+    # Runs trained as a stack each have a writer process. A later one inherits the earlier
+    # one's pipe at its fork; unless it closes that copy, the earlier writer never sees the
+    # end of its input and lingers.
+    first = WriterProcess(lambda messages: [None] * len(messages), "first")
+    second = WriterProcess(lambda messages: [None] * len(messages), "second")
+    try:
+        first.close()
+        first._process.join(timeout=10)
+        assert first._process.exitcode == 0, "the first writer process did not exit when closed"
+    finally:
+        second.close()
+        second._process.join(timeout=10)
