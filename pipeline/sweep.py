@@ -35,7 +35,7 @@ from pathlib import Path
 
 from pipeline.locations import Location, as_location, publish_run
 from pipeline.params import Params, ParamsError, TrainParams, load_params
-from pipeline.trajectory import STORE_NAME
+from pipeline.trajectory import STORE_NAME, TrajectoryError, read_progress
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ class SweepResult:
 def train_and_publish(runs: dict[str, TrainParams], data_dir: str, dataset_name: str, out: str | Location) -> dict:
     """A task: train ``runs`` (one stack, or one run) and put each at ``out/<name>``; their metrics by name.
 
-    A run whose local destination already holds a store is carried on from its checkpoint,
-    alone; so are all of them on a worker with a GPU, where ``device: auto`` trains on it.
+    A run whose local destination holds an unfinished store is carried on from its
+    checkpoint, alone; a finished one is trained again. On a worker with a GPU, where
+    ``device: auto`` trains on it, every run trains alone.
     """
     import torch
 
@@ -75,11 +76,12 @@ def train_and_publish(runs: dict[str, TrainParams], data_dir: str, dataset_name:
     try:
         directories = {name: (out / name).local_path if staging is None else staging / name for name in runs}
         alone = {name: config for name, config in runs.items()
-                 if (directories[name] / STORE_NAME).exists() or select_device(config.device).type != "cpu"}
+                 if _unfinished_store(directories[name]) or select_device(config.device).type != "cpu"}
         stacked = {name: (config, directories[name]) for name, config in runs.items() if name not in alone}
         metrics = {}
         if len(stacked) > 1:
-            metrics.update({name: summary.metrics for name, summary in train_stack(stacked, dataset).items()})
+            results = train_stack(stacked, dataset, overwrite=True)  # replacing finished stores, as run_training does
+            metrics.update({name: summary.metrics for name, summary in results.items()})
         else:
             alone.update({name: config for name, (config, _) in stacked.items()})
         for name, config in alone.items():
@@ -92,6 +94,16 @@ def train_and_publish(runs: dict[str, TrainParams], data_dir: str, dataset_name:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return metrics
+
+
+def _unfinished_store(run_dir: Path) -> bool:
+    store = run_dir / STORE_NAME
+    if not store.exists():
+        return False
+    try:
+        return not read_progress(store).get("finished", False)
+    except (TrajectoryError, OSError, KeyError):
+        return True  # run_training looks closer, and replaces what it cannot resume
 
 
 def plan_tasks(runs: dict[str, TrainParams], slots: int) -> list[dict[str, TrainParams]]:

@@ -316,7 +316,9 @@ class TrajectoryWriter:
             return
         self._closed = True
         try:
-            self._hand_over(check=False)
+            # Stopped by an error, the model may be a step past the last row recorded, or
+            # halfway through one: its state is no checkpoint. The last block's stays.
+            self._hand_over(check=False, checkpoint=error is None)
             self._send(("close", error), None)
             self.wait_written()
         finally:
@@ -346,7 +348,7 @@ class TrajectoryWriter:
         self._rows_handed = n_rows
         self._next_handoff = min(self.block_steps, n_rows + self._handoff_steps)
 
-    def _hand_over(self, *, check: bool = True) -> None:
+    def _hand_over(self, *, check: bool = True, checkpoint: bool = True) -> None:
         """Send the block recorded so far (its rows not handed off yet, its small arrays, a
         checkpoint) and the evaluations since the last hand-over; the store writer then moves the marker."""
         self._take_arrived_replies()
@@ -357,7 +359,7 @@ class TrajectoryWriter:
             return
         slot = self._slot if n_rows else None
         has_state = False
-        if n_rows and self._checkpoint:
+        if n_rows and checkpoint and self._checkpoint:
             state = self._checkpoint()
             if state is not None:
                 if len(state):

@@ -87,3 +87,33 @@ def test_resume_replaces_a_store_it_cannot_carry_on(project, tmp_path):
     assert "training from the start, replacing the store" in result.stderr and "other params" in result.stderr
     subprocess.run(command, check=True, cwd=tmp_path / "clean", capture_output=True)
     assert tree_digest(replaced / "run") == tree_digest(tmp_path / "clean" / "run")
+
+
+def test_a_run_stopped_with_ctrl_c_resumes_to_exactly_the_uninterrupted_result(project, tmp_path):
+    # Ctrl-C lands anywhere in the training loop, often between a step and its recording
+    # or inside the optimizer's update: the model's state then is no checkpoint, and the
+    # run must resume from the last block's.
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+    clean.mkdir()
+    resumed.mkdir()
+    command = train_command(project, "numpy", "run", "--resume")
+    subprocess.run(command, check=True, cwd=clean, capture_output=True)
+    store = resumed / "run" / STORE_NAME
+    process = subprocess.Popen(command, cwd=resumed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if read_progress(store)["steps_done"] >= 1_200:
+                break
+        except (TrajectoryError, KeyError, OSError):
+            pass
+        time.sleep(0.005)
+    assert process.poll() is None, "the run finished before it could be stopped: make it longer"
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) != 0
+    stopped = read_progress(store)
+    assert not stopped["finished"] and stopped["error"]
+    result = subprocess.run(command, cwd=resumed, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming after step {stopped['resume']['step']} of 4000" in result.stderr
+    assert tree_digest(resumed / "run") == tree_digest(clean / "run")

@@ -201,3 +201,45 @@ def test_only_runs_that_differ_in_seed_and_lr_stack(tmp_path, generated_data):
     with pytest.raises(ValueError, match="must differ in seed and lr only"):
         train_stack(runs, dataset)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_path, generated_data, monkeypatch,
+                                                                         caplog):
+    from pipeline.sweep import train_and_publish
+    from pipeline.trajectory import TrajectoryWriter
+
+    data_dir, _ = generated_data
+    dataset = load_dataset(data_dir, "mnist")
+    monkeypatch.setattr(TrajectoryWriter, "default_block_steps", classmethod(lambda cls, layout: 64))
+    runs = {f"seed{seed}": TrainParams(device="cpu", epochs=20, eval_every=50, seed=seed) for seed in range(3)}
+    out = tmp_path / "runs"
+    run_training(runs["seed2"], dataset, out / "seed2", run_name="seed2", progress=False)  # finished: trained again
+    original = TrajectoryWriter.record_step
+
+    def crash_at_150(self, step, *args, **kwargs):
+        if step == 150:
+            raise RuntimeError("simulated crash")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(TrajectoryWriter, "record_step", crash_at_150)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(runs["seed1"], dataset, out / "seed1", run_name="seed1", progress=False)
+    monkeypatch.setattr(TrajectoryWriter, "record_step", original)
+
+    stacked = []
+
+    def spy(stack_runs, *args, **kwargs):
+        stacked.append(sorted(stack_runs))
+        return train_stack(stack_runs, *args, **kwargs)
+
+    monkeypatch.setattr("pipeline.train.train_stack", spy)
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        metrics = train_and_publish(runs, str(data_dir), "mnist", str(out))
+    assert sorted(metrics) == ["seed0", "seed1", "seed2"]
+    assert stacked == [["seed0", "seed2"]]
+    assert "seed1: resuming after step 127 of 200" in caplog.text  # the last block's checkpoint
+    for name, config in runs.items():
+        run_training(config, dataset, tmp_path / "alone" / name, run_name=name, progress=False)
+        swept, alone = open_run(out / name), open_run(tmp_path / "alone" / name)
+        assert swept.attrs["progress"]["finished"]
+        assert np.array_equal(swept.weights.values.view(np.int32), alone.weights.values.view(np.int32)), name
