@@ -243,3 +243,32 @@ def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_p
         swept, alone = open_run(out / name), open_run(tmp_path / "alone" / name)
         assert swept.attrs["progress"]["finished"]
         assert np.array_equal(swept.weights.values.view(np.int32), alone.weights.values.view(np.int32)), name
+
+
+def test_runs_of_a_stack_stopped_by_an_error_each_resume_exactly_alone(tmp_path, generated_data, monkeypatch):
+    from pipeline.trajectory import TrajectoryWriter, read_progress
+
+    dataset = load_dataset(generated_data[0], "mnist")
+    monkeypatch.setattr(TrajectoryWriter, "default_block_steps", classmethod(lambda cls, layout: 64))
+    runs = {f"seed{seed}": TrainParams(device="cpu", epochs=20, eval_every=50, seed=seed, lr=lr)
+            for seed, lr in [(0, 1e-3), (1, 1e-2)]}
+    original = TrajectoryWriter.record_step
+
+    def crash_at_150(self, step, *args, **kwargs):
+        if step == 150:
+            raise RuntimeError("simulated crash")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(TrajectoryWriter, "record_step", crash_at_150)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_stack({name: (config, tmp_path / "stack" / name) for name, config in runs.items()}, dataset)
+    monkeypatch.setattr(TrajectoryWriter, "record_step", original)
+    for name, config in runs.items():
+        stopped = read_progress(tmp_path / "stack" / name / "trajectory.zarr")
+        assert not stopped["finished"] and stopped["resume"]["step"] == 127, name
+        run_training(config, dataset, tmp_path / "stack" / name, run_name=name, resume=True, progress=False)
+        run_training(config, dataset, tmp_path / "alone" / name, run_name=name, progress=False)
+        resumed, alone = open_run(tmp_path / "stack" / name), open_run(tmp_path / "alone" / name)
+        for variable in ("weights", "loss", "heldout_accuracy", "heldout_loss"):
+            assert np.array_equal(resumed[variable].values.view(np.int32), alone[variable].values.view(np.int32)), \
+                f"{name}: {variable}"
