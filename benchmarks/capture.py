@@ -30,6 +30,7 @@ writes them for comparison across machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -153,12 +154,13 @@ def capture_run(dataset_dir: Path, name: str, epochs: int, device: str, out: Pat
 def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, device: str, repeats: int) -> dict:
     """Aggregate run-steps/s of ``n_runs`` seeds, every step recorded: one after another in this
     process (as `dvc repro` trains a sweep); as one stack in this process (pipeline.train.train_stack);
-    and as ``pipeline.sweep`` trains them on a local Dask cluster of one worker process per
-    core (stacks split across the workers). Data is loaded beforehand in all three; each is
-    timed ``repeats`` times and the median counts."""
+    and as ``pipeline.sweep`` trains them without ``--scheduler``: on its local Dask cluster of
+    one worker process per 2 cores, stacks split across the workers, or with fewer than 4
+    cores in this process. Data is loaded beforehand in all three; each is timed
+    ``repeats`` times and the median counts."""
     from distributed import Client
 
-    from pipeline.sweep import dispatch, local_cluster, warm_up_worker
+    from pipeline.sweep import dispatch, local_cluster, training_workers, warm_up_worker
     from pipeline.train import train_stack
 
     dataset = load_dataset(dataset_dir, name)
@@ -166,8 +168,8 @@ def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, dev
     runs = {f"seed-{seed}": TrainParams(epochs=epochs, device=device, seed=seed, eval_every=steps)
             for seed in range(n_runs)}
     stackable = select_device(device).type == "cpu"  # a stack is the CPU's numpy engine
-    timings: dict[str, list[float]] = {"sequential": [], "stacked": [], "cluster": []}
-    n_workers = os.cpu_count() or 1
+    timings: dict[str, list[float]] = {"sequential": [], "stacked": [], "sweep_command": []}
+    n_workers = training_workers()
     with tempfile.TemporaryDirectory(prefix="weightlapse-sweep-") as tmp:
         for repeat in range(repeats):
             started = time.perf_counter()
@@ -179,20 +181,26 @@ def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, dev
                 train_stack({run: (config, Path(tmp) / f"stacked-{repeat}" / run) for run, config in runs.items()},
                             dataset)
                 timings["stacked"].append(n_runs * steps / (time.perf_counter() - started))
-        with local_cluster(n_workers) as cluster, Client(cluster) as client:
-            client.run(warm_up_worker, str(dataset_dir), name)  # imports and data, before timing
+        with contextlib.ExitStack() as cluster_open:
+            scheduler = None  # as `python -m pipeline.sweep` picks it
+            if n_workers > 1:
+                scheduler = cluster_open.enter_context(Client(cluster_open.enter_context(local_cluster(n_workers))))
+                scheduler.run(warm_up_worker, str(dataset_dir), name)  # imports and data, before timing
+            else:
+                warm_up_worker(str(dataset_dir), name)
             for repeat in range(repeats):
                 result = dispatch(runs, data_dir=str(dataset_dir), dataset_name=name,
-                                  out=str(Path(tmp) / f"cluster-{repeat}"), scheduler=client)
-                timings["cluster"].append(result.run_steps_per_s)
+                                  out=str(Path(tmp) / f"sweep-{repeat}"), scheduler=scheduler)
+                timings["sweep_command"].append(result.run_steps_per_s)
     medians = {way: statistics.median(values) if values else None for way, values in timings.items()}
     sequential = medians["sequential"]
-    return {"runs": n_runs, "epochs": epochs, "workers": n_workers,
+    return {"runs": n_runs, "epochs": epochs,
+            "sweep_command_on": f"{n_workers} worker processes" if n_workers > 1 else "its own process",
             "sequential_run_steps_per_s": sequential,
             "stacked_run_steps_per_s": medians["stacked"],
-            "cluster_run_steps_per_s": medians["cluster"],
+            "sweep_command_run_steps_per_s": medians["sweep_command"],
             "stacked_vs_sequential": medians["stacked"] / sequential if stackable else None,
-            "cluster_vs_sequential": medians["cluster"] / sequential}
+            "sweep_command_vs_sequential": medians["sweep_command"] / sequential}
 
 
 def capture_in_subprocess(dataset_dir: Path, name: str, epochs: int, device: str) -> dict:
@@ -299,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         stacked = "" if sweep["stacked_run_steps_per_s"] is None else \
             f"{sweep['stacked_run_steps_per_s']:,.0f} as one stack ({sweep['stacked_vs_sequential']:.2f}x), "
         print(f"sweep of {sweep['runs']} runs, run-steps/s: {sweep['sequential_run_steps_per_s']:,.0f} one after "
-              f"another, {stacked}{sweep['cluster_run_steps_per_s']:,.0f} by pipeline.sweep on "
-              f"{sweep['workers']} worker processes ({sweep['cluster_vs_sequential']:.2f}x)")
+              f"another, {stacked}{sweep['sweep_command_run_steps_per_s']:,.0f} by pipeline.sweep in "
+              f"{sweep['sweep_command_on']} ({sweep['sweep_command_vs_sequential']:.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -15,7 +15,8 @@ Each task trains into a staging directory on its worker's local disk (the writer
 on atomic renames, which object stores lack), then publishes the run to ``--out/<run>``
 (pipeline/locations.py); with a local ``--out`` on a shared file system it trains there
 directly. ``--data`` must be readable by every worker (a shared path; the data stage's
-directory). Without ``--scheduler`` a local cluster of one process per core is started.
+directory). Without ``--scheduler`` a local cluster of one process per two cores is started,
+or on a machine with fewer than four, the runs train in this process.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ from pipeline.trajectory import STORE_NAME, TrajectoryError, read_progress
 
 log = logging.getLogger(__name__)
 
+
+# Cores a training task keeps busy: the training thread, its held-out scorer and store
+# writers (about half a core each while they work). On 2 cores, two stacks at once trained
+# a 12-run sweep 1.03x and 1.22x as fast as one run after another (two measurements), the
+# stacks in turn in one process 1.26x and 1.28x (docs/scaling.md).
+CORES_PER_TASK = 2
 
 # Runs in one stack at most. Past 4 runs a stack steps no faster per run (docs/benchmarks.md),
 # and each of its runs has its own block buffers (48 MB) and store writer process.
@@ -158,6 +165,11 @@ def _load_dataset_cached(data_dir: str, dataset_name: str, files: tuple):
     return load_dataset(data_dir, dataset_name)
 
 
+def training_workers() -> int:
+    """Worker processes for a local cluster that trains: one per ``CORES_PER_TASK`` cores."""
+    return max(1, (os.cpu_count() or 1) // CORES_PER_TASK)
+
+
 def local_cluster(n_workers: int):
     """A LocalCluster whose workers can train runs at full speed.
 
@@ -184,18 +196,26 @@ def sweep_runs(params: Params, names: Iterable[str] | None = None) -> dict[str, 
 
 def dispatch(runs: dict[str, TrainParams], *, data_dir: str | Path, dataset_name: str, out: str | Location,
              scheduler, progress: Callable[[str, dict], None] | None = None) -> SweepResult:
-    """Train ``runs`` on the cluster at ``scheduler`` (an address or Client), all at once."""
+    """Train ``runs`` on the cluster at ``scheduler`` (an address or Client), all at once, or
+    with ``scheduler=None`` in this process, one task after another."""
     from pipeline.cluster import as_completed, client_for, submit
 
     started = time.perf_counter()
-    slots = sum(client_for(scheduler).nthreads().values())
-    # A Location travels whole (with its storage options) to the workers.
-    futures = [submit(train_and_publish, task, str(data_dir), dataset_name, out, scheduler=scheduler,
-                      key=f"train-{'+'.join(task)}")
-               for task in plan_tasks(runs, slots)]
+    if scheduler is None:
+        # The same tasks, here: on a machine with too few cores for two at once (CORES_PER_TASK),
+        # a one-worker cluster only adds its own cost (a 12-run sweep: 7.2 s on it, 6.4 s
+        # here, medians of 3).
+        results = (train_and_publish(task, str(data_dir), dataset_name, out) for task in plan_tasks(runs, 1))
+    else:
+        slots = sum(client_for(scheduler).nthreads().values())
+        # A Location travels whole (with its storage options) to the workers.
+        futures = [submit(train_and_publish, task, str(data_dir), dataset_name, out, scheduler=scheduler,
+                          key=f"train-{'+'.join(task)}")
+                   for task in plan_tasks(runs, slots)]
+        results = (future.result() for future in as_completed(futures))  # a failed run raises, naming its error
     metrics: dict[str, dict] = {}
-    for future in as_completed(futures):
-        for name, run_metrics in future.result().items():  # a failed run raises here, naming its error
+    for task_metrics in results:
+        for name, run_metrics in task_metrics.items():
             metrics[name] = run_metrics
             if progress:
                 progress(name, run_metrics)
@@ -214,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="the data stage's directory, readable by every worker")
     parser.add_argument("--out", required=True, help="runs location: a shared directory or an fsspec URL")
     parser.add_argument("--scheduler", default=None,
-                        help="Dask scheduler address (default: start a local cluster, one process per core)")
+                        help="Dask scheduler address (default: a local cluster of one process per 2 cores, "
+                             "or this process on a machine of 2 or 3 cores)")
     parser.add_argument("--runs", nargs="+", default=None, help="train these runs (default: every sweep point)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -223,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         runs = sweep_runs(params, args.runs)
         scheduler = args.scheduler
-        if scheduler is None:
+        if scheduler is None and training_workers() > 1:
             from distributed import Client
 
-            cluster = local_cluster(os.cpu_count() or 1)
+            cluster = local_cluster(training_workers())
             scheduler = client = Client(cluster)
         with tqdm(total=len(runs), unit="run", desc="sweep") as bar:
             result = dispatch(runs, data_dir=args.data, dataset_name=params.data.dataset, out=args.out,

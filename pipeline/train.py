@@ -147,6 +147,8 @@ def train_stack(runs: dict[str, tuple[TrainParams, Path]], dataset: Dataset, *, 
         optimizer=first.optimizer, lr=[config.lr for config in configs], momentum=first.momentum,
         weight_decay=first.weight_decay)
     with contextlib.ExitStack() as open_files:
+        scoring = scoring_thread()  # one for the stack: one per run would take turns with training
+        open_files.callback(scoring.shutdown, wait=True, cancel_futures=True)
         recordings = []
         for run, (name, (config, out_dir)) in enumerate(runs.items()):
             open_files.enter_context(exclusive_writer(out_dir))
@@ -156,7 +158,7 @@ def train_stack(runs: dict[str, tuple[TrainParams, Path]], dataset: Dataset, *, 
                 open_files, plan, dataset, device, out_dir, run_metadata(name, config, dataset, device, "numpy"),
                 run_name=name, sources=(lambda w=weight: w, lambda b=bias: b, lambda g=gradient: g),
                 checkpoint=functools.partial(model.optimizer_state, run), overwrite=overwrite, point=None,
-                progress=progress))
+                progress=progress, scoring=scoring))
         record_steps = [recording.on_step for recording in recordings]
 
         def on_step(step: int, losses: np.ndarray) -> None:
@@ -211,7 +213,8 @@ class RunRecording:
     loss and accuracy history, and progress bar.
 
     Opens them into ``open_files`` (an ExitStack), which closes them; ``sources`` are the
-    engine's ``weight_now``, ``bias_now`` and ``gradient_now``. The engine calls
+    engine's ``weight_now``, ``bias_now`` and ``gradient_now``; ``scoring``, the held-out
+    scorer's thread if shared (a stack's runs share one). The engine calls
     :meth:`on_step` after every step (or :meth:`on_block` after a block of them); after the
     last, :meth:`finish_training` writes the rest, and :meth:`summary` gives the metrics.
     """
@@ -220,7 +223,7 @@ class RunRecording:
                  out_dir: Path, metadata: dict, *, run_name: str,
                  sources: tuple[Callable[[], np.ndarray], Callable[[], np.ndarray | None], Callable[[], np.ndarray]],
                  checkpoint: Callable[[], np.ndarray | None], overwrite: bool, point: ResumePoint | None,
-                 progress: bool) -> None:
+                 progress: bool, scoring: ThreadPoolExecutor | None = None) -> None:
         layout = plan.layout
         self.run_name, self.out_dir, self.eval_steps = run_name, out_dir, layout.eval_steps
         self._eval_set = set(layout.eval_steps)
@@ -231,7 +234,8 @@ class RunRecording:
             out_dir / STORE_NAME, layout, metadata, overwrite=overwrite, block_steps=plan.block_steps,
             checkpoint=checkpoint, resume_from=point))
         self.scorer = open_files.enter_context(HeldOutScorer(torch.from_numpy(dataset.test.images).to(device),
-                                                             torch.from_numpy(dataset.test.labels).to(device)))
+                                                             torch.from_numpy(dataset.test.labels).to(device),
+                                                             thread=scoring))
         loss_file = open_files.enter_context(open(out_dir / "loss.csv", "w", newline=""))  # noqa: SIM115
         accuracy_file = open_files.enter_context(open(out_dir / "accuracy.csv", "w", newline=""))  # noqa: SIM115
         self.bar = open_files.enter_context(tqdm(total=layout.n_steps, initial=point.step if point else 0, unit="step",
@@ -330,19 +334,27 @@ class RunRecording:
             self.bar.set_postfix(accuracy=f"{evaluation.accuracy:.3f}", refresh=False)
 
 
+def scoring_thread() -> ThreadPoolExecutor:
+    """A worker thread for :class:`HeldOutScorer`, which the scorers of a stack's runs share."""
+    # torch's thread count is per thread under OpenMP: a new thread would use every core
+    # and take the training thread's, so it gets the caller's count explicitly.
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="held-out-scorer",
+                              initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+
+
 class HeldOutScorer:
     """Scores held-out data for recorded weights on a worker thread, handing results back in order.
 
     Scoring 10,000 test images takes milliseconds, as long as dozens of training steps; on
     the worker thread (torch releases the GIL in its kernels) it overlaps training instead.
+    A stack's runs share one ``thread`` (:func:`scoring_thread`, closed by its creator): one
+    thread each took turns on the training core with it.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, thread: ThreadPoolExecutor | None = None) -> None:
         self.images, self.labels = images, labels
-        # torch's thread count is per thread under OpenMP: a new thread would use every core
-        # and take the training thread's, so it gets the caller's count explicitly.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="held-out-scorer",
-                                            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        self._owns_thread = thread is None
+        self._executor = scoring_thread() if thread is None else thread
         self._pending: deque[tuple[int, Future]] = deque()
 
     def submit(self, step: int, weight: np.ndarray, bias: np.ndarray | None) -> None:
@@ -360,7 +372,11 @@ class HeldOutScorer:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._owns_thread:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        else:  # the thread goes on for the other runs; this run's scorings are not wanted any more
+            for _, future in self._pending:
+                future.cancel()
 
 
 def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: torch.device, engine: str) -> dict:
