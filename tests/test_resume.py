@@ -42,8 +42,8 @@ def tree_digest(directory):
             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != ".writer.lock"}
 
 
-def kill_after_step(command, store, step, cwd):
-    """Start ``command`` and SIGKILL it once the store has committed ``step``."""
+def kill_after_step(command, store, step, cwd, signal_number=signal.SIGKILL):
+    """Start ``command`` and SIGKILL it (or send ``signal_number``) once the store has committed ``step``."""
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
@@ -54,8 +54,8 @@ def kill_after_step(command, store, step, cwd):
             pass
         time.sleep(0.005)
     assert process.poll() is None, "the run finished before it could be killed: make it longer"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    os.kill(process.pid, signal_number)
+    process.wait(timeout=60)
     return read_progress(store)
 
 
@@ -98,20 +98,7 @@ def test_a_run_stopped_with_ctrl_c_resumes_to_exactly_the_uninterrupted_result(p
     resumed.mkdir()
     command = train_command(project, "numpy", "run", "--resume")
     subprocess.run(command, check=True, cwd=clean, capture_output=True)
-    store = resumed / "run" / STORE_NAME
-    process = subprocess.Popen(command, cwd=resumed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            if read_progress(store)["steps_done"] >= 1_200:
-                break
-        except (TrajectoryError, KeyError, OSError):
-            pass
-        time.sleep(0.005)
-    assert process.poll() is None, "the run finished before it could be stopped: make it longer"
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) != 0
-    stopped = read_progress(store)
+    stopped = kill_after_step(command, resumed / "run" / STORE_NAME, 1_200, cwd=resumed, signal_number=signal.SIGINT)
     assert not stopped["finished"] and stopped["error"]
     result = subprocess.run(command, cwd=resumed, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]

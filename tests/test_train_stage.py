@@ -1,5 +1,6 @@
 """The train stage end to end: params file and data directory in, run directory out."""
 
+import contextlib
 import csv
 import dataclasses
 import gzip
@@ -203,6 +204,24 @@ def test_only_runs_that_differ_in_seed_and_lr_stack(tmp_path, generated_data):
     assert not (tmp_path / "a").exists()
 
 
+@contextlib.contextmanager
+def crash_when_recording(*, step, monkeypatch):
+    """Training inside the block fails when it records ``step`` (as a bug or a full disk would)."""
+    from pipeline.trajectory import TrajectoryWriter
+
+    original = TrajectoryWriter.record_step
+
+    def crashing(self, at, *args, **kwargs):
+        if at == step:
+            raise RuntimeError("simulated crash")
+        return original(self, at, *args, **kwargs)
+
+    monkeypatch.setattr(TrajectoryWriter, "record_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        yield
+    monkeypatch.setattr(TrajectoryWriter, "record_step", original)
+
+
 def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_path, generated_data, monkeypatch,
                                                                          caplog):
     from pipeline.sweep import train_and_publish
@@ -214,17 +233,8 @@ def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_p
     runs = {f"seed{seed}": TrainParams(device="cpu", epochs=20, eval_every=50, seed=seed) for seed in range(3)}
     out = tmp_path / "runs"
     run_training(runs["seed2"], dataset, out / "seed2", run_name="seed2", progress=False)  # finished: trained again
-    original = TrajectoryWriter.record_step
-
-    def crash_at_150(self, step, *args, **kwargs):
-        if step == 150:
-            raise RuntimeError("simulated crash")
-        return original(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(TrajectoryWriter, "record_step", crash_at_150)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_when_recording(step=150, monkeypatch=monkeypatch):
         run_training(runs["seed1"], dataset, out / "seed1", run_name="seed1", progress=False)
-    monkeypatch.setattr(TrajectoryWriter, "record_step", original)
 
     stacked = []
 
@@ -252,17 +262,8 @@ def test_runs_of_a_stack_stopped_by_an_error_each_resume_exactly_alone(tmp_path,
     monkeypatch.setattr(TrajectoryWriter, "default_block_steps", classmethod(lambda cls, layout: 64))
     runs = {f"seed{seed}": TrainParams(device="cpu", epochs=20, eval_every=50, seed=seed, lr=lr)
             for seed, lr in [(0, 1e-3), (1, 1e-2)]}
-    original = TrajectoryWriter.record_step
-
-    def crash_at_150(self, step, *args, **kwargs):
-        if step == 150:
-            raise RuntimeError("simulated crash")
-        return original(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(TrajectoryWriter, "record_step", crash_at_150)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_when_recording(step=150, monkeypatch=monkeypatch):
         train_stack({name: (config, tmp_path / "stack" / name) for name, config in runs.items()}, dataset)
-    monkeypatch.setattr(TrajectoryWriter, "record_step", original)
     for name, config in runs.items():
         stopped = read_progress(tmp_path / "stack" / name / "trajectory.zarr")
         assert not stopped["finished"] and stopped["resume"]["step"] == 127, name
