@@ -199,13 +199,12 @@ class TrajectoryWriter:
             else WriterThread(self._store_writer.handle, name)
         self._free_slots = list(range(self.N_SLOTS - 1, 0, -1))
         self._slots_in_flight: deque[int | None] = deque()  # per message sent, in order: the slot it frees
-        self._use_slot(0)
+        self._slot = 0
+        self._buffers = self._slots[0]
         # Carrying on after step s: rows from s + 1 are written again, whatever is there.
         first = 0 if resume_from is None else resume_from.step + 1
         self._block_start = first  # step held in buffer row 0
         self._next_step = first
-        self._last_step = layout.n_steps
-        self._more_rows = layout.bias or layout.gradients  # rows beside the weights and loss
         self._rows_handed = 0  # rows of this block already sent to the store writer
         self._next_handoff = self._handoff_steps  # buffer row count at which rows go next
         self._evals: list[tuple[float, float]] = []
@@ -239,19 +238,17 @@ class TrajectoryWriter:
     def record_step(self, step: int, weights: np.ndarray, loss: float = float("nan"), *,
                     bias: np.ndarray | None = None, gradient: np.ndarray | None = None) -> None:
         # This runs once per training step: it copies the row into the block buffer and
-        # checks one counter; everything else happens a few times per block. Each
-        # microsecond here is about 1% of a numpy training step.
-        if step != self._next_step or step > self._last_step:
+        # checks one counter; everything else happens a few times per block.
+        if step != self._next_step or step > self.layout.n_steps:
             self._refuse_steps(step, step)
         row = step - self._block_start
-        self._weight_rows[row] = weights
-        self._loss_rows[row] = loss
-        if self._more_rows:
-            buffers = self._buffers
-            if self.layout.bias:
-                buffers["bias"][row] = bias
-            if self.layout.gradients:  # step 0 has no gradient: NaN, like a row never written
-                buffers["gradients"][row] = np.nan if gradient is None else gradient
+        buffers = self._buffers
+        buffers["weights"][row] = weights
+        buffers["loss"][row] = loss
+        if self.layout.bias:
+            buffers["bias"][row] = bias
+        if self.layout.gradients:  # step 0 has no gradient: NaN, like a row never written
+            buffers["gradients"][row] = np.nan if gradient is None else gradient
         self._next_step = step + 1
         if row + 1 == self._next_handoff:
             self._hand_off_rows()
@@ -372,14 +369,11 @@ class TrajectoryWriter:
         if n_rows:
             while not self._free_slots:  # wait for the store writer to free one
                 self._take_reply(self._next_reply())
-            self._use_slot(self._free_slots.pop())
+            self._slot = self._free_slots.pop()
+            self._buffers = self._slots[self._slot]
             self._block_start = self._next_step
             self._rows_handed = 0
             self._next_handoff = self._handoff_steps
-
-    def _use_slot(self, slot: int) -> None:
-        self._slot, self._buffers = slot, self._slots[slot]
-        self._weight_rows, self._loss_rows = self._buffers["weights"], self._buffers["loss"]
 
     def _send(self, message: tuple, frees_slot: int | None) -> None:
         try:
