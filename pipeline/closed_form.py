@@ -9,6 +9,10 @@ The optimizers below follow ``torch.optim``'s single-tensor formulas operation b
 in float32, so this path and the autograd path (pipeline.trainer) agree to float32 rounding
 for the same seed. tests/test_closed_form.py checks it against autograd. Other models and
 optimizers take the autograd path.
+
+The model holds a stack of runs (one, for the train stage): a sweep's runs that differ only
+in seed and learning rate step together, each exactly as it would alone
+(pipeline.train.train_stack).
 """
 
 from __future__ import annotations
