@@ -20,8 +20,9 @@ Each of these runs --repeats times, interleaved, and the medians count: timings 
 small shared machine drift by 20% between runs.
 
 Then the aggregate throughput of a sweep of --sweep-runs seeds: trained one after another,
-as one stack (one numpy computation for all, pipeline.train.train_stack), and by
-pipeline.sweep on a local Dask cluster. Then, each in a fresh process, (c) for 1 epoch and
+as one stack (one numpy computation for all, pipeline.train.train_stack), and as
+`python -m pipeline.sweep` trains them (on its local Dask cluster, or in its own process on
+a machine with fewer than 4 cores). Then, each in a fresh process, (c) for 1 epoch and
 for --memory-epochs epochs, to show that peak memory does not grow with run length. Prints
 steps/s, the ratios (c)/(a) and (c)/(b), bytes per step on disk and peak memory; --json
 writes them for comparison across machines.
