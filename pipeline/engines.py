@@ -115,15 +115,24 @@ class TorchEngine:
               start_step=start_step)
 
 
+def closed_form_stack(configs: list[TrainParams]) -> ClosedFormSoftmaxRegression:
+    """The numpy model of these runs, each initialised from its seed as the torch model is.
+    They must differ in seed and lr only (pipeline.train.stack_key); the first sets the rest."""
+    initial = [SoftmaxRegression(N_PIXELS, N_CLASSES, bias=config.bias, seed=config.seed) for config in configs]
+    first = configs[0]
+    return ClosedFormSoftmaxRegression(
+        np.stack([model.weight.detach().numpy() for model in initial]),
+        np.stack([model.bias.detach().numpy() for model in initial]) if first.bias else None,
+        optimizer=first.optimizer, lr=[config.lr for config in configs], momentum=first.momentum,
+        weight_decay=first.weight_decay)
+
+
 class ClosedFormEngine:
     """The fast CPU path: the same model, initialisation and batches, stepped in numpy (a stack of one run)."""
 
     def __init__(self, config: TrainParams, dataset: Dataset) -> None:
         self.config = config
-        initial = SoftmaxRegression(N_PIXELS, N_CLASSES, bias=config.bias, seed=config.seed)
-        self.model = ClosedFormSoftmaxRegression(
-            initial.weight.detach().numpy()[None], None if initial.bias is None else initial.bias.detach().numpy()[None],
-            optimizer=config.optimizer, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.model = closed_form_stack([config])
         self.images, self.labels = dataset.train.images, dataset.train.labels
         # Views of the run's slice: updated in place, like the arrays of the stack.
         self._weight, self._gradient = self.model.weight[0], self.model.weight_grad[0]

@@ -31,13 +31,13 @@ import zarr
 from tqdm import tqdm
 
 import pipeline
-from pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
+from pipeline.closed_form import train_closed_form
 from pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS, Dataset, DatasetError, load_dataset
-from pipeline.engines import make_engine, optimizer_state_size, select_engine
+from pipeline.engines import closed_form_stack, make_engine, optimizer_state_size, select_engine
 from pipeline.graph_engine import CudaGraphEngine
 from pipeline.params import CLOSED_FORM_OPTIMIZERS, ParamsError, TrainParams, load_params
 from pipeline.runlock import RunLockedError, exclusive_writer
-from pipeline.trainer import DeviceError, Evaluation, SoftmaxRegression, evaluate, plan_evals, plan_steps, select_device
+from pipeline.trainer import DeviceError, Evaluation, evaluate, plan_evals, plan_steps, select_device
 from pipeline.trajectory import (
     STORE_NAME,
     ResumePoint,
@@ -140,12 +140,7 @@ def train_stack(runs: dict[str, tuple[TrainParams, Path]], dataset: Dataset, *, 
                          "train these runs one by one (run_training), or set device: cpu")
     _use_one_cpu_thread(device)
     plan = RunPlan.of(first, dataset)
-    initial = [SoftmaxRegression(N_PIXELS, N_CLASSES, bias=first.bias, seed=config.seed) for config in configs]
-    model = ClosedFormSoftmaxRegression(
-        np.stack([m.weight.detach().numpy() for m in initial]),
-        np.stack([m.bias.detach().numpy() for m in initial]) if first.bias else None,
-        optimizer=first.optimizer, lr=[config.lr for config in configs], momentum=first.momentum,
-        weight_decay=first.weight_decay)
+    model = closed_form_stack(configs)
     with contextlib.ExitStack() as open_files:
         scoring = scoring_thread()  # one for the stack: one per run would take turns with training
         open_files.callback(scoring.shutdown, wait=True, cancel_futures=True)
