@@ -131,6 +131,38 @@ class Location:
                                                  read_only=read_only)
 
 
+# Written into the attributes of what `viewer.stats` and `viewer.compare` write, so that a
+# later run of them may replace it, and nothing else.
+OUTPUT_MARK = "weightlapse_output"
+
+
+def check_output_target(out: str | Path, *, inputs: list[str | Path | Location], kind: str) -> None:
+    """Refuse to write a Zarr output (``kind``: "change-statistics", "comparison") where it would
+    destroy something: over or inside an input run (or runs directory), or over any existing
+    path that is not an earlier output of the same kind. Raises FileExistsError."""
+    if is_url(out):
+        return  # object storage: nothing there is deleted by a write of fresh keys
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        location = as_location(given)
+        if not location.local:
+            continue
+        source = location.local_path.expanduser().resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise FileExistsError(f"--out {out}: that is {'inside ' if source in target.parents else ''}"
+                                  f"{source}, which this command reads; writing there would destroy it: "
+                                  "choose a path outside the runs")
+    if not os.path.lexists(target):
+        return
+    try:
+        attrs = zarr.open_group(target, mode="r").attrs.asdict()
+    except Exception:  # noqa: BLE001 - not a Zarr group at all
+        attrs = {}
+    if attrs.get(OUTPUT_MARK) != kind:
+        raise FileExistsError(f"--out {out} already exists and is not an earlier {kind} output of weightlapse; "
+                              "it would be deleted: choose a new path, or remove it yourself first")
+
+
 def as_location(location: str | Path | Location, storage_options: dict[str, Any] | None = None) -> Location:
     return location if isinstance(location, Location) else Location(location, storage_options)
 
@@ -151,6 +183,10 @@ def publish_run(run_dir: str | Path, target: str | Path | Location,
     destination = as_location(target, storage_options)
     try:
         with exclusive_writer(run_dir):
+            links = sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*") if path.is_symlink())
+            if links:
+                raise LocationError(f"{run_dir}: {links[0]} is a symbolic link; a run is published only from files "
+                                    "inside its own directory: replace the link by the file itself")
             files = sorted(path for path in run_dir.rglob("*") if path.is_file() and not path.name.startswith(".")
                            and not path.name.endswith(".partial"))
             marker = run_dir / "trajectory.zarr" / "zarr.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -45,7 +46,13 @@ def exclusive_writer(run_dir: str | Path) -> Iterator[None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     # The file is never deleted: unlinking a lock file lets a third process lock a fresh
     # file while a second still holds the old one.
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise RunLockedError(f"{run_dir / LOCK_NAME} is a symbolic link; the writer lock is never written through "
+                             "a link: remove the link and run again") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,7 +80,7 @@ def exclusive_writer(run_dir: str | Path) -> Iterator[None]:
 def is_being_written(run_dir: str | Path) -> bool:
     """Whether a live process holds the run's writer lock (False if it never had one)."""
     try:
-        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     try:

@@ -36,6 +36,7 @@ from pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS, Dataset, DatasetErr
 from pipeline.engines import closed_form_stack, make_engine, optimizer_state_size, select_engine
 from pipeline.graph_engine import CudaGraphEngine
 from pipeline.params import CLOSED_FORM_OPTIMIZERS, ParamsError, TrainParams, load_params
+from pipeline.run_files import open_new, write_text_atomic
 from pipeline.runlock import RunLockedError, exclusive_writer
 from pipeline.trainer import DeviceError, Evaluation, evaluate, plan_evals, plan_steps, select_device
 from pipeline.trajectory import (
@@ -231,8 +232,8 @@ class RunRecording:
         self.scorer = open_files.enter_context(HeldOutScorer(torch.from_numpy(dataset.test.images).to(device),
                                                              torch.from_numpy(dataset.test.labels).to(device),
                                                              thread=scoring))
-        loss_file = open_files.enter_context(open(out_dir / "loss.csv", "w", newline=""))  # noqa: SIM115
-        accuracy_file = open_files.enter_context(open(out_dir / "accuracy.csv", "w", newline=""))  # noqa: SIM115
+        loss_file = open_files.enter_context(open_new(out_dir / "loss.csv", newline=""))
+        accuracy_file = open_files.enter_context(open_new(out_dir / "accuracy.csv", newline=""))
         self.bar = open_files.enter_context(tqdm(total=layout.n_steps, initial=point.step if point else 0, unit="step",
                                                  desc=run_name, disable=not progress, mininterval=0.5))
         self.loss_csv = csv.writer(loss_file)
@@ -307,7 +308,7 @@ class RunRecording:
             "heldout_accuracy": self.last_eval.accuracy,
             "heldout_loss": self.last_eval.loss,
         }
-        (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(self.out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         summary = RunSummary(metrics, engine, loop_seconds)
         log.info("%s: %d steps in %.2f s (%s steps/s, %s engine), every step recorded", self.run_name,
                  metrics["steps"], loop_seconds, f"{summary.steps_per_s:,.0f}", engine)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import shutil
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,28 +42,29 @@ from zarr.codecs import BloscCodec, TransposeCodec
 
 from pipeline.chunkwriter import ChunkWriter
 from pipeline.handoff import WriterFailed, WriterProcess, WriterThread, shared_buffers
-from pipeline.locations import Location, as_location
+from pipeline.locations import Location
+from pipeline.store import (  # noqa: F401 - the store format's names, re-exported for existing callers
+    IMAGE_SIDE,
+    REQUIRED_ARRAYS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STORE_NAME,
+    WEIGHT_DIMS,
+    CheckedSteps,
+    Progress,
+    TrajectoryError,
+    TrajectoryNotFoundError,
+    check_store,
+    open_store,
+    store_location,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "weightlapse.trajectory"
-SCHEMA_VERSION = 1
-WEIGHT_DIMS = ("step", "class", "pixel")
-STORE_NAME = "trajectory.zarr"
-IMAGE_SIDE = 28
-REQUIRED_ARRAYS = ("weights", "step", "loss", "eval_step", "heldout_accuracy", "heldout_loss")
 # Coordinates and per-step scalars are tiny; one chunk holds many steps.
 SCALAR_CHUNK = 16384
 # Steps per dask task when reading weights for analysis (16 MB of float32 weights).
 DASK_BLOCK_STEPS = 512
-
-
-class TrajectoryError(ValueError):
-    """A path is not a usable weightlapse trajectory store."""
-
-
-class TrajectoryNotFoundError(TrajectoryError, FileNotFoundError):
-    """No store at the given path."""
 
 
 @dataclass(frozen=True)
@@ -106,38 +109,6 @@ def _step_series_codecs(ndim: int) -> dict[str, Any]:
 def check_schema(path: str | Path | Location) -> None:
     """Raise TrajectoryError unless ``path`` is a store this version can read."""
     open_store(path)
-
-
-def open_store(path: str | Path | Location, storage_options: dict[str, Any] | None = None) -> zarr.Group:
-    """Open a store read-only as a Zarr group, checking it is a trajectory of this schema version.
-
-    ``path``: a local path, an fsspec URL (``s3://bucket/runs/NAME/trajectory.zarr``, with
-    ``storage_options``) or a :class:`~pipeline.locations.Location`.
-    """
-    location = as_location(path, storage_options)
-    try:
-        if not location.exists():
-            raise TrajectoryNotFoundError(f"{location}: no trajectory store here")
-        group = zarr.open_group(location.zarr_store(), mode="r")
-    except TrajectoryNotFoundError:
-        raise
-    except Exception as error:  # noqa: BLE001 - zarr and fsspec raise many kinds for a foreign or unreachable store
-        raise TrajectoryError(f"{location}: not a Zarr group, or unreadable ({type(error).__name__}: {error})") from None
-    meta = group.attrs.get("weightlapse", {})
-    if not isinstance(meta, dict):
-        meta = {}
-    schema, version = meta.get("schema"), meta.get("schema_version")
-    if schema != SCHEMA:
-        raise TrajectoryError(
-            f"{path}: a Zarr store, but not a weightlapse trajectory (schema {schema!r}); "
-            "point at a runs/<run>/trajectory.zarr written by `dvc repro`"
-        )
-    if version != SCHEMA_VERSION:
-        raise TrajectoryError(
-            f"{path}: written with store schema version {version}, this weightlapse reads version "
-            f"{SCHEMA_VERSION}; retrain the run (`dvc repro`) or use the weightlapse version that wrote it"
-        )
-    return group
 
 
 class TrajectoryWriter:
@@ -501,6 +472,12 @@ class _StoreWriter:
 
 
 def _prepare_target(path: Path, *, overwrite: bool) -> None:
+    if path.is_symlink():  # a store is never written through a link (a DVC cache link, say): only the link goes
+        if not overwrite:
+            raise FileExistsError(f"{path} is a symbolic link; refusing to write through it: remove the link, "
+                                  "or pass --overwrite to replace it (only the link) by a new store")
+        path.unlink()
+        return
     if not path.exists():
         return
     if not overwrite:
@@ -576,6 +553,9 @@ def find_resume_point(path: str | Path, layout: StoreLayout, metadata: dict[str,
     weights and its optimizer state.
     """
     path = Path(path)
+    links = _links_in(path)
+    if links:
+        return f"it holds a symbolic link ({links[0]}), which the writer would write through"
     try:
         group = open_store(path)
         meta, progress = dict(group.attrs["weightlapse"]), dict(group.attrs["progress"])
@@ -610,6 +590,17 @@ def find_resume_point(path: str | Path, layout: StoreLayout, metadata: dict[str,
                        heldout=heldout)
 
 
+def _links_in(path: Path) -> list[str]:
+    """Symbolic links at or below ``path`` (not followed), relative to it."""
+    if path.is_symlink():
+        return ["."]
+    found = []
+    for directory, subdirectories, files in os.walk(path):
+        found += [os.path.relpath(os.path.join(directory, name), path) for name in subdirectories + files
+                  if os.path.islink(os.path.join(directory, name))]
+    return found
+
+
 def _remove_partial_files(path: Path) -> None:
     """Temporary files a killed writer left (ours and zarr's): never data, and no part of a clean store."""
     for leftover in path.rglob("*.partial"):
@@ -619,8 +610,11 @@ def _remove_partial_files(path: Path) -> None:
 # -- reading -------------------------------------------------------------------------
 
 def read_progress(path: str | Path | Location, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's progress marker: steps_done, n_steps, evals_done, finished."""
-    return dict(open_store(path, storage_options).attrs["progress"])
+    """The run's progress marker, validated: steps_done, n_steps, evals_done, finished (and resume, error).
+
+    Only the marker is read: a store still being created (no arrays yet) has one saying -1."""
+    location = store_location(path, storage_options)
+    return Progress.parse(open_store(location).attrs.get("progress"), str(location)).as_dict()
 
 
 def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
@@ -628,40 +622,43 @@ def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None
 
     ``path`` is a run directory (``runs/<run>``) or its ``trajectory.zarr``, as a local
     path or an fsspec URL (``s3://bucket/runs/<run>``, reached with ``storage_options``).
-    Only steps up to the progress marker are included, so a run still being written reads
-    as the shorter run it is so far. Weights are read only when computed.
+    The store is checked first (:func:`pipeline.store.check_store`); only steps up to the
+    progress marker are included, so a run still being written reads as the shorter run it
+    is so far. Weights are read only when computed; a damaged chunk raises TrajectoryError
+    for its steps.
     """
-    path = as_location(path, storage_options)
-    if path.name != STORE_NAME and (path / STORE_NAME).exists():
-        path = path / STORE_NAME
-    group = open_store(path)
+    checked = check_store(path, storage_options)
+    group, progress = checked.group, checked.progress
     try:
         ds = xr.open_zarr(group.store, consolidated=False, zarr_format=3, chunks={})
     except Exception as error:  # noqa: BLE001
-        raise TrajectoryError(f"{path}: cannot be read as a trajectory: {error}") from None
-    missing = [name for name in REQUIRED_ARRAYS if name not in ds.variables]
-    if missing:
-        raise TrajectoryError(f"{path}: array {missing[0]!r} is missing: the store is still being created "
-                              "(try again in a moment) or was not completely written")
-    progress = ds.attrs["progress"]
+        raise TrajectoryError(f"{checked.location}: cannot be read as a trajectory: {error}") from None
     ds = ds.drop_vars("resume_state", errors="ignore")  # the writer's, for resuming; no data
+    ds = ds.isel(step=slice(0, progress.steps_done + 1), eval_step=slice(0, progress.evals_done))
     for name in ("weights", "gradients"):
         if name in ds:
-            ds[name] = ds[name].copy(data=dask_steps(group[name]))
-    ds = ds.isel(step=slice(0, progress["steps_done"] + 1), eval_step=slice(0, progress["evals_done"]))
+            ds[name] = ds[name].copy(data=dask_steps(group[name], n_rows=progress.steps_done + 1,
+                                                     where=str(checked.location), finite=name == "weights"))
+    ds.attrs["progress"] = progress.as_dict()
     return ds.assign_coords({"class": np.arange(ds.sizes["class"]), **pixel_coords(ds.sizes["pixel"])})
 
 
-def dask_steps(array: zarr.Array) -> da.Array:
+def dask_steps(array: zarr.Array, *, n_rows: int | None = None, where: str | None = None,
+               finite: bool = True) -> da.Array:
     """A (step, ...) store array as a dask array of about ``DASK_BLOCK_STEPS`` steps per task.
 
     Whole store chunks per task, several of them: zarr reads a task's chunks concurrently,
     and a cluster schedules eight times fewer tasks than one per 64-step chunk. Per-task
     overhead on a Dask cluster had made a plain sum over a run 3.5x slower than reading it.
+    Reads go through :class:`~pipeline.store.CheckedSteps`: a damaged chunk raises
+    TrajectoryError naming its steps (``finite``: NaN or infinite values count as damage).
+    ``n_rows``: only the first rows (the committed steps), so no task reads past the marker.
     """
     per_chunk = array.chunks[0]
     steps = per_chunk * max(1, DASK_BLOCK_STEPS // per_chunk)
-    return da.from_zarr(array, chunks=(steps, *array.shape[1:]))
+    checked = CheckedSteps(array, where or str(array.store), n_rows=n_rows, finite=finite)
+    return da.from_array(checked, chunks=(steps, *checked.shape[1:]), asarray=True, lock=False, fancy=False,
+                         name=f"{array.basename}-{uuid.uuid4().hex}", meta=np.empty((0,) * checked.ndim, array.dtype))
 
 
 def pixel_coords(n_pixels: int) -> dict[str, Any]:

@@ -130,3 +130,11 @@ def test_the_runs_index_command_writes_it_as_csv(catalog, tmp_path):
     table = pd.read_csv(tmp_path / "index.csv", index_col="name")
     assert list(table.index) == ["adam-seed0", "adam-seed1", "adam-seed2", "sgd-seed0"]
     assert list(table.optimizer) == ["adam", "adam", "adam", "sgd"] and table.group.nunique() == 2
+
+
+def test_the_command_never_writes_over_the_runs_it_compares(catalog, tmp_path):
+    group = catalog.index().loc["adam-seed0", "group"]
+    runs = catalog.runs_dir.local_path
+    for out in (runs, runs / "adam-seed0", runs / "comparison.zarr", runs / "adam-seed1" / "trajectory.zarr"):
+        assert compare.main([str(runs), "--group", group, "--out", str(out)]) == 1
+    assert {info.state for info in catalog.list()} == {"finished"} and len(catalog.list()) == 4

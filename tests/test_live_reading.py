@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
 from idx_files import write_dataset
@@ -49,7 +50,7 @@ def test_a_reader_never_sees_past_the_committed_step_while_training_appends(tmp_
                 progress = read_progress(store)
                 ds = open_run(store)                   # a fresh open, as a reader process would
             except TrajectoryError:
-                assert not_started(store)  # unreadable only while the store is being created
+                assert not_started(store), traceback.format_exc()  # unreadable only while the store is being created
                 continue
             last = ds.sizes["step"] - 1
             assert last >= progress["steps_done"]     # the marker never runs ahead of the data

@@ -102,3 +102,51 @@ def test_metrics_that_are_not_json_are_ignored(runs_dir):
     info = RunCatalog(runs_dir).describe("done")
     assert info.state == "finished" and info.metrics == {}
     json.dumps(info.params)
+
+
+def test_one_bad_run_never_takes_the_index_or_its_command_down(runs_dir, capsys):
+    from viewer.runs import main
+
+    write_run(runs_dir / "infinite", training_like(20, seed=2), chunk_steps=8)
+    path = runs_dir / "infinite" / STORE_NAME / "zarr.json"
+    document = json.loads(path.read_text())
+    document["attributes"]["progress"]["steps_done"] = "__INF__"
+    path.write_text(json.dumps(document).replace('"__INF__"', "Infinity"))
+    write_run(runs_dir / "odd-metrics", training_like(20, seed=3), chunk_steps=8)
+    (runs_dir / "odd-metrics" / "metrics.json").write_text('{"heldout_accuracy": {"deep": [1, 2]}, "steps": 20}')
+    infos = {info.name: info for info in RunCatalog(runs_dir).list()}
+    assert infos["infinite"].state == "broken" and "not a whole number" in infos["infinite"].message
+    assert infos["odd-metrics"].state == "finished" and infos["odd-metrics"].metrics == {"steps": 20}
+    assert infos["done"].state == "finished"
+    assert main([str(runs_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "infinite" in printed and "broken" in printed and "done" in printed
+
+
+def replace_run(run_dir, rows, **options) -> None:
+    """Retrain a run in place, as `dvc repro --force` does: the store is deleted and written anew."""
+    import shutil
+
+    shutil.rmtree(run_dir / STORE_NAME)
+    write_run(run_dir, rows, chunk_steps=8, **options)
+
+
+def test_a_run_retrained_under_an_open_reader_is_read_afresh(tmp_path):
+    runs = tmp_path / "runs"
+    old = training_like(300, seed=0)
+    write_run(runs / "retrained", old, chunk_steps=8)
+    catalog = RunCatalog(runs)
+    run = catalog.open("retrained")
+    for step in (100, 250):  # cached chunks of the old store
+        np.testing.assert_array_equal(run.weights_at(step), old[step])
+    assert run.finished
+
+    new = training_like(900, seed=7)  # another seed, another length, still being written
+    replace_run(runs / "retrained", new[:512], n_steps=900, finish=False)
+    np.testing.assert_array_equal(run.weights_at(100), new[100])  # never the old run's bits
+    assert not run.finished and run.last_step == 511
+    with pytest.raises(IndexError):
+        run.weights_at(600)
+    again = catalog.open("retrained")  # a page opened now shares it, just as fresh
+    np.testing.assert_array_equal(again.weights_at(250), new[250])
+    assert catalog.describe("retrained").state in ("being written", "unfinished")

@@ -143,3 +143,22 @@ def test_command_line_writes_a_store_xarray_opens(tmp_path):
     saved = xr.open_zarr(out)
     assert_matches(saved.load(), reference(w[10:201], first=10), w[10:201])
     assert main([str(tmp_path / "run"), "--start", "10", "--stop", "999", "--out", str(out)]) == 1
+
+
+def test_the_command_never_writes_over_its_run_or_a_users_files(tmp_path, caplog):
+    w = random_walk(np.random.default_rng(4), 100)
+    run = tmp_path / "runs" / "run"
+    write_run(run, w)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    for out in (run, run / "trajectory.zarr", run / "change_stats.zarr", tmp_path / "runs", tmp_path):
+        assert main([str(run), "--out", str(out)]) == 1
+    assert "which this command reads" in caplog.text
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("precious")
+    assert main([str(run), "--out", str(mine)]) == 1
+    assert (mine / "chapter1.tex").read_text() == "precious" and "not an earlier change-statistics output" in caplog.text
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    np.testing.assert_array_equal(open_run(run).weights.values, w)
+    out = tmp_path / "stats.zarr"  # an earlier output of the command may be replaced
+    assert main([str(run), "--out", str(out)]) == 0 and main([str(run), "--out", str(out)]) == 0

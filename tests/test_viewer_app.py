@@ -188,3 +188,34 @@ def test_compare_mode_draws_a_seed_group_from_the_runs_index(tmp_path):
     panel.runs_choice.value = ["sgd"]
     asyncio.run(panel._compare_clicked())
     assert "at least two runs" in viewer.message.object
+
+
+def test_a_run_retrained_under_an_open_page_is_shown_exactly(tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    old = training_like(300, seed=0)
+    write_run(runs / "alpha", old, name="alpha")
+    viewer = WeightViewer(runs)
+    root = render(viewer)
+    viewer.step = 250
+    np.testing.assert_array_equal(shown(viewer, root), mosaic(old[250], header=HEADER))
+    assert "finished" in viewer.state_text.object and "not finished" not in viewer.state_text.object
+
+    # `dvc repro --force` with another seed and length, while the page stays open
+    new = training_like(900, seed=9)
+    shutil.rmtree(runs / "alpha" / "trajectory.zarr")
+    writer = write_run(runs / "alpha", new[:512], n_steps=900, finish=False, name="alpha")
+    viewer.poll()
+    assert viewer.step == 250 and viewer.step_slider.end == 511
+    np.testing.assert_array_equal(shown(viewer, root), mosaic(new[250], header=HEADER))
+    assert "not finished" in viewer.state_text.object
+    steps, _ = viewer.run.loss()
+    assert steps[-1] == 511
+    # a page opened now shows the new store too, at an early and a late step
+    fresh = WeightViewer(runs)
+    fresh_root = render(fresh)
+    for step in (3, 500):
+        fresh.step = step
+        np.testing.assert_array_equal(shown(fresh, fresh_root), mosaic(new[step], header=HEADER))
+    writer.close()

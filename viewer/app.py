@@ -340,7 +340,6 @@ class WeightViewer(pn.viewable.Viewer):
         if run is None:
             return
         self.say("")
-        run.refresh()
         self._known_last[run.name] = run.last_step
         self._labels_pipe.send(run.class_names)
         self._update_bounds()
@@ -352,7 +351,6 @@ class WeightViewer(pn.viewable.Viewer):
     def _select_compare(self, name: str | None) -> None:
         self.compare = self._open(name)
         if self.compare is not None:
-            self.compare.refresh()
             self._known_last[self.compare.name] = self.compare.last_step
             if self.compare.n_classes != (self.run.n_classes if self.run else self.compare.n_classes):
                 self.say("These two runs have different numbers of classes and cannot be compared.", "error")
@@ -567,7 +565,8 @@ class WeightViewer(pn.viewable.Viewer):
 
     # -- statistics ------------------------------------------------------------------------------
     def _stats_key(self) -> tuple:
-        return (str(self.run.store), self.range_start, self.range_stop)
+        # The store's identity, not its name: statistics of a retrained run are not the old ones.
+        return (self.run.identity, self.range_start, self.range_stop)
 
     def _statistics_view(self) -> TileView | None:
         with _stats_lock:
@@ -674,11 +673,19 @@ class WeightViewer(pn.viewable.Viewer):
         for run in (self.run, self.compare):
             if run is None:
                 continue
+            generation = run.generation
             try:
-                if not run.finished:
-                    run.refresh()
+                # Finished runs too: a run retrained under the server is a new store.
+                run.refresh()
             except (TrajectoryError, OSError, ValueError) as error:
                 self.say(f"{run.name}: {error}", "error")
+                continue
+            if run.generation != generation:  # everything shown of it is stale: show the new store
+                self.runs_table.object = runs_table_html(self.catalog.list())
+                if run is self.run:
+                    self._select_run(run.name)
+                else:
+                    self._select_compare(run.name)
                 continue
             if run.last_step != self._known_last.get(run.name):
                 self._known_last[run.name] = run.last_step

@@ -43,6 +43,7 @@ import numpy as np
 import xarray as xr
 
 from pipeline.cluster import compute
+from pipeline.locations import OUTPUT_MARK, check_output_target
 from pipeline.trajectory import open_run, pixel_coords
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_output_target(args.out, inputs=[args.runs_dir], kind="comparison")
         catalog = RunCatalog(args.runs_dir)
         names = args.runs
         if args.group is not None:
@@ -316,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                                   progress=lambda fraction: bar.update(round(fraction * 100) - bar.n))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            result.attrs[OUTPUT_MARK] = "comparison"
             result.to_zarr(args.out, mode="w", zarr_format=3)
     except (TrajectoryError, RunNotFoundError, ClusterError, ValueError, OSError) as error:
         log.error("%s", error)

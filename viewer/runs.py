@@ -15,6 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,18 +26,24 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import pandas as pd
-import zarr
 
 from pipeline.locations import Location, as_location
 from pipeline.runlock import LOCK_NAME, is_being_written
-from pipeline.trajectory import (
-    IMAGE_SIDE,
+from pipeline.store import (
     STORE_NAME,
+    CheckedStore,
+    Progress,
     TrajectoryError,
     TrajectoryNotFoundError,
-    dask_steps,
-    open_store,
+    check_store,
+    damaged,
+    read_identity,
+    recheck_store,
+    refuse_link_out,
 )
+from pipeline.trajectory import dask_steps
+
+log = logging.getLogger(__name__)
 
 # A run whose progress marker was updated this recently and is not finished is
 # reported as "being written"; an older unfinished one as "unfinished" (stopped or killed).
@@ -125,23 +133,40 @@ class RunCatalog:
         return self._path(name)
 
     def describe(self, name: str, *, listed: list[str] | None = None) -> RunInfo:
-        """The run's state, key params and final metrics; never raises for a bad store."""
+        """The run's state, key params and final metrics; never raises for a bad store.
+
+        Each run is described on its own: whatever is wrong with one (a damaged store, a
+        marker that cannot be, an unreadable file) makes it "broken" with the reason, and
+        never stops the others from being listed.
+        """
         run_dir = self._path(name, listed)
+        try:
+            return self._describe(name, run_dir)
+        except TrajectoryError as error:
+            return RunInfo(name, "broken", str(error) or type(error).__name__)
+        except Exception as error:  # noqa: BLE001 - one bad run must not take the runs index down
+            log.warning("run %r could not be described: %s: %s", name[:80], type(error).__name__, error)
+            return RunInfo(name, "broken", f"cannot be read ({type(error).__name__}: {str(error)[:300]})")
+
+    def _describe(self, name: str, run_dir: Location) -> RunInfo:
         store = run_dir / STORE_NAME
-        metrics = _read_metrics(run_dir / "metrics.json")
+        if run_dir.local:
+            refuse_link_out(run_dir.local_path, STORE_NAME)
+        metrics = read_metrics(run_dir)
         if not store.exists():
             return RunInfo(name, "empty", f"no {STORE_NAME} yet: train it with `dvc repro`", metrics=metrics)
         try:
-            group = open_store(store)
-            meta = dict(group.attrs["weightlapse"])
-            progress = _progress(group)
-        except (TrajectoryError, KeyError, TypeError, ValueError) as error:
-            return RunInfo(name, "broken", str(error) or type(error).__name__, metrics=metrics)
+            checked = check_store(store)
+        except TrajectoryError as error:
+            if "still being created" in str(error):
+                return RunInfo(name, "empty", "its store is being created")
+            raise
+        meta, progress = checked.meta, checked.progress
         params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
         dataset = meta.get("dataset", {}).get("name", "") if isinstance(meta.get("dataset"), dict) else ""
         state, message = _state(progress, writer_alive=writer_alive(run_dir))
-        return RunInfo(name, state, message, steps_done=progress["steps_done"], n_steps=progress["n_steps"],
-                       params=params, metrics=metrics if state == "finished" else {}, dataset=str(dataset))
+        return RunInfo(name, state, message, steps_done=progress.steps_done, n_steps=progress.n_steps,
+                       params=params, metrics=metrics if state == "finished" else {}, dataset=str(dataset)[:200])
 
     def list(self) -> list[RunInfo]:
         names = self.names()  # listed once, not once per run
@@ -167,14 +192,20 @@ class RunCatalog:
         return pd.DataFrame(rows, columns=list(dict.fromkeys(columns + [k for r in rows for k in r]))).set_index("name")
 
     def open(self, name: str) -> Run:
-        """The run called ``name``, opened once and shared (its chunk cache too)."""
-        path = self._path(name) / STORE_NAME
+        """The run called ``name``, opened once and shared (its chunk cache too); a run whose
+        store was created anew since (retrained) is read afresh."""
+        run_dir = self._path(name)
+        if run_dir.local:
+            refuse_link_out(run_dir.local_path, STORE_NAME)
+        path = run_dir / STORE_NAME
         with self._lock:
             run = self._open.get(name)
             if run is None:
                 run = Run(name, path)
                 self._open[name] = run
-            return run
+                return run
+        run.refresh()
+        return run
 
 
 def seed_group(info: RunInfo) -> str:
@@ -197,104 +228,119 @@ def writer_alive(run_dir: Location) -> bool | None:
     return is_being_written(run_dir.local_path)
 
 
-def _read_metrics(path: Location) -> dict[str, Any]:
+# metrics.json is a few hundred bytes; anything much bigger is not ours.
+MAX_METRICS_BYTES = 64 * 2**10
+
+
+def read_metrics(run_dir: Location) -> dict[str, Any]:
+    """The run's metrics.json, or {} when it is missing, unreadable, a symbolic link or not ours."""
+    path = run_dir / "metrics.json"
     try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError):
+        if run_dir.local:
+            local = os.fspath(path.local_path)
+            if os.path.realpath(local) != os.path.join(os.path.realpath(run_dir.local_path), "metrics.json") \
+                    or os.path.getsize(local) > MAX_METRICS_BYTES:
+                return {}
+        metrics = json.loads(path.read_text()[:MAX_METRICS_BYTES])
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
-    return metrics if isinstance(metrics, dict) else {}
+    if not isinstance(metrics, dict):
+        return {}
+    # Only numbers: a metric is shown, compared and summed.
+    return {str(key)[:100]: value for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
-def _progress(group: zarr.Group) -> dict[str, Any]:
-    progress = group.attrs.get("progress")
-    if not isinstance(progress, dict):
-        raise TrajectoryError("the store has no progress marker; it was not written by weightlapse")
-    try:
-        steps_done, n_steps = int(progress["steps_done"]), int(progress["n_steps"])
-        evals_done = int(progress.get("evals_done", 0))
-    except (KeyError, TypeError, ValueError):
-        raise TrajectoryError(f"unreadable progress marker: {str(progress)[:200]}") from None
-    if not -1 <= steps_done <= n_steps:
-        raise TrajectoryError(f"progress marker says {steps_done} of {n_steps} steps, which cannot be")
-    return {**progress, "steps_done": steps_done, "n_steps": n_steps, "evals_done": evals_done}
-
-
-def _state(progress: dict[str, Any], *, writer_alive: bool | None = None) -> tuple[str, str]:
+def _state(progress: Progress, *, writer_alive: bool | None = None) -> tuple[str, str]:
     """``writer_alive``: whether the train stage's writer lock is held, None when the run has no lock file."""
-    if progress.get("finished"):
+    if progress.finished:
         return "finished", ""
-    if progress.get("error"):
-        return "failed", str(progress["error"])
+    if progress.error:
+        return "failed", progress.error
     if writer_alive is False:  # its writer is gone: killed, or the machine went down
-        if progress["steps_done"] < 0:
+        if progress.steps_done < 0:
             return "unfinished", "stopped before its first steps were written"
-        return "unfinished", f"stopped at step {progress['steps_done']} of {progress['n_steps']}"
+        return "unfinished", f"stopped at step {progress.steps_done} of {progress.n_steps}"
     if writer_alive:
-        return "being written", "" if progress["steps_done"] >= 0 else "no step written yet"
-    if progress["steps_done"] < 0:
+        return "being written", "" if progress.steps_done >= 0 else "no step written yet"
+    if progress.steps_done < 0:
         return "empty", "no step written yet"
     # No lock file (a store written by other code): judge by the marker's age.
     try:
-        updated = dt.datetime.fromisoformat(str(progress.get("updated")))
+        updated = dt.datetime.fromisoformat(str(progress.updated))
         age = (dt.datetime.now(dt.UTC) - updated).total_seconds()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         age = float("inf")
     if age <= WRITING_GRACE_S:
         return "being written", ""
-    return "unfinished", f"stopped at step {progress['steps_done']} of {progress['n_steps']}"
+    return "unfinished", f"stopped at step {progress.steps_done} of {progress.n_steps}"
 
 
 class Run:
     """One run's store, read lazily: a step's weights cost one chunk decompression at most.
 
-    Only steps up to the progress marker are ever read; :meth:`refresh` re-reads the marker
-    of a run that is still being written.
+    Only steps up to the progress marker are ever read. :meth:`refresh` re-reads the marker
+    of a run that is still being written, and reads the whole run afresh when its store was
+    created anew (a retrained run): cached chunks belong to the store they came from
+    (:attr:`identity`), never to the run's name. ``generation`` counts those reloads, so
+    a view can tell that what it shows is gone.
     """
 
     def __init__(self, name: str, store: str | Path | Location) -> None:
         self.name = name
         self.store = as_location(store)
-        group = open_store(store)
-        self.meta: dict[str, Any] = dict(group.attrs["weightlapse"])
-        try:
-            self._weights = group["weights"]
-            self._loss = group["loss"]
-            self._eval_step = group["eval_step"]
-            self._accuracy = group["heldout_accuracy"]
-        except KeyError as error:
-            raise TrajectoryError(f"{store}: array {error} is missing; the store is incomplete") from None
-        if self._weights.ndim != 3 or self._weights.shape[2] != IMAGE_SIDE * IMAGE_SIDE:
-            raise TrajectoryError(f"{store}: weights have shape {self._weights.shape}, expected (step, class, 784)")
-        self.n_classes = int(self._weights.shape[1])
-        self.chunk_steps = int(self._weights.chunks[0])
-        self._group = group
-        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
-        self.progress: dict[str, Any] = {}
-        self.refresh()
+        self.generation = 0
+        self._load(check_store(self.store))
+
+    def _load(self, checked: CheckedStore) -> None:
+        weights = checked.array("weights")
+        with self._lock:
+            self._checked = checked
+            self.identity = checked.identity
+            self.meta: dict[str, Any] = checked.meta
+            self._weights = weights
+            self._loss = checked.array("loss")
+            self._eval_step = checked.array("eval_step")
+            self._accuracy = checked.array("heldout_accuracy")
+            self.n_classes = int(weights.shape[1])
+            self.chunk_steps = int(weights.chunks[0])
+            self.progress: Progress = checked.progress
+            self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # -- state --------------------------------------------------------------------------
     def refresh(self) -> bool:
-        """Re-read the progress marker; True when new steps became valid."""
-        group = zarr.open_group(self._group.store, mode="r")
-        before = self.progress.get("steps_done")
-        self.progress = _progress(group)
-        return self.progress["steps_done"] != before
+        """Re-read the progress marker (and the whole run if its store was created anew);
+        True when what the run holds changed: new steps, or a new store."""
+        checked = recheck_store(self._checked)
+        if checked.identity != self.identity:
+            self._load(checked)
+            self.generation += 1
+            return True
+        before = self.progress
+        self._checked, self.progress = checked, checked.progress
+        return checked.progress != before
+
+    def _check_current(self) -> None:
+        """Before serving a step from memory: a local store replaced since is read afresh
+        (one stat); object storage is checked at :meth:`refresh`."""
+        if self.store.local and read_identity(self.store) != self.identity:
+            self.refresh()
 
     @property
     def last_step(self) -> int:
         """The newest valid step (-1 when none is written yet)."""
-        return self.progress["steps_done"]
+        return self.progress.steps_done
 
     @property
     def finished(self) -> bool:
-        return bool(self.progress.get("finished"))
+        return self.progress.finished
 
     @property
     def class_names(self) -> list[str]:
         names = self.meta.get("dataset", {}).get("class_names") if isinstance(self.meta.get("dataset"), dict) else None
         if isinstance(names, list) and len(names) == self.n_classes:
-            return [str(name) for name in names]
+            return [str(name)[:100] for name in names]
         return [str(index) for index in range(self.n_classes)]
 
     # -- data ---------------------------------------------------------------------------
@@ -305,6 +351,7 @@ class Run:
 
     def weights_at(self, step: int) -> np.ndarray:
         """Weights after ``step`` optimizer steps, (class, pixel) float32, exactly as stored."""
+        self._check_current()
         self.check_step(step)
         chunk, row = divmod(step, self.chunk_steps)
         return self._chunk(chunk)[row]
@@ -315,22 +362,26 @@ class Run:
             if block is not None:
                 self._chunks.move_to_end(chunk)
                 return block
+            identity, weights, cache = self.identity, self._weights, self._chunks
         start = chunk * self.chunk_steps
         stop = min(start + self.chunk_steps, self.last_step + 1)
         try:
-            block = self._weights[start:stop]  # (step, class, pixel): one chunk, one decompression
+            block = weights[start:stop]  # (step, class, pixel): one chunk, one decompression
         except Exception as error:  # noqa: BLE001 - zarr/numcodecs raise many kinds for a corrupt chunk
-            raise TrajectoryError(
-                f"{self.store}: steps {start}..{stop - 1} cannot be read ({type(error).__name__}: {error}); "
-                "the store is damaged: retrain the run (`dvc repro`)"
-            ) from None
+            raise damaged(str(self.store), slice(start, stop), f"{type(error).__name__}: {str(error)[:200]}") from None
+        if not np.isfinite(block).all():
+            # A chunk file that went missing reads as NaN, as does a store replaced under us.
+            if self.store.local and read_identity(self.store) != identity:
+                raise TrajectoryError(f"{self.store}: the run was replaced while step {start} was read; read it again")
+            raise damaged(str(self.store), slice(start, stop), "it holds values that are not finite (NaN or infinite)")
         if stop - start == self.chunk_steps:
             # Only complete chunks are cached: the chunk at the frontier of a run being
             # written still changes.
             with self._lock:
-                self._chunks[chunk] = block
-                while len(self._chunks) > CHUNK_CACHE_SIZE:
-                    self._chunks.popitem(last=False)
+                if cache is self._chunks:  # not a chunk of a store replaced meanwhile
+                    cache[chunk] = block
+                    while len(cache) > CHUNK_CACHE_SIZE:
+                        cache.popitem(last=False)
         return block
 
     def weights(self, start: int = 0, stop: int | None = None) -> da.Array:
@@ -340,18 +391,25 @@ class Run:
         self.check_step(stop)
         if stop < start:
             raise ValueError(f"step range {start}..{stop} is empty: the first step must not be after the last")
-        return dask_steps(self._weights)[start:stop + 1]
+        return dask_steps(self._weights, n_rows=self.last_step + 1, where=str(self.store))[start:stop + 1]
 
     def loss(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps, training batch loss) over the valid steps; step 0 has no loss and is left out."""
         n = self.last_step + 1
-        values = self._loss[1:n] if n > 1 else np.empty(0, np.float32)
+        values = self._read(self._loss, 1, n) if n > 1 else np.empty(0, np.float32)
         return np.arange(1, max(n, 1)), np.asarray(values)
 
     def accuracy(self) -> tuple[np.ndarray, np.ndarray]:
         """(eval steps, held-out accuracy) of the evaluations done so far."""
-        n = int(self.progress.get("evals_done", 0))
-        return np.asarray(self._eval_step[:n]), np.asarray(self._accuracy[:n])
+        n = self.progress.evals_done
+        return np.asarray(self._read(self._eval_step, 0, n)), np.asarray(self._read(self._accuracy, 0, n))
+
+    def _read(self, array, start: int, stop: int) -> np.ndarray:
+        try:
+            return array[start:stop]
+        except Exception as error:  # noqa: BLE001
+            raise damaged(f"{self.store} ({array.basename})", slice(start, stop),
+                          f"{type(error).__name__}: {str(error)[:200]}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

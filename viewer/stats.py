@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from pipeline.cluster import ClusterError
+    from pipeline.locations import OUTPUT_MARK, check_output_target
     from pipeline.trajectory import TrajectoryError, open_run
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_output_target(args.out, inputs=[args.run], kind="change-statistics")
         ds = open_run(args.run)
         last = ds.sizes["step"] - 1
         stop = last if args.stop is None else args.stop
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                                       settle_fraction=args.settle_fraction, progress=report,
                                       scheduler=args.scheduler)
         stats.attrs["run"] = str(args.run)
+        stats.attrs[OUTPUT_MARK] = "change-statistics"
         with warnings.catch_warnings():
             # Consolidated metadata (one file listing all arrays) is what lets a plain
             # xarray.open_zarr(path) open it without a warning; zarr notes it is not in the v3 spec yet.
