@@ -15,6 +15,7 @@ import csv
 import functools
 import json
 import logging
+import math
 import platform
 import subprocess
 import sys
@@ -55,6 +56,10 @@ log = logging.getLogger(__name__)
 FINAL_LOSS_WINDOW = 100
 # Steps whose loss rows are written to loss.csv at once.
 LOSS_HISTORY_BATCH = 256
+
+
+class TrainingDiverged(ArithmeticError):
+    """The loss (hence the weights) became NaN or infinite: nothing after that step is recorded."""
 
 
 @dataclass(frozen=True)
@@ -267,6 +272,8 @@ class RunRecording:
 
     def on_step(self, step: int, loss: float) -> None:
         # Once per training step: only what must happen now. The rest is batched.
+        if step and not math.isfinite(loss):
+            self._diverged(step, loss)
         weight, bias = self._weight_now(), self._bias_now()
         self._record_step(step, weight, loss, bias=bias, gradient=self._gradient_now() if step else None)
         if step:
@@ -281,6 +288,14 @@ class RunRecording:
         """A block of steps at once (the cuda-graph engine): the same records as on_step's,
         with one copy per block instead of one per step, which the GPU path is fast enough to need."""
         losses = rows["loss"]
+        finite = np.isfinite(losses)
+        if first == 0:
+            finite[0] = True  # step 0 has no loss
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            if bad:
+                self.on_block(first, {name: values[:bad] for name, values in rows.items()})
+            self._diverged(first + bad, float(losses[bad]))
         self.writer.record_steps(first, rows["weight"], losses, biases=rows.get("bias"),
                                  gradients=rows.get("gradient"))
         self.new_losses.extend(losses.tolist())
@@ -292,6 +307,13 @@ class RunRecording:
             self.scorer.submit(eval_steps[index], rows["weight"][row], rows["bias"][row] if "bias" in rows else None)
             index += 1
         self._record_evaluations()
+
+    def _diverged(self, step: int, loss: float) -> None:
+        # The loss of step t is that of the weights after step t - 1: they may be what overflowed.
+        self.writer.drop_last_step_unless_finite()
+        raise TrainingDiverged(
+            f"{self.run_name}: training diverged at step {step:,}: its batch loss is {loss} (the weights overflowed); "
+            "the steps before it are kept. Lower the learning rate (lr) and train the run again")
 
     def finish_training(self) -> None:
         """After the last step: the rest of the history, and the last rows to the store writer
@@ -434,8 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run_training(config, dataset, Path(args.out), run_name=args.run, overwrite=args.overwrite,
                                resume=args.resume).metrics
     except (ParamsError, DatasetError, DeviceError, TrajectoryError, RunLockedError, FileExistsError,
-            FileNotFoundError) as error:
+            FileNotFoundError, TrainingDiverged) as error:
         log.error("%s", error)
+        return 1
+    except OSError as error:  # a full disk, a read-only directory: one line a user can act on
+        log.error("%s: cannot write %s (%s). Free space or fix the directory, then run the stage again: "
+                  "`dvc repro` (or --resume) carries the run on from its last committed step", args.run, args.out,
+                  error.strerror or error)
         return 1
     log.info("%s: %d steps, final train loss %.4f, held-out accuracy %.4f", args.run, metrics["steps"],
              metrics["final_train_loss"], metrics["heldout_accuracy"])

@@ -263,6 +263,15 @@ class TrajectoryWriter:
             raise ValueError(f"evaluation at step {step} was not planned (planned: {planned[index:index + 3]}...)")
         self._evals.append((accuracy, loss))
 
+    def drop_last_step_unless_finite(self) -> None:
+        """Forget the last recorded step if its weights are not finite and it is not handed over
+        as part of a finished block yet (training diverged: it must not become a committed row)."""
+        row = self._next_step - 1 - self._block_start
+        if row < 0 or np.isfinite(self._buffers["weights"][row]).all():
+            return
+        self._next_step -= 1
+        self._rows_handed = min(self._rows_handed, row)
+
     def wait_written(self) -> None:
         """Wait until every block handed to the store writer is on disk."""
         while self._worker.pending:
@@ -301,8 +310,9 @@ class TrajectoryWriter:
             return
         try:
             self.close(error=f"{exc_type.__name__}: {exc}")
-        except Exception:  # noqa: BLE001 - the original exception is the one to report
-            log.exception("%s: could not record the failure in the store", self.path)
+        except Exception as error:  # noqa: BLE001 - the original exception is the one to report
+            if self._failure is None:  # else the store writer's own failure is that exception, and says it
+                log.warning("%s: the failure could not be recorded in the store either (%s)", self.path, error)
 
     def _hand_off_rows(self) -> None:
         """The buffer holds another hand-off's worth of rows: send them, or the whole block if full."""
@@ -378,7 +388,8 @@ class TrajectoryWriter:
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
-            raise TrajectoryError(f"{self.path}: writing the store failed: {self._failure}")
+            raise TrajectoryError(f"{self.path}: writing the store failed: {self._failure}. Committed steps are kept: "
+                                  "fix the cause, then run the stage again (`dvc repro` or --resume carries it on)")
 
 
 class _StoreWriter:
@@ -410,6 +421,18 @@ class _StoreWriter:
         self.finished = False
 
     def handle(self, messages: list[tuple]) -> list[dict[str, Any]]:
+        try:
+            return self._handle(messages)
+        except Exception as error:
+            # A full disk, a read-only one: the marker still covers only whole blocks on disk,
+            # and says why the run stopped, if there is room left for that.
+            try:
+                self._write_progress(error=f"writing the store failed: {type(error).__name__}: {error}")
+            except Exception:  # noqa: BLE001, S110 - the first failure is the one reported
+                pass
+            raise
+
+    def _handle(self, messages: list[tuple]) -> list[dict[str, Any]]:
         replies = []
         for index, (kind, *details) in enumerate(messages):
             if kind == "rows":
