@@ -129,8 +129,11 @@ class RunCatalog:
         return self.runs_dir / name
 
     def location(self, name: str) -> Location:
-        """Where the listed run ``name`` lives (its run directory)."""
-        return self._path(name)
+        """Where the listed run ``name`` lives (its run directory), if its store lies inside it."""
+        run_dir = self._path(name)
+        if run_dir.local:
+            refuse_link_out(run_dir.local_path, STORE_NAME)
+        return run_dir
 
     def describe(self, name: str, *, listed: list[str] | None = None) -> RunInfo:
         """The run's state, key params and final metrics; never raises for a bad store.
@@ -194,10 +197,7 @@ class RunCatalog:
     def open(self, name: str) -> Run:
         """The run called ``name``, opened once and shared (its chunk cache too); a run whose
         store was created anew since (retrained) is read afresh."""
-        run_dir = self._path(name)
-        if run_dir.local:
-            refuse_link_out(run_dir.local_path, STORE_NAME)
-        path = run_dir / STORE_NAME
+        path = self.location(name) / STORE_NAME
         with self._lock:
             run = self._open.get(name)
             if run is None:
