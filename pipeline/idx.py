@@ -25,7 +25,8 @@ DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 MAX_DIMS = 8
-# Refuse files that declare more than this much data (MNIST's largest file is 47 MB).
+# Without a bound of the caller's (pipeline.datasets passes each file's published size),
+# refuse files that declare more than this much data (MNIST's largest file is 47 MB).
 MAX_DATA_BYTES = 1 << 30
 GZIP_MAGIC = b"\x1f\x8b"
 _READ_BLOCK = 1 << 20
@@ -57,24 +58,25 @@ def parse_header(head: bytes, *, source: str = "IDX data") -> tuple[np.dtype, tu
     return DTYPES[type_code], tuple(int(n) for n in shape), header_len
 
 
-def _expected_data_bytes(dtype: np.dtype, shape: tuple[int, ...], source: str) -> int:
+def _expected_data_bytes(dtype: np.dtype, shape: tuple[int, ...], source: str, max_bytes: int) -> int:
     # Bound the shape's extent with zero dimensions counted as one: (0, 2**32, 2**32)
     # declares no data, but no array can have that shape.
     extent = dtype.itemsize
     for n in shape:
         extent *= max(n, 1)
-    if extent > MAX_DATA_BYTES:
+    header_len = 4 + 4 * len(shape)
+    if header_len + extent > max_bytes:
         raise IdxError(
-            f"{source}: header declares shape {shape} ({extent:,} bytes), "
-            f"more than the {MAX_DATA_BYTES:,}-byte limit; the file is corrupt or not a dataset file"
+            f"{source}: header declares shape {shape} ({header_len + extent:,} bytes with its header), "
+            f"more than the {max_bytes:,}-byte limit; the file is corrupt or not a dataset file"
         )
     return 0 if 0 in shape else extent
 
 
-def parse_idx(data: bytes, *, source: str = "IDX data") -> np.ndarray:
+def parse_idx(data: bytes, *, source: str = "IDX data", max_bytes: int = MAX_DATA_BYTES) -> np.ndarray:
     """Parse an uncompressed IDX file held in memory into a native-endian array."""
     dtype, shape, header_len = parse_header(data[: 4 + 4 * MAX_DIMS], source=source)
-    expected = _expected_data_bytes(dtype, shape, source)
+    expected = _expected_data_bytes(dtype, shape, source, max_bytes)
     actual = len(data) - header_len
     if actual != expected:
         raise IdxError(
@@ -85,8 +87,13 @@ def parse_idx(data: bytes, *, source: str = "IDX data") -> np.ndarray:
     return array.astype(dtype.newbyteorder("="))
 
 
-def read_idx_file(path: str | Path) -> np.ndarray:
-    """Read an IDX file, gzipped or not. Decompresses no more than the header implies."""
+def read_idx_file(path: str | Path, *, max_bytes: int = MAX_DATA_BYTES) -> np.ndarray:
+    """Read an IDX file, gzipped or not, of at most ``max_bytes`` once decompressed.
+
+    Decompresses no more than the header declares (plus one byte, to notice trailing
+    data), and refuses a header that declares more than ``max_bytes`` before reading on:
+    a gzip bomb costs memory in proportion to ``max_bytes``, not to what it declares.
+    """
     path = Path(path)
     source = str(path)
     with open(path, "rb") as raw:
@@ -98,12 +105,12 @@ def read_idx_file(path: str | Path) -> np.ndarray:
             if len(head) == 4 and 1 <= head[3] <= MAX_DIMS:
                 head += _read_at_most(stream, 4 * head[3], source)
             dtype, shape, header_len = parse_header(head, source=source)
-            expected = _expected_data_bytes(dtype, shape, source)
+            expected = _expected_data_bytes(dtype, shape, source, max_bytes)
             # Read one byte more than declared to notice trailing garbage.
             body = _read_at_most(stream, expected + 1, source)
         except (EOFError, OSError, zlib.error) as error:
             raise IdxError(f"{source}: cannot decompress: {error}; the file is truncated or corrupt") from None
-    return parse_idx(head + body, source=source)
+    return parse_idx(head + body, source=source, max_bytes=max_bytes)
 
 
 def _read_at_most(stream, n_bytes: int, source: str) -> bytes:

@@ -3,6 +3,16 @@
 Every stage calls :func:`load_params`; nothing else parses the file. An unknown or
 missing key, or an impossible value, is a :class:`ParamsError` that names the key and
 says what would be accepted, so a typo never silently falls back to a default.
+
+The file is untrusted input, so the work it can cause is bounded before anything is built:
+
+- at most ``MAX_PARAMS_BYTES``, and YAML that could expand, recurse deep, collide or read
+  differently in DVC is refused before it is composed (:mod:`pipeline.safe_yaml`);
+- run names under ``runs`` must be text: ``1:``, ``true:`` or ``~:`` are refused, not stringified;
+- a run's size: at most ``MAX_STEPS`` steps (counted on the largest built-in training split, a
+  bound for any of them), ``MAX_EVALUATIONS`` held-out evaluations and ``MAX_CHUNK_BYTES`` a
+  Zarr chunk; a ``capture.chunk_steps`` above the default and longer than the run is refused
+  (the default stays valid for short runs); at most ``MAX_RUNS`` runs and sweep points in all.
 """
 
 from __future__ import annotations
@@ -14,9 +24,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from pipeline.datasets import DATASETS
+from pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS
+from pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
+from pipeline.safe_yaml import shown as _shown
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 DEVICES = ("auto", "cpu", "cuda")
@@ -29,6 +40,18 @@ CLOSED_FORM_OPTIMIZERS = ("adam", "adamw", "sgd")
 # The axes of the sweep grid, in the order dvc.yaml's matrix expands them (the last varies fastest).
 SWEEP_AXES = ("optimizer", "lr", "batch_size", "seed")
 
+# The repository's params.yaml is 3 KB and ~100 nodes; at these bounds any file is read or
+# refused in well under a second (libyaml).
+MAX_PARAMS_BYTES = 256 << 10
+MAX_RUNS = 1_000  # runs plus sweep points: each is a DVC stage and a run directory
+MAX_STEPS = 10_000_000  # 314 GB of weights
+MAX_EVALUATIONS = 1_000_000
+MAX_CHUNK_BYTES = 64 << 20
+DEFAULT_CHUNK_STEPS = 64
+STEP_BYTES = N_CLASSES * N_PIXELS * 4  # one step's float32 weights
+MAX_TRAIN_SAMPLES = max(spec.n_train for spec in DATASETS.values())
+
+
 
 class ParamsError(ValueError):
     """params.yaml holds a key or value that the pipeline cannot use."""
@@ -40,10 +63,8 @@ class DataParams:
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
-            raise ParamsError(
-                f"dataset: unknown dataset {self.dataset!r}; "
-                f"choose one of {', '.join(sorted(DATASETS))}"
-            )
+            raise ParamsError(f"dataset: unknown dataset {_shown(self.dataset)}; "
+                              f"choose one of {', '.join(sorted(DATASETS))}")
 
 
 @dataclass(frozen=True)
@@ -52,10 +73,15 @@ class CaptureParams:
     gradients: bool = False
     # Steps per Zarr chunk along the step axis: small enough that reading one step
     # decompresses little, large enough that a long run has few files.
-    chunk_steps: int = 64
+    chunk_steps: int = DEFAULT_CHUNK_STEPS
 
     def __post_init__(self) -> None:
         _check_positive_int("chunk_steps", self.chunk_steps)
+        if self.chunk_steps * STEP_BYTES > MAX_CHUNK_BYTES:
+            raise ParamsError(f"chunk_steps: {self.chunk_steps:,} steps of {STEP_BYTES:,} bytes is "
+                              f"{self.chunk_steps * STEP_BYTES >> 20:,} MiB a chunk, more than the "
+                              f"{MAX_CHUNK_BYTES >> 20} MiB limit; use at most {MAX_CHUNK_BYTES // STEP_BYTES:,} "
+                              f"(the default is {DEFAULT_CHUNK_STEPS})")
 
 
 @dataclass(frozen=True)
@@ -79,29 +105,26 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ParamsError(
-                f"optimizer: unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
-            )
+            raise ParamsError(f"optimizer: unknown optimizer {_shown(self.optimizer)}; choose one of "
+                              f"{', '.join(OPTIMIZERS)}")
         if self.device not in DEVICES:
-            raise ParamsError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
+            raise ParamsError(f"device: {_shown(self.device)} is not one of {', '.join(DEVICES)}")
         if self.engine not in ENGINES:
-            raise ParamsError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+            raise ParamsError(f"engine: {_shown(self.engine)} is not one of {', '.join(ENGINES)}")
         if self.engine == "cuda-graph" and self.device == "cpu":
             raise ParamsError("engine: cuda-graph needs a CUDA GPU; with device: cpu use engine: numpy, torch or auto")
         if self.engine == "numpy" and self.device == "cuda":
             raise ParamsError("engine: numpy runs on the CPU only; with device: cuda use engine: torch (or auto)")
         if self.engine == "numpy" and self.optimizer not in CLOSED_FORM_OPTIMIZERS:
             raise ParamsError(f"engine: numpy implements {', '.join(CLOSED_FORM_OPTIMIZERS)}, not "
-                              f"{self.optimizer!r}; use engine: torch (or auto)")
+                              f"{_shown(self.optimizer)}; use engine: torch (or auto)")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ParamsError(f"lr: must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
             raise ParamsError(f"momentum: must be in [0, 1), got {self.momentum!r}")
         if self.momentum and self.optimizer not in ("sgd", "rmsprop"):
-            raise ParamsError(
-                f"momentum: {self.optimizer} has no momentum parameter (it uses betas); "
-                "set momentum to 0 or use sgd/rmsprop"
-            )
+            raise ParamsError(f"momentum: {self.optimizer} has no momentum parameter (it uses betas); "
+                              "set momentum to 0 or use sgd/rmsprop")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ParamsError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
         _check_positive_int("batch_size", self.batch_size)
@@ -111,6 +134,37 @@ class TrainParams:
             _check_positive_int("max_steps", self.max_steps)
         if self.seed < 0:
             raise ParamsError(f"seed: must be >= 0, got {self.seed}")
+        self._check_size()
+
+    @property
+    def max_n_steps(self) -> int:
+        """Steps the run takes at most: on the largest built-in training split (a smaller one only shortens it)."""
+        total = math.ceil(MAX_TRAIN_SAMPLES / self.batch_size) * self.epochs
+        return min(total, self.max_steps) if self.max_steps is not None else total
+
+    def _check_size(self) -> None:
+        if self.batch_size > MAX_TRAIN_SAMPLES:
+            raise ParamsError(f"batch_size: {self.batch_size:,} is more than the {MAX_TRAIN_SAMPLES:,} images of "
+                              f"the largest training split; use at most {MAX_TRAIN_SAMPLES:,}")
+        if self.max_steps is not None and self.max_steps > MAX_STEPS:
+            raise ParamsError(f"max_steps: {self.max_steps:,} is more than the limit of {MAX_STEPS:,} steps "
+                              f"({STEP_BYTES:,} bytes of weights each); lower it")
+        n_steps = self.max_n_steps
+        if n_steps > MAX_STEPS:
+            raise ParamsError(f"epochs: {self.epochs:,} epochs of {math.ceil(MAX_TRAIN_SAMPLES / self.batch_size):,} "
+                              f"steps ({MAX_TRAIN_SAMPLES:,} images at batch_size {self.batch_size}) is {n_steps:,} "
+                              f"steps, more than the limit of {MAX_STEPS:,}; lower epochs or set max_steps")
+        n_evaluations = n_steps // self.eval_every + 2  # step 0, every eval_every steps, the last
+        if n_evaluations > MAX_EVALUATIONS:
+            raise ParamsError(f"eval_every: every {self.eval_every} steps of {n_steps:,} is {n_evaluations:,} "
+                              f"held-out evaluations, more than the limit of {MAX_EVALUATIONS:,}; use eval_every "
+                              f"of at least {math.ceil(n_steps / (MAX_EVALUATIONS - 2)):,}")
+        # A chunk longer than the run is one oversized file; the default stays valid for short runs.
+        chunk_steps = self.capture.chunk_steps
+        if chunk_steps > DEFAULT_CHUNK_STEPS and chunk_steps > n_steps + 1:
+            raise ParamsError(f"capture.chunk_steps: {chunk_steps:,} steps a chunk is more than the run records "
+                              f"({n_steps + 1:,} steps, step 0 included); use at most "
+                              f"{max(n_steps + 1, DEFAULT_CHUNK_STEPS):,} (the default is {DEFAULT_CHUNK_STEPS})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,23 +187,19 @@ class Params:
         try:
             return self.all_runs[name]
         except KeyError:
-            raise ParamsError(
-                f"run {name!r} is neither listed under 'runs' nor a point of the 'sweep' grid in params.yaml; "
-                f"runs: {', '.join(self.runs) or '(none)'}; sweep: {', '.join(self.sweep_runs) or '(none)'}"
-            ) from None
+            raise ParamsError(f"run {_shown(name)} is neither listed under 'runs' nor a point of the 'sweep' grid in "
+                              f"params.yaml; runs: {_listed(self.runs)}; sweep: {_listed(self.sweep_runs)}") from None
 
 
 def load_params(path: str | Path) -> Params:
-    """Read and validate params.yaml."""
+    """Read and validate params.yaml, refusing hostile YAML before composing it (pipeline.safe_yaml)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(read_bounded(path, MAX_PARAMS_BYTES), source=str(path))
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: no params file here; run from the repository root or pass --params"
-        ) from None
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+        raise FileNotFoundError(f"{path}: no params file here; run from the repository root or pass --params") from None
+    except UnsafeYamlError as error:
+        raise ParamsError(str(error)) from None
     return parse_params(raw if raw is not None else {}, source=str(path))
 
 
@@ -162,18 +212,23 @@ def parse_params(raw: Any, *, source: str = "params") -> Params:
 
     runs_raw = raw.get("runs")
     if not runs_raw:
-        raise ParamsError(
-            f"{source}: 'runs' is missing or empty; list at least one run, e.g. runs: {{original: {{seed: 0}}}}"
-        )
+        raise ParamsError(f"{source}: 'runs' is missing or empty; list at least one run, "
+                          "e.g. runs: {original: {seed: 0}}")
     _require_mapping(runs_raw, "runs")
+    if len(runs_raw) > MAX_RUNS:
+        raise ParamsError(f"runs: {len(runs_raw):,} runs, more than the limit of {MAX_RUNS:,}; list fewer")
     runs = {}
     for name, overrides in runs_raw.items():
-        check_run_name(str(name))
+        if not isinstance(name, str):  # YAML reads `1:`, `true:` and `~:` as a number, a boolean and null
+            text = "null" if name is None else str(name).lower() if isinstance(name, bool) else _shown(name)
+            raise ParamsError(f"runs: the run name {text} is read as {'null' if name is None else type(name).__name__}"
+                              f", not text; quote it in params.yaml: '{text}': ...")
+        check_run_name(name)
         overrides = overrides or {}
         _require_mapping(overrides, f"runs.{name}")
         merged = _deep_merge(train_raw or {}, overrides)
-        runs[str(name)] = _build(TrainParams, merged, f"runs.{name}")
-    sweep_runs = expand_sweep(raw.get("sweep"), train_raw or {})
+        runs[name] = _build(TrainParams, merged, f"runs.{name}")
+    sweep_runs = expand_sweep(raw.get("sweep"), train_raw or {}, max_points=MAX_RUNS - len(runs))
     clashes = sorted(set(runs) & set(sweep_runs))
     if clashes:
         raise ParamsError(f"runs: {', '.join(clashes)} is also a point of the sweep grid; rename the run")
@@ -189,7 +244,7 @@ def sweep_run_name(point: dict[str, Any]) -> str:
     return "{optimizer}-lr{lr}-b{batch_size}-seed{seed}".format(**{key: str(value) for key, value in point.items()})
 
 
-def expand_sweep(raw: Any, train_raw: dict) -> dict[str, TrainParams]:
+def expand_sweep(raw: Any, train_raw: dict, *, max_points: int = MAX_RUNS) -> dict[str, TrainParams]:
     """The sweep grid (one list of values per axis in ``SWEEP_AXES``) as runs, in dvc.yaml's order."""
     if raw is None:
         return {}
@@ -204,9 +259,14 @@ def expand_sweep(raw: Any, train_raw: dict) -> dict[str, TrainParams]:
         values = raw[axis]
         if not isinstance(values, list) or not values:
             raise ParamsError(f"sweep.{axis}: expected a non-empty list of values, e.g. [{_example(axis)}], "
-                              f"got {values!r}")
+                              f"got {_shown(values)}")
         if len(set(map(str, values))) != len(values):
-            raise ParamsError(f"sweep.{axis}: a value is listed twice: {values!r}")
+            raise ParamsError(f"sweep.{axis}: a value is listed twice: {_shown(values)}")
+    n_points = math.prod(len(raw[axis]) for axis in SWEEP_AXES)
+    if n_points > max_points:
+        raise ParamsError(f"sweep: the grid has {' x '.join(str(len(raw[axis])) for axis in SWEEP_AXES)} = "
+                          f"{n_points:,} points, more than the {max_points:,} runs left of the limit of "
+                          f"{MAX_RUNS:,}; list fewer values")
     runs = {}
     for values in itertools.product(*(raw[axis] for axis in SWEEP_AXES)):
         point = dict(zip(SWEEP_AXES, values))
@@ -224,10 +284,8 @@ def check_run_name(name: str) -> None:
     """Run names become directory names under runs/: keep them plain."""
     allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
     if not name or len(name) > 100 or name.startswith(".") or not set(name) <= allowed:
-        raise ParamsError(
-            f"runs: {name!r} is not a usable run name; use 1-100 letters, digits, '-', '_' or '.', "
-            "not starting with '.'"
-        )
+        raise ParamsError(f"runs: {_shown(name)} is not a usable run name; use 1-100 letters, digits, '-', '_' "
+                          "or '.', not starting with '.'")
 
 
 def _check_positive_int(key: str, value: int) -> None:
@@ -260,38 +318,35 @@ def _coerce(value: Any, type_name: str, key: str) -> Any:
         return None
     if type_name in ("int", "int | None"):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{key}: expected a whole number, got {value!r}")
+            # YAML 1.1 reads 1e9 (no dot) as text, and 1e9 with a dot is a float: neither is a count.
+            hint = "; write it in digits, e.g. 1000000 for 1e6" if isinstance(value, (str, float)) else ""
+            raise ParamsError(f"{key}: expected a whole number, got {_shown(value)}{hint}")
         return value
     if type_name == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads "1e-3" (no dot) as a string; accept it as a number.
+        # YAML 1.1 reads "1e-3" (no dot) as text; accept it as a number. A boolean is not one.
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 return float(value)
-            except (TypeError, ValueError):
-                raise ParamsError(f"{key}: expected a number, got {value!r}") from None
-        return float(value)
-    if type_name == "bool":
-        if not isinstance(value, bool):
-            raise ParamsError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if type_name == "str":
-        if not isinstance(value, str):
-            raise ParamsError(f"{key}: expected a string, got {value!r}")
+            except (ValueError, OverflowError):
+                pass
+        raise ParamsError(f"{key}: expected a number, got {_shown(value)}")
+    if type_name in ("bool", "str"):
+        if not isinstance(value, bool if type_name == "bool" else str):
+            expected = "true or false" if type_name == "bool" else "a string"
+            raise ParamsError(f"{key}: expected {expected}, got {_shown(value)}")
         return value
     raise AssertionError(f"unhandled field type {type_name}")  # a programming error, not input
 
 
 def _require_mapping(value: Any, where: str) -> None:
     if not isinstance(value, dict):
-        raise ParamsError(f"{where}: expected a mapping of keys to values, got {value!r}")
+        raise ParamsError(f"{where}: expected a mapping of keys to values, got {_shown(value)}")
 
 
 def _reject_unknown(raw: dict, known: set[str], where: str) -> None:
     unknown = sorted(set(map(str, raw)) - known)
     if unknown:
-        raise ParamsError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
-        )
+        raise ParamsError(f"{where}: unknown key(s) {_listed(unknown)}; known keys: {', '.join(sorted(known))}")
 
 
 def _deep_merge(base: dict, overrides: dict) -> dict:
@@ -302,3 +357,8 @@ def _deep_merge(base: dict, overrides: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def _listed(names, *, limit: int = 10) -> str:
+    names = [_shown(name, quote=False) for name in itertools.islice(names, limit + 1)]
+    return (", ".join(names[:limit]) + (", ..." if len(names) > limit else "")) if names else "(none)"

@@ -4,7 +4,9 @@ import http.server
 import socket
 import threading
 import time
+import tracemalloc
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -41,11 +43,16 @@ class FaultyFileServer:
 
     ``routes[path] = [response, ...]``: each request takes the next response (the last one
     repeats). A response is ("ok", body), ("status", code), ("truncate", body): the
-    full Content-Length is announced but the connection closes halfway, or ("stall", body):
-    the headers and the first bytes come, then nothing for ``stall_s`` seconds.
+    full Content-Length is announced but the connection closes halfway, ("stall", body):
+    the headers and the first bytes come, then nothing for ``stall_s`` seconds,
+    ("endless", block): no Content-Length and ``block`` over and over until the client hangs
+    up, or ("trickle", body): the full Content-Length, then 5 bytes every 0.2 s. Endless and
+    trickling answers stop by themselves after ``fault_s`` seconds (or ``endless_bytes``).
     """
 
     stall_s = 5.0
+    fault_s = 10.0
+    endless_bytes = 64 << 20
 
     def __init__(self) -> None:
         self.routes: dict[str, list[tuple]] = {}
@@ -64,8 +71,24 @@ class FaultyFileServer:
                     self.send_error(payload)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(payload)))
+                if kind != "endless":
+                    self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
+                if kind in ("endless", "trickle"):
+                    self.close_connection = True
+                    stop, sent = time.monotonic() + server.fault_s, 0
+                    try:
+                        while time.monotonic() < stop and sent < server.endless_bytes:
+                            block = payload if kind == "endless" else payload[sent:sent + 5]
+                            if not block:
+                                break
+                            self.wfile.write(block)
+                            sent += len(block)
+                            if kind == "trickle":
+                                time.sleep(0.2)
+                    except OSError:
+                        pass  # the client hung up, as it should
+                    return
                 if kind == "stall":
                     self.wfile.write(payload[:100])
                     self.wfile.flush()
@@ -103,3 +126,22 @@ def dead_mirror() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/"
+
+
+class PeakMemory:
+    """Python's peak allocation inside ``with peak_memory:``, in ``.peak_bytes``; tracemalloc stops however it ends."""
+
+    peak_bytes = 0
+
+    def __enter__(self) -> Self:
+        tracemalloc.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.peak_bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+
+@pytest.fixture
+def peak_memory() -> PeakMemory:
+    return PeakMemory()

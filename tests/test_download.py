@@ -1,4 +1,7 @@
+import dataclasses
 import hashlib
+import socket
+import time
 
 import pytest
 
@@ -175,3 +178,131 @@ def test_a_pickle_offered_as_data_is_refused_and_never_runs(tmp_path, generated_
     with pytest.raises(DatasetError):
         load_dataset(mirror, "mnist")
     assert not marker.exists()
+
+
+def generated_spec(source, checksums):
+    """The MNIST entry, with the generated files' checksums and sizes."""
+    sizes = {name: (source / name).stat().st_size for name in FILES}
+    return dataclasses.replace(DATASETS["mnist"], checksums=checksums, sizes=sizes)
+
+
+def test_an_endless_body_is_cut_at_the_published_size_and_leaves_nothing(tmp_path, generated_data, http_server):
+    source, checksums = generated_data
+    size = (source / TEST_IMAGES).stat().st_size
+    http_server.routes["/" + TEST_IMAGES] = [("endless", b"\x00" * 65536)]  # no Content-Length, no end
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DownloadError, match=rf"sent more than the {size:,} bytes of the published file; cut off"):
+        fetch_file(TEST_IMAGES, checksums[TEST_IMAGES], out, mirrors=[http_server.url], max_bytes=size,
+                   retries=2, progress=False)
+    assert list(out.iterdir()) == []
+    assert http_server.requests == ["/" + TEST_IMAGES]  # a wrong file is not asked for again
+
+
+def test_each_file_of_a_dataset_is_held_to_its_published_size(tmp_path, generated_data, http_server):
+    source, checksums = generated_data
+    for name in FILES:
+        http_server.routes["/" + name] = [("ok", (source / name).read_bytes())]
+    http_server.routes["/" + TRAIN_LABELS] = [("ok", (source / TRAIN_LABELS).read_bytes() + b"\x00")]
+    out = tmp_path / "out"
+    with pytest.raises(DownloadError, match=r"(?s)could not fetch train-labels-idx1-ubyte.gz\.\n.*announces "
+                                            r"[0-9,]+ bytes, more than the [0-9,]+ of the published file"):
+        fetch_dataset(generated_spec(source, checksums), out, mirrors=[http_server.url], progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(set(FILES) - {TRAIN_LABELS})
+
+
+def test_a_local_copy_larger_than_published_is_refused(tmp_path, generated_data):
+    source, checksums = generated_data
+    with pytest.raises(DownloadError, match=r"is [0-9,]+ bytes, more than the 100 of the published file"):
+        fetch_file(TEST_IMAGES, checksums[TEST_IMAGES], tmp_path, mirrors=[str(source)], max_bytes=100,
+                   progress=False)
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_a_trickling_server_is_cut_off_by_the_time_limit_and_leaves_nothing(tmp_path, generated_data, http_server):
+    source, checksums = generated_data
+    # 25 bytes a second: each read comes well within timeout_s, the whole file would take minutes.
+    http_server.routes["/slow/" + TEST_LABELS] = [("trickle", (source / TEST_LABELS).read_bytes())]
+    http_server.routes["/good/" + TEST_LABELS] = [("ok", (source / TEST_LABELS).read_bytes())]
+    out = tmp_path / "out"
+    out.mkdir()
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"sent only [0-9,]+ bytes in 2 s, the limit for one file; cut off"):
+        fetch_file(TEST_LABELS, checksums[TEST_LABELS], out, mirrors=[http_server.url + "slow/"], retries=2,
+                   timeout_s=5, total_timeout_s=2, progress=False)
+    assert time.monotonic() - started < http_server.fault_s - 3  # not waiting for the server to give up
+    assert list(out.iterdir()) == []
+    fetch_file(TEST_LABELS, checksums[TEST_LABELS], out, mirrors=[http_server.url + "slow/", http_server.url + "good/"],
+               retries=0, timeout_s=5, total_timeout_s=2, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [TEST_LABELS]
+
+
+@pytest.fixture
+def name_lookups(monkeypatch):
+    """Host names looked up through socket.getaddrinfo, with proxies out of the way."""
+    for variable in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    lookups, real = [], socket.getaddrinfo
+
+    def counting(host, *args, **kwargs):
+        lookups.append(host)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counting)
+    return lookups
+
+
+UNRESOLVABLE = "http://weightlapse-nonexistent.invalid/"
+
+
+def test_a_name_that_does_not_resolve_is_not_retried_and_the_error_names_the_offline_routes(tmp_path, name_lookups):
+    spec = DATASETS["fashion-mnist"]
+    with pytest.raises(DownloadError) as raised:
+        fetch_dataset(spec, tmp_path, mirrors=[UNRESOLVABLE], retries=2, progress=False)
+    message = str(raised.value)
+    assert name_lookups.count("weightlapse-nonexistent.invalid") == 1  # once, for all four files
+    assert f"{UNRESOLVABLE}: cannot resolve weightlapse-nonexistent.invalid (no network, or no DNS?); not retried" \
+        in message
+    assert "set WEIGHTLAPSE_MIRRORS=/that/dir" in message and "apt-get install dataset-fashion-mnist" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("response", [("status", 404), ("ok", b"not the dataset")])
+def test_a_missing_or_wrong_file_is_not_asked_for_again(tmp_path, generated_data, http_server, response):
+    _, checksums = generated_data
+    http_server.routes["/" + TEST_LABELS] = [response]
+    with pytest.raises(DownloadError, match="HTTP 404 Not Found|expected"):
+        fetch_file(TEST_LABELS, checksums[TEST_LABELS], tmp_path, mirrors=[http_server.url], retries=2,
+                   progress=False)
+    assert http_server.requests == ["/" + TEST_LABELS]
+
+
+def test_stage_refuses_an_out_directory_holding_other_files(tmp_path, generated_data, monkeypatch, caplog):
+    source, checksums = generated_data
+    monkeypatch.setitem(DATASETS, "mnist", generated_spec(source, checksums))
+    monkeypatch.setattr("pipeline.download.mirror_list", lambda spec: [str(source)])
+    params = tmp_path / "params.yaml"
+    params.write_text("data: {dataset: mnist}\nruns: {original: {seed: 0}}\n")
+    out = tmp_path / "Documents"
+    (out / "photos").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    assert main(["--params", str(params), "--out", str(out)]) == 1
+    assert f"{out} holds files the data stage did not write (notes.txt, photos); choose an empty or new directory" \
+        in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "photos"]  # nothing fetched, nothing deleted
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_stage_removes_only_its_own_stale_temp_files(tmp_path, generated_data, monkeypatch):
+    source, checksums = generated_data
+    monkeypatch.setitem(DATASETS, "mnist", generated_spec(source, checksums))
+    monkeypatch.setattr("pipeline.download.mirror_list", lambda spec: [str(source)])
+    params = tmp_path / "params.yaml"
+    params.write_text("data: {dataset: mnist}\nruns: {original: {seed: 0}}\n")
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / f".{TEST_LABELS}.k2x9q1.part").write_bytes(b"left by a killed download")
+    (out / TEST_IMAGES).write_bytes(b"a corrupt copy")
+    assert main(["--params", str(params), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert all("sha256:" + file_digest(out / name) == checksums[name] for name in FILES)

@@ -1,6 +1,5 @@
 import gzip
 import struct
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -55,16 +54,13 @@ def test_malformed_bytes_give_clear_errors(data, message):
         parse_idx(data)
 
 
-def test_lying_header_is_refused_without_allocating_what_it_declares(tmp_path):
+def test_lying_header_is_refused_without_allocating_what_it_declares(tmp_path, peak_memory):
     # A 1 KB gzip file whose header claims 60000 x 28 x 28 x 4 bytes (188 MB).
     path = tmp_path / "liar.gz"
     path.write_bytes(gzip.compress(header(0x0C, 60000, 28, 28) + b"\x00" * 1000))
-    tracemalloc.start()
-    with pytest.raises(IdxError, match="truncated or corrupt"):
+    with peak_memory, pytest.raises(IdxError, match="truncated or corrupt"):
         read_idx_file(path)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert peak < 8 * 1024 * 1024
+    assert peak_memory.peak_bytes < 8 * 1024 * 1024
 
 
 def test_header_beyond_the_size_limit_is_refused(tmp_path):
@@ -108,3 +104,22 @@ def test_a_zero_dimension_beside_huge_ones_is_refused():
     with pytest.raises(IdxError, match="limit"):
         parse_idx(header(0x0C, 0, 2**32 - 1, 2**32 - 1))
     assert parse_idx(header(0x08, 0, 28, 28)).shape == (0, 28, 28)
+
+
+def test_a_gzip_bomb_is_refused_at_the_callers_bound_before_decompressing(tmp_path, peak_memory):
+    # 55 MB of zeros in 53 KB; the header says so honestly, but it is more than the caller allows.
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(gzip.compress(header(0x08, 70_000, 28, 28) + bytes(70_000 * 784)))
+    with peak_memory, pytest.raises(IdxError, match=r"\(54,880,016 bytes with its header\), more than the "
+                                                   r"1,000,000-byte limit"):
+        read_idx_file(path, max_bytes=1_000_000)
+    assert peak_memory.peak_bytes < 1 << 20
+    assert read_idx_file(path).shape == (70_000, 28, 28)  # within the default bound
+
+
+def test_the_bound_counts_the_header(tmp_path):
+    path = tmp_path / "a.idx"
+    path.write_bytes(idx_bytes(np.zeros(10, np.uint8)))  # 8 header bytes + 10
+    assert read_idx_file(path, max_bytes=18).shape == (10,)
+    with pytest.raises(IdxError, match="more than the 17-byte limit"):
+        read_idx_file(path, max_bytes=17)

@@ -118,3 +118,101 @@ def test_the_shipped_sweep_has_at_least_12_runs_and_dvc_names_them_alike():
     assert len(sweep_stages) == len(params.sweep_runs)
     dvc_yaml = (repo / "dvc.yaml").read_text()
     assert "--run ${item.optimizer}-lr${item.lr}-b${item.batch_size}-seed${item.seed}" in dvc_yaml
+
+
+def write_params(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+# What a hostile or mistaken params.yaml could hold: each is refused up front, with one line
+# naming the line or key and the fix.
+HOSTILE_YAML = [
+    pytest.param("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                 "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nruns: {r: {}}\n",
+                 r"line 2 \(b\[0\]\): alias \*a refused .*; write the value out in full", id="billion-laughs"),
+    pytest.param("runs: " + "[" * 100_000, r"nested too deep|nested more than 32 levels deep", id="deep-flow-one-line"),
+    pytest.param("runs: " + "[ " * 100_000, r"line 1 \(runs\[0\]\[0\].*\): nested more than 32 levels deep",
+                 id="deep-flow"),
+    pytest.param("runs: " + "{a: " * 60_000, r"nested more than 32 levels deep", id="deep-mappings"),
+    pytest.param("runs:\n  a: {}\n  b: {}\n  a: {seed: 1}\n",
+                 r"line 4 \(runs\.a\): key 'a' appears twice in runs \(first on line 2\); keep one",
+                 id="duplicate-run"),
+    pytest.param("runs: {a: {seed: 1, lr: 0.1, seed: 2}}\n", r"key 'seed' appears twice in runs\.a",
+                 id="duplicate-key"),
+    pytest.param("runs:\n  yes: {}\n", r"line 2 \(runs\.yes\): yes is a boolean in YAML 1\.1 but text to DVC "
+                 r"\(YAML 1\.2\); write true or false for a boolean, or quote it \('yes'\) for text",
+                 id="run-named-yes"),
+    pytest.param("runs:\n  a: {lr: yes}\n", r"\(runs\.a\.lr\): yes is a boolean", id="lr-yes"),
+    pytest.param("train:\n  bias: on\nruns: {a: {}}\n", r"line 2 \(train\.bias\): on is a boolean", id="bias-on"),
+    pytest.param("runs:\n  a: {bias: Off}\n", r"Off is a boolean", id="bias-Off"),
+    pytest.param("runs:\n  a: {seed: 010}\n", r"\(runs\.a\.seed\): the number 010 reads differently in YAML 1\.1 and "
+                 r"in DVC", id="octal"),
+    pytest.param("runs:\n  a: {max_steps: 1_000}\n", r"the number 1_000 reads differently", id="underscore"),
+    pytest.param("runs: {1: {}}\n", r"runs: the run name 1 is read as int, not text; quote it in params.yaml: '1'",
+                 id="run-named-1"),
+    pytest.param("runs: {~: {}}\n", r"the run name null is read as null, not text; quote it", id="run-named-null"),
+    pytest.param("runs: {true: {}}\n", r"the run name true is read as bool, not text", id="run-named-true"),
+    pytest.param("runs: {[a]: {}}\n", r"\(runs\): a mapping or list used as a key", id="list-as-key"),
+    pytest.param("runs: {a: {}}\n# " + "x" * (256 << 10), r"more than 262,144 bytes, too large for a params file",
+                 id="oversized"),
+    pytest.param("runs: {a: {}}\nx: [" + "0, " * 30_000 + "]\n", r"more than 20,000 keys and values", id="many-nodes"),
+    pytest.param("runs: {a: {seed: " + "9" * 5000 + "}}\n", r"a value cannot be read .*4300 digits.*write a smaller",
+                 id="huge-integer"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), HOSTILE_YAML)
+def test_hostile_yaml_is_refused_before_it_is_built(tmp_path, peak_memory, text, message):
+    path = write_params(tmp_path, text)
+    with peak_memory, pytest.raises(ParamsError, match=message) as raised:
+        load_params(path)
+    assert "\n" not in str(raised.value) and len(str(raised.value)) < 400
+    assert peak_memory.peak_bytes < 4 * len(text) + (8 << 20)  # no expansion: memory follows the file's size
+
+
+@pytest.mark.parametrize(("train", "message"), [
+    ("{epochs: 1000000000}", (r"train\.epochs: 1,000,000,000 epochs of 3,000 steps \(60,000 images at batch_size 20\) "
+                             r"is 3,000,000,000,000 steps, more than the limit of 10,000,000; lower epochs or set "
+                             r"max_steps")),
+    ("{max_steps: 1000000000}", r"train\.max_steps: 1,000,000,000 is more than the limit of 10,000,000 steps"),
+    ("{max_steps: 1e9}", r"train\.max_steps: expected a whole number, got '1e9'; write it in digits"),
+    ("{epochs: 2.0}", r"train\.epochs: expected a whole number, got 2\.0; write it in digits"),
+    ("{capture: {chunk_steps: 100000}}", (r"train\.capture\.chunk_steps: 100,000 steps of 31,360 bytes is 2,990 "
+                                         r"MiB a chunk, more than the 64 MiB limit; use at most 2,139")),
+    ("{max_steps: 100, capture: {chunk_steps: 500}}", (r"train\.capture\.chunk_steps: 500 steps a chunk is more "
+                                                       r"than the run records \(101 steps, step 0 included\); use "
+                                                       r"at most 101")),
+    ("{epochs: 1000, eval_every: 1}", (r"train\.eval_every: every 1 steps of 3,000,000 is 3,000,002 held-out "
+                                       r"evaluations, more than the limit of 1,000,000; use eval_every of at least 4")),
+    ("{batch_size: 60001}", r"train\.batch_size: 60,001 is more than the 60,000 images of the largest training split"),
+    ("{lr: true}", r"train\.lr: expected a number, got True"),
+])
+def test_absurd_sizes_are_refused_up_front(tmp_path, train, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(write_params(tmp_path, f"train: {train}\nruns: {{a: {{}}}}\n"))
+
+
+def test_a_sweep_or_run_list_beyond_the_run_limit_is_refused_before_expanding():
+    lrs = [f"0.{i:03d}1" for i in range(100)]
+    sweep = {"optimizer": ["adam", "sgd"], "lr": lrs, "batch_size": [10, 20, 50], "seed": [0, 1]}
+    with pytest.raises(ParamsError, match=r"sweep: the grid has 2 x 100 x 3 x 2 = 1,200 points, more than the 999 "
+                                          r"runs left of the limit of 1,000; list fewer values"):
+        parse_params({"runs": {"a": {}}, "sweep": sweep})
+    with pytest.raises(ParamsError, match=r"runs: 1,001 runs, more than the limit of 1,000"):
+        parse_params({"runs": {f"r{i}": {} for i in range(1001)}})
+
+
+def test_bounded_params_stay_valid(tmp_path):
+    # Short runs keep the default chunk; anchors without aliases expand nothing; true/false,
+    # quoted yes and a quoted numeric run name are what the errors above ask for.
+    params = load_params(write_params(tmp_path, (
+        "train: {max_steps: 50, eval_every: 1, bias: &b false}\n"
+        "runs:\n  'yes': {bias: true}\n  '1': {capture: {chunk_steps: 64}}\n"
+        "  long: {epochs: 3000, batch_size: 20, max_steps: null, eval_every: 100}\n"
+        "  wide: {batch_size: 60000, epochs: 5000, max_steps: null, eval_every: 100, capture: {chunk_steps: 2139}}\n"
+    )))
+    assert params.run("yes").bias is True and params.run("1").capture.chunk_steps == 64
+    assert params.run("long").max_n_steps == 9_000_000
+    assert params.run("1").max_n_steps == 50
