@@ -1,6 +1,6 @@
 """Per-pixel change statistics over a step range, computed with dask straight from the store.
 
-    python -m viewer.stats runs/original --start 0 --stop 3000 --out runs/original/change_stats.zarr
+    python -m viewer.stats runs/original --start 0 --stop 3000 --out original-stats.zarr
 
 Headless use, for research scripts::
 
