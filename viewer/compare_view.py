@@ -10,6 +10,7 @@ beside what the same analysis makes of a random walk.
 from __future__ import annotations
 
 import asyncio
+import html
 import math
 from collections.abc import Callable
 
@@ -33,6 +34,16 @@ BY_HAND = "(choose runs below)"
 # Shared steps drawn per run by default: plenty for the pictures, and a 12-run sweep of
 # 3,000-step runs compares in seconds. "Every" = 1 uses every step.
 DEFAULT_POINTS = 500
+
+
+def text_options(names: list[str]) -> dict[str, str]:
+    """MultiChoice options that show each name as text: {label: name}.
+
+    Bokeh's MultiChoice draws its labels with Choices.js, which renders them as HTML, so a
+    run named ``<img src=x onerror=...>`` would run its script; an escaped label reads as
+    the name itself. The widget's value stays the names.
+    """
+    return {html.escape(name): name for name in names}
 
 
 class RunComparison(pn.viewable.Viewer):
@@ -73,7 +84,7 @@ class RunComparison(pn.viewable.Viewer):
         index = index[index.index.isin(readable)]
         self._groups = {group: list(members.index) for group, members in index.groupby("group", sort=True)
                         if group and len(members) >= 2}
-        self.runs_choice.options = list(readable)
+        self.runs_choice.options = text_options(readable)
         self.group_select.options = [BY_HAND, *self._groups]
         if selected is not None and not self.runs_choice.value:
             for group, members in self._groups.items():

@@ -7,8 +7,9 @@ variable, or ``runs/`` under the current directory; an fsspec URL (``s3://bucket
 works too. ``--scheduler`` (or WEIGHTLAPSE_SCHEDULER) is a Dask scheduler address to
 compute statistics and comparisons on; by default they run in the server's process. Browsers on other machines get a
 page saying the viewer is private unless ``--share`` (or WEIGHTLAPSE_SHARE=1) is given
-(viewer/access.py). Panel runs this file as a script, so the project's modules are
-imported by their installed names.
+(viewer/access.py). Requests for a host name the viewer does not serve are refused before
+they reach the app (viewer/app_hooks.py, which Bokeh loads with this directory). Panel runs
+this file as a script, so the project's modules are imported by their installed names.
 """
 
 import argparse
