@@ -219,3 +219,24 @@ def test_a_run_retrained_under_an_open_page_is_shown_exactly(tmp_path):
         fresh.step = step
         np.testing.assert_array_equal(shown(fresh, fresh_root), mosaic(new[step], header=HEADER))
     writer.close()
+
+
+def test_names_with_format_and_math_characters_draw_and_export_as_written(tmp_path):
+    # HoloViews formats titles ("{label}") and matplotlib reads "$...$" as math: names are text to both.
+    runs = tmp_path / "runs"
+    names = ["{x}", "{0}", "$\\alpha$", "50$", "{label}", "a}b", "c{d", "$", "{}", "e"]
+    write_run(runs / "{0}-$x$", training_like(40, seed=0), name="{0}-$x$", class_names=names)
+    viewer = WeightViewer(runs)
+    root = render(viewer)
+    assert viewer.run.name == "{0}-$x$" and viewer.message.object == ""
+    titles = [title.text for title in root.select({"type": Title})]
+    assert any("{0}-$x$: weights after step" in title for title in titles), titles
+    viewer.step = 30
+    assert viewer.png_download.callback().getvalue()[:4] == b"\x89PNG"
+    from viewer.plots import distance_curves
+    import xarray as xr
+
+    distances = xr.DataArray(np.ones((1, 3)), dims=("other_run", "step"),
+                             coords={"other_run": ["{y}"], "step": [0, 1, 2]})
+    plot = hv.render(distance_curves(distances, "{0}-$x$"))
+    assert plot.title.text == "Distance from {0}-$x$"

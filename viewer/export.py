@@ -50,14 +50,15 @@ class GridRenderer:
             ax.set_yticks([])
             if index < n_tiles:
                 self.images.append(ax.imshow(blank, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest"))
-                ax.set_title(str(tile_titles[index])[:40], fontsize=9)
+                # Names are text, never math: a run or class named "$x$" must not become a formula.
+                ax.set_title(str(tile_titles[index])[:40], fontsize=9, parse_math=False)
             else:
                 ax.set_visible(False)
         self.figure.subplots_adjust(left=0.01, right=0.88, top=0.86, bottom=0.02, wspace=0.05, hspace=0.2)
         colorbar_axes = self.figure.add_axes((0.9, 0.1, 0.015, 0.7))
         self.colorbar = self.figure.colorbar(self.images[0], cax=colorbar_axes)
         self.colorbar.set_label(colorbar_label)
-        self.title = self.figure.suptitle("", fontsize=11)
+        self.title = self.figure.suptitle("", fontsize=11, parse_math=False)
 
     def draw(self, tiles: np.ndarray, *, title: str = "", limit: float | None = None) -> None:
         """Show ``tiles`` (tile, pixel) with colours from -limit to +limit (default: their max |value|)."""

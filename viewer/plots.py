@@ -70,13 +70,19 @@ def colour_mapping(picture: np.ndarray, *, diverging: bool, scaled: bool = False
     return (low, high if high > low else low + 1), SEQUENTIAL_CMAP
 
 
+def literal(title: str) -> str:
+    """``title`` as HoloViews shows it: it formats titles (``{label}``), so a run named ``{x}``
+    would fail to draw, or lose its braces, unless they are doubled."""
+    return str(title).replace("{", "{{").replace("}", "}}")
+
+
 def tile_image(view: TileView, *, hooks: tuple = ()) -> hv.Image:
     """The mosaic of ``view.tiles`` as an image whose pixel (x, y) is tile column x, row y from the top."""
     drawn = tile_picture(view)
     height, width = drawn.picture.shape
     image = hv.Image(drawn.picture, bounds=(0, 0, width, height), kdims=["x", "y"],
                      vdims=[hv.Dimension("value", label=drawn.label)])
-    return image.opts(cmap=drawn.cmap, clim=drawn.clim, colorbar=True, title=view.title, tools=["hover"],
+    return image.opts(cmap=drawn.cmap, clim=drawn.clim, colorbar=True, title=literal(view.title), tools=["hover"],
                       frame_width=5 * TILE_PX, frame_height=round(5 * TILE_PX * height / width), xaxis=None,
                       yaxis=None, toolbar="above", clipping_colors={"NaN": "#ffffff"}, hooks=list(hooks))
 
@@ -99,7 +105,7 @@ def pixel_map(values: np.ndarray, *, label: str, diverging: bool, title: str) ->
     clim, cmap = colour_mapping(picture, diverging=diverging)
     image = hv.Image(picture, bounds=(0, 0, IMAGE_SIDE, IMAGE_SIDE), kdims=["x", "y"],
                      vdims=[hv.Dimension("value", label=label)])
-    return image.opts(cmap=cmap, clim=clim, colorbar=True, title=title, tools=["hover"],
+    return image.opts(cmap=cmap, clim=clim, colorbar=True, title=literal(title), tools=["hover"],
                       frame_width=3 * TILE_PX, frame_height=3 * TILE_PX, xaxis=None, yaxis=None,
                       toolbar="above")
 
@@ -108,7 +114,7 @@ def history_curve(steps: np.ndarray, values: np.ndarray, *, label: str, title: s
     """A per-step curve, binned for display when long: the mean of each bin."""
     x, mean, _, _ = downsample_curve(steps, values, CURVE_POINTS)
     return hv.Curve((x, mean), kdims=[hv.Dimension("step")], vdims=[hv.Dimension("value", label=label)]).opts(
-        color="#1f4e79", line_width=1.5, title=title, frame_width=360, frame_height=160, tools=["tap"],
+        color="#1f4e79", line_width=1.5, title=literal(title), frame_width=360, frame_height=160, tools=["tap"],
         toolbar="above")
 
 
@@ -135,7 +141,8 @@ def distance_curves(distances, reference: str) -> hv.Overlay:
               for name in distances.other_run.values]
     return hv.Overlay(curves).opts(
         hv.opts.Curve(frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT, line_width=1.5, tools=["hover"]),
-        hv.opts.Overlay(title=f"Distance from {reference}", legend_position="top_left", show_legend=len(curves) <= 12))
+        hv.opts.Overlay(title=literal(f"Distance from {reference}"), legend_position="top_left",
+                        show_legend=len(curves) <= 12))
 
 
 def spread_curve(steps: np.ndarray, mean_spread: np.ndarray) -> hv.Curve:
