@@ -161,9 +161,12 @@ class RunCatalog:
         try:
             checked = check_store(store)
         except TrajectoryError as error:
-            if "still being created" in str(error):
-                return RunInfo(name, "empty", "its store is being created")
-            raise
+            if "still being created" not in str(error):
+                raise
+            alive = writer_alive(run_dir)
+            if alive is False:
+                return RunInfo(name, "unfinished", "stopped while its store was being created: train it again")
+            return RunInfo(name, "being written" if alive else "empty", "its store is being created")
         meta, progress = checked.meta, checked.progress
         params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
         dataset = meta.get("dataset", {}).get("name", "") if isinstance(meta.get("dataset"), dict) else ""
