@@ -21,7 +21,7 @@ small shared machine drift by 20% between runs.
 
 Then the aggregate throughput of a sweep of --sweep-runs seeds: trained one after another,
 as one stack (one numpy computation for all, pipeline.train.train_stack), and as
-`python -m pipeline.sweep` trains them (on its local Dask cluster, or in its own process on
+`python -m weightlapse.pipeline.sweep` trains them (on its local Dask cluster, or in its own process on
 a machine with fewer than 4 cores). Then, each in a fresh process, (c) for 1 epoch and
 for --memory-epochs epochs, to show that peak memory does not grow with run length. Prints
 steps/s, the ratios (c)/(a) and (c)/(b), bytes per step on disk and peak memory; --json
@@ -49,12 +49,12 @@ from memory import ChildPeakMemory, peak_rss_mb  # this folder is on sys.path
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.datasets import Dataset as RunData
-from pipeline.datasets import Split, load_dataset
-from pipeline.engines import ClosedFormEngine, select_engine
-from pipeline.params import TrainParams
-from pipeline.train import run_training
-from pipeline.trainer import SoftmaxRegression, make_optimizer, plan_steps, select_device, train
+from weightlapse.pipeline.datasets import Dataset as RunData
+from weightlapse.pipeline.datasets import Split, load_dataset
+from weightlapse.pipeline.engines import ClosedFormEngine, select_engine
+from weightlapse.pipeline.params import TrainParams
+from weightlapse.pipeline.train import run_training
+from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, plan_steps, select_device, train
 
 RAW_BYTES_PER_STEP = 10 * 784 * 4
 DEFAULT_DATASET_DIRS = ("data/mnist", "data/fashion-mnist", "/usr/share/datasets/fashion-mnist")
@@ -110,7 +110,7 @@ def project_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device:
     split = Split(images, labels)
     dataset = RunData("benchmark", split, split, {})
     if engine == "cuda-graph":
-        from pipeline.graph_engine import CudaGraphEngine
+        from weightlapse.pipeline.graph_engine import CudaGraphEngine
 
         ring = CudaGraphEngine(TrainParams(epochs=epochs, device=device.type), dataset, device, block_steps=512)
         started = time.perf_counter()
@@ -161,8 +161,8 @@ def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, dev
     ``repeats`` times and the median counts."""
     from distributed import Client
 
-    from pipeline.sweep import dispatch, local_cluster, training_workers, warm_up_worker
-    from pipeline.train import train_stack
+    from weightlapse.pipeline.sweep import dispatch, local_cluster, training_workers, warm_up_worker
+    from weightlapse.pipeline.train import train_stack
 
     dataset = load_dataset(dataset_dir, name)
     steps = plan_steps(len(dataset.train.labels), batch_size=20, epochs=epochs, max_steps=None)
@@ -183,7 +183,7 @@ def sweep_throughput(dataset_dir: Path, name: str, n_runs: int, epochs: int, dev
                             dataset)
                 timings["stacked"].append(n_runs * steps / (time.perf_counter() - started))
         with contextlib.ExitStack() as cluster_open:
-            scheduler = None  # as `python -m pipeline.sweep` picks it
+            scheduler = None  # as `python -m weightlapse.pipeline.sweep` picks it
             if n_workers > 1:
                 scheduler = cluster_open.enter_context(Client(cluster_open.enter_context(local_cluster(n_workers))))
                 scheduler.run(warm_up_worker, str(dataset_dir), name)  # imports and data, before timing

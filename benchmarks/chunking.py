@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.trajectory import StoreLayout, TrajectoryWriter, open_run
+from weightlapse.pipeline.trajectory import StoreLayout, TrajectoryWriter, open_run
 
 
 def synthetic_trajectory(n_steps: int, seed: int = 0) -> np.ndarray:

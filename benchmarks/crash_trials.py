@@ -38,12 +38,12 @@ import numpy as np
 import zarr
 from capture import find_dataset  # the benchmarks' shared data lookup (this folder is on sys.path)
 
-from pipeline.trajectory import STORE_NAME, TrajectoryError, open_run, read_progress
-from viewer.runs import RunCatalog
+from weightlapse.pipeline.trajectory import STORE_NAME, TrajectoryError, open_run, read_progress
+from weightlapse.viewer.runs import RunCatalog
 
 
 def train_command(workdir: Path, data_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.train", "--params", str(workdir / "params.yaml"), "--run", "trial",
+    return [sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(workdir / "params.yaml"), "--run", "trial",
             "--data", str(data_dir), "--out", str(out)]
 
 

@@ -36,11 +36,11 @@ import memory  # this folder's, on sys.path when run as a script
 from distributed import Client, LocalCluster
 from memory import peak_rss_mb
 
-from pipeline.params import parse_params
-from pipeline.sweep import dispatch, local_cluster
-from pipeline.trajectory import open_run
-from viewer import compare
-from viewer.stats import change_statistics
+from weightlapse.pipeline.params import parse_params
+from weightlapse.pipeline.sweep import dispatch, local_cluster
+from weightlapse.pipeline.trajectory import open_run
+from weightlapse.viewer import compare
+from weightlapse.viewer.stats import change_statistics
 
 DEFAULT_DATASET_DIRS = ("/usr/share/datasets/fashion-mnist", "data/fashion-mnist", "data/mnist")
 RAW_BYTES_PER_STEP = 10 * 784 * 4
@@ -69,8 +69,8 @@ def sweep_params(n_runs: int, epochs: int, dataset: str):
 
 def sequential(n_runs: int, epochs: int, data: Path, dataset: str, out: Path) -> dict:
     """The runs one after another in this process, as `dvc repro` trains them (less its start-ups)."""
-    from pipeline.datasets import load_dataset
-    from pipeline.train import run_training
+    from weightlapse.pipeline.datasets import load_dataset
+    from weightlapse.pipeline.train import run_training
 
     shutil.rmtree(out, ignore_errors=True)
     loaded = load_dataset(data, dataset)

@@ -37,7 +37,7 @@ def write_trajectory(run_dir: Path, n_steps: int, *, seed: int = 0) -> float:
     """A random walk pulled towards per-class templates, like weights under training; returns seconds."""
     from tqdm import tqdm
 
-    from pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryWriter
+    from weightlapse.pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryWriter
 
     rng = np.random.default_rng(seed)
     template = rng.standard_normal((10, 784)).astype(np.float32) * np.float32(0.05)
@@ -64,7 +64,7 @@ def frame_latency(runs_dir: Path, run: str, n_steps: int, *, samples: int = 200)
     import holoviews as hv
     import panel as pn
 
-    from viewer.app import WeightViewer
+    from weightlapse.viewer.app import WeightViewer
 
     hv.extension("bokeh")
     viewer = WeightViewer(runs_dir)
@@ -92,8 +92,8 @@ def frame_latency(runs_dir: Path, run: str, n_steps: int, *, samples: int = 200)
 
 
 def window_statistics(run_dir: Path, n_steps: int, *, window: int = 3000, repeats: int = 5) -> dict:
-    from pipeline.trajectory import open_run
-    from viewer.stats import change_statistics
+    from weightlapse.pipeline.trajectory import open_run
+    from weightlapse.viewer.stats import change_statistics
 
     weights = open_run(run_dir).weights
     rng = np.random.default_rng(2)
@@ -111,8 +111,8 @@ def whole_statistics(run_dir: Path) -> dict:
     code = (
         "import json, sys, time\n"
         "from memory import peak_rss_mb\n"
-        "from pipeline.trajectory import open_run\n"
-        "from viewer.stats import change_statistics\n"
+        "from weightlapse.pipeline.trajectory import open_run\n"
+        "from weightlapse.viewer.stats import change_statistics\n"
         "weights = open_run(sys.argv[1]).weights\n"
         "started = time.perf_counter()\n"
         "change_statistics(weights)\n"
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = workdir / "runs"
     run_dir = runs_dir / "long"
     try:
-        from pipeline.trajectory import TrajectoryError, read_progress
+        from weightlapse.pipeline.trajectory import TrajectoryError, read_progress
 
         try:
             reuse = read_progress(run_dir / "trajectory.zarr")["steps_done"] == args.steps

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.params import CLOSED_FORM_OPTIMIZERS
-from pipeline.trainer import epoch_orders, plan_steps
+from weightlapse.pipeline.params import CLOSED_FORM_OPTIMIZERS
+from weightlapse.pipeline.trainer import epoch_orders, plan_steps
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which the autograd path uses too
 ADAM_EPS = 1e-8

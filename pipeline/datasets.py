@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.idx import IdxError, read_idx_file
+from weightlapse.pipeline.idx import IdxError, read_idx_file
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
@@ -128,7 +128,7 @@ def load_dataset(data_dir: str | Path, name: str) -> Dataset:
     if missing:
         raise DatasetError(
             f"{data_dir}: missing {', '.join(missing)}; run the data stage first "
-            f"(`dvc repro download`, or `python -m pipeline.download --out {data_dir}`)"
+            f"(`dvc repro download`, or `python -m weightlapse.pipeline.download --out {data_dir}`)"
         )
     try:
         train = _split(data_dir, TRAIN_IMAGES, TRAIN_LABELS, spec)

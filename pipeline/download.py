@@ -1,6 +1,6 @@
 """Data stage: fetch a dataset's four IDX files from a list of mirrors, checksum-verified.
 
-    python -m pipeline.download --params params.yaml --out data/mnist
+    python -m weightlapse.pipeline.download --params params.yaml --out data/mnist
 
 Mirrors are tried in order: those named in the WEIGHTLAPSE_MIRRORS environment variable
 (URLs, file:// URLs or directories, separated by spaces), then the dataset's built-in ones.
@@ -40,8 +40,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.datasets import DATASETS, FILES, DatasetSpec, file_digest
-from pipeline.params import ParamsError, load_params
+from weightlapse.pipeline.datasets import DATASETS, FILES, DatasetSpec, file_digest
+from weightlapse.pipeline.params import ParamsError, load_params
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +328,8 @@ def prepare_out_dir(out_dir: Path) -> None:
             path.unlink()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (reads data.dataset)")
     parser.add_argument("--out", required=True, help="new or empty directory to hold the dataset's files")
     args = parser.parse_args(argv)

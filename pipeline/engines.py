@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
-from pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
-from pipeline.params import CLOSED_FORM_OPTIMIZERS, TrainParams
-from pipeline.trainer import SoftmaxRegression, StepCallback, make_optimizer, train
+from weightlapse.pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
+from weightlapse.pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
+from weightlapse.pipeline.params import CLOSED_FORM_OPTIMIZERS, TrainParams
+from weightlapse.pipeline.trainer import SoftmaxRegression, StepCallback, make_optimizer, train
 
 
 def optimizer_state_keys(optimizer: str, momentum: float) -> tuple[str, ...]:
@@ -166,7 +166,7 @@ def make_engine(engine: str, config: TrainParams, dataset: Dataset, device: torc
     if engine == "numpy":
         return ClosedFormEngine(config, dataset)
     if engine == "cuda-graph":
-        from pipeline.graph_engine import CudaGraphEngine
+        from weightlapse.pipeline.graph_engine import CudaGraphEngine
 
         return CudaGraphEngine(config, dataset, device, block_steps=block_steps)
     return TorchEngine(config, dataset, device)

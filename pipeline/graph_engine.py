@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
-from pipeline.engines import TorchEngine, optimizer_state_size
-from pipeline.params import TrainParams
-from pipeline.trainer import StepCallback, remaining_batches
+from weightlapse.pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
+from weightlapse.pipeline.engines import TorchEngine, optimizer_state_size
+from weightlapse.pipeline.params import TrainParams
+from weightlapse.pipeline.trainer import StepCallback, remaining_batches
 
 # on_block(first_step, {"weight": (n, class, pixel), "loss": (n,), ...}): a block of recorded rows
 BlockCallback = Callable[[int, dict[str, np.ndarray]], None]

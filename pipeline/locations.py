@@ -175,7 +175,7 @@ def publish_run(run_dir: str | Path, target: str | Path | Location,
     of the copy sees either no run or every row the marker covers. A run being trained is
     refused, since its store changes under the copy; publish it when its stage is done.
     """
-    from pipeline.runlock import RunLockedError, exclusive_writer
+    from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer
 
     run_dir = Path(run_dir)
     if not (run_dir / "trajectory.zarr").is_dir():

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 
-from pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS
-from pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
-from pipeline.safe_yaml import shown as _shown
+from weightlapse.pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS
+from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
+from weightlapse.pipeline.safe_yaml import shown as _shown
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 DEVICES = ("auto", "cpu", "cuda")

@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec
 
-from pipeline.locations import Location, as_location
+from weightlapse.pipeline.locations import Location, as_location
 
 SCHEMA = "weightlapse.trajectory"
 SCHEMA_VERSION = 1

@@ -1,6 +1,6 @@
 """Train a sweep's runs as tasks on a Dask cluster, for sweeps that outgrow one machine.
 
-    python -m pipeline.sweep --params params.yaml --data data/mnist --out s3://bucket/runs \\
+    python -m weightlapse.pipeline.sweep --params params.yaml --data data/mnist --out s3://bucket/runs \\
         --scheduler tcp://10.0.0.5:8786 [--runs NAME ...]
 
 ``dvc repro`` trains the sweep of params.yaml one stage after another on one machine and
@@ -34,9 +34,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.locations import Location, as_location, publish_run
-from pipeline.params import Params, ParamsError, TrainParams, load_params
-from pipeline.trajectory import STORE_NAME, TrajectoryError, read_progress
+from weightlapse.pipeline.locations import Location, as_location, publish_run
+from weightlapse.pipeline.params import Params, ParamsError, TrainParams, load_params
+from weightlapse.pipeline.trajectory import STORE_NAME, TrajectoryError, read_progress
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def train_and_publish(runs: dict[str, TrainParams], data_dir: str, dataset_name:
     """
     import torch
 
-    from pipeline.train import run_training, train_stack
-    from pipeline.trainer import select_device
+    from weightlapse.pipeline.train import run_training, train_stack
+    from weightlapse.pipeline.trainer import select_device
 
     torch.set_num_threads(1)  # one run per worker thread; the model's ops are tiny
     dataset = load_dataset_once(data_dir, dataset_name)
@@ -117,7 +117,7 @@ def plan_tasks(runs: dict[str, TrainParams], slots: int) -> list[dict[str, Train
     """The sweep's runs as cluster tasks: runs that can train as one stack (pipeline.train.stack_key)
     in one task, up to ``MAX_STACK_RUNS`` a stack; stacks are halved while there are fewer
     tasks than ``slots`` (the cluster's worker threads), so that no worker stays idle."""
-    from pipeline.train import stack_key
+    from weightlapse.pipeline.train import stack_key
 
     groups: dict[tuple, list[str]] = {}
     alone: list[list[str]] = []
@@ -153,14 +153,14 @@ def load_dataset_once(data_dir: str, dataset_name: str):
 def warm_up_worker(data_dir: str, dataset_name: str) -> None:
     """Import the training code and load the dataset into this worker's cache (for
     ``Client.run`` before timing a sweep: both take a worker seconds the first time)."""
-    import pipeline.train  # noqa: F401 - the import is the point
+    import weightlapse.pipeline.train  # noqa: F401 - the import is the point
 
     load_dataset_once(data_dir, dataset_name)
 
 
 @functools.lru_cache(maxsize=1)
 def _load_dataset_cached(data_dir: str, dataset_name: str, files: tuple):
-    from pipeline.datasets import load_dataset
+    from weightlapse.pipeline.datasets import load_dataset
 
     return load_dataset(data_dir, dataset_name)
 
@@ -198,7 +198,7 @@ def dispatch(runs: dict[str, TrainParams], *, data_dir: str | Path, dataset_name
              scheduler, progress: Callable[[str, dict], None] | None = None) -> SweepResult:
     """Train ``runs`` on the cluster at ``scheduler`` (an address or Client), all at once, or
     with ``scheduler=None`` in this process, one task after another."""
-    from pipeline.cluster import as_completed, client_for, submit
+    from weightlapse.pipeline.cluster import as_completed, client_for, submit
 
     started = time.perf_counter()
     if scheduler is None:
@@ -223,13 +223,13 @@ def dispatch(runs: dict[str, TrainParams], *, data_dir: str | Path, dataset_name
     return SweepResult(metrics, sum(int(m["steps"]) for m in metrics.values()), seconds)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     from tqdm import tqdm
 
-    from pipeline.cluster import ClusterError
-    from pipeline.datasets import DatasetError
+    from weightlapse.pipeline.cluster import ClusterError
+    from weightlapse.pipeline.datasets import DatasetError
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True, help="the data stage's directory, readable by every worker")
     parser.add_argument("--out", required=True, help="runs location: a shared directory or an fsspec URL")

@@ -1,6 +1,6 @@
 """Train stage: train one run and record every step's weights into its trajectory store.
 
-    python -m pipeline.train --params params.yaml --run original --data data/mnist --out runs/original
+    python -m weightlapse.pipeline.train --params params.yaml --run original --data data/mnist --out runs/original
 
 Writes, under --out: trajectory.zarr (see pipeline.trajectory), metrics.json (DVC metrics),
 loss.csv and accuracy.csv (per-step history for `dvc plots`).
@@ -31,16 +31,16 @@ import torch
 import zarr
 from tqdm import tqdm
 
-import pipeline
-from pipeline.closed_form import train_closed_form
-from pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS, Dataset, DatasetError, load_dataset
-from pipeline.engines import closed_form_stack, make_engine, optimizer_state_size, select_engine
-from pipeline.graph_engine import CudaGraphEngine
-from pipeline.params import CLOSED_FORM_OPTIMIZERS, ParamsError, TrainParams, load_params
-from pipeline.run_files import open_new, write_text_atomic
-from pipeline.runlock import RunLockedError, exclusive_writer
-from pipeline.trainer import DeviceError, Evaluation, evaluate, plan_evals, plan_steps, select_device
-from pipeline.trajectory import (
+from weightlapse import __version__
+from weightlapse.pipeline.closed_form import train_closed_form
+from weightlapse.pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS, Dataset, DatasetError, load_dataset
+from weightlapse.pipeline.engines import closed_form_stack, make_engine, optimizer_state_size, select_engine
+from weightlapse.pipeline.graph_engine import CudaGraphEngine
+from weightlapse.pipeline.params import CLOSED_FORM_OPTIMIZERS, ParamsError, TrainParams, load_params
+from weightlapse.pipeline.run_files import open_new, write_text_atomic
+from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer
+from weightlapse.pipeline.trainer import DeviceError, Evaluation, evaluate, plan_evals, plan_steps, select_device
+from weightlapse.pipeline.trajectory import (
     STORE_NAME,
     ResumePoint,
     StoreLayout,
@@ -414,7 +414,7 @@ def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: t
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "engine": engine,
         "versions": {
-            "weightlapse": pipeline.__version__,
+            "weightlapse": __version__,
             "python": platform.python_version(),
             "torch": torch.__version__,
             "numpy": np.__version__,
@@ -437,8 +437,8 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--run", required=True, help="run name, a key under 'runs' in the params file")
     parser.add_argument("--data", required=True, help="directory written by the data stage")

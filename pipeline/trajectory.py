@@ -40,10 +40,10 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, TransposeCodec
 
-from pipeline.chunkwriter import ChunkWriter
-from pipeline.handoff import WriterFailed, WriterProcess, WriterThread, shared_buffers
-from pipeline.locations import Location
-from pipeline.store import (  # noqa: F401 - the store format's names, re-exported for existing callers
+from weightlapse.pipeline.chunkwriter import ChunkWriter
+from weightlapse.pipeline.handoff import WriterFailed, WriterProcess, WriterThread, shared_buffers
+from weightlapse.pipeline.locations import Location
+from weightlapse.pipeline.store import (  # noqa: F401 - the store format's names, re-exported for existing callers
     IMAGE_SIDE,
     REQUIRED_ARRAYS,
     SCHEMA,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import FILES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
-from pipeline.idx import DTYPES
+from weightlapse.pipeline.datasets import FILES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
+from weightlapse.pipeline.idx import DTYPES
 
 CODES = {dtype.newbyteorder("="): code for code, dtype in DTYPES.items()}
 

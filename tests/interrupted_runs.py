@@ -3,9 +3,9 @@
 import pytest
 from idx_files import write_dataset
 
-from pipeline.datasets import load_dataset
-from pipeline.train import run_training
-from pipeline.trajectory import TrajectoryWriter, open_run, read_progress
+from weightlapse.pipeline.datasets import load_dataset
+from weightlapse.pipeline.train import run_training
+from weightlapse.pipeline.trajectory import TrajectoryWriter, open_run, read_progress
 
 CRASH_STEP = 150
 BLOCK_STEPS = 64

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.closed_form import ClosedFormSoftmaxRegression, flush_denormals, train_closed_form
-from pipeline.datasets import TEST_IMAGES, TEST_LABELS
-from pipeline.engines import select_engine
-from pipeline.idx import read_idx_file
-from pipeline.params import ParamsError, TrainParams
-from pipeline.trainer import SoftmaxRegression, make_optimizer, train
+from weightlapse.pipeline.closed_form import ClosedFormSoftmaxRegression, flush_denormals, train_closed_form
+from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS
+from weightlapse.pipeline.engines import select_engine
+from weightlapse.pipeline.idx import read_idx_file
+from weightlapse.pipeline.params import ParamsError, TrainParams
+from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, train
 
 # Weights are O(0.1); float32 rounding of one step is ~1e-8 of that, and differences
 # between the two matrix-product implementations grow slowly over hundreds of steps.

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import load_dataset
-from pipeline.params import TrainParams
-from pipeline.train import run_training
-from pipeline.trajectory import open_run
+from weightlapse.pipeline.datasets import load_dataset
+from weightlapse.pipeline.params import TrainParams
+from weightlapse.pipeline.train import run_training
+from weightlapse.pipeline.trajectory import open_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch here")
 
@@ -46,7 +46,7 @@ def test_the_graph_engine_runs_on_cuda_and_resumes_bit_for_bit(tmp_path, monkeyp
     without graphs, is in tests/test_graph_engine.py)."""
     from interrupted_runs import clean_and_resumed
 
-    from pipeline.params import CaptureParams
+    from weightlapse.pipeline.params import CaptureParams
 
     config = TrainParams(device="cuda", epochs=3, eval_every=40, capture=CaptureParams(chunk_steps=16, gradients=True))
     clean, resumed, stopped = clean_and_resumed(config, tmp_path, monkeypatch)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from idx_files import idx_bytes, write_dataset
 
-from pipeline.datasets import (
+from weightlapse.pipeline.datasets import (
     DATASETS, FILES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, DatasetError, load_dataset,
 )
 

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline.datasets import load_dataset
-from pipeline.locations import Location, publish_run
-from pipeline.params import parse_params
-from pipeline.sweep import MAX_STACK_RUNS, dispatch, plan_tasks, sweep_runs
-from pipeline.train import run_training
-from pipeline.trajectory import open_run
-from viewer import compare
-from viewer.runs import RunCatalog
-from viewer.stats import change_statistics
+from weightlapse.pipeline.datasets import load_dataset
+from weightlapse.pipeline.locations import Location, publish_run
+from weightlapse.pipeline.params import parse_params
+from weightlapse.pipeline.sweep import MAX_STACK_RUNS, dispatch, plan_tasks, sweep_runs
+from weightlapse.pipeline.train import run_training
+from weightlapse.pipeline.trajectory import open_run
+from weightlapse.viewer import compare
+from weightlapse.viewer.runs import RunCatalog
+from weightlapse.viewer.stats import change_statistics
 
 BUCKET = "weightlapse-test"
 PARAMS = {
@@ -146,8 +146,8 @@ def test_a_sweep_trains_runs_that_differ_in_seed_and_lr_as_stacks_on_every_worke
 
 
 def test_an_unreachable_scheduler_says_how_to_start_one(trained, monkeypatch):
-    from pipeline import cluster
-    from pipeline.cluster import ClusterError
+    from weightlapse.pipeline import cluster
+    from weightlapse.pipeline.cluster import ClusterError
 
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2)
     root, params = trained
@@ -162,7 +162,7 @@ def test_the_viewer_replays_and_compares_runs_in_s3(trained, s3, monkeypatch):
 
     import holoviews as hv
 
-    from viewer.app import WeightViewer
+    from weightlapse.viewer.app import WeightViewer
 
     hv.extension("bokeh")
     root, params = trained

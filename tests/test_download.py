@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from pipeline.datasets import (
+from weightlapse.pipeline.datasets import (
     DATASETS, FILES, TEST_IMAGES, TEST_LABELS, TRAIN_LABELS, DatasetError, file_digest, load_dataset,
 )
-from pipeline.download import DownloadError, fetch_dataset, fetch_file, main, mirror_list
+from weightlapse.pipeline.download import DownloadError, fetch_dataset, fetch_file, main, mirror_list
 
 
 def no_partial_files(directory):
@@ -117,7 +117,7 @@ def test_stage_fetches_what_it_can_and_names_what_is_missing(tmp_path, shared_mn
     params = tmp_path / "params.yaml"
     params.write_text("data: {dataset: mnist}\nruns: {original: {seed: 0}}\n")
     # Leave out the built-in internet mirrors: these machines are offline.
-    monkeypatch.setattr("pipeline.download.mirror_list", lambda spec: [str(shared_mnist)])
+    monkeypatch.setattr("weightlapse.pipeline.download.mirror_list", lambda spec: [str(shared_mnist)])
     out = tmp_path / "data"
     assert main(["--params", str(params), "--out", str(out)]) == 1
     spec = DATASETS["mnist"]
@@ -280,7 +280,7 @@ def test_a_missing_or_wrong_file_is_not_asked_for_again(tmp_path, generated_data
 def test_stage_refuses_an_out_directory_holding_other_files(tmp_path, generated_data, monkeypatch, caplog):
     source, checksums = generated_data
     monkeypatch.setitem(DATASETS, "mnist", generated_spec(source, checksums))
-    monkeypatch.setattr("pipeline.download.mirror_list", lambda spec: [str(source)])
+    monkeypatch.setattr("weightlapse.pipeline.download.mirror_list", lambda spec: [str(source)])
     params = tmp_path / "params.yaml"
     params.write_text("data: {dataset: mnist}\nruns: {original: {seed: 0}}\n")
     out = tmp_path / "Documents"
@@ -296,7 +296,7 @@ def test_stage_refuses_an_out_directory_holding_other_files(tmp_path, generated_
 def test_stage_removes_only_its_own_stale_temp_files(tmp_path, generated_data, monkeypatch):
     source, checksums = generated_data
     monkeypatch.setitem(DATASETS, "mnist", generated_spec(source, checksums))
-    monkeypatch.setattr("pipeline.download.mirror_list", lambda spec: [str(source)])
+    monkeypatch.setattr("weightlapse.pipeline.download.mirror_list", lambda spec: [str(source)])
     params = tmp_path / "params.yaml"
     params.write_text("data: {dataset: mnist}\nruns: {original: {seed: 0}}\n")
     out = tmp_path / "data"

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from idx_files import write_dataset
-from pipeline.params import load_params
-from pipeline.trajectory import TrajectoryError, open_run, read_progress
+from weightlapse.pipeline.params import load_params
+from weightlapse.pipeline.trajectory import TrajectoryError, open_run, read_progress
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
@@ -106,8 +106,8 @@ def test_dvc_repro_downloads_and_trains_offline(tmp_path, debian_fashion, monkey
     assert "up to date" in sh(project, "dvc", "status")
 
     # The sweep, compared through the runs index and the headless API: seeds group together.
-    from viewer.compare import compare_runs, open_trajectories
-    from viewer.runs import RunCatalog
+    from weightlapse.viewer.compare import compare_runs, open_trajectories
+    from weightlapse.viewer.runs import RunCatalog
 
     catalog = RunCatalog(project / "runs")
     index = catalog.index()

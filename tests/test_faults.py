@@ -12,8 +12,8 @@ import pytest
 import zarr
 from idx_files import write_dataset
 
-from pipeline.trajectory import STORE_NAME, open_run, read_progress
-from viewer.runs import RunCatalog
+from weightlapse.pipeline.trajectory import STORE_NAME, open_run, read_progress
+from weightlapse.viewer.runs import RunCatalog
 
 REPO = Path(__file__).resolve().parents[1]
 # 2,000 steps: four blocks of 512 rows (16 MiB of weights each, ~12 MB on disk).
@@ -22,7 +22,7 @@ PARAMS = "data: {dataset: mnist}\ntrain: {batch_size: 10, max_steps: 2000, devic
 
 def train(tmp_path, out, *extra, params=PARAMS):
     (tmp_path / "params.yaml").write_text(params)
-    return subprocess.run([sys.executable, "-m", "pipeline.train", "--params", str(tmp_path / "params.yaml"),
+    return subprocess.run([sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(tmp_path / "params.yaml"),
                            "--run", "r", "--data", str(tmp_path / "data"), "--out", str(out), *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 

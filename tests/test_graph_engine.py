@@ -11,11 +11,11 @@ import pytest
 import torch
 from interrupted_runs import clean_and_resumed
 
-import pipeline.train as train_stage
-from pipeline.datasets import load_dataset
-from pipeline.engines import TorchEngine, select_engine
-from pipeline.graph_engine import CudaGraphEngine
-from pipeline.params import CaptureParams, ParamsError, TrainParams
+import weightlapse.pipeline.train as train_stage
+from weightlapse.pipeline.datasets import load_dataset
+from weightlapse.pipeline.engines import TorchEngine, select_engine
+from weightlapse.pipeline.graph_engine import CudaGraphEngine
+from weightlapse.pipeline.params import CaptureParams, ParamsError, TrainParams
 
 CPU = torch.device("cpu")
 

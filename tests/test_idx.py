@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from idx_files import idx_bytes
-from pipeline.idx import IdxError, parse_idx, read_idx_file
+from weightlapse.pipeline.idx import IdxError, parse_idx, read_idx_file
 
 
 def test_real_mnist_test_split_parses(shared_mnist):

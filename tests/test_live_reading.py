@@ -8,8 +8,8 @@ import traceback
 import numpy as np
 from idx_files import write_dataset
 
-from pipeline.trajectory import TrajectoryError, open_run, read_progress
-from viewer.runs import RunCatalog
+from weightlapse.pipeline.trajectory import TrajectoryError, open_run, read_progress
+from weightlapse.viewer.runs import RunCatalog
 
 # 40 steps an epoch at batch 500: far more steps than 10 s can train, so the stage is
 # still writing when the reader stops, and is then killed.
@@ -35,7 +35,7 @@ def test_a_reader_never_sees_past_the_committed_step_while_training_appends(tmp_
     write_dataset(data, n_train=20_000, n_test=100)
     (tmp_path / "params.yaml").write_text(PARAMS)
     store = tmp_path / "runs" / "live" / "trajectory.zarr"
-    trainer = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", str(tmp_path / "params.yaml"),
+    trainer = subprocess.Popen([sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(tmp_path / "params.yaml"),
                                 "--run", "live", "--data", str(data), "--out", str(tmp_path / "runs" / "live")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     reads, seen = 0, []

@@ -3,7 +3,7 @@
 import pytest
 from viewer_runs import training_like, write_run
 
-from pipeline.locations import LocationError, publish_run
+from weightlapse.pipeline.locations import LocationError, publish_run
 
 
 def test_publishing_refuses_a_run_holding_a_link_out_of_it(tmp_path):

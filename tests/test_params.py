@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.params import ParamsError, TrainParams, load_params, parse_params
+from weightlapse.pipeline.params import ParamsError, TrainParams, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 

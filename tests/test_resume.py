@@ -11,7 +11,7 @@ import time
 import pytest
 from idx_files import write_dataset
 
-from pipeline.trajectory import STORE_NAME, TrajectoryError, read_progress
+from weightlapse.pipeline.trajectory import STORE_NAME, TrajectoryError, read_progress
 
 PARAMS = """\
 data: {dataset: mnist}
@@ -32,7 +32,7 @@ def project(tmp_path_factory):
 
 
 def train_command(root, run, out, *extra):
-    return [sys.executable, "-m", "pipeline.train", "--params", str(root / "params.yaml"), "--run", run,
+    return [sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(root / "params.yaml"), "--run", run,
             "--data", str(root / "data"), "--out", str(out), *extra]
 
 

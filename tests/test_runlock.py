@@ -9,10 +9,10 @@ import time
 import pytest
 from idx_files import write_dataset
 
-from pipeline.runlock import RunLockedError, exclusive_writer, is_being_written
-from pipeline.train import main
-from pipeline.trajectory import open_run, read_progress
-from viewer.runs import RunCatalog
+from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer, is_being_written
+from weightlapse.pipeline.train import main
+from weightlapse.pipeline.trajectory import open_run, read_progress
+from weightlapse.viewer.runs import RunCatalog
 
 PARAMS = """\
 data: {dataset: mnist}
@@ -22,7 +22,7 @@ runs: {shared: {}}
 
 
 def start_writer(tmp_path, data):
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", str(tmp_path / "params.yaml"),
+    return subprocess.Popen([sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(tmp_path / "params.yaml"),
                              "--run", "shared", "--data", str(data), "--out", str(tmp_path / "runs" / "shared")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from viewer_runs import write_run
 
-from pipeline.trajectory import open_run
-from viewer import stats as stats_module
-from viewer.stats import STATISTICS, change_statistics, main, top_pixels
+from weightlapse.pipeline.trajectory import open_run
+from weightlapse.viewer import stats as stats_module
+from weightlapse.viewer.stats import STATISTICS, change_statistics, main, top_pixels
 
 
 def reference(w: np.ndarray, first: int = 0, fraction: float = 0.9) -> dict[str, np.ndarray]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from viewer_runs import training_like, write_run
 
-from pipeline.store import MAX_CHUNK_BYTES, TrajectoryError, check_store
-from pipeline.trajectory import STORE_NAME, open_run, read_progress
-from viewer.runs import RunCatalog
+from weightlapse.pipeline.store import MAX_CHUNK_BYTES, TrajectoryError, check_store
+from weightlapse.pipeline.trajectory import STORE_NAME, open_run, read_progress
+from weightlapse.viewer.runs import RunCatalog
 
 N_STEPS = 60  # 16-step chunks: chunks 0..3
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from idx_files import idx_bytes
 
-from pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
-from pipeline.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_dataset
-from pipeline.idx import read_idx_file
-from pipeline.params import CaptureParams, TrainParams
-from pipeline.train import main, run_training, stack_key, train_stack
-from pipeline.trainer import SoftmaxRegression, make_optimizer, train
-from pipeline.trajectory import open_run
+from weightlapse.pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
+from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_dataset
+from weightlapse.pipeline.idx import read_idx_file
+from weightlapse.pipeline.params import CaptureParams, TrainParams
+from weightlapse.pipeline.train import main, run_training, stack_key, train_stack
+from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, train
+from weightlapse.pipeline.trajectory import open_run
 
 PARAMS = """
 data: {dataset: mnist}
@@ -207,7 +207,7 @@ def test_only_runs_that_differ_in_seed_and_lr_stack(tmp_path, generated_data):
 @contextlib.contextmanager
 def crash_when_recording(*, step, monkeypatch):
     """Training inside the block fails when it records ``step`` (as a bug or a full disk would)."""
-    from pipeline.trajectory import TrajectoryWriter
+    from weightlapse.pipeline.trajectory import TrajectoryWriter
 
     original = TrajectoryWriter.record_step
 
@@ -224,8 +224,8 @@ def crash_when_recording(*, step, monkeypatch):
 
 def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_path, generated_data, monkeypatch,
                                                                          caplog):
-    from pipeline.sweep import train_and_publish
-    from pipeline.trajectory import TrajectoryWriter
+    from weightlapse.pipeline.sweep import train_and_publish
+    from weightlapse.pipeline.trajectory import TrajectoryWriter
 
     data_dir, _ = generated_data
     dataset = load_dataset(data_dir, "mnist")
@@ -242,8 +242,8 @@ def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_p
         stacked.append(sorted(stack_runs))
         return train_stack(stack_runs, *args, **kwargs)
 
-    monkeypatch.setattr("pipeline.train.train_stack", spy)
-    with caplog.at_level("INFO", logger="pipeline.train"):
+    monkeypatch.setattr("weightlapse.pipeline.train.train_stack", spy)
+    with caplog.at_level("INFO", logger="weightlapse.pipeline.train"):
         metrics = train_and_publish(runs, str(data_dir), "mnist", str(out))
     assert sorted(metrics) == ["seed0", "seed1", "seed2"]
     assert stacked == [["seed0", "seed2"]]
@@ -256,7 +256,7 @@ def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_p
 
 
 def test_runs_of_a_stack_stopped_by_an_error_each_resume_exactly_alone(tmp_path, generated_data, monkeypatch):
-    from pipeline.trajectory import TrajectoryWriter, read_progress
+    from weightlapse.pipeline.trajectory import TrajectoryWriter, read_progress
 
     dataset = load_dataset(generated_data[0], "mnist")
     monkeypatch.setattr(TrajectoryWriter, "default_block_steps", classmethod(lambda cls, layout: 64))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.trainer import (
+from weightlapse.pipeline.trainer import (
     SoftmaxRegression, batch_indices, make_optimizer, plan_evals, plan_steps, select_device, train,
 )
 

@@ -13,9 +13,9 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline.chunkwriter import ChunkWriter
-from pipeline.handoff import WriterProcess, WriterThread
-from pipeline.trajectory import (
+from weightlapse.pipeline.chunkwriter import ChunkWriter
+from weightlapse.pipeline.handoff import WriterProcess, WriterThread
+from weightlapse.pipeline.trajectory import (
     StoreLayout,
     TrajectoryError,
     TrajectoryNotFoundError,
@@ -315,8 +315,8 @@ def test_the_writer_process_stops_writing_when_the_training_process_dies(tmp_pat
     store = tmp_path / "t.zarr"
     script = f"""
 import os, time, numpy as np
-from pipeline import chunkwriter
-from pipeline.trajectory import StoreLayout, TrajectoryWriter
+from weightlapse.pipeline import chunkwriter
+from weightlapse.pipeline.trajectory import StoreLayout, TrajectoryWriter
 original = chunkwriter.ChunkWriter._write_chunk
 def slow(self, index, rows):
     time.sleep(2)

@@ -10,11 +10,11 @@ import pytest
 from bokeh.models import GlyphRenderer, Image, Span, Title
 from viewer_runs import FASHION_CLASSES, training_like, write_run
 
-from viewer.app import WeightViewer, runs_table_html
-from viewer.frames import mosaic
-from viewer.plots import HEADER
-from viewer.runs import RunCatalog
-from viewer.stats import change_statistics
+from weightlapse.viewer.app import WeightViewer, runs_table_html
+from weightlapse.viewer.frames import mosaic
+from weightlapse.viewer.plots import HEADER
+from weightlapse.viewer.runs import RunCatalog
+from weightlapse.viewer.stats import change_statistics
 
 hv.extension("bokeh")
 TILE_SHAPE = (2 * (28 + HEADER), 5 * 29 - 1)
@@ -151,7 +151,7 @@ def test_png_export_of_the_current_view(runs_dir):
 
 
 def test_the_runs_table_escapes_everything():
-    from viewer.runs import RunInfo
+    from weightlapse.viewer.runs import RunInfo
 
     table = runs_table_html([RunInfo("<b>x</b>", "broken", "bad <script>alert(1)</script>",
                                      params={"optimizer": "<i>"})])
@@ -233,7 +233,7 @@ def test_names_with_format_and_math_characters_draw_and_export_as_written(tmp_pa
     assert any("{0}-$x$: weights after step" in title for title in titles), titles
     viewer.step = 30
     assert viewer.png_download.callback().getvalue()[:4] == b"\x89PNG"
-    from viewer.plots import distance_curves
+    from weightlapse.viewer.plots import distance_curves
     import xarray as xr
 
     distances = xr.DataArray(np.ones((1, 3)), dims=("other_run", "step"),

@@ -21,8 +21,8 @@ import pytest
 from idx_files import write_dataset
 from viewer_runs import training_like, write_run
 
-from viewer.frames import mosaic
-from viewer.plots import HEADER
+from weightlapse.viewer.frames import mosaic
+from weightlapse.viewer.plots import HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("WEIGHTLAPSE_CHROMIUM", "/usr/bin/chromium")
@@ -55,7 +55,7 @@ def runs_dir(tmp_path_factory) -> Path:
     write_dataset(data, n_train=6000, n_test=100)
     (root / "params.yaml").write_text(PARAMS)
     runs = root / "runs"
-    subprocess.run([sys.executable, "-m", "pipeline.train", "--params", str(root / "params.yaml"), "--run",
+    subprocess.run([sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(root / "params.yaml"), "--run",
                     "trained", "--data", str(data), "--out", str(runs / "trained")], check=True, cwd=REPO,
                    capture_output=True)
     write_run(runs / "other", training_like(300, seed=3), name="other")

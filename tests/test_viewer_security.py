@@ -22,8 +22,8 @@ import pytest
 from test_viewer_browser import Page, Server, browser  # noqa: F401 - browser is a fixture
 from viewer_runs import training_like, write_run
 
-from viewer.access import host_is_served
-from viewer.compare_view import text_options
+from weightlapse.viewer.access import host_is_served
+from weightlapse.viewer.compare_view import text_options
 
 # Payloads without "/": a directory name cannot hold one.
 HOSTILE_RUNS = ("<img src=x onerror=alert(1)>", "<svg onload=alert(2)>", "<script>alert(3)",
@@ -276,7 +276,7 @@ def test_a_websocket_reached_through_dns_rebinding_is_refused(loopback_server):
     assert websocket_status(port, host=f"127.0.0.1:{port}", origin=f"http://127.0.0.1:{port}", token=token) == 101
 
 
-@pytest.mark.parametrize("allowed", ["viewer.lab.example", "*"])
+@pytest.mark.parametrize("allowed", ["weightlapse.viewer.lab.example", "*"])
 def test_names_given_with_allow_websocket_origin_are_served(plain_runs, tmp_path, allowed):
     server = Server(plain_runs, tmp_path / "panel.log", hosts=(allowed,))
     try:
@@ -306,13 +306,13 @@ def test_the_app_renders_on_127_0_0_1_and_on_localhost(browser, loopback_server)
 
 @pytest.mark.parametrize(("host", "served"), [
     ("127.0.0.1:5006", True), ("localhost:5006", True), ("LocalHost:5006", True), ("127.1.2.3:5006", True),
-    ("[::1]:5006", True), ("viewer.lab.example:5006", True),
+    ("[::1]:5006", True), ("weightlapse.viewer.lab.example:5006", True),
     ("127.0.0.1:5007", False), ("localhost", False), ("evil.example:5006", False), ("::1:5006", False),
     ("localhost.evil.example:5006", False), ("127.0.0.1.evil.example:5006", False), ("", False),
-    ("viewer.lab.example:5007", False), ("[::ffff:127.0.0.1]:5006", True), ("0.0.0.0:5006", False),
+    ("weightlapse.viewer.lab.example:5007", False), ("[::ffff:127.0.0.1]:5006", True), ("0.0.0.0:5006", False),
 ])
 def test_host_is_served(host, served):
-    assert host_is_served(host, port=5006, allowlist=["localhost:5006", "viewer.lab.example:5006"]) is served
+    assert host_is_served(host, port=5006, allowlist=["localhost:5006", "weightlapse.viewer.lab.example:5006"]) is served
 
 
 def test_host_is_served_with_a_wildcard_allows_any_name():

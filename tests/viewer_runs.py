@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryWriter
+from weightlapse.pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryWriter
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

@@ -23,12 +23,12 @@ import numpy as np
 import panel as pn
 import param
 
-from pipeline.locations import is_url
-from pipeline.trajectory import TrajectoryError
-from viewer.compare_view import RunComparison
-from viewer.export import animation_steps, png_bytes, write_animation
-from viewer.frames import clamp_step, colour_map, diff_summary
-from viewer.plots import (
+from weightlapse.pipeline.locations import is_url
+from weightlapse.pipeline.trajectory import TrajectoryError
+from weightlapse.viewer.compare_view import RunComparison
+from weightlapse.viewer.export import animation_steps, png_bytes, write_animation
+from weightlapse.viewer.frames import clamp_step, colour_map, diff_summary
+from weightlapse.viewer.plots import (
     TileView,
     class_labels,
     history_band,
@@ -38,8 +38,8 @@ from viewer.plots import (
     tile_image,
     tile_picture,
 )
-from viewer.runs import Run, RunCatalog, RunInfo
-from viewer.stats import STATISTICS, change_statistics, top_pixels
+from weightlapse.viewer.runs import Run, RunCatalog, RunInfo
+from weightlapse.viewer.stats import STATISTICS, change_statistics, top_pixels
 
 log = logging.getLogger(__name__)
 

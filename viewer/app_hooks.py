@@ -17,9 +17,9 @@ from bokeh.settings import settings
 from tornado.httputil import HTTPServerRequest
 from tornado.web import RequestHandler
 
-from viewer.access import host_is_served
+from weightlapse.viewer.access import host_is_served
 
-log = logging.getLogger("viewer")
+log = logging.getLogger("weightlapse.viewer")
 
 
 class HostRefused(RequestHandler):

@@ -1,12 +1,12 @@
 """Cross-run analytics: how the weight trajectories of several runs differ and agree.
 
-    python -m viewer.compare runs --group "mnist adam lr=0.001 ..." --out comparison.zarr
-    python -m viewer.compare s3://bucket/runs --runs a b c --scheduler tcp://10.0.0.5:8786 --out ...
+    python -m weightlapse.viewer.compare runs --group "mnist adam lr=0.001 ..." --out comparison.zarr
+    python -m weightlapse.viewer.compare s3://bucket/runs --runs a b c --scheduler tcp://10.0.0.5:8786 --out ...
 
 Headless use, for research scripts::
 
-    from viewer.runs import RunCatalog
-    from viewer import compare
+    from weightlapse.viewer.runs import RunCatalog
+    from weightlapse.viewer import compare
     catalog = RunCatalog("runs")                      # or "s3://bucket/runs"
     index = catalog.index()                           # one row per run: params, metrics, state
     seeds = index[index.group == index.group["adam-lr0.001-b20-seed0"]].index
@@ -42,9 +42,9 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from pipeline.cluster import compute
-from pipeline.locations import OUTPUT_MARK, check_output_target
-from pipeline.trajectory import open_run, pixel_coords
+from weightlapse.pipeline.cluster import compute
+from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
+from weightlapse.pipeline.trajectory import open_run, pixel_coords
 
 log = logging.getLogger(__name__)
 
@@ -284,14 +284,14 @@ def compare_runs(runs: Mapping[str, xr.DataArray], *, every: int = 1, n_componen
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     from tqdm import tqdm
 
-    from pipeline.cluster import ClusterError
-    from pipeline.trajectory import TrajectoryError
-    from viewer.runs import RunCatalog, RunNotFoundError
+    from weightlapse.pipeline.cluster import ClusterError
+    from weightlapse.pipeline.trajectory import TrajectoryError
+    from weightlapse.viewer.runs import RunCatalog, RunNotFoundError
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", help="runs location: a directory or an fsspec URL (s3://bucket/runs)")
     chosen = parser.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--runs", nargs="+", help="run names to compare (the first is the reference)")

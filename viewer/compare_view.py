@@ -17,9 +17,9 @@ from collections.abc import Callable
 import numpy as np
 import panel as pn
 
-from pipeline.trajectory import TrajectoryError
-from viewer import compare
-from viewer.plots import (
+from weightlapse.pipeline.trajectory import TrajectoryError
+from weightlapse.viewer import compare
+from weightlapse.viewer.plots import (
     distance_curves,
     pca_paths,
     pixel_map,
@@ -28,7 +28,7 @@ from viewer.plots import (
     spread_curve,
     variance_bars,
 )
-from viewer.runs import RunCatalog, RunInfo
+from weightlapse.viewer.runs import RunCatalog, RunInfo
 
 BY_HAND = "(choose runs below)"
 # Shared steps drawn per run by default: plenty for the pictures, and a 12-run sweep of

@@ -20,8 +20,8 @@ import sys
 import holoviews as hv
 import panel as pn
 
-from viewer.access import NOT_SHARED_MESSAGE, is_same_machine
-from viewer.app import WeightViewer, track_session
+from weightlapse.viewer.access import NOT_SHARED_MESSAGE, is_same_machine
+from weightlapse.viewer.app import WeightViewer, track_session
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -44,7 +44,7 @@ def client_ip() -> str | None:
 # The server log shows the viewer's own lines (pages opened and closed, problems with
 # runs). Panel has configured logging already, and runs this script once per page: add
 # the handler once.
-viewer_log = logging.getLogger("viewer")
+viewer_log = logging.getLogger("weightlapse.viewer")
 if not viewer_log.handlers:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

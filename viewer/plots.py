@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import holoviews as hv
 import numpy as np
 
-from viewer.frames import (
+from weightlapse.viewer.frames import (
     DIVERGING_CMAP,
     IMAGE_SIDE,
     SEQUENTIAL_CMAP,

@@ -27,9 +27,9 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from pipeline.locations import Location, as_location
-from pipeline.runlock import LOCK_NAME, is_being_written
-from pipeline.store import (
+from weightlapse.pipeline.locations import Location, as_location
+from weightlapse.pipeline.runlock import LOCK_NAME, is_being_written
+from weightlapse.pipeline.store import (
     STORE_NAME,
     CheckedStore,
     Progress,
@@ -41,7 +41,7 @@ from pipeline.store import (
     recheck_store,
     refuse_link_out,
 )
-from pipeline.trajectory import dask_steps
+from weightlapse.pipeline.trajectory import dask_steps
 
 log = logging.getLogger(__name__)
 
@@ -415,11 +415,11 @@ class Run:
                           f"{type(error).__name__}: {str(error)[:200]}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m viewer.runs [RUNS_DIR] [--csv FILE]``: print the runs index (or write it as CSV)."""
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """``python -m weightlapse.viewer.runs [RUNS_DIR] [--csv FILE]``: print the runs index (or write it as CSV)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="The runs index: each run's state, params and final metrics")
+    parser = argparse.ArgumentParser(prog=prog, description="The runs index: each run's state, params and final metrics")
     parser.add_argument("runs_dir", nargs="?", default="runs", help="a runs directory or an fsspec URL (default runs/)")
     parser.add_argument("--csv", help="write the index to this CSV file instead of printing it")
     args = parser.parse_args(argv)

@@ -1,11 +1,11 @@
 """Per-pixel change statistics over a step range, computed with dask straight from the store.
 
-    python -m viewer.stats runs/original --start 0 --stop 3000 --out original-stats.zarr
+    python -m weightlapse.viewer.stats runs/original --start 0 --stop 3000 --out original-stats.zarr
 
 Headless use, for research scripts::
 
-    from pipeline.trajectory import open_run
-    from viewer.stats import change_statistics
+    from weightlapse.pipeline.trajectory import open_run
+    from weightlapse.viewer.stats import change_statistics
     stats = change_statistics(open_run("runs/original").weights.sel(step=slice(0, 3000)))
     stats.path_length_over_classes.values.reshape(28, 28)
 
@@ -43,8 +43,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from pipeline.cluster import client_for, compute
-from pipeline.trajectory import IMAGE_SIDE, pixel_coords
+from weightlapse.pipeline.cluster import client_for, compute
+from weightlapse.pipeline.trajectory import IMAGE_SIDE, pixel_coords
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +267,14 @@ def top_pixels(stats: xr.Dataset, statistic: str = "path_length", n: int = 10) -
             for p in order]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     from tqdm import tqdm
 
-    from pipeline.cluster import ClusterError
-    from pipeline.locations import OUTPUT_MARK, check_output_target
-    from pipeline.trajectory import TrajectoryError, open_run
+    from weightlapse.pipeline.cluster import ClusterError
+    from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
+    from weightlapse.pipeline.trajectory import TrajectoryError, open_run
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory (runs/<run>) or its trajectory.zarr, or an fsspec URL of one")
     parser.add_argument("--start", type=int, default=0, help="first step (default 0)")
     parser.add_argument("--stop", type=int, default=None, help="last step, inclusive (default: the last valid step)")

@@ -1,0 +1,49 @@
+"""weightlapse: record every training step's weights of a network, then replay, measure and compare them.
+
+One distribution, one namespace: ``weightlapse.pipeline`` writes runs (the data and train
+stages, the store writer), ``weightlapse.viewer`` reads them (the Panel app and the research
+API it is built on). The names below are the public API; they are imported when first used,
+so ``import weightlapse`` stays light::
+
+    import weightlapse
+    ds = weightlapse.open_run("runs/original")              # lazy xarray Dataset of the valid steps
+    catalog = weightlapse.RunCatalog("runs")                 # the runs index, runs opened by name
+    stats = weightlapse.change_statistics(ds.weights)        # per-pixel change statistics (dask)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_PUBLIC = {
+    "open_run": "weightlapse.pipeline.trajectory",
+    "read_progress": "weightlapse.pipeline.trajectory",
+    "check_store": "weightlapse.pipeline.store",
+    "TrajectoryError": "weightlapse.pipeline.store",
+    "TrajectoryNotFoundError": "weightlapse.pipeline.store",
+    "publish_run": "weightlapse.pipeline.locations",
+    "RunCatalog": "weightlapse.viewer.runs",
+    "RunNotFoundError": "weightlapse.viewer.runs",
+    "change_statistics": "weightlapse.viewer.stats",
+    "top_pixels": "weightlapse.viewer.stats",
+    "save_png": "weightlapse.viewer.export",
+    "save_animation": "weightlapse.viewer.export",
+}
+_MODULES = {"compare": "weightlapse.viewer.compare", "stats": "weightlapse.viewer.stats"}
+__all__ = sorted([*_PUBLIC, *_MODULES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(_MODULES[name])
+    raise AttributeError(f"module 'weightlapse' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
