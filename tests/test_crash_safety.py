@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from idx_files import write_dataset
+
+pytestmark = pytest.mark.slow  # train stages killed and resumed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,6 +24,8 @@ from weightlapse.viewer import compare
 from weightlapse.viewer.runs import RunCatalog
 from weightlapse.viewer.stats import change_statistics
 
+pytestmark = pytest.mark.slow  # a Dask cluster and an S3 server
+
 BUCKET = "weightlapse-test"
 PARAMS = {
     "data": {"dataset": "mnist"},

@@ -22,6 +22,8 @@ from idx_files import write_dataset
 from weightlapse.pipeline.params import load_params
 from weightlapse.pipeline.trajectory import TrajectoryError, open_run, read_progress
 
+pytestmark = pytest.mark.slow  # real dvc repro runs
+
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
 RUNS = ("original", "seed-1", "sgd")

@@ -15,6 +15,8 @@ from idx_files import write_dataset
 from weightlapse.pipeline.trajectory import STORE_NAME, open_run, read_progress
 from weightlapse.viewer.runs import RunCatalog
 
+pytestmark = pytest.mark.slow  # full and read-only disks under real train stages
+
 REPO = Path(__file__).resolve().parents[1]
 # 2,000 steps: four blocks of 512 rows (16 MiB of weights each, ~12 MB on disk).
 PARAMS = "data: {dataset: mnist}\ntrain: {batch_size: 10, max_steps: 2000, device: cpu, eval_every: 500}\nruns: {r: {}}\n"

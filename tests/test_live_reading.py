@@ -6,10 +6,13 @@ import time
 import traceback
 
 import numpy as np
+import pytest
 from idx_files import write_dataset
 
 from weightlapse.pipeline.trajectory import TrajectoryError, open_run, read_progress
 from weightlapse.viewer.runs import RunCatalog
+
+pytestmark = pytest.mark.slow  # 10 s of reading a run being trained
 
 # 40 steps an epoch at batch 500: far more steps than 10 s can train, so the stage is
 # still writing when the reader stops, and is then killed.

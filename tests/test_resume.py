@@ -13,6 +13,8 @@ from idx_files import write_dataset
 
 from weightlapse.pipeline.trajectory import STORE_NAME, TrajectoryError, read_progress
 
+pytestmark = pytest.mark.slow  # train stages killed and resumed
+
 PARAMS = """\
 data: {dataset: mnist}
 train: {epochs: 40, eval_every: 50, device: cpu}

@@ -24,6 +24,8 @@ from viewer_runs import training_like, write_run
 from weightlapse.viewer.frames import mosaic
 from weightlapse.viewer.plots import HEADER
 
+pytestmark = pytest.mark.slow  # a real panel serve and Chromium
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("WEIGHTLAPSE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

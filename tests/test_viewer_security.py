@@ -25,6 +25,8 @@ from viewer_runs import training_like, write_run
 from weightlapse.viewer.access import host_is_served
 from weightlapse.viewer.compare_view import text_options
 
+pytestmark = pytest.mark.slow  # a real panel serve and Chromium
+
 # Payloads without "/": a directory name cannot hold one.
 HOSTILE_RUNS = ("<img src=x onerror=alert(1)>", "<svg onload=alert(2)>", "<script>alert(3)",
                 '"><img src=x onerror=alert(4)>', "<b onmouseover=alert(5)>bold", "&lt;i&gt;entity")
