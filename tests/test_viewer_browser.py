@@ -113,12 +113,17 @@ class Server:
         self._log.close()
 
 
-@pytest.fixture(scope="module")
-def served(runs_dir, tmp_path_factory):
-    server = Server(runs_dir, tmp_path_factory.mktemp("server") / "panel.log")
+def running_server(runs_dir: Path, tmp_path_factory, **options):
+    """A module fixture's body: a ready Server over ``runs_dir``, stopped after the module."""
+    server = Server(runs_dir, tmp_path_factory.mktemp("server") / "panel.log", **options)
     server.wait_ready()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(runs_dir, tmp_path_factory):
+    yield from running_server(runs_dir, tmp_path_factory)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import panel as pn
 import pytest
-from test_viewer_browser import Page, Server, browser  # noqa: F401 - browser is a fixture
+from test_viewer_browser import Page, Server, browser, running_server  # noqa: F401 - browser is a fixture
 from viewer_runs import training_like, write_run
 
 from weightlapse.viewer.access import host_is_served
@@ -87,10 +87,7 @@ def hostile_runs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hostile_server(hostile_runs, tmp_path_factory):
-    server = Server(hostile_runs, tmp_path_factory.mktemp("server") / "panel.log")
-    server.wait_ready()
-    yield server
-    server.stop()
+    yield from running_server(hostile_runs, tmp_path_factory)
 
 
 def no_script_ran(tab: Page, where: str) -> None:
@@ -235,10 +232,7 @@ def plain_runs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loopback_server(plain_runs, tmp_path_factory):
-    server = Server(plain_runs, tmp_path_factory.mktemp("server") / "panel.log")
-    server.wait_ready()
-    yield server
-    server.stop()
+    yield from running_server(plain_runs, tmp_path_factory)
 
 
 ENDPOINTS = ("/viewer", "/viewer/autoload.js?bokeh-autoload-element=x&bokeh-absolute-url=http://evil.example",
