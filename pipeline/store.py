@@ -1,4 +1,24 @@
-"""The validating reader of trajectory stores: what a store must be before anything trusts it.
+"""The trajectory store format, the contract between the pipeline and the viewer, and its
+validating reader: what a store must be before anything trusts it.
+
+One Zarr v3 group per run, ``runs/<run>/trajectory.zarr``::
+
+    weights           float32 (step, class, pixel)  index t = weights after t optimizer steps
+    step              int64   (step,)               coordinate: 0 .. n_steps
+    loss              float32 (step,)               training batch loss of step t (NaN at 0)
+    bias              float32 (step, class)         only when the model has a bias
+    gradients         float32 (step, class, pixel)  gradient applied at step t, when captured
+    eval_step         int64   (eval_step,)          coordinate: steps where held-out data was scored
+    heldout_accuracy  float32 (eval_step,)
+    heldout_loss      float32 (eval_step,)
+    resume_state      float32 (checkpoint, value)   two optimizer-state checkpoints, for resuming
+
+Pixel p is image row p // 28, column p % 28. Arrays are allocated at their final length
+when the run starts and filled with NaN; the group attribute ``progress`` says how many
+steps (and evaluations) are valid and whether the run finished. Readers must never look
+past ``progress["steps_done"]``: the readers built on :func:`check_store` never do.
+``progress["resume"]`` names the last checkpoint: ``{"step": s, "row": k}``, the optimizer
+state after step s being ``resume_state[k]`` (absent for plain SGD, which keeps none).
 
 Every consumer of a run (``open_run``, the viewer, the runs index, statistics, comparisons,
 publishing) reads it through :func:`check_store`, which checks, before any chunk is read:
