@@ -26,14 +26,14 @@ _PUBLIC = {
     "TrajectoryError": "weightlapse.pipeline.store",
     "TrajectoryNotFoundError": "weightlapse.pipeline.store",
     "publish_run": "weightlapse.pipeline.locations",
-    "RunCatalog": "weightlapse.viewer.runs",
-    "RunNotFoundError": "weightlapse.viewer.runs",
-    "change_statistics": "weightlapse.viewer.stats",
-    "top_pixels": "weightlapse.viewer.stats",
-    "save_png": "weightlapse.viewer.export",
-    "save_animation": "weightlapse.viewer.export",
+    "RunCatalog": "weightlapse.viewer.analysis.runs",
+    "RunNotFoundError": "weightlapse.viewer.analysis.runs",
+    "change_statistics": "weightlapse.viewer.analysis.stats",
+    "top_pixels": "weightlapse.viewer.analysis.stats",
+    "save_png": "weightlapse.viewer.analysis.export",
+    "save_animation": "weightlapse.viewer.analysis.export",
 }
-_MODULES = {"compare": "weightlapse.viewer.compare", "stats": "weightlapse.viewer.stats"}
+_MODULES = {"compare": "weightlapse.viewer.analysis.compare", "stats": "weightlapse.viewer.analysis.stats"}
 __all__ = sorted([*_PUBLIC, *_MODULES, "__version__"])
 
 

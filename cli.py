@@ -30,9 +30,9 @@ COMMANDS = {
     "download": ("weightlapse.pipeline.download", "fetch a dataset's files, checksum-verified (the data stage)"),
     "train": ("weightlapse.pipeline.train", "train one run and record every step's weights (the train stage)"),
     "sweep": ("weightlapse.pipeline.sweep", "train the sweep grid of params.yaml, runs stacked, on a Dask cluster"),
-    "runs": ("weightlapse.viewer.runs", "print the runs index: each run's state, params and final metrics"),
-    "stats": ("weightlapse.viewer.stats", "per-pixel change statistics of a run, written as a Zarr store"),
-    "compare": ("weightlapse.viewer.compare", "cross-run comparisons of a group of runs, written as a Zarr store"),
+    "runs": ("weightlapse.viewer.analysis.runs", "print the runs index: each run's state, params and final metrics"),
+    "stats": ("weightlapse.viewer.analysis.stats", "per-pixel change statistics of a run, written as a Zarr store"),
+    "compare": ("weightlapse.viewer.analysis.compare", "cross-run comparisons of a group of runs, written as a Zarr store"),
 }
 
 

@@ -39,7 +39,7 @@ import zarr
 from capture import find_dataset  # the benchmarks' shared data lookup (this folder is on sys.path)
 
 from weightlapse.pipeline.trajectory import STORE_NAME, TrajectoryError, open_run, read_progress
-from weightlapse.viewer.runs import RunCatalog
+from weightlapse.viewer.analysis.runs import RunCatalog
 
 
 def train_command(workdir: Path, data_dir: Path, out: Path) -> list[str]:

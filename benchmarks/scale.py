@@ -39,8 +39,8 @@ from memory import peak_rss_mb
 from weightlapse.pipeline.params import parse_params
 from weightlapse.pipeline.sweep import dispatch, local_cluster
 from weightlapse.pipeline.trajectory import open_run
-from weightlapse.viewer import compare
-from weightlapse.viewer.stats import change_statistics
+from weightlapse.viewer.analysis import compare
+from weightlapse.viewer.analysis.stats import change_statistics
 
 DEFAULT_DATASET_DIRS = ("/usr/share/datasets/fashion-mnist", "data/fashion-mnist", "data/mnist")
 RAW_BYTES_PER_STEP = 10 * 784 * 4

@@ -93,7 +93,7 @@ def frame_latency(runs_dir: Path, run: str, n_steps: int, *, samples: int = 200)
 
 def window_statistics(run_dir: Path, n_steps: int, *, window: int = 3000, repeats: int = 5) -> dict:
     from weightlapse.pipeline.trajectory import open_run
-    from weightlapse.viewer.stats import change_statistics
+    from weightlapse.viewer.analysis.stats import change_statistics
 
     weights = open_run(run_dir).weights
     rng = np.random.default_rng(2)
@@ -112,7 +112,7 @@ def whole_statistics(run_dir: Path) -> dict:
         "import json, sys, time\n"
         "from memory import peak_rss_mb\n"
         "from weightlapse.pipeline.trajectory import open_run\n"
-        "from weightlapse.viewer.stats import change_statistics\n"
+        "from weightlapse.viewer.analysis.stats import change_statistics\n"
         "weights = open_run(sys.argv[1]).weights\n"
         "started = time.perf_counter()\n"
         "change_statistics(weights)\n"

@@ -25,7 +25,7 @@ def weightlapse_command(*args, cwd=None, timeout=120):
 
 def test_the_public_api_is_the_packages_own():
     assert weightlapse.__version__ and weightlapse.open_run.__module__ == "weightlapse.pipeline.trajectory"
-    assert weightlapse.RunCatalog.__module__ == "weightlapse.viewer.runs"
+    assert weightlapse.RunCatalog.__module__ == "weightlapse.viewer.analysis.runs"
     assert callable(weightlapse.compare.distance_over_steps) and callable(weightlapse.change_statistics)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         weightlapse.nothing  # noqa: B018

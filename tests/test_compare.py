@@ -5,8 +5,8 @@ import pytest
 import xarray as xr
 from viewer_runs import training_like, write_run
 
-from weightlapse.viewer import compare
-from weightlapse.viewer.runs import RunCatalog
+from weightlapse.viewer.analysis import compare
+from weightlapse.viewer.analysis.runs import RunCatalog
 
 SEEDS = (0, 1, 2)
 
@@ -124,7 +124,7 @@ def test_the_command_writes_every_comparison_of_a_group(catalog, tmp_path):
 def test_the_runs_index_command_writes_it_as_csv(catalog, tmp_path):
     import pandas as pd
 
-    from weightlapse.viewer.runs import main
+    from weightlapse.viewer.analysis.runs import main
 
     assert main([str(catalog.runs_dir), "--csv", str(tmp_path / "index.csv")]) == 0
     table = pd.read_csv(tmp_path / "index.csv", index_col="name")

@@ -20,9 +20,9 @@ from weightlapse.pipeline.params import parse_params
 from weightlapse.pipeline.sweep import MAX_STACK_RUNS, dispatch, plan_tasks, sweep_runs
 from weightlapse.pipeline.train import run_training
 from weightlapse.pipeline.trajectory import open_run
-from weightlapse.viewer import compare
-from weightlapse.viewer.runs import RunCatalog
-from weightlapse.viewer.stats import change_statistics
+from weightlapse.viewer.analysis import compare
+from weightlapse.viewer.analysis.runs import RunCatalog
+from weightlapse.viewer.analysis.stats import change_statistics
 
 pytestmark = pytest.mark.slow  # a Dask cluster and an S3 server
 

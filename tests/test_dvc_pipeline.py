@@ -108,8 +108,8 @@ def test_dvc_repro_downloads_and_trains_offline(tmp_path, debian_fashion, monkey
     assert "up to date" in sh(project, "dvc", "status")
 
     # The sweep, compared through the runs index and the headless API: seeds group together.
-    from weightlapse.viewer.compare import compare_runs, open_trajectories
-    from weightlapse.viewer.runs import RunCatalog
+    from weightlapse.viewer.analysis.compare import compare_runs, open_trajectories
+    from weightlapse.viewer.analysis.runs import RunCatalog
 
     catalog = RunCatalog(project / "runs")
     index = catalog.index()

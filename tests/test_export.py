@@ -9,8 +9,8 @@ from PIL import Image
 from viewer_runs import FASHION_CLASSES, training_like, write_run
 
 from weightlapse.viewer.app import WeightViewer
-from weightlapse.viewer.export import animation_steps, png_bytes, save_animation, save_png
-from weightlapse.viewer.runs import RunCatalog
+from weightlapse.viewer.analysis.export import animation_steps, png_bytes, save_animation, save_png
+from weightlapse.viewer.analysis.runs import RunCatalog
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import zarr
 from idx_files import write_dataset
 
 from weightlapse.pipeline.trajectory import STORE_NAME, open_run, read_progress
-from weightlapse.viewer.runs import RunCatalog
+from weightlapse.viewer.analysis.runs import RunCatalog
 
 pytestmark = pytest.mark.slow  # full and read-only disks under real train stages
 

@@ -10,7 +10,7 @@ import pytest
 from idx_files import write_dataset
 
 from weightlapse.pipeline.trajectory import TrajectoryError, open_run, read_progress
-from weightlapse.viewer.runs import RunCatalog
+from weightlapse.viewer.analysis.runs import RunCatalog
 
 pytestmark = pytest.mark.slow  # 10 s of reading a run being trained
 

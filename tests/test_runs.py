@@ -9,7 +9,7 @@ import zarr
 from viewer_runs import training_like, write_run
 
 from weightlapse.pipeline.trajectory import STORE_NAME, TrajectoryError
-from weightlapse.viewer.runs import RunCatalog, RunNotFoundError
+from weightlapse.viewer.analysis.runs import RunCatalog, RunNotFoundError
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_metrics_that_are_not_json_are_ignored(runs_dir):
 
 
 def test_one_bad_run_never_takes_the_index_or_its_command_down(runs_dir, capsys):
-    from weightlapse.viewer.runs import main
+    from weightlapse.viewer.analysis.runs import main
 
     write_run(runs_dir / "infinite", training_like(20, seed=2), chunk_steps=8)
     path = runs_dir / "infinite" / STORE_NAME / "zarr.json"

@@ -54,3 +54,19 @@ def _just_below(release: str) -> str:
         return release + "rc0"
     parts[-1] -= 1
     return ".".join(str(p) for p in parts)
+
+
+def test_the_layers_import_only_downwards():
+    # The pipeline writes runs and never imports the viewer or Panel; the research API
+    # (weightlapse.viewer.analysis) reads them and imports no UI.
+    import subprocess
+    import sys
+
+    probe = ("import sys, weightlapse.pipeline.train, weightlapse.pipeline.sweep, weightlapse.viewer.analysis.runs, "
+             "weightlapse.viewer.analysis.stats, weightlapse.viewer.analysis.compare, "
+             "weightlapse.viewer.analysis.export; "
+             "print(sorted(m for m in ('panel', 'holoviews', 'bokeh', 'weightlapse.viewer.app') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+    pipeline_sources = [p for p in (REPO / "pipeline").rglob("*.py")]
+    assert not [p.name for p in pipeline_sources if "weightlapse.viewer" in p.read_text()]

@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 from viewer_runs import write_run
 
 from weightlapse.pipeline.trajectory import open_run
-from weightlapse.viewer import stats as stats_module
-from weightlapse.viewer.stats import STATISTICS, change_statistics, main, top_pixels
+from weightlapse.viewer.analysis import stats as stats_module
+from weightlapse.viewer.analysis.stats import STATISTICS, change_statistics, main, top_pixels
 
 
 def reference(w: np.ndarray, first: int = 0, fraction: float = 0.9) -> dict[str, np.ndarray]:
-    """The definitions in viewer/stats.py, written the obvious way over the whole array."""
+    """The definitions in viewer/analysis/stats.py, written the obvious way over the whole array."""
     w = w.astype(np.float64)
     change = np.diff(w, axis=0)
     net = w[-1] - w[0]

@@ -11,7 +11,7 @@ from viewer_runs import training_like, write_run
 
 from weightlapse.pipeline.store import MAX_CHUNK_BYTES, TrajectoryError, check_store
 from weightlapse.pipeline.trajectory import STORE_NAME, open_run, read_progress
-from weightlapse.viewer.runs import RunCatalog
+from weightlapse.viewer.analysis.runs import RunCatalog
 
 N_STEPS = 60  # 16-step chunks: chunks 0..3
 

@@ -11,10 +11,10 @@ from bokeh.models import GlyphRenderer, Image, Span, Title
 from viewer_runs import FASHION_CLASSES, training_like, write_run
 
 from weightlapse.viewer.app import WeightViewer, runs_table_html
-from weightlapse.viewer.frames import mosaic
+from weightlapse.viewer.analysis.frames import mosaic
 from weightlapse.viewer.plots import HEADER
-from weightlapse.viewer.runs import RunCatalog
-from weightlapse.viewer.stats import change_statistics
+from weightlapse.viewer.analysis.runs import RunCatalog
+from weightlapse.viewer.analysis.stats import change_statistics
 
 hv.extension("bokeh")
 TILE_SHAPE = (2 * (28 + HEADER), 5 * 29 - 1)
@@ -151,7 +151,7 @@ def test_png_export_of_the_current_view(runs_dir):
 
 
 def test_the_runs_table_escapes_everything():
-    from weightlapse.viewer.runs import RunInfo
+    from weightlapse.viewer.analysis.runs import RunInfo
 
     table = runs_table_html([RunInfo("<b>x</b>", "broken", "bad <script>alert(1)</script>",
                                      params={"optimizer": "<i>"})])

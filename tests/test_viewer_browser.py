@@ -21,7 +21,7 @@ import pytest
 from idx_files import write_dataset
 from viewer_runs import training_like, write_run
 
-from weightlapse.viewer.frames import mosaic
+from weightlapse.viewer.analysis.frames import mosaic
 from weightlapse.viewer.plots import HEADER
 
 pytestmark = pytest.mark.slow  # a real panel serve and Chromium

@@ -26,8 +26,8 @@ import param
 from weightlapse.pipeline.locations import is_url
 from weightlapse.pipeline.trajectory import TrajectoryError
 from weightlapse.viewer.compare_view import RunComparison
-from weightlapse.viewer.export import animation_steps, png_bytes, write_animation
-from weightlapse.viewer.frames import clamp_step, colour_map, diff_summary
+from weightlapse.viewer.analysis.export import animation_steps, png_bytes, write_animation
+from weightlapse.viewer.analysis.frames import clamp_step, colour_map, diff_summary
 from weightlapse.viewer.plots import (
     TileView,
     class_labels,
@@ -38,8 +38,8 @@ from weightlapse.viewer.plots import (
     tile_image,
     tile_picture,
 )
-from weightlapse.viewer.runs import Run, RunCatalog, RunInfo
-from weightlapse.viewer.stats import STATISTICS, change_statistics, top_pixels
+from weightlapse.viewer.analysis.runs import Run, RunCatalog, RunInfo
+from weightlapse.viewer.analysis.stats import STATISTICS, change_statistics, top_pixels
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The viewer's "Compare runs" mode: a group of runs (e.g. a sweep's seeds) side by side.
 
 Pick a group from the runs index (runs that differ only in seed) or runs by hand; the
-comparison (viewer/compare.py) is computed on a worker thread, with a progress bar, and
+comparison (viewer/analysis/compare.py) is computed on a worker thread, with a progress bar, and
 shown as pictures: distance from the first run over steps, spread across the runs over
 steps and per pixel, the similarity matrix, and the trajectories in a shared PCA basis
 beside what the same analysis makes of a random walk.
@@ -18,7 +18,7 @@ import numpy as np
 import panel as pn
 
 from weightlapse.pipeline.trajectory import TrajectoryError
-from weightlapse.viewer import compare
+from weightlapse.viewer.analysis import compare
 from weightlapse.viewer.plots import (
     distance_curves,
     pca_paths,
@@ -28,7 +28,7 @@ from weightlapse.viewer.plots import (
     spread_curve,
     variance_bars,
 )
-from weightlapse.viewer.runs import RunCatalog, RunInfo
+from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
 
 BY_HAND = "(choose runs below)"
 # Shared steps drawn per run by default: plenty for the pictures, and a 12-run sweep of

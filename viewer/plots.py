@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import holoviews as hv
 import numpy as np
 
-from weightlapse.viewer.frames import (
+from weightlapse.viewer.analysis.frames import (
     DIVERGING_CMAP,
     IMAGE_SIDE,
     SEQUENTIAL_CMAP,
@@ -129,7 +129,7 @@ def step_marker(step: int, *, hooks: tuple = ()) -> hv.VLine:
     return hv.VLine(step).opts(color="#d62728", line_width=1.5, hooks=list(hooks))
 
 
-# -- cross-run comparisons (viewer/compare.py's results) ------------------------------------------
+# -- cross-run comparisons (viewer/analysis/compare.py's results) ------------------------------------------
 COMPARE_WIDTH = 360
 COMPARE_HEIGHT = 220
 

@@ -183,7 +183,7 @@ class RunCatalog:
         the params in ``INDEX_PARAMS`` and its final metrics (``metric.*``, finished runs only).
 
         ``group`` names the runs that differ in seed alone (same dataset and every other
-        param): the runs whose spread the cross-run analytics measure (viewer/compare.py).
+        param): the runs whose spread the cross-run analytics measure (viewer/analysis/compare.py).
         ``infos``: the runs as :meth:`list` just gave them, to save listing them again.
         """
         rows = []
@@ -416,7 +416,7 @@ class Run:
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
-    """``python -m weightlapse.viewer.runs [RUNS_DIR] [--csv FILE]``: print the runs index (or write it as CSV)."""
+    """``python -m weightlapse.viewer.analysis.runs [RUNS_DIR] [--csv FILE]``: print the runs index (or write it as CSV)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description="The runs index: each run's state, params and final metrics")

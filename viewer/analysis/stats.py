@@ -1,11 +1,11 @@
 """Per-pixel change statistics over a step range, computed with dask straight from the store.
 
-    python -m weightlapse.viewer.stats runs/original --start 0 --stop 3000 --out original-stats.zarr
+    python -m weightlapse.viewer.analysis.stats runs/original --start 0 --stop 3000 --out original-stats.zarr
 
 Headless use, for research scripts::
 
     from weightlapse.pipeline.trajectory import open_run
-    from weightlapse.viewer.stats import change_statistics
+    from weightlapse.viewer.analysis.stats import change_statistics
     stats = change_statistics(open_run("runs/original").weights.sel(step=slice(0, 3000)))
     stats.path_length_over_classes.values.reshape(28, 28)
 

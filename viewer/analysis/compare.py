@@ -1,12 +1,12 @@
 """Cross-run analytics: how the weight trajectories of several runs differ and agree.
 
-    python -m weightlapse.viewer.compare runs --group "mnist adam lr=0.001 ..." --out comparison.zarr
-    python -m weightlapse.viewer.compare s3://bucket/runs --runs a b c --scheduler tcp://10.0.0.5:8786 --out ...
+    python -m weightlapse.viewer.analysis.compare runs --group "mnist adam lr=0.001 ..." --out comparison.zarr
+    python -m weightlapse.viewer.analysis.compare s3://bucket/runs --runs a b c --scheduler tcp://10.0.0.5:8786 --out ...
 
 Headless use, for research scripts::
 
-    from weightlapse.viewer.runs import RunCatalog
-    from weightlapse.viewer import compare
+    from weightlapse.viewer.analysis.runs import RunCatalog
+    from weightlapse.viewer.analysis import compare
     catalog = RunCatalog("runs")                      # or "s3://bucket/runs"
     index = catalog.index()                           # one row per run: params, metrics, state
     seeds = index[index.group == index.group["adam-lr0.001-b20-seed0"]].index
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
 
     from weightlapse.pipeline.cluster import ClusterError
     from weightlapse.pipeline.trajectory import TrajectoryError
-    from weightlapse.viewer.runs import RunCatalog, RunNotFoundError
+    from weightlapse.viewer.analysis.runs import RunCatalog, RunNotFoundError
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", help="runs location: a directory or an fsspec URL (s3://bucket/runs)")

@@ -2,8 +2,8 @@
 
 Headless use::
 
-    from weightlapse.viewer.export import save_png, save_animation
-    from weightlapse.viewer.runs import RunCatalog
+    from weightlapse.viewer.analysis.export import save_png, save_animation
+    from weightlapse.viewer.analysis.runs import RunCatalog
     run = RunCatalog("runs").open("original")
     save_png("step-500.png", run.weights_at(500), class_names=run.class_names, title="original, step 500")
     save_animation("first-epoch.mp4", run, start=0, stop=3000, fps=25)
@@ -26,7 +26,7 @@ matplotlib.use("Agg")  # never open a window: exports run in servers and scripts
 import matplotlib.pyplot as plt
 import numpy as np
 
-from weightlapse.viewer.frames import DIVERGING_CMAP, IMAGE_SIDE, grid_shape, scale_per_class, symmetric_limit
+from weightlapse.viewer.analysis.frames import DIVERGING_CMAP, IMAGE_SIDE, grid_shape, scale_per_class, symmetric_limit
 
 # MP4 encoders want frame sizes divisible by 16; 960 x 448 pixels fits the 2x5 grid.
 FIGURE_SIZE_PX = (960, 448)
