@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -152,6 +152,38 @@ class Progress:
         return marker
 
 
+@dataclass(frozen=True)
+class RunMetadata:
+    """How a run was made (group attribute ``weightlapse``, written by the train stage's
+    ``run_metadata``), validated on read: what a reader relies on has its type, and anything
+    else of the attribute stays in ``raw``. Values of the wrong type read as absent."""
+
+    run: str = ""
+    model: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    dataset: str = ""                        # the dataset's name
+    class_names: tuple[str, ...] | None = None  # one per class, when the store says
+    engine: str = ""
+    device: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: Any, *, n_classes: int = N_CLASSES) -> RunMetadata:
+        raw = raw if isinstance(raw, dict) else {}
+        dataset = raw.get("dataset") if isinstance(raw.get("dataset"), dict) else {}
+        names = dataset.get("class_names")
+        class_names = (tuple(str(name)[:100] for name in names)
+                       if isinstance(names, list) and len(names) == n_classes else None)
+
+        def text(value: Any) -> str:
+            return value[:200] if isinstance(value, str) else ""
+
+        return cls(run=text(raw.get("run")), model=text(raw.get("model")),
+                   params=raw["params"] if isinstance(raw.get("params"), dict) else {},
+                   dataset=text(dataset.get("name")), class_names=class_names, engine=text(raw.get("engine")),
+                   device=text(raw.get("device")), raw=raw)
+
+
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -163,11 +195,16 @@ class CheckedStore:
 
     location: Location
     group: zarr.Group
-    meta: dict[str, Any]
+    metadata: RunMetadata
     progress: Progress
     # Changes whenever the store is created anew (a retrained run), never while it is
     # written: caches of its chunks are keyed by it.
     identity: tuple
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The ``weightlapse`` attribute as written (``metadata`` has what is validated)."""
+        return self.metadata.raw
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
@@ -234,7 +271,7 @@ def check_store(path: str | os.PathLike | Location, storage_options: dict[str, A
                   "heldout_loss": (0, progress.evals_done)}
     _check_chunks_present(location, arrays, committed, where)
     identity = _identity(location, where)
-    return CheckedStore(location, group, dict(group.attrs["weightlapse"]), progress, identity)
+    return CheckedStore(location, group, RunMetadata.parse(dict(group.attrs["weightlapse"])), progress, identity)
 
 
 def recheck_store(previous: CheckedStore) -> CheckedStore:
@@ -254,7 +291,7 @@ def recheck_store(previous: CheckedStore) -> CheckedStore:
                 for name in ("weights", "gradients", "bias", "loss")}
     new_rows |= {name: (before.evals_done, after.evals_done) for name in ("heldout_accuracy", "heldout_loss")}
     _check_chunks_present(location, arrays, new_rows, where)
-    return CheckedStore(location, group, previous.meta, progress, previous.identity)
+    return CheckedStore(location, group, previous.metadata, progress, previous.identity)
 
 
 def _has_member(group: zarr.Group, name: str) -> bool:

@@ -194,3 +194,19 @@ def test_a_store_reached_through_symbolic_links_is_not_read(tmp_path):
         with pytest.raises(TrajectoryError, match="symbolic link"):
             open_run(runs / name)
     assert infos["linked-metrics"].state == "finished" and infos["linked-metrics"].metrics == {}
+
+
+def test_run_metadata_is_typed_on_read_and_wrong_types_read_as_absent(run_dir):
+    checked = check_store(run_dir)
+    assert checked.metadata.params["optimizer"] == "adam" and checked.metadata.dataset == "generated"
+    assert checked.metadata.class_names == tuple(str(c) for c in range(10))
+    edit_json(run_dir / STORE_NAME / "zarr.json", lambda doc: doc["attributes"]["weightlapse"].update(
+        params=["not", "a", "mapping"], dataset={"name": {"x": 1}, "class_names": ["only", "three", "names"]},
+        run=12, engine=None))
+    metadata = check_store(run_dir).metadata
+    assert (metadata.params, metadata.dataset, metadata.class_names, metadata.run, metadata.engine) == \
+        ({}, "", None, "", "")
+    run = RunCatalog(run_dir.parent).open("good")
+    assert run.class_names == [str(c) for c in range(10)]
+    info = RunCatalog(run_dir.parent).describe("good")
+    assert info.state == "finished" and info.params == {} and info.dataset == ""

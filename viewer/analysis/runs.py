@@ -167,12 +167,11 @@ class RunCatalog:
             if alive is False:
                 return RunInfo(name, "unfinished", "stopped while its store was being created: train it again")
             return RunInfo(name, "being written" if alive else "empty", "its store is being created")
-        meta, progress = checked.meta, checked.progress
-        params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
-        dataset = meta.get("dataset", {}).get("name", "") if isinstance(meta.get("dataset"), dict) else ""
+        metadata, progress = checked.metadata, checked.progress
         state, message = _state(progress, writer_alive=writer_alive(run_dir))
         return RunInfo(name, state, message, steps_done=progress.steps_done, n_steps=progress.n_steps,
-                       params=params, metrics=metrics if state == "finished" else {}, dataset=str(dataset)[:200])
+                       params=metadata.params, metrics=metrics if state == "finished" else {},
+                       dataset=metadata.dataset)
 
     def list(self) -> list[RunInfo]:
         names = self.names()  # listed once, not once per run
@@ -301,6 +300,7 @@ class Run:
         with self._lock:
             self._checked = checked
             self.identity = checked.identity
+            self.metadata = checked.metadata
             self.meta: dict[str, Any] = checked.meta
             self._weights = weights
             self._loss = checked.array("loss")
@@ -341,10 +341,8 @@ class Run:
 
     @property
     def class_names(self) -> list[str]:
-        names = self.meta.get("dataset", {}).get("class_names") if isinstance(self.meta.get("dataset"), dict) else None
-        if isinstance(names, list) and len(names) == self.n_classes:
-            return [str(name)[:100] for name in names]
-        return [str(index) for index in range(self.n_classes)]
+        names = self.metadata.class_names
+        return list(names) if names else [str(index) for index in range(self.n_classes)]
 
     # -- data ---------------------------------------------------------------------------
     def check_step(self, step: int) -> int:
