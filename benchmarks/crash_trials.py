@@ -43,7 +43,8 @@ from weightlapse.viewer.analysis.runs import RunCatalog
 
 
 def train_command(workdir: Path, data_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(workdir / "params.yaml"), "--run", "trial",
+    return [sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(workdir / "params.yaml"),
+            "--run", "trial",
             "--data", str(data_dir), "--out", str(out)]
 
 

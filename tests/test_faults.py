@@ -19,12 +19,14 @@ pytestmark = pytest.mark.slow  # full and read-only disks under real train stage
 
 REPO = Path(__file__).resolve().parents[1]
 # 2,000 steps: four blocks of 512 rows (16 MiB of weights each, ~12 MB on disk).
-PARAMS = "data: {dataset: mnist}\ntrain: {batch_size: 10, max_steps: 2000, device: cpu, eval_every: 500}\nruns: {r: {}}\n"
+PARAMS = ("data: {dataset: mnist}\ntrain: {batch_size: 10, max_steps: 2000, device: cpu, eval_every: 500}\n"
+          "runs: {r: {}}\n")
 
 
 def train(tmp_path, out, *extra, params=PARAMS):
     (tmp_path / "params.yaml").write_text(params)
-    return subprocess.run([sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(tmp_path / "params.yaml"),
+    return subprocess.run([sys.executable, "-m", "weightlapse.pipeline.train",
+                           "--params", str(tmp_path / "params.yaml"),
                            "--run", "r", "--data", str(tmp_path / "data"), "--out", str(out), *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from weightlapse.viewer.analysis.frames import clamp_step, diff_summary, downsample_curve, mosaic, scale_per_class, tile_origin
+from weightlapse.viewer.analysis.frames import (
+    clamp_step,
+    diff_summary,
+    downsample_curve,
+    mosaic,
+    scale_per_class,
+    tile_origin,
+)
 
 
 def test_mosaic_places_each_class_as_a_28x28_tile_in_two_rows_of_five():

@@ -38,7 +38,8 @@ def test_a_reader_never_sees_past_the_committed_step_while_training_appends(tmp_
     write_dataset(data, n_train=20_000, n_test=100)
     (tmp_path / "params.yaml").write_text(PARAMS)
     store = tmp_path / "runs" / "live" / "trajectory.zarr"
-    trainer = subprocess.Popen([sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(tmp_path / "params.yaml"),
+    trainer = subprocess.Popen([sys.executable, "-m", "weightlapse.pipeline.train",
+                                "--params", str(tmp_path / "params.yaml"),
                                 "--run", "live", "--data", str(data), "--out", str(tmp_path / "runs" / "live")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     reads, seen = 0, []

@@ -22,7 +22,8 @@ runs: {shared: {}}
 
 
 def start_writer(tmp_path, data):
-    return subprocess.Popen([sys.executable, "-m", "weightlapse.pipeline.train", "--params", str(tmp_path / "params.yaml"),
+    return subprocess.Popen([sys.executable, "-m", "weightlapse.pipeline.train",
+                             "--params", str(tmp_path / "params.yaml"),
                              "--run", "shared", "--data", str(data), "--out", str(tmp_path / "runs" / "shared")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

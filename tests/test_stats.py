@@ -157,7 +157,8 @@ def test_the_command_never_writes_over_its_run_or_a_users_files(tmp_path, caplog
     mine.mkdir()
     (mine / "chapter1.tex").write_text("precious")
     assert main([str(run), "--out", str(mine)]) == 1
-    assert (mine / "chapter1.tex").read_text() == "precious" and "not an earlier change-statistics output" in caplog.text
+    assert (mine / "chapter1.tex").read_text() == "precious"
+    assert "not an earlier change-statistics output" in caplog.text
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
     np.testing.assert_array_equal(open_run(run).weights.values, w)
     out = tmp_path / "stats.zarr"  # an earlier output of the command may be replaced

@@ -1,7 +1,8 @@
 """Cross-run analytics: how the weight trajectories of several runs differ and agree.
 
     python -m weightlapse.viewer.analysis.compare runs --group "mnist adam lr=0.001 ..." --out comparison.zarr
-    python -m weightlapse.viewer.analysis.compare s3://bucket/runs --runs a b c --scheduler tcp://10.0.0.5:8786 --out ...
+    python -m weightlapse.viewer.analysis.compare s3://bucket/runs --runs a b c \
+        --scheduler tcp://10.0.0.5:8786 --out ...
 
 Headless use, for research scripts::
 

@@ -414,10 +414,12 @@ class Run:
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
-    """``python -m weightlapse.viewer.analysis.runs [RUNS_DIR] [--csv FILE]``: print the runs index (or write it as CSV)."""
+    """``python -m weightlapse.viewer.analysis.runs [RUNS_DIR] [--csv FILE]``: print the runs index
+    (or write it as CSV)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=prog, description="The runs index: each run's state, params and final metrics")
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description="The runs index: each run's state, params and final metrics")
     parser.add_argument("runs_dir", nargs="?", default="runs", help="a runs directory or an fsspec URL (default runs/)")
     parser.add_argument("--csv", help="write the index to this CSV file instead of printing it")
     args = parser.parse_args(argv)
