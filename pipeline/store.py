@@ -90,6 +90,10 @@ class TrajectoryNotFoundError(TrajectoryError, FileNotFoundError):
     """No store at the given path."""
 
 
+class StoreBeingCreatedError(TrajectoryError):
+    """The store's group exists, with no step committed, but not all its arrays yet."""
+
+
 @dataclass(frozen=True)
 class Progress:
     """The progress marker (group attribute ``progress``), validated."""
@@ -317,8 +321,9 @@ def _open_array(group: zarr.Group, name: str, where: str, *, being_created: bool
         raise
     except KeyError:
         if being_created:
-            raise TrajectoryError(f"{location}: array {name!r} is missing: the store is still being created (try "
-                                  "again in a moment), or its creation was interrupted: retrain the run") from None
+            raise StoreBeingCreatedError(f"{location}: array {name!r} is missing: the store is still being created "
+                                         "(try again in a moment), or its creation was interrupted: retrain the run"
+                                         ) from None
         raise TrajectoryError(f"{location}: array {name!r} is missing, though steps are committed: the store is "
                               "damaged: retrain the run (`dvc repro`)") from None
     except Exception as error:  # noqa: BLE001

@@ -33,6 +33,7 @@ from weightlapse.pipeline.store import (
     STORE_NAME,
     CheckedStore,
     Progress,
+    StoreBeingCreatedError,
     TrajectoryError,
     TrajectoryNotFoundError,
     check_store,
@@ -160,9 +161,7 @@ class RunCatalog:
             return RunInfo(name, "empty", f"no {STORE_NAME} yet: train it with `dvc repro`", metrics=metrics)
         try:
             checked = check_store(store)
-        except TrajectoryError as error:
-            if "still being created" not in str(error):
-                raise
+        except StoreBeingCreatedError:
             alive = writer_alive(run_dir)
             if alive is False:
                 return RunInfo(name, "unfinished", "stopped while its store was being created: train it again")
