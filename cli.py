@@ -1,4 +1,4 @@
-"""The ``weightlapse`` command: one entry point for what the modules' own commands do.
+"""The weightlapse command: one entry point for what the modules' own commands do.
 
     weightlapse download --out data/mnist           # the data stage
     weightlapse train --run original --data data/mnist --out runs/original
