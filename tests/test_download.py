@@ -277,12 +277,18 @@ def test_a_missing_or_wrong_file_is_not_asked_for_again(tmp_path, generated_data
     assert http_server.requests == ["/" + TEST_LABELS]
 
 
-def test_stage_refuses_an_out_directory_holding_other_files(tmp_path, generated_data, monkeypatch, caplog):
+def stage_params_with_a_local_mirror(tmp_path, generated_data, monkeypatch):
+    """A params file for the data stage, whose only mirror is the generated dataset's directory."""
     source, checksums = generated_data
     monkeypatch.setitem(DATASETS, "mnist", generated_spec(source, checksums))
     monkeypatch.setattr("weightlapse.pipeline.download.mirror_list", lambda spec: [str(source)])
     params = tmp_path / "params.yaml"
     params.write_text("data: {dataset: mnist}\nruns: {original: {seed: 0}}\n")
+    return params
+
+
+def test_stage_refuses_an_out_directory_holding_other_files(tmp_path, generated_data, monkeypatch, caplog):
+    params = stage_params_with_a_local_mirror(tmp_path, generated_data, monkeypatch)
     out = tmp_path / "Documents"
     (out / "photos").mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
@@ -294,11 +300,8 @@ def test_stage_refuses_an_out_directory_holding_other_files(tmp_path, generated_
 
 
 def test_stage_removes_only_its_own_stale_temp_files(tmp_path, generated_data, monkeypatch):
-    source, checksums = generated_data
-    monkeypatch.setitem(DATASETS, "mnist", generated_spec(source, checksums))
-    monkeypatch.setattr("weightlapse.pipeline.download.mirror_list", lambda spec: [str(source)])
-    params = tmp_path / "params.yaml"
-    params.write_text("data: {dataset: mnist}\nruns: {original: {seed: 0}}\n")
+    params = stage_params_with_a_local_mirror(tmp_path, generated_data, monkeypatch)
+    _, checksums = generated_data
     out = tmp_path / "data"
     out.mkdir()
     (out / f".{TEST_LABELS}.k2x9q1.part").write_bytes(b"left by a killed download")
