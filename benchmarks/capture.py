@@ -78,8 +78,10 @@ def to_tensor(sample):
     return torch.from_numpy(image).to(torch.float32), torch.tensor(np.argmax(one_hot)).to(torch.long)
 
 
-def notebook_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device: torch.device) -> tuple[int, float]:
-    """(steps, seconds) of the original notebook's training loop."""
+def notebook_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device: torch.device,
+                  after_step=None) -> tuple[int, float]:
+    """(steps, seconds) of the original notebook's training loop; ``after_step(model, step, loss)``
+    is what a logging library's user adds to it (benchmarks/peers.py)."""
     one_hot = np.eye(10, dtype=np.float32)[labels]
     samples = list(zip(images, one_hot))
     loader = DataLoader(NotebookDataset(samples, to_tensor), batch_size=20, shuffle=True)
@@ -96,6 +98,8 @@ def notebook_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device
             optimizer.step()
             model.weight.cpu().detach().numpy().copy()  # what its live view read each step
             steps += 1
+            if after_step is not None:
+                after_step(model, steps, loss)
     return steps, time.perf_counter() - started
 
 
@@ -215,6 +219,17 @@ def capture_in_subprocess(dataset_dir: Path, name: str, epochs: int, device: str
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def peers_in_subprocess(dataset_dir: Path, epochs: int, repeats: int, device: str) -> dict:
+    """benchmarks/peers.py's figures, measured in a fresh process: W&B leaves its service
+    process and threads behind, which would slow what is measured after it."""
+    with tempfile.TemporaryDirectory(prefix="weightlapse-peers-") as tmp:
+        out = Path(tmp) / "peers.json"
+        subprocess.run([sys.executable, str(Path(__file__).with_name("peers.py")), "--dataset-dir", str(dataset_dir),
+                        "--epochs", str(epochs), "--repeats", str(repeats), "--device", device, "--json", str(out)],
+                       check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+        return json.loads(out.read_text())
+
+
 def find_dataset(given: str | None) -> tuple[Path, str]:
     candidates = [given] if given else list(DEFAULT_DATASET_DIRS)
     for candidate in candidates:
@@ -239,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                              "sweep throughput (default 4; 0 skips it)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip TensorBoard and W&B on the notebook's loop (benchmarks/peers.py)")
     args = parser.parse_args(argv)
 
     dataset_dir, name = find_dataset(args.dataset_dir)
@@ -264,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 heldout_every=100)["steps_per_s"])
     sweep = sweep_throughput(dataset_dir, name, args.sweep_runs, args.epochs, device.type, args.repeats) \
         if args.sweep_runs else None
+    peers = None if args.no_peers else peers_in_subprocess(dataset_dir, args.epochs, args.repeats, args.device)
     short = capture_in_subprocess(dataset_dir, name, 1, device.type)
     long = capture_in_subprocess(dataset_dir, name, args.memory_epochs, device.type)
 
@@ -290,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         f"writer_peak_rss_mb_{args.memory_epochs}_epochs": long["writer_peak_rss_mb"],
         "memory_epochs_steps_per_s": long["steps_per_s"],
         "sweep": sweep,
+        "peers": peers,
     }
     results["capture_vs_notebook"] = results["capture_steps_per_s"] / results["notebook_steps_per_s"]
     results["capture_vs_no_capture"] = results["capture_steps_per_s"] / results["no_capture_steps_per_s"]
@@ -310,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep of {sweep['runs']} runs, run-steps/s: {sweep['sequential_run_steps_per_s']:,.0f} one after "
               f"another, {stacked}{sweep['sweep_command_run_steps_per_s']:,.0f} by pipeline.sweep in "
               f"{sweep['sweep_command_on']} ({sweep['sweep_command_vs_sequential']:.2f}x)")
+    if peers:
+        missing = f" (not installed: {', '.join(peers['not_installed'])})" if peers["not_installed"] else ""
+        print("notebook's loop observed by each peer" + missing + ": " + ", ".join(
+            f"{key} {row['steps_per_s']:,.0f} steps/s ({row['vs_bare_loop']:.2f}x, {row['bytes_per_step']:,.0f} B/step, "
+            f"keeps {row['keeps']})" for key, row in peers["peers"].items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
