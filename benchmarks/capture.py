@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from weightlapse.pipeline.datasets import Dataset as RunData
 from weightlapse.pipeline.datasets import Split, load_dataset
-from weightlapse.pipeline.engines import ClosedFormEngine, select_engine
+from weightlapse.pipeline.closed_form import ClosedFormEngine
+from weightlapse.pipeline.engines import select_engine
 from weightlapse.pipeline.params import TrainParams
 from weightlapse.pipeline.train import run_training
 from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, plan_steps, select_device, train
@@ -245,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # as the train stage does: tiny ops run faster on one thread
-    engine = select_engine("auto", "adam", device)
     dataset = load_dataset(dataset_dir, name)
     images, labels = dataset.train.images, dataset.train.labels
+    defaults = TrainParams(device=device.type)  # the engine the train stage picks for the default run here
+    engine = select_engine(defaults, device, even_batches=len(labels) % defaults.batch_size == 0)
 
     rates: dict[str, list[float]] = {key: [] for key in ("notebook", "no_capture", "autograd", "capture", "heldout")}
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits all alike
