@@ -51,8 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from weightlapse.pipeline.datasets import Dataset as RunData
 from weightlapse.pipeline.datasets import Split, load_dataset
-from weightlapse.pipeline.closed_form import ClosedFormEngine
-from weightlapse.pipeline.engines import select_engine
+from weightlapse.pipeline.engines import ENGINES, select_engine
 from weightlapse.pipeline.params import TrainParams
 from weightlapse.pipeline.train import run_training
 from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, plan_steps, select_device, train
@@ -110,17 +109,10 @@ def project_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device:
 
     split = Split(images, labels)
     dataset = RunData("benchmark", split, split, {})
-    if engine == "cuda-graph":
-        from weightlapse.pipeline.graph_engine import CudaGraphEngine
-
-        ring = CudaGraphEngine(TrainParams(epochs=epochs, device=device.type), dataset, device, block_steps=512)
+    if engine != "torch":  # the engine the train stage drives, as it drives it
+        model = ENGINES[engine].build(TrainParams(epochs=epochs, device=device.type), dataset, device, 512)
         started = time.perf_counter()
-        ring.train(count, on_block=lambda first, rows: count(first + len(rows["loss"]) - 1, 0.0))
-        return steps[0], time.perf_counter() - started
-    if engine == "numpy":  # the engine the train stage drives, as it drives it
-        closed = ClosedFormEngine(TrainParams(epochs=epochs, device="cpu"), dataset)
-        started = time.perf_counter()
-        closed.train(count)
+        model.train(count, on_block=lambda first, rows: count(first + len(rows["loss"]) - 1, 0.0))
         return steps[0], time.perf_counter() - started
     model = SoftmaxRegression(seed=0).to(device)
     x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)

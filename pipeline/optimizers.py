@@ -80,7 +80,8 @@ class OptimizerSpec:
         """``capturable``: build it so that a CUDA graph can hold its step (see ``capturable``)."""
         if capturable and not self.capturable:
             raise ValueError(f"{self.name}'s step cannot be captured in a CUDA graph; train it with engine: torch")
-        return self.torch_factory(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay, capturable=capturable)
+        return self.torch_factory(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                  capturable=capturable)
 
     def make_numpy(self, pairs: Pairs, *, lrs: np.ndarray, momentum: float = 0.0,
                    weight_decay: float = 0.0) -> NumpyOptimizer:
@@ -142,12 +143,12 @@ def _rmsprop_state(momentum: float) -> tuple[str, ...]:
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
-    OptimizerSpec("adam", ("weight_decay",), torch_factory=_torch_adam, numpy_factory=_numpy_adam, state_keys=_adam_state,
-                  counts_steps=True, capturable=True),
-    OptimizerSpec("adamw", ("weight_decay",), torch_factory=_torch_adamw, numpy_factory=_numpy_adamw, state_keys=_adam_state,
-                  counts_steps=True, capturable=True),
-    OptimizerSpec("sgd", ("momentum", "weight_decay"), torch_factory=_torch_sgd, numpy_factory=_numpy_sgd, state_keys=_sgd_state,
-                  counts_steps=False, capturable=True),
+    OptimizerSpec("adam", ("weight_decay",), torch_factory=_torch_adam, numpy_factory=_numpy_adam,
+                  state_keys=_adam_state, counts_steps=True, capturable=True),
+    OptimizerSpec("adamw", ("weight_decay",), torch_factory=_torch_adamw, numpy_factory=_numpy_adamw,
+                  state_keys=_adam_state, counts_steps=True, capturable=True),
+    OptimizerSpec("sgd", ("momentum", "weight_decay"), torch_factory=_torch_sgd, numpy_factory=_numpy_sgd,
+                  state_keys=_sgd_state, counts_steps=False, capturable=True),
     OptimizerSpec("rmsprop", ("momentum", "weight_decay"), torch_factory=_torch_rmsprop, numpy_factory=None,
                   state_keys=_rmsprop_state, counts_steps=True, capturable=True),
 )}
