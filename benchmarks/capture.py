@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from weightlapse.pipeline.datasets import Dataset as RunData
 from weightlapse.pipeline.datasets import Split, load_dataset
-from weightlapse.pipeline.engines import ClosedFormEngine, select_engine
+from weightlapse.pipeline.engines import ENGINES, select_engine
 from weightlapse.pipeline.params import TrainParams
 from weightlapse.pipeline.train import run_training
 from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, plan_steps, select_device, train
@@ -113,17 +113,10 @@ def project_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device:
 
     split = Split(images, labels)
     dataset = RunData("benchmark", split, split, {})
-    if engine == "cuda-graph":
-        from weightlapse.pipeline.graph_engine import CudaGraphEngine
-
-        ring = CudaGraphEngine(TrainParams(epochs=epochs, device=device.type), dataset, device, block_steps=512)
+    if engine != "torch":  # the engine the train stage drives, as it drives it
+        model = ENGINES[engine].build(TrainParams(epochs=epochs, device=device.type), dataset, device, 512)
         started = time.perf_counter()
-        ring.train(count, on_block=lambda first, rows: count(first + len(rows["loss"]) - 1, 0.0))
-        return steps[0], time.perf_counter() - started
-    if engine == "numpy":  # the engine the train stage drives, as it drives it
-        closed = ClosedFormEngine(TrainParams(epochs=epochs, device="cpu"), dataset)
-        started = time.perf_counter()
-        closed.train(count)
+        model.train(count, on_block=lambda first, rows: count(first + len(rows["loss"]) - 1, 0.0))
         return steps[0], time.perf_counter() - started
     model = SoftmaxRegression(seed=0).to(device)
     x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
@@ -262,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # as the train stage does: tiny ops run faster on one thread
-    engine = select_engine("auto", "adam", device)
     dataset = load_dataset(dataset_dir, name)
     images, labels = dataset.train.images, dataset.train.labels
+    defaults = TrainParams(device=device.type)  # the engine the train stage picks for the default run here
+    engine = select_engine(defaults, device, even_batches=len(labels) % defaults.batch_size == 0)
 
     rates: dict[str, list[float]] = {key: [] for key in ("notebook", "no_capture", "autograd", "capture", "heldout")}
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits all alike

@@ -5,10 +5,11 @@ the logits is ``(softmax - one_hot) / batch``, so a step needs two small matrix 
 and no autograd graph. On this model the autograd path's cost is per-operation dispatch
 (tens of tiny torch calls a step), not arithmetic, and a numpy call costs less.
 
-The optimizers below follow ``torch.optim``'s single-tensor formulas operation by operation,
-in float32, so this path and the autograd path (pipeline.trainer) agree to float32 rounding
-for the same seed. tests/test_closed_form.py checks it against autograd. Other models and
-optimizers take the autograd path.
+The optimizers are pipeline.optimizers' numpy implementations (pipeline.numpy_optimizers),
+which follow ``torch.optim``'s single-tensor formulas operation by operation, in float32, so
+this path and the autograd path (pipeline.trainer) agree to float32 rounding for the same
+seed. tests/test_closed_form.py checks it against autograd. Other models and optimizers take
+the autograd path.
 
 The model holds a stack of runs (one, for the train stage): a sweep's runs that differ only
 in seed and learning rate step together, each exactly as it would alone
@@ -23,11 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from weightlapse.pipeline.params import CLOSED_FORM_OPTIMIZERS
-from weightlapse.pipeline.trainer import epoch_orders, plan_steps
-
-ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which the autograd path uses too
-ADAM_EPS = 1e-8
+from weightlapse.pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
+from weightlapse.pipeline.optimizers import get_optimizer
+from weightlapse.pipeline.params import TrainParams
+from weightlapse.pipeline.trainer import SoftmaxRegression, StepCallback, epoch_orders, plan_steps
 
 
 class ClosedFormSoftmaxRegression:
@@ -58,8 +58,9 @@ class ClosedFormSoftmaxRegression:
         if self.bias is not None:
             pairs.append((self.bias, self.bias_grad))
         lrs = np.broadcast_to(np.asarray(lr, dtype=np.float64), (self.n_runs,))
-        self._optimizer = make_closed_form_optimizer(pairs, name=optimizer, lrs=lrs, momentum=momentum,
-                                                     weight_decay=weight_decay)
+        spec = get_optimizer(optimizer)
+        self._optimizer = spec.make_numpy(pairs, lrs=lrs, momentum=momentum, weight_decay=weight_decay)
+        self._state_keys = spec.state_keys(momentum)  # a checkpoint's order, the torch engine's too
         self._logits: np.ndarray | None = None  # work arrays, sized at the first batch
 
     def step(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -89,9 +90,11 @@ class ClosedFormSoftmaxRegression:
         return losses
 
     def optimizer_state(self, run: int = 0) -> np.ndarray:
-        """One run's optimizer state as one float32 vector, in pipeline.engines' order (a copy)."""
-        arrays = self._optimizer.state_arrays()
-        return np.concatenate([a[run].ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+        """One run's optimizer state as one float32 vector (a copy): its state arrays in the
+        optimizer's ``state_keys`` order, parameter by parameter (pipeline.engines.Engine)."""
+        state = self._optimizer.state()
+        arrays = [array[run].ravel() for key in self._state_keys for array in state[key]]
+        return np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
 
     def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None:
         """Put a stack of one where its run was after ``steps`` steps: parameters and optimizer state."""
@@ -100,130 +103,17 @@ class ClosedFormSoftmaxRegression:
         self.weight[0] = weight
         if self.bias is not None:
             self.bias[0] = bias
-        arrays, offset = [], 0
-        for target in self._optimizer.state_arrays():
-            size = target[0].size
-            arrays.append(state[offset:offset + size].reshape(target.shape))
-            offset += size
+        shapes = [self.weight.shape] + ([] if self.bias is None else [self.bias.shape])
+        arrays, offset = {}, 0
+        for key in self._state_keys:
+            arrays[key] = []
+            for shape in shapes:
+                size = int(np.prod(shape))
+                arrays[key].append(state[offset:offset + size].reshape(shape))
+                offset += size
         if offset != len(state):
             raise ValueError(f"optimizer state of {len(state)} values, expected {offset}")
         self._optimizer.load_state(arrays, steps)
-
-
-# (parameter, its gradient), updated in place; the first axis of each is the run.
-Pairs = Sequence[tuple[np.ndarray, np.ndarray]]
-
-
-def make_closed_form_optimizer(pairs: Pairs, *, name: str, lrs: np.ndarray, momentum: float = 0.0,
-                               weight_decay: float = 0.0) -> Adam | SGD:
-    """``lrs``: each run's learning rate (float64, as the Python float torch is given)."""
-    if name in ("adam", "adamw"):
-        return Adam(pairs, lrs=lrs, weight_decay=weight_decay, decoupled=name == "adamw")
-    if name == "sgd":
-        return SGD(pairs, lrs=lrs, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"no closed-form path for optimizer {name!r} (it has one for {', '.join(CLOSED_FORM_OPTIMIZERS)}); "
-                     "use engine: torch")
-
-
-def _f32(value: float) -> np.float32:
-    # torch casts a Python scalar to the tensor's float32 before the elementwise op: so do we.
-    return np.float32(value)
-
-
-def _per_run(values: np.ndarray, param: np.ndarray) -> np.ndarray:
-    """One float32 scalar per run (computed in float64 as torch computes its Python scalars),
-    shaped to broadcast over that run's slice of ``param``."""
-    return values.astype(np.float32).reshape((len(values),) + (1,) * (param.ndim - 1))
-
-
-class Adam:
-    """torch.optim.Adam / AdamW (single-tensor, amsgrad off), in the same operation order."""
-
-    def __init__(self, pairs: Pairs, *, lrs: np.ndarray, weight_decay: float = 0.0, decoupled: bool = False,
-                 betas: tuple[float, float] = ADAM_BETAS, eps: float = ADAM_EPS) -> None:
-        self.pairs, self.lrs, self.weight_decay, self.decoupled = pairs, lrs, weight_decay, decoupled
-        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
-        self.steps = 0
-        self.exp_avg = [np.zeros_like(param) for param, _ in pairs]
-        self.exp_avg_sq = [np.zeros_like(param) for param, _ in pairs]
-        self._scratch = [np.empty_like(param) for param, _ in pairs]
-        self._denom = [np.empty_like(param) for param, _ in pairs]
-
-    def state_arrays(self) -> list[np.ndarray]:
-        return [*self.exp_avg, *self.exp_avg_sq]  # torch's keys in order: exp_avg, exp_avg_sq
-
-    def load_state(self, arrays: list[np.ndarray], steps: int) -> None:
-        for target, value in zip(self.state_arrays(), arrays):
-            target[...] = value
-        self.steps = steps
-
-    def step(self) -> None:
-        self.steps += 1
-        step = self.steps
-        bias_correction1 = 1 - self.beta1 ** step
-        bias_correction2 = 1 - self.beta2 ** step
-        step_sizes = self.lrs / bias_correction1
-        one_minus_beta1, beta2, one_minus_beta2 = _f32(1 - self.beta1), _f32(self.beta2), _f32(1 - self.beta2)
-        bias_correction2_sqrt, eps = _f32(bias_correction2 ** 0.5), _f32(self.eps)
-        for (param, grad), exp_avg, exp_avg_sq, scratch, denom in zip(
-                self.pairs, self.exp_avg, self.exp_avg_sq, self._scratch, self._denom):
-            if self.weight_decay:
-                if self.decoupled:
-                    param *= _per_run(1 - self.lrs * self.weight_decay, param)
-                else:
-                    grad = grad + _f32(self.weight_decay) * param
-            # exp_avg.lerp_(grad, 1 - beta1)
-            np.subtract(grad, exp_avg, out=scratch)
-            scratch *= one_minus_beta1
-            exp_avg += scratch
-            # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            exp_avg_sq *= beta2
-            np.multiply(grad, one_minus_beta2, out=scratch)
-            scratch *= grad
-            exp_avg_sq += scratch
-            # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-            np.sqrt(exp_avg_sq, out=denom)
-            denom /= bias_correction2_sqrt
-            denom += eps
-            # param.addcdiv_(exp_avg, denom, value=-step_size)
-            np.multiply(exp_avg, _per_run(-step_sizes, param), out=scratch)
-            scratch /= denom
-            param += scratch
-
-
-class SGD:
-    """torch.optim.SGD (single-tensor, no dampening, not Nesterov), in the same operation order."""
-
-    def __init__(self, pairs: Pairs, *, lrs: np.ndarray, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        self.pairs, self.momentum, self.weight_decay = pairs, momentum, weight_decay
-        self._minus_lrs = [_per_run(-lrs, param) for param, _ in pairs]
-        self.buffers: list[np.ndarray | None] = [None] * len(pairs)
-        self._scratch = [np.empty_like(param) for param, _ in pairs]
-
-    def state_arrays(self) -> list[np.ndarray]:
-        if not self.momentum:
-            return []
-        return [np.zeros_like(param) if buffer is None else buffer
-                for (param, _), buffer in zip(self.pairs, self.buffers)]
-
-    def load_state(self, arrays: list[np.ndarray], steps: int) -> None:
-        if self.momentum and steps > 0:  # before the first step torch has no buffer either
-            self.buffers = [np.array(value, dtype=np.float32) for value in arrays]
-
-    def step(self) -> None:
-        for index, ((param, grad), scratch, minus_lr) in enumerate(zip(self.pairs, self._scratch, self._minus_lrs)):
-            if self.weight_decay:
-                grad = grad + _f32(self.weight_decay) * param
-            if self.momentum:
-                buffer = self.buffers[index]
-                if buffer is None:
-                    buffer = self.buffers[index] = grad.copy()
-                else:
-                    buffer *= _f32(self.momentum)
-                    buffer += grad
-                grad = buffer
-            np.multiply(grad, minus_lr, out=scratch)
-            param += scratch
 
 
 @contextlib.contextmanager
@@ -282,3 +172,50 @@ def stacked_batches(n_samples: int, *, batch_size: int, epochs: int, seeds: Sequ
             step += 1
             if step > start_step:
                 yield step, order[:, start:start + batch_size]
+
+
+def closed_form_stack(configs: Sequence[TrainParams]) -> ClosedFormSoftmaxRegression:
+    """The numpy model of these runs, each initialised from its seed as the torch model is.
+    They must differ in seed and lr only (pipeline.train.stack_key); the first sets the rest."""
+    initial = [SoftmaxRegression(N_PIXELS, N_CLASSES, bias=config.bias, seed=config.seed) for config in configs]
+    first = configs[0]
+    return ClosedFormSoftmaxRegression(
+        np.stack([model.weight.detach().numpy() for model in initial]),
+        np.stack([model.bias.detach().numpy() for model in initial]) if first.bias else None,
+        optimizer=first.optimizer, lr=[config.lr for config in configs], momentum=first.momentum,
+        weight_decay=first.weight_decay)
+
+
+class ClosedFormEngine:
+    """The numpy engine (pipeline.engines.Engine): the same model, initialisation and batches
+    as the torch engine, stepped in numpy (a stack of one run)."""
+
+    def __init__(self, config: TrainParams, dataset: Dataset) -> None:
+        self.config = config
+        self.model = closed_form_stack([config])
+        self.images, self.labels = dataset.train.images, dataset.train.labels
+        # Views of the run's slice: updated in place, like the arrays of the stack.
+        self._weight, self._gradient = self.model.weight[0], self.model.weight_grad[0]
+        self._bias = None if self.model.bias is None else self.model.bias[0]
+
+    def weight_now(self) -> np.ndarray:
+        return self._weight
+
+    def bias_now(self) -> np.ndarray | None:
+        return self._bias
+
+    def gradient_now(self) -> np.ndarray:
+        return self._gradient
+
+    def optimizer_state(self) -> np.ndarray:
+        return self.model.optimizer_state()
+
+    def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None:
+        self.model.restore(weight, bias, state, steps)
+
+    def train(self, on_step: StepCallback, start_step: int = 0, on_block=None) -> None:
+        """``on_block`` is not used: this engine hands over its rows one step at a time."""
+        config = self.config
+        train_closed_form(self.model, self.images, self.labels, batch_size=config.batch_size,
+                          epochs=config.epochs, seeds=[config.seed], max_steps=config.max_steps,
+                          on_step=lambda step, losses: on_step(step, float(losses[0])), start_step=start_step)

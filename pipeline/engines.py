@@ -1,172 +1,145 @@
-"""The two ways to train the model, behind one interface for the train stage.
+"""The ways to train the model (:data:`ENGINES`), and the one place that decides which
+trains a run (:func:`select_engine`).
 
-Both start from the same seeded initialisation and take the same batches. ``train(on_step)``
-runs the loop; during ``on_step(step, loss)``, ``weight_now()`` (and ``bias_now()``,
-``gradient_now()``) give the current parameters as numpy arrays, which the caller copies.
+- "numpy" (pipeline.closed_form): the closed-form gradient in numpy, on the CPU, for the
+  optimizers with a numpy implementation (pipeline.optimizers);
+- "cuda-graph" (pipeline.graph_engine): autograd, each step replayed as a CUDA graph, on a
+  CUDA GPU, when every batch has the same size (a graph replays one shape);
+- "torch" (pipeline.torch_engine): autograd, on any device, with any optimizer.
 
-For resuming a run, ``optimizer_state()`` gives the optimizer's state as one float32
-vector (the arrays of :func:`optimizer_state_keys`, key by key, parameter by parameter),
-and ``restore(weight, bias, state, steps)`` puts a model back where it was after
-``steps`` steps; ``train(on_step, start_step=steps)`` then carries on.
+"auto" takes the first of these, in this order, that can train the run. Every engine
+starts from the same seeded initialisation, takes the same batches and implements
+:class:`Engine`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
 import numpy as np
 import torch
 
-from weightlapse.pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
+from weightlapse.pipeline.closed_form import ClosedFormEngine
 from weightlapse.pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
-from weightlapse.pipeline.params import CLOSED_FORM_OPTIMIZERS, TrainParams
-from weightlapse.pipeline.trainer import SoftmaxRegression, StepCallback, make_optimizer, train
+from weightlapse.pipeline.graph_engine import BlockCallback, CudaGraphEngine
+from weightlapse.pipeline.optimizers import OPTIMIZERS, OptimizerSpec, closed_form_names, get_optimizer
+from weightlapse.pipeline.params import ParamsError, TrainParams
+from weightlapse.pipeline.torch_engine import TorchEngine
+from weightlapse.pipeline.trainer import StepCallback
 
 
-def optimizer_state_keys(optimizer: str, momentum: float) -> tuple[str, ...]:
-    """The per-parameter state arrays of a torch.optim optimizer, as torch names them."""
-    if optimizer in ("adam", "adamw"):
-        return ("exp_avg", "exp_avg_sq")
-    if optimizer == "sgd":
-        return ("momentum_buffer",) if momentum else ()
-    if optimizer == "rmsprop":
-        return ("square_avg",) + (("momentum_buffer",) if momentum else ())
-    raise ValueError(f"unknown optimizer {optimizer!r}")
+@runtime_checkable
+class Engine(Protocol):
+    """A run's model and optimizer, trained step by step.
+
+    ``train(on_step)`` runs the loop; during ``on_step(step, loss)``, ``weight_now()`` (and
+    ``bias_now()``, ``gradient_now()``) give the current parameters as numpy arrays, which
+    the caller copies. An engine that has its rows a block at a time hands them to
+    ``on_block(first_step, rows)`` when given one, and calls ``on_step`` for step 0 only.
+
+    For resuming a run, ``optimizer_state()`` gives the optimizer's state as one float32
+    vector (the arrays of its ``state_keys`` in pipeline.optimizers, key by key, parameter
+    by parameter; None where the engine has no exact state for the step ``on_step`` is at),
+    and ``restore(weight, bias, state, steps)`` puts a model back where it was after
+    ``steps`` steps; ``train(on_step, start_step=steps)`` then carries on.
+    """
+
+    def weight_now(self) -> np.ndarray: ...
+
+    def bias_now(self) -> np.ndarray | None: ...
+
+    def gradient_now(self) -> np.ndarray: ...
+
+    def optimizer_state(self) -> np.ndarray | None: ...
+
+    def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None: ...
+
+    def train(self, on_step: StepCallback, start_step: int = 0, on_block: BlockCallback | None = None) -> None: ...
+
+
+class EngineError(ParamsError):
+    """params.yaml names an engine that cannot train the run on this machine."""
+
+
+# (config, dataset, device, block_steps) -> the engine; block_steps is the trajectory
+# writer's block, where the cuda-graph engine ends its ring blocks.
+EngineBuilder = Callable[[TrainParams, Dataset, torch.device, int], Engine]
+
+_DEVICE_NAMES = {"cpu": "the CPU", "cuda": "a CUDA GPU"}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine: where it can train a run, and how it is built."""
+
+    name: str
+    device_type: str | None  # the one device type it runs on; None: any
+    needs_numpy_optimizer: bool  # the optimizer needs a numpy implementation (pipeline.optimizers)
+    needs_capturable_optimizer: bool  # the optimizer's step must be capturable in a CUDA graph
+    needs_even_batches: bool  # every batch of the run the same size
+    build: EngineBuilder
+
+    def refusal(self, optimizer: OptimizerSpec, device: torch.device, *, even_batches: bool) -> str | None:
+        """Why this engine cannot train ``optimizer`` on ``device``; None if it can."""
+        if self.device_type is not None and device.type != self.device_type:
+            return f"runs on {_DEVICE_NAMES[self.device_type]} only, and this run trains on {device}"
+        if self.needs_numpy_optimizer and optimizer.numpy_factory is None:
+            return f"implements {', '.join(closed_form_names())}, not {optimizer.name!r}"
+        if self.needs_capturable_optimizer and not optimizer.capturable:
+            return f"cannot capture {optimizer.name}'s step in a CUDA graph"
+        if self.needs_even_batches and not even_batches:
+            return ("replays one batch shape, and this run's last batch of an epoch is short (the training "
+                    "split is not a multiple of batch_size)")
+        return None
+
+
+def _numpy(config: TrainParams, dataset: Dataset, device: torch.device, block_steps: int) -> Engine:
+    return ClosedFormEngine(config, dataset)
+
+
+def _cuda_graph(config: TrainParams, dataset: Dataset, device: torch.device, block_steps: int) -> Engine:
+    return CudaGraphEngine(config, dataset, device, block_steps=block_steps)
+
+
+def _torch(config: TrainParams, dataset: Dataset, device: torch.device, block_steps: int) -> Engine:
+    return TorchEngine(config, dataset, device)
+
+
+# In the order "auto" prefers them: the fastest that can train the run.
+ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
+    EngineSpec("numpy", device_type="cpu", needs_numpy_optimizer=True, needs_capturable_optimizer=False,
+               needs_even_batches=False, build=_numpy),
+    EngineSpec("cuda-graph", device_type="cuda", needs_numpy_optimizer=False, needs_capturable_optimizer=True,
+               needs_even_batches=True, build=_cuda_graph),
+    EngineSpec("torch", device_type=None, needs_numpy_optimizer=False, needs_capturable_optimizer=False,
+               needs_even_batches=False, build=_torch),
+)}
+
+
+def select_engine(config: TrainParams, device: torch.device, *, even_batches: bool) -> str:
+    """The engine that trains this run on ``device``: the one params.yaml names, or for
+    "auto" the first of :data:`ENGINES` that can. ``even_batches``: every batch of the run
+    has the same size (the training split is a multiple of ``batch_size``).
+
+    Raises EngineError, saying why and what would train it, if the named engine cannot."""
+    optimizer = get_optimizer(config.optimizer)
+    if config.engine == "auto":
+        return next(name for name, spec in ENGINES.items()
+                    if spec.refusal(optimizer, device, even_batches=even_batches) is None)
+    spec = ENGINES.get(config.engine)
+    if spec is None:
+        raise EngineError(f"engine: unknown engine {config.engine!r}; choose auto or one of {', '.join(ENGINES)}")
+    reason = spec.refusal(optimizer, device, even_batches=even_batches)
+    if reason is None:
+        return spec.name
+    usable = [name for name, other in ENGINES.items()
+              if other.refusal(optimizer, device, even_batches=even_batches) is None]
+    raise EngineError(f"engine: {spec.name} {reason}; use engine: {' or '.join(usable)} (or auto)")
 
 
 def optimizer_state_size(config: TrainParams) -> int:
-    """Length of the optimizer state vector of a run (0 for plain SGD, which keeps none)."""
+    """Length of a run's optimizer state vector, its checkpoint (0 for plain SGD, which keeps none)."""
     n_parameters = N_CLASSES * N_PIXELS + (N_CLASSES if config.bias else 0)
-    return n_parameters * len(optimizer_state_keys(config.optimizer, config.momentum))
-
-
-def select_engine(engine: str, optimizer: str, device: torch.device, *, even_batches: bool = True) -> str:
-    """The engine "auto" means here: "numpy" (closed-form gradient) on the CPU with the
-    optimizers it implements, "cuda-graph" on CUDA when every batch has the same size (a
-    graph replays one shape), else "torch". An engine named explicitly is kept, except
-    "cuda-graph" with uneven batches, which falls back to "torch"."""
-    if engine == "cuda-graph" and not even_batches:
-        return "torch"
-    if engine != "auto":
-        return engine
-    if device.type == "cuda":
-        return "cuda-graph" if even_batches else "torch"
-    return "numpy" if optimizer in CLOSED_FORM_OPTIMIZERS else "torch"
-
-
-class TorchEngine:
-    """The general path: a torch model trained with autograd, on any device."""
-
-    def __init__(self, config: TrainParams, dataset: Dataset, device: torch.device, *,
-                 capturable: bool = False) -> None:
-        self.config = config
-        self.model = SoftmaxRegression(N_PIXELS, N_CLASSES, bias=config.bias, seed=config.seed).to(device)
-        self.optimizer = make_optimizer(self.model.parameters(), name=config.optimizer, lr=config.lr,
-                                        momentum=config.momentum, weight_decay=config.weight_decay,
-                                        capturable=capturable)
-        self.images = torch.from_numpy(dataset.train.images).to(device)
-        self.labels = torch.from_numpy(dataset.train.labels).to(device)
-
-    def weight_now(self) -> np.ndarray:
-        return self.model.weight.detach().cpu().numpy()
-
-    def bias_now(self) -> np.ndarray | None:
-        return None if self.model.bias is None else self.model.bias.detach().cpu().numpy()
-
-    def gradient_now(self) -> np.ndarray:
-        return self.model.weight.grad.detach().cpu().numpy()
-
-    def optimizer_state(self) -> np.ndarray:
-        return self.optimizer_state_tensor().cpu().numpy()
-
-    def optimizer_state_tensor(self) -> torch.Tensor:
-        """The optimizer state as one float32 vector on the model's device (see the module docstring)."""
-        device = self.model.weight.device
-        vectors = []
-        for key in optimizer_state_keys(self.config.optimizer, self.config.momentum):
-            for p in self.model.parameters():
-                value = self.optimizer.state.get(p, {}).get(key)  # none yet before the first step
-                vectors.append(torch.zeros(p.numel(), device=device) if value is None
-                               else value.detach().reshape(-1))
-        return torch.cat(vectors) if vectors else torch.zeros(0, device=device)
-
-    def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None:
-        device = self.model.weight.device
-        parameters = list(self.model.parameters())
-        with torch.no_grad():
-            self.model.weight.copy_(torch.from_numpy(weight))
-            if bias is not None:
-                self.model.bias.copy_(torch.from_numpy(bias))
-        offset = 0
-        states: dict[torch.nn.Parameter, dict] = {p: {} for p in parameters}
-        for key in optimizer_state_keys(self.config.optimizer, self.config.momentum):
-            for p in parameters:
-                states[p][key] = torch.from_numpy(state[offset:offset + p.numel()].reshape(p.shape).copy()).to(device)
-                offset += p.numel()
-        if self.config.optimizer != "sgd":  # torch counts steps in the state (float32 tensor)
-            for p in parameters:
-                states[p]["step"] = torch.tensor(float(steps), dtype=torch.float32)
-        for p in parameters:
-            if states[p]:
-                self.optimizer.state[p] = states[p]
-
-    def train(self, on_step: StepCallback, start_step: int = 0) -> None:
-        config = self.config
-        train(self.model, self.optimizer, self.images, self.labels, batch_size=config.batch_size,
-              epochs=config.epochs, seed=config.seed, max_steps=config.max_steps, on_step=on_step,
-              start_step=start_step)
-
-
-def closed_form_stack(configs: list[TrainParams]) -> ClosedFormSoftmaxRegression:
-    """The numpy model of these runs, each initialised from its seed as the torch model is.
-    They must differ in seed and lr only (pipeline.train.stack_key); the first sets the rest."""
-    initial = [SoftmaxRegression(N_PIXELS, N_CLASSES, bias=config.bias, seed=config.seed) for config in configs]
-    first = configs[0]
-    return ClosedFormSoftmaxRegression(
-        np.stack([model.weight.detach().numpy() for model in initial]),
-        np.stack([model.bias.detach().numpy() for model in initial]) if first.bias else None,
-        optimizer=first.optimizer, lr=[config.lr for config in configs], momentum=first.momentum,
-        weight_decay=first.weight_decay)
-
-
-class ClosedFormEngine:
-    """The fast CPU path: the same model, initialisation and batches, stepped in numpy (a stack of one run)."""
-
-    def __init__(self, config: TrainParams, dataset: Dataset) -> None:
-        self.config = config
-        self.model = closed_form_stack([config])
-        self.images, self.labels = dataset.train.images, dataset.train.labels
-        # Views of the run's slice: updated in place, like the arrays of the stack.
-        self._weight, self._gradient = self.model.weight[0], self.model.weight_grad[0]
-        self._bias = None if self.model.bias is None else self.model.bias[0]
-
-    def weight_now(self) -> np.ndarray:
-        return self._weight
-
-    def bias_now(self) -> np.ndarray | None:
-        return self._bias
-
-    def gradient_now(self) -> np.ndarray:
-        return self._gradient
-
-    def optimizer_state(self) -> np.ndarray:
-        return self.model.optimizer_state()
-
-    def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None:
-        self.model.restore(weight, bias, state, steps)
-
-    def train(self, on_step: StepCallback, start_step: int = 0) -> None:
-        config = self.config
-        train_closed_form(self.model, self.images, self.labels, batch_size=config.batch_size,
-                          epochs=config.epochs, seeds=[config.seed], max_steps=config.max_steps,
-                          on_step=lambda step, losses: on_step(step, float(losses[0])), start_step=start_step)
-
-
-def make_engine(engine: str, config: TrainParams, dataset: Dataset, device: torch.device, *,
-                block_steps: int = 512) -> TorchEngine | ClosedFormEngine:
-    """``block_steps``: the trajectory writer's block, where the cuda-graph engine ends its ring blocks."""
-    if engine == "numpy":
-        return ClosedFormEngine(config, dataset)
-    if engine == "cuda-graph":
-        from weightlapse.pipeline.graph_engine import CudaGraphEngine
-
-        return CudaGraphEngine(config, dataset, device, block_steps=block_steps)
-    return TorchEngine(config, dataset, device)
+    return OPTIMIZERS[config.optimizer].state_size(n_parameters, config.momentum)

@@ -16,8 +16,8 @@ checkpoint for that step is exact (``optimizer_state``); blocks end where the wr
 
 Without CUDA (tests on the CPU) the same step runs eagerly through the same ring and
 host-side machinery, so everything but the graph capture is tested everywhere. Needs every
-batch the same size (the training split a multiple of the batch size); otherwise the train
-stage uses the plain torch engine.
+batch the same size (the training split a multiple of the batch size): pipeline.engines
+decides where it applies.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from weightlapse.pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
-from weightlapse.pipeline.engines import TorchEngine, optimizer_state_size
 from weightlapse.pipeline.params import TrainParams
+from weightlapse.pipeline.torch_engine import TorchEngine
 from weightlapse.pipeline.trainer import StepCallback, remaining_batches
 
 # on_block(first_step, {"weight": (n, class, pixel), "loss": (n,), ...}): a block of recorded rows
@@ -39,11 +39,6 @@ BlockCallback = Callable[[int, dict[str, np.ndarray]], None]
 # Eager steps before the graph is captured: CUDA needs its libraries' work areas and the
 # optimizer its state allocated before capture (PyTorch's documented warm-up).
 WARMUP_STEPS = 3
-
-
-def graph_engine_applies(config: TrainParams, n_samples: int) -> bool:
-    """Whether this run can take the graph path: every batch of the run the same size."""
-    return n_samples % config.batch_size == 0
 
 
 class CudaGraphEngine(TorchEngine):
@@ -71,7 +66,7 @@ class CudaGraphEngine(TorchEngine):
         pin = self.use_graph
         self.host = {name: torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
                      for name, tensor in self.ring.items()}
-        self.state_size = optimizer_state_size(config)
+        self.state_size = self.optimizer_state_tensor().numel()
         self.state_snapshot = torch.zeros(2, self.state_size, device=device)
         self.state_host = torch.zeros(2, self.state_size, pin_memory=pin)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)     # ring row the next step writes

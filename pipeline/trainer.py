@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weightlapse.pipeline.optimizers import get_optimizer
+
 
 class DeviceError(RuntimeError):
     """The requested device is not available."""
@@ -67,18 +69,10 @@ class SoftmaxRegression(nn.Module):
 
 def make_optimizer(parameters, *, name: str, lr: float, momentum: float = 0.0,
                    weight_decay: float = 0.0, capturable: bool = False) -> torch.optim.Optimizer:
-    """``capturable``: the optimizer's step count stays on the device, so a CUDA graph can
-    hold its step (SGD keeps no count and needs nothing)."""
-    extra = {"capturable": True} if capturable else {}
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, **extra)
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, **extra)
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay, **extra)
-    raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw, sgd or rmsprop")
+    """The torch optimizer ``name`` of pipeline.optimizers. ``capturable``: its step count
+    stays on the device, so a CUDA graph can hold its step."""
+    return get_optimizer(name).make_torch(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                          capturable=capturable)
 
 
 def plan_steps(n_samples: int, *, batch_size: int, epochs: int, max_steps: int | None) -> int:

@@ -6,9 +6,7 @@ import torch
 
 from weightlapse.pipeline.closed_form import ClosedFormSoftmaxRegression, flush_denormals, train_closed_form
 from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS
-from weightlapse.pipeline.engines import select_engine
 from weightlapse.pipeline.idx import read_idx_file
-from weightlapse.pipeline.params import ParamsError, TrainParams
 from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, train
 
 # Weights are O(0.1); float32 rounding of one step is ~1e-8 of that, and differences
@@ -137,16 +135,3 @@ def test_subnormals_are_flushed_only_while_the_engine_trains():
         assert (tiny * 1).item() == 0.0
     assert (tiny * 1).item() != 0.0  # the rest of the process keeps IEEE behaviour
 
-
-def test_the_engine_is_chosen_where_it_applies():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert select_engine("auto", "adam", cpu) == "numpy"
-    assert select_engine("auto", "rmsprop", cpu) == "torch"  # no closed-form rmsprop
-    assert select_engine("auto", "adam", cuda) == "cuda-graph"  # tests/test_graph_engine.py
-    assert select_engine("torch", "adam", cpu) == "torch"
-    with pytest.raises(ParamsError, match="engine: numpy runs on the CPU only"):
-        TrainParams(engine="numpy", device="cuda")
-    with pytest.raises(ParamsError, match="engine: numpy implements adam, adamw, sgd, not 'rmsprop'"):
-        TrainParams(engine="numpy", optimizer="rmsprop")
-    with pytest.raises(ParamsError, match="engine: 'jax' is not one of auto, numpy, torch"):
-        TrainParams(engine="jax")

@@ -13,9 +13,9 @@ from interrupted_runs import clean_and_resumed
 
 import weightlapse.pipeline.train as train_stage
 from weightlapse.pipeline.datasets import load_dataset
-from weightlapse.pipeline.engines import TorchEngine, select_engine
 from weightlapse.pipeline.graph_engine import CudaGraphEngine
-from weightlapse.pipeline.params import CaptureParams, ParamsError, TrainParams
+from weightlapse.pipeline.params import CaptureParams, TrainParams
+from weightlapse.pipeline.torch_engine import TorchEngine
 
 CPU = torch.device("cpu")
 
@@ -79,13 +79,3 @@ def test_a_run_interrupted_mid_block_resumes_to_the_uninterrupted_store(tmp_path
     for name in ("weights", "loss", "heldout_accuracy", "heldout_loss"):
         assert np.array_equal(clean[name].values.view(np.int32), resumed[name].values.view(np.int32)), name
 
-
-def test_auto_takes_the_graph_engine_on_cuda_with_even_batches_only():
-    cuda = torch.device("cuda")
-    assert select_engine("auto", "adam", cuda) == "cuda-graph"
-    assert select_engine("auto", "rmsprop", cuda) == "cuda-graph"
-    assert select_engine("auto", "adam", cuda, even_batches=False) == "torch"
-    assert select_engine("cuda-graph", "adam", cuda, even_batches=False) == "torch"
-    assert select_engine("auto", "adam", CPU) == "numpy"
-    with pytest.raises(ParamsError, match="cuda-graph needs a CUDA GPU"):
-        TrainParams(device="cpu", engine="cuda-graph")

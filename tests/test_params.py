@@ -42,6 +42,8 @@ def test_run_overrides_merge_over_train_defaults():
         ({"runs": {"a": {"batch_size": 2.5}}}, r"runs\.a\.batch_size: expected a whole number"),
         ({"runs": {"a": {"bias": "yes"}}}, r"runs\.a\.bias: expected true or false"),
         ({"runs": {"a": {"optimizer": "adam", "momentum": 0.9}}}, r"adam has no momentum"),
+        ({"runs": {"a": {"engine": "jax"}}}, r"runs\.a\.engine: 'jax' is not one of auto, numpy, torch, cuda-graph"),
+        ({"runs": {"a": {"device": "tpu"}}}, r"runs\.a\.device: 'tpu' is not one of auto, cpu, cuda"),
         ({"runs": {"a": {"capture": {"chunk_steps": 0}}}}, r"runs\.a\.capture\.chunk_steps: must be at least 1"),
         ({"runs": {"../evil": {}}}, r"not a usable run name"),
         ({"runs": {}}, r"'runs' is missing or empty"),

@@ -135,6 +135,12 @@ def test_bad_input_fails_with_a_message_and_loses_nothing(tmp_path, params_file,
     assert train_run(params_file, data_dir, tmp_path / "x", "nope") == 1
     assert "run 'nope' is neither listed under 'runs'" in caplog.text
 
+    # an engine that cannot train the run is refused before the run directory is made
+    params_file.write_text(PARAMS + "  rms: {optimizer: rmsprop, engine: numpy}\n")
+    assert train_run(params_file, data_dir, tmp_path / "rms", "rms") == 1
+    assert "engine: numpy implements adam, adamw, sgd, not 'rmsprop'; use engine: torch (or auto)" in caplog.text
+    assert not (tmp_path / "rms").exists()
+
     (data_dir / TRAIN_LABELS).unlink()
     assert train_run(params_file, data_dir, tmp_path / "y") == 1
     assert "missing train-labels-idx1-ubyte.gz; run the data stage first" in caplog.text
@@ -197,6 +203,10 @@ def test_only_runs_that_differ_in_seed_and_lr_stack(tmp_path, generated_data):
     assert stack_key(base) != stack_key(dataclasses.replace(base, optimizer="sgd"))
     assert stack_key(dataclasses.replace(base, engine="torch")) is None  # autograd runs train alone
     assert stack_key(dataclasses.replace(base, optimizer="rmsprop")) is None  # no closed form for it
+    assert stack_key(dataclasses.replace(base, optimizer="rmsprop", engine="numpy")) is None  # refused alone
+    assert stack_key(dataclasses.replace(base, engine="cuda-graph", device="auto")) is None  # trains on a GPU
+    assert stack_key(dataclasses.replace(base, device="cuda")) is None
+    assert stack_key(dataclasses.replace(base, engine="numpy")) is not None
     dataset = load_dataset(generated_data[0], "mnist")
     runs = {"a": (base, tmp_path / "a"), "b": (dataclasses.replace(base, epochs=2), tmp_path / "b")}
     with pytest.raises(ValueError, match="must differ in seed and lr only"):

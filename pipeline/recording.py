@@ -1,0 +1,214 @@
+"""What one run records while it trains: its plan (:class:`RunPlan`), and its trajectory
+store, held-out scores, loss and accuracy history and progress bar (:class:`RunRecording`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import csv
+import json
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from weightlapse.pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
+from weightlapse.pipeline.engines import optimizer_state_size
+from weightlapse.pipeline.params import TrainParams
+from weightlapse.pipeline.run_files import open_new, write_text_atomic
+from weightlapse.pipeline.scoring import HeldOutScorer
+from weightlapse.pipeline.trainer import Evaluation, plan_evals, plan_steps
+from weightlapse.pipeline.trajectory import STORE_NAME, ResumePoint, StoreLayout, TrajectoryWriter
+
+log = logging.getLogger(__name__)
+
+# final_train_loss in metrics.json is the mean batch loss over this many last steps:
+# a single batch's loss is too noisy to compare runs by.
+FINAL_LOSS_WINDOW = 100
+# Steps whose loss rows are written to loss.csv at once.
+LOSS_HISTORY_BATCH = 256
+
+
+class TrainingDiverged(ArithmeticError):
+    """The loss (hence the weights) became NaN or infinite: nothing after that step is recorded."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    metrics: dict[str, float]  # what metrics.json holds
+    engine: str                # the engine that trained it (pipeline.engines.ENGINES)
+    # Wall time from the first recorded step until the store was closed and flushed: the
+    # training loop with its capture, without setup (loading data, creating the store).
+    loop_seconds: float
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.metrics["steps"] / self.loop_seconds
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run's params and data fix before it trains: its steps, evaluations and store layout."""
+
+    layout: StoreLayout
+    block_steps: int
+
+    @classmethod
+    def of(cls, config: TrainParams, dataset: Dataset) -> RunPlan:
+        n_steps = plan_steps(len(dataset.train.labels), batch_size=config.batch_size, epochs=config.epochs,
+                             max_steps=config.max_steps)
+        layout = StoreLayout(n_steps=n_steps, eval_steps=plan_evals(n_steps, config.eval_every), n_classes=N_CLASSES,
+                             n_pixels=N_PIXELS, chunk_steps=config.capture.chunk_steps, bias=config.bias,
+                             gradients=config.capture.gradients, resume_size=optimizer_state_size(config))
+        return cls(layout, TrajectoryWriter.default_block_steps(layout))
+
+
+class RunRecording:
+    """Everything one run records while it trains: its trajectory store, held-out scores,
+    loss and accuracy history, and progress bar.
+
+    Opens them into ``open_files`` (an ExitStack), which closes them; ``sources`` are the
+    engine's ``weight_now``, ``bias_now`` and ``gradient_now``; ``scoring``, the held-out
+    scorer's thread if shared (a stack's runs share one). The engine calls
+    :meth:`on_step` after every step (or :meth:`on_block` after a block of them); after the
+    last, :meth:`finish_training` writes the rest, and :meth:`summary` gives the metrics.
+    """
+
+    def __init__(self, open_files: contextlib.ExitStack, plan: RunPlan, dataset: Dataset, device: torch.device,
+                 out_dir: Path, metadata: dict, *, run_name: str,
+                 sources: tuple[Callable[[], np.ndarray], Callable[[], np.ndarray | None], Callable[[], np.ndarray]],
+                 checkpoint: Callable[[], np.ndarray | None], overwrite: bool, point: ResumePoint | None,
+                 progress: bool, scoring: ThreadPoolExecutor | None = None) -> None:
+        layout = plan.layout
+        self.run_name, self.out_dir, self.eval_steps = run_name, out_dir, layout.eval_steps
+        self._eval_set = set(layout.eval_steps)
+        self.recent_losses: deque[float] = deque(maxlen=FINAL_LOSS_WINDOW)
+        self.last_eval: Evaluation | None = None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = open_files.enter_context(TrajectoryWriter(
+            out_dir / STORE_NAME, layout, metadata, overwrite=overwrite, block_steps=plan.block_steps,
+            checkpoint=checkpoint, resume_from=point))
+        self.scorer = open_files.enter_context(HeldOutScorer(torch.from_numpy(dataset.test.images).to(device),
+                                                             torch.from_numpy(dataset.test.labels).to(device),
+                                                             thread=scoring))
+        loss_file = open_files.enter_context(open_new(out_dir / "loss.csv", newline=""))
+        accuracy_file = open_files.enter_context(open_new(out_dir / "accuracy.csv", newline=""))
+        self.bar = open_files.enter_context(tqdm(total=layout.n_steps, initial=point.step if point else 0, unit="step",
+                                                 desc=run_name, disable=not progress, mininterval=0.5))
+        self.loss_csv = csv.writer(loss_file)
+        self.loss_csv.writerow(["step", "loss"])
+        self.accuracy_csv = csv.writer(accuracy_file)
+        self.accuracy_csv.writerow(["step", "heldout_accuracy", "heldout_loss"])
+        # The loss history goes to loss.csv (and the recent-loss window) in batches: per step
+        # that Python would cost the training thread about a tenth of a numpy step.
+        self.new_losses: list[float] = []
+        self.first_new_step = point.step + 1 if point else 1
+        if point is not None:
+            self._replay_history(point)
+        self._record_step = self.writer.record_step
+        self._weight_now, self._bias_now, gradient_now = sources
+        self._gradient_now = gradient_now if layout.gradients else lambda: None
+
+    def _replay_history(self, point: ResumePoint) -> None:
+        """The history so far, from the store, as the first run wrote it."""
+        for step, loss in enumerate(point.losses.tolist(), start=1):
+            self.loss_csv.writerow([step, f"{loss:.7g}"])
+        self.recent_losses.extend(point.losses[-FINAL_LOSS_WINDOW:].tolist())
+        for step, (accuracy, loss) in zip(self.eval_steps, point.heldout.tolist()):
+            self.last_eval = Evaluation(accuracy=accuracy, loss=loss)
+            self.accuracy_csv.writerow([step, f"{accuracy:.6f}", f"{loss:.7g}"])
+        # evaluations of steps before the checkpoint that were not written: score them again
+        group = self.writer.group
+        for step in self.eval_steps[len(point.heldout):]:
+            if step > point.step:
+                break
+            self.scorer.submit(step, group["weights"][step], group["bias"][step] if "bias" in group else None)
+
+    def on_step(self, step: int, loss: float) -> None:
+        # Once per training step: only what must happen now. The rest is batched.
+        if step and not math.isfinite(loss):
+            self._diverged(step, loss)
+        weight, bias = self._weight_now(), self._bias_now()
+        self._record_step(step, weight, loss, bias=bias, gradient=self._gradient_now() if step else None)
+        if step:
+            self.new_losses.append(loss)
+            if len(self.new_losses) == LOSS_HISTORY_BATCH:
+                self._write_loss_history()
+        if step in self._eval_set:
+            self.scorer.submit(step, weight, bias)
+            self._record_evaluations()
+
+    def on_block(self, first: int, rows: dict[str, np.ndarray]) -> None:
+        """A block of steps at once (the cuda-graph engine): the same records as on_step's,
+        with one copy per block instead of one per step, which the GPU path is fast enough to need."""
+        losses = rows["loss"]
+        finite = np.isfinite(losses)
+        if first == 0:
+            finite[0] = True  # step 0 has no loss
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            if bad:
+                self.on_block(first, {name: values[:bad] for name, values in rows.items()})
+            self._diverged(first + bad, float(losses[bad]))
+        self.writer.record_steps(first, rows["weight"], losses, biases=rows.get("bias"),
+                                 gradients=rows.get("gradient"))
+        self.new_losses.extend(losses.tolist())
+        self._write_loss_history()
+        eval_steps = self.eval_steps
+        index = bisect.bisect_left(eval_steps, first)
+        while index < len(eval_steps) and eval_steps[index] < first + len(losses):
+            row = eval_steps[index] - first
+            self.scorer.submit(eval_steps[index], rows["weight"][row], rows["bias"][row] if "bias" in rows else None)
+            index += 1
+        self._record_evaluations()
+
+    def _diverged(self, step: int, loss: float) -> None:
+        # The loss of step t is that of the weights after step t - 1: they may be what overflowed.
+        self.writer.drop_last_step_unless_finite()
+        raise TrainingDiverged(
+            f"{self.run_name}: training diverged at step {step:,}: its batch loss is {loss} (the weights overflowed); "
+            "the steps before it are kept. Lower the learning rate (lr) and train the run again")
+
+    def finish_training(self) -> None:
+        """After the last step: the rest of the history, and the last rows to the store writer
+        while the last step is scored."""
+        self._write_loss_history()
+        self.writer.send_recorded()
+        self._record_evaluations(wait=True)
+
+    def summary(self, engine: str, loop_seconds: float) -> RunSummary:
+        """Write metrics.json (once the run's files are closed) and return the run's summary."""
+        metrics = {
+            "steps": self.writer.layout.n_steps,
+            "final_train_loss": float(np.mean(self.recent_losses)),  # plan_steps guarantees >= 1 step
+            "heldout_accuracy": self.last_eval.accuracy,
+            "heldout_loss": self.last_eval.loss,
+        }
+        write_text_atomic(self.out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        summary = RunSummary(metrics, engine, loop_seconds)
+        log.info("%s: %d steps in %.2f s (%s steps/s, %s engine), every step recorded", self.run_name,
+                 metrics["steps"], loop_seconds, f"{summary.steps_per_s:,.0f}", engine)
+        return summary
+
+    def _write_loss_history(self) -> None:
+        first, losses = self.first_new_step, self.new_losses
+        self.loss_csv.writerows([step, f"{loss:.7g}"] for step, loss in enumerate(losses, start=first))
+        self.recent_losses.extend(losses[-FINAL_LOSS_WINDOW:])
+        self.bar.update(len(losses))
+        self.first_new_step = first + len(losses)
+        losses.clear()
+
+    def _record_evaluations(self, *, wait: bool = False) -> None:
+        for step, evaluation in self.scorer.scored(wait=wait):
+            self.last_eval = evaluation
+            self.writer.record_eval(step, evaluation.accuracy, evaluation.loss)
+            self.accuracy_csv.writerow([step, f"{evaluation.accuracy:.6f}", f"{evaluation.loss:.7g}"])
+            self.bar.set_postfix(accuracy=f"{evaluation.accuracy:.3f}", refresh=False)
