@@ -2,7 +2,7 @@
 
     python -m weightlapse.pipeline.train --params params.yaml --run original --data data/mnist --out runs/original
 
-Writes, under --out: trajectory.zarr (see pipeline.trajectory), metrics.json (DVC metrics),
+Writes, under --out: trajectory.zarr (see pipeline.store), metrics.json (DVC metrics),
 loss.csv and accuracy.csv (per-step history for `dvc plots`).
 """
 
@@ -40,14 +40,9 @@ from weightlapse.pipeline.params import CLOSED_FORM_OPTIMIZERS, ParamsError, Tra
 from weightlapse.pipeline.run_files import open_new, write_text_atomic
 from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer
 from weightlapse.pipeline.trainer import DeviceError, Evaluation, evaluate, plan_evals, plan_steps, select_device
-from weightlapse.pipeline.trajectory import (
-    STORE_NAME,
-    ResumePoint,
-    StoreLayout,
-    TrajectoryError,
-    TrajectoryWriter,
-    find_resume_point,
-)
+from weightlapse.pipeline.resume import ResumePoint, find_resume_point
+from weightlapse.pipeline.store import STORE_NAME, RunMetadata, StoreLayout, TrajectoryError
+from weightlapse.pipeline.writer import TrajectoryWriter
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +216,7 @@ class RunRecording:
     """
 
     def __init__(self, open_files: contextlib.ExitStack, plan: RunPlan, dataset: Dataset, device: torch.device,
-                 out_dir: Path, metadata: dict, *, run_name: str,
+                 out_dir: Path, metadata: RunMetadata, *, run_name: str,
                  sources: tuple[Callable[[], np.ndarray], Callable[[], np.ndarray | None], Callable[[], np.ndarray]],
                  checkpoint: Callable[[], np.ndarray | None], overwrite: bool, point: ResumePoint | None,
                  progress: bool, scoring: ThreadPoolExecutor | None = None) -> None:
@@ -397,32 +392,31 @@ class HeldOutScorer:
                 future.cancel()
 
 
-def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: torch.device, engine: str) -> dict:
+def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: torch.device, engine: str
+                 ) -> RunMetadata:
     """Everything needed to know how a store was made, saved next to the result."""
     spec = DATASETS[dataset.name]
-    return {
-        "run": run_name,
-        "params": config.to_dict(),
-        "model": "softmax-regression",
-        "dataset": {
-            "name": dataset.name,
-            "files": dataset.file_checksums,
-            "class_names": list(spec.class_names),
-            "n_train": len(dataset.train.labels),
-            "n_test": len(dataset.test.labels),
-        },
-        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
-        "engine": engine,
-        "versions": {
+    return RunMetadata(
+        run=run_name,
+        params=config.to_dict(),
+        model="softmax-regression",
+        dataset=dataset.name,
+        dataset_files=dataset.file_checksums,
+        class_names=tuple(spec.class_names),
+        n_train=len(dataset.train.labels),
+        n_test=len(dataset.test.labels),
+        device=str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        engine=engine,
+        versions={
             "weightlapse": __version__,
             "python": platform.python_version(),
             "torch": torch.__version__,
             "numpy": np.__version__,
             "zarr": zarr.__version__,
         },
-        "git_commit": git_commit(),
-        "command": " ".join(sys.argv),
-    }
+        git_commit=git_commit(),
+        command=" ".join(sys.argv),
+    )
 
 
 def git_commit() -> str | None:
