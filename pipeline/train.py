@@ -216,7 +216,7 @@ class RunRecording:
     """
 
     def __init__(self, open_files: contextlib.ExitStack, plan: RunPlan, dataset: Dataset, device: torch.device,
-                 out_dir: Path, metadata: RunMetadata, *, run_name: str,
+                 out_dir: Path, metadata: dict, *, run_name: str,
                  sources: tuple[Callable[[], np.ndarray], Callable[[], np.ndarray | None], Callable[[], np.ndarray]],
                  checkpoint: Callable[[], np.ndarray | None], overwrite: bool, point: ResumePoint | None,
                  progress: bool, scoring: ThreadPoolExecutor | None = None) -> None:
