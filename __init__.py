@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _PUBLIC = {
-    "open_run": "weightlapse.pipeline.trajectory",
-    "read_progress": "weightlapse.pipeline.trajectory",
+    "open_run": "weightlapse.pipeline.store",
+    "read_progress": "weightlapse.pipeline.store",
     "check_store": "weightlapse.pipeline.store",
     "TrajectoryError": "weightlapse.pipeline.store",
     "TrajectoryNotFoundError": "weightlapse.pipeline.store",

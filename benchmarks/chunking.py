@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from weightlapse.pipeline.trajectory import StoreLayout, TrajectoryWriter, open_run
+from weightlapse.pipeline.store import RunMetadata, StoreLayout, open_run
+from weightlapse.pipeline.writer import TrajectoryWriter
 
 
 def synthetic_trajectory(n_steps: int, seed: int = 0) -> np.ndarray:
@@ -32,7 +33,7 @@ def measure(rows: np.ndarray, chunk_steps: int, directory: Path) -> dict[str, fl
     path = directory / f"chunk{chunk_steps}.zarr"
     n_steps = len(rows) - 1
     started = time.perf_counter()
-    with TrajectoryWriter(path, StoreLayout(n_steps=n_steps, eval_steps=(0,), chunk_steps=chunk_steps), {},
+    with TrajectoryWriter(path, StoreLayout(n_steps=n_steps, eval_steps=(0,), chunk_steps=chunk_steps), RunMetadata(),
                           overwrite=True) as w:
         for step, row in enumerate(rows):
             w.record_step(step, row)

@@ -38,7 +38,7 @@ import numpy as np
 import zarr
 from capture import find_dataset  # the benchmarks' shared data lookup (this folder is on sys.path)
 
-from weightlapse.pipeline.trajectory import STORE_NAME, TrajectoryError, open_run, read_progress
+from weightlapse.pipeline.store import STORE_NAME, TrajectoryError, open_run, read_progress
 from weightlapse.viewer.analysis.runs import RunCatalog
 
 

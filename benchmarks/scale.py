@@ -38,7 +38,7 @@ from memory import peak_rss_mb
 
 from weightlapse.pipeline.params import parse_params
 from weightlapse.pipeline.sweep import dispatch, local_cluster
-from weightlapse.pipeline.trajectory import open_run
+from weightlapse.pipeline.store import open_run
 from weightlapse.viewer.analysis import compare
 from weightlapse.viewer.analysis.stats import change_statistics
 

@@ -37,7 +37,8 @@ def write_trajectory(run_dir: Path, n_steps: int, *, seed: int = 0) -> float:
     """A random walk pulled towards per-class templates, like weights under training; returns seconds."""
     from tqdm import tqdm
 
-    from weightlapse.pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryWriter
+    from weightlapse.pipeline.store import STORE_NAME, RunMetadata, StoreLayout
+    from weightlapse.pipeline.writer import TrajectoryWriter
 
     rng = np.random.default_rng(seed)
     template = rng.standard_normal((10, 784)).astype(np.float32) * np.float32(0.05)
@@ -45,7 +46,7 @@ def write_trajectory(run_dir: Path, n_steps: int, *, seed: int = 0) -> float:
     layout = StoreLayout(n_steps=n_steps, eval_steps=tuple(range(0, n_steps + 1, 1000)))
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with TrajectoryWriter(run_dir / STORE_NAME, layout, {"run": run_dir.name, "params": {"optimizer": "adam"}}) \
+    with TrajectoryWriter(run_dir / STORE_NAME, layout, RunMetadata(run=run_dir.name, params={"optimizer": "adam"})) \
             as writer:
         block = 64
         for start in tqdm(range(0, n_steps + 1, block), desc="writing trajectory", unit="chunk"):
@@ -92,7 +93,7 @@ def frame_latency(runs_dir: Path, run: str, n_steps: int, *, samples: int = 200)
 
 
 def window_statistics(run_dir: Path, n_steps: int, *, window: int = 3000, repeats: int = 5) -> dict:
-    from weightlapse.pipeline.trajectory import open_run
+    from weightlapse.pipeline.store import open_run
     from weightlapse.viewer.analysis.stats import change_statistics
 
     weights = open_run(run_dir).weights
@@ -111,7 +112,7 @@ def whole_statistics(run_dir: Path) -> dict:
     code = (
         "import json, sys, time\n"
         "from memory import peak_rss_mb\n"
-        "from weightlapse.pipeline.trajectory import open_run\n"
+        "from weightlapse.pipeline.store import open_run\n"
         "from weightlapse.viewer.analysis.stats import change_statistics\n"
         "weights = open_run(sys.argv[1]).weights\n"
         "started = time.perf_counter()\n"
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = workdir / "runs"
     run_dir = runs_dir / "long"
     try:
-        from weightlapse.pipeline.trajectory import TrajectoryError, read_progress
+        from weightlapse.pipeline.store import TrajectoryError, read_progress
 
         try:
             reuse = read_progress(run_dir / "trajectory.zarr")["steps_done"] == args.steps

@@ -3,13 +3,13 @@
 Each chunk is encoded here with the array's own codec settings (an optional transpose,
 little-endian bytes, Blosc) and written to a temporary file renamed over the chunk's key,
 so a chunk file is never seen half-written. The bytes are what zarr itself writes
-(tests/test_trajectory.py compares them), so any zarr reader reads the store. Arrays this
+(tests/test_store_writer.py compares them), so any zarr reader reads the store. Arrays this
 module cannot write byte-exactly (other stores, other codecs) are written through zarr.
 
 Why not zarr's own write path: each write reads the chunk back, merges and re-encodes it,
 through enough Python that a block's small arrays (512 losses, a checkpoint, a few
 evaluations) took 10.3 ms, against 2.7 ms here, mostly the four files' writes. The store
-writer (pipeline.handoff) must keep pace with a training step every 100 microseconds.
+writer (pipeline.store_writer) must keep pace with a training step every 100 microseconds.
 """
 
 from __future__ import annotations

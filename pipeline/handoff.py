@@ -71,7 +71,8 @@ class WriterProcess:
     The training process then spends no time on the store: compressing, writing files and
     zarr's own Python all run there, on another core and under another interpreter lock.
     Block data travels in buffers from :func:`shared_buffers` made before this object;
-    messages are small tuples naming them. ``handle`` gets every message waiting at once (so
+    messages are small picklable values naming them (the store's are in
+    :mod:`weightlapse.pipeline.writer_messages`). ``handle`` gets every message waiting at once (so
     it can, say, write one progress marker for a block and the close right behind it) and
     returns one reply per message; the replies come back in order through :meth:`replies`
     and :meth:`next_reply`. If ``handle`` raises, that message and all later ones are answered

@@ -26,7 +26,9 @@ from weightlapse.pipeline.params import TrainParams
 from weightlapse.pipeline.run_files import open_new, write_text_atomic
 from weightlapse.pipeline.scoring import HeldOutScorer
 from weightlapse.pipeline.trainer import Evaluation, plan_evals, plan_steps
-from weightlapse.pipeline.trajectory import STORE_NAME, ResumePoint, StoreLayout, TrajectoryWriter
+from weightlapse.pipeline.resume import ResumePoint
+from weightlapse.pipeline.store import STORE_NAME, RunMetadata, StoreLayout
+from weightlapse.pipeline.writer import TrajectoryWriter
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class RunRecording:
     """
 
     def __init__(self, open_files: contextlib.ExitStack, plan: RunPlan, dataset: Dataset, device: torch.device,
-                 out_dir: Path, metadata: dict, *, run_name: str,
+                 out_dir: Path, metadata: RunMetadata, *, run_name: str,
                  sources: tuple[Callable[[], np.ndarray], Callable[[], np.ndarray | None], Callable[[], np.ndarray]],
                  checkpoint: Callable[[], np.ndarray | None], overwrite: bool, point: ResumePoint | None,
                  progress: bool, scoring: ThreadPoolExecutor | None = None) -> None:

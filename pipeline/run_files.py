@@ -5,6 +5,7 @@ linked to a user's file, a store that DVC checked out as a link into its cache, 
 `loss.csv -> ~/.bashrc`. Writing through such a link would change the file it points to.
 So the files of a run are replaced, never written through: a link in their place is
 removed (the link, not what it points to) and a new file is made in the run directory.
+Reading a run refuses links the same way (:mod:`weightlapse.pipeline.store.links`).
 """
 
 from __future__ import annotations
@@ -39,3 +40,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def links_in(path: Path) -> list[str]:
+    """Symbolic links at or below ``path`` (not followed), relative to it: what a writer
+    carrying on in ``path`` would write through."""
+    if path.is_symlink():
+        return ["."]
+    found = []
+    for directory, subdirectories, files in os.walk(path):
+        found += [os.path.relpath(os.path.join(directory, name), path) for name in subdirectories + files
+                  if os.path.islink(os.path.join(directory, name))]
+    return found

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from weightlapse.pipeline.locations import Location, as_location, publish_run
 from weightlapse.pipeline.params import Params, ParamsError, TrainParams, load_params
-from weightlapse.pipeline.trajectory import STORE_NAME, TrajectoryError, read_progress
+from weightlapse.pipeline.store import STORE_NAME, TrajectoryError, read_progress
 
 log = logging.getLogger(__name__)
 

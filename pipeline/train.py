@@ -2,7 +2,7 @@
 
     python -m weightlapse.pipeline.train --params params.yaml --run original --data data/mnist --out runs/original
 
-Writes, under --out: trajectory.zarr (see pipeline.trajectory), metrics.json (DVC metrics),
+Writes, under --out: trajectory.zarr (see pipeline.store), metrics.json (DVC metrics),
 loss.csv and accuracy.csv (per-step history for `dvc plots`).
 """
 
@@ -31,11 +31,8 @@ from weightlapse.pipeline.recording import RunPlan, RunRecording, RunSummary, Tr
 from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer
 from weightlapse.pipeline.scoring import scoring_thread
 from weightlapse.pipeline.trainer import DeviceError, select_device
-from weightlapse.pipeline.trajectory import (
-    STORE_NAME,
-    TrajectoryError,
-    find_resume_point,
-)
+from weightlapse.pipeline.resume import find_resume_point
+from weightlapse.pipeline.store import STORE_NAME, RunMetadata, TrajectoryError
 
 log = logging.getLogger(__name__)
 
@@ -160,32 +157,31 @@ def _use_one_cpu_thread(device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
-def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: torch.device, engine: str) -> dict:
+def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: torch.device, engine: str
+                 ) -> RunMetadata:
     """Everything needed to know how a store was made, saved next to the result."""
     spec = DATASETS[dataset.name]
-    return {
-        "run": run_name,
-        "params": config.to_dict(),
-        "model": "softmax-regression",
-        "dataset": {
-            "name": dataset.name,
-            "files": dataset.file_checksums,
-            "class_names": list(spec.class_names),
-            "n_train": len(dataset.train.labels),
-            "n_test": len(dataset.test.labels),
-        },
-        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
-        "engine": engine,
-        "versions": {
+    return RunMetadata(
+        run=run_name,
+        params=config.to_dict(),
+        model="softmax-regression",
+        dataset=dataset.name,
+        dataset_files=dataset.file_checksums,
+        class_names=tuple(spec.class_names),
+        n_train=len(dataset.train.labels),
+        n_test=len(dataset.test.labels),
+        device=str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        engine=engine,
+        versions={
             "weightlapse": __version__,
             "python": platform.python_version(),
             "torch": torch.__version__,
             "numpy": np.__version__,
             "zarr": zarr.__version__,
         },
-        "git_commit": git_commit(),
-        "command": " ".join(sys.argv),
-    }
+        git_commit=git_commit(),
+        command=" ".join(sys.argv),
+    )
 
 
 def git_commit() -> str | None:

@@ -4,8 +4,9 @@ import pytest
 from idx_files import write_dataset
 
 from weightlapse.pipeline.datasets import load_dataset
+from weightlapse.pipeline.store import open_run, read_progress
 from weightlapse.pipeline.train import run_training
-from weightlapse.pipeline.trajectory import TrajectoryWriter, open_run, read_progress
+from weightlapse.pipeline.writer import TrajectoryWriter
 
 CRASH_STEP = 150
 BLOCK_STEPS = 64

@@ -24,7 +24,7 @@ def weightlapse_command(*args, cwd=None, timeout=120):
 
 
 def test_the_public_api_is_the_packages_own():
-    assert weightlapse.__version__ and weightlapse.open_run.__module__ == "weightlapse.pipeline.trajectory"
+    assert weightlapse.__version__ and weightlapse.open_run.__module__ == "weightlapse.pipeline.store.dataset"
     assert weightlapse.RunCatalog.__module__ == "weightlapse.viewer.analysis.runs"
     assert callable(weightlapse.compare.distance_over_steps) and callable(weightlapse.change_statistics)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
@@ -85,7 +85,7 @@ def test_an_install_adds_only_the_weightlapse_package(tmp_path):
     installed = sorted(path.name for path in target.iterdir() if path.name != "bin")
     assert installed == ["weightlapse", f"weightlapse-{weightlapse.__version__}.dist-info"]
     package = target / "weightlapse"
-    assert (package / "cli.py").is_file() and (package / "pipeline" / "store.py").is_file()
+    assert (package / "cli.py").is_file() and (package / "pipeline" / "store" / "__init__.py").is_file()
     assert (package / "viewer" / "main.py").is_file() and (package / "viewer" / "app_hooks.py").is_file()
     assert not (package / "tests").exists() and not (package / "benchmarks").exists()
     assert (target / "bin" / "weightlapse").is_file()

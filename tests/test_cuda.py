@@ -9,7 +9,7 @@ import torch
 from weightlapse.pipeline.datasets import load_dataset
 from weightlapse.pipeline.params import TrainParams
 from weightlapse.pipeline.train import run_training
-from weightlapse.pipeline.trajectory import open_run
+from weightlapse.pipeline.store import open_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch here")
 

@@ -19,7 +19,7 @@ from weightlapse.pipeline.locations import Location, publish_run
 from weightlapse.pipeline.params import parse_params
 from weightlapse.pipeline.sweep import MAX_STACK_RUNS, dispatch, plan_tasks, sweep_runs
 from weightlapse.pipeline.train import run_training
-from weightlapse.pipeline.trajectory import open_run
+from weightlapse.pipeline.store import open_run
 from weightlapse.viewer.analysis import compare
 from weightlapse.viewer.analysis.runs import RunCatalog
 from weightlapse.viewer.analysis.stats import change_statistics

@@ -20,7 +20,7 @@ import yaml
 
 from idx_files import write_dataset
 from weightlapse.pipeline.params import load_params
-from weightlapse.pipeline.trajectory import TrajectoryError, open_run, read_progress
+from weightlapse.pipeline.store import TrajectoryError, open_run, read_progress
 
 pytestmark = pytest.mark.slow  # real dvc repro runs
 

@@ -12,7 +12,7 @@ import pytest
 import zarr
 from idx_files import write_dataset
 
-from weightlapse.pipeline.trajectory import STORE_NAME, open_run, read_progress
+from weightlapse.pipeline.store import STORE_NAME, open_run, read_progress
 from weightlapse.viewer.analysis.runs import RunCatalog
 
 pytestmark = pytest.mark.slow  # full and read-only disks under real train stages

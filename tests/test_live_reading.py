@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from idx_files import write_dataset
 
-from weightlapse.pipeline.trajectory import TrajectoryError, open_run, read_progress
+from weightlapse.pipeline.store import TrajectoryError, open_run, read_progress
 from weightlapse.viewer.analysis.runs import RunCatalog
 
 pytestmark = pytest.mark.slow  # 10 s of reading a run being trained

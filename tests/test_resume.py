@@ -11,7 +11,7 @@ import time
 import pytest
 from idx_files import write_dataset
 
-from weightlapse.pipeline.trajectory import STORE_NAME, TrajectoryError, read_progress
+from weightlapse.pipeline.store import STORE_NAME, TrajectoryError, read_progress
 
 pytestmark = pytest.mark.slow  # train stages killed and resumed
 

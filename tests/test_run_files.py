@@ -6,7 +6,7 @@ import json
 from viewer_runs import training_like, write_run
 
 from weightlapse.pipeline.train import main
-from weightlapse.pipeline.trajectory import STORE_NAME, open_run
+from weightlapse.pipeline.store import STORE_NAME, open_run
 
 PARAMS = "data: {dataset: mnist}\ntrain: {eval_every: 4, device: cpu, capture: {chunk_steps: 4}}\nruns: {planted: {}}\n"
 

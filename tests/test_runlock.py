@@ -11,7 +11,7 @@ from idx_files import write_dataset
 
 from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer, is_being_written
 from weightlapse.pipeline.train import main
-from weightlapse.pipeline.trajectory import open_run, read_progress
+from weightlapse.pipeline.store import open_run, read_progress
 from weightlapse.viewer.analysis.runs import RunCatalog
 
 PARAMS = """\

@@ -8,7 +8,7 @@ import pytest
 import zarr
 from viewer_runs import training_like, write_run
 
-from weightlapse.pipeline.trajectory import STORE_NAME, TrajectoryError
+from weightlapse.pipeline.store import STORE_NAME, TrajectoryError
 from weightlapse.viewer.analysis.runs import RunCatalog, RunNotFoundError
 
 

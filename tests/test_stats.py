@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from viewer_runs import write_run
 
-from weightlapse.pipeline.trajectory import open_run
+from weightlapse.pipeline.store import open_run
 from weightlapse.viewer.analysis import stats as stats_module
 from weightlapse.viewer.analysis.stats import STATISTICS, change_statistics, main, top_pixels
 

@@ -1,16 +1,34 @@
-"""The validating reader (pipeline/store.py): hostile or damaged stores give the project's own
-error, naming the store and what is wrong, before anything is read or allocated."""
+"""The store format and its validating reader (pipeline/store/): what other readers see, the
+typed attributes, and hostile or damaged stores giving the project's own error, naming the
+store and what is wrong, before anything is read or allocated."""
 
 import json
 import os
 import shutil
+import warnings
 
+import dask.array as da
 import numpy as np
 import pytest
-from viewer_runs import training_like, write_run
+import xarray as xr
+import zarr
+from viewer_runs import random_rows, training_like, write_run, write_store
 
-from weightlapse.pipeline.store import MAX_CHUNK_BYTES, TrajectoryError, check_store
-from weightlapse.pipeline.trajectory import STORE_NAME, open_run, read_progress
+from weightlapse.pipeline.store import (
+    MAX_CHUNK_BYTES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STORE_NAME,
+    RunMetadata,
+    StoreLayout,
+    TrajectoryError,
+    TrajectoryNotFoundError,
+    check_store,
+    open_run,
+    open_store,
+    read_progress,
+)
+from weightlapse.pipeline.writer import TrajectoryWriter
 from weightlapse.viewer.analysis.runs import RunCatalog
 
 N_STEPS = 60  # 16-step chunks: chunks 0..3
@@ -210,3 +228,129 @@ def test_run_metadata_is_typed_on_read_and_wrong_types_read_as_absent(run_dir):
     assert run.class_names == [str(c) for c in range(10)]
     info = RunCatalog(run_dir.parent).describe("good")
     assert info.state == "finished" and info.params == {} and info.dataset == ""
+
+
+def test_plain_zarr_dask_and_xarray_open_it_without_weightlapse(tmp_path):
+    rows = random_rows(20)
+    path = tmp_path / "trajectory.zarr"
+    write_store(path, rows)
+    group = zarr.open_group(path, mode="r")
+    assert group["weights"].metadata.dimension_names == ("step", "class", "pixel")
+    assert np.array_equal(group["weights"][3], rows[3])
+    assert np.array_equal(da.from_zarr(str(path), component="weights")[4].compute(), rows[4])
+    plain = xr.open_zarr(path, consolidated=False)
+    assert plain.weights.dims == ("step", "class", "pixel")
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["weightlapse"]["schema"] == \
+        "weightlapse.trajectory"
+
+
+def test_a_missing_or_foreign_store_gets_a_clear_error(tmp_path):
+    with pytest.raises(TrajectoryNotFoundError, match="no trajectory store"):
+        open_run(tmp_path / "nothing")
+    foreign = zarr.open_group(tmp_path / "foreign.zarr", mode="w")
+    foreign.create_array("x", shape=(3,), dtype="int8")
+    with pytest.raises(TrajectoryError, match="not a weightlapse trajectory"):
+        open_run(tmp_path / "foreign.zarr")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "zarr.json").write_text("{not json")
+    with pytest.raises(TrajectoryError, match="not a Zarr group"):
+        open_run(tmp_path / "junk")
+
+
+def test_another_schema_version_is_named(tmp_path):
+    path = tmp_path / "old.zarr"
+    write_store(path, random_rows(3))
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["weightlapse"] = {**group.attrs["weightlapse"], "schema_version": 0}
+    with pytest.raises(TrajectoryError, match="schema version 0, this weightlapse reads version 1"):
+        open_store(path)
+
+
+def test_store_is_smaller_than_raw(tmp_path):
+    # A realistic trajectory: small Adam-like steps from a random start.
+    rng = np.random.default_rng(0)
+    start = rng.uniform(-0.036, 0.036, (10, 784)).astype(np.float32)
+    steps = rng.choice(np.float32([-1e-3, 0, 1e-3]), (256, 10, 784))
+    rows = np.concatenate([start[None], start + np.cumsum(steps, axis=0)]).astype(np.float32)
+    path = tmp_path / "trajectory.zarr"
+    write_store(path, rows, chunk_steps=64)
+    on_disk = sum(f.stat().st_size for f in (path / "weights").rglob("*") if f.is_file())
+    assert on_disk < rows.nbytes
+
+
+def test_a_training_trajectory_compresses_at_least_1_3_times(tmp_path):
+    # Adam-like: each weight moves by about 1e-3 of the scale a step, most in the same
+    # direction for a while, pixels of the border never.
+    rng = np.random.default_rng(0)
+    start = rng.uniform(-0.036, 0.036, (10, 784)).astype(np.float32)
+    drift = rng.choice(np.float32([-1e-3, 1e-3]), (1, 10, 784))
+    steps = drift * rng.uniform(0.5, 1.0, (512, 10, 784)).astype(np.float32)
+    steps[:, :, :100] = 0
+    rows = np.concatenate([start[None], start + np.cumsum(steps, axis=0)]).astype(np.float32)
+    path = tmp_path / "trajectory.zarr"
+    write_store(path, rows[:513], chunk_steps=64)
+    on_disk = sum(f.stat().st_size for f in (path / "weights").rglob("*") if f.is_file() and f.name != "zarr.json")
+    assert rows.nbytes / on_disk >= 1.3
+
+
+def test_plain_xarray_open_zarr_reads_a_run_without_a_warning(tmp_path):
+    # The group's zarr.json carries consolidated metadata, kept there as the marker moves.
+    rows = training_like(70, seed=1)
+    write_run(tmp_path / "run", rows, chunk_steps=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = xr.open_zarr(tmp_path / "run" / STORE_NAME)
+        weights = plain.weights.values
+    np.testing.assert_array_equal(weights.view(np.int32), open_run(tmp_path / "run").weights.values.view(np.int32))
+    assert plain.weights.dims == ("step", "class", "pixel") and plain.attrs["progress"]["finished"] is True
+
+
+def test_a_store_without_consolidated_metadata_still_opens(tmp_path):
+    # Stores written before the metadata was consolidated: the same format otherwise.
+    rows = training_like(40, seed=5)
+    write_run(tmp_path / "old", rows, chunk_steps=16)
+    edit_json(tmp_path / "old" / STORE_NAME / "zarr.json", lambda doc: doc.pop("consolidated_metadata"))
+    np.testing.assert_array_equal(open_run(tmp_path / "old").weights.values, rows)
+    assert check_store(tmp_path / "old").progress.finished
+    assert RunCatalog(tmp_path).open("old").weights_at(7).tolist() == rows[7].tolist()
+
+
+def full_metadata(**changes) -> RunMetadata:
+    fields = dict(run="original", params={"optimizer": "adam", "lr": 0.001, "capture": {"chunk_steps": 64}},
+                  model="softmax-regression", dataset="fashion-mnist", dataset_files={"train.gz": "sha256:ab"},
+                  class_names=tuple(f"class {c}" for c in range(10)), n_train=60000, n_test=10000,
+                  device="cuda:0 (NVIDIA H200)", engine="cuda-graph", versions={"weightlapse": "0.1.0", "zarr": "3.1.6"},
+                  git_commit="0123abc-dirty", command="weightlapse train --run original")
+    return RunMetadata(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("git_commit", ["0123abc-dirty", None])
+def test_run_metadata_written_reads_back_equal(tmp_path, git_commit):
+    metadata = full_metadata(git_commit=git_commit)
+    path = tmp_path / STORE_NAME
+    TrajectoryWriter(path, StoreLayout(n_steps=3, eval_steps=(0,)), metadata).close()
+    assert check_store(path).metadata == metadata
+    # The attribute is exactly the typed metadata's serialisation, key order included.
+    written = json.loads((path / "zarr.json").read_text())["attributes"]["weightlapse"]
+    expected = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **metadata.to_attributes()}
+    assert list(written.items()) == list(expected.items())
+    assert list(written["dataset"]) == ["name", "files", "class_names", "n_train", "n_test"]
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"run": 12}, "RunMetadata.run must be a str, got 12"),
+    ({"params": ["lr", 0.1]}, "RunMetadata.params must be a dict"),
+    ({"class_names": ["a", "b"]}, "RunMetadata.class_names must be a tuple of strings"),
+    ({"n_train": -1}, "RunMetadata.n_train must be a count of examples"),
+    ({"n_test": True}, "RunMetadata.n_test must be a count of examples"),
+    ({"git_commit": 5}, "RunMetadata.git_commit must be a str"),
+])
+def test_run_metadata_of_the_wrong_type_is_refused_when_made(changes, message):
+    with pytest.raises(TypeError, match=message):
+        full_metadata(**changes)
+
+
+def test_the_writer_takes_typed_metadata_only(tmp_path):
+    with pytest.raises(TypeError, match="a store's metadata is a RunMetadata, got dict"):
+        TrajectoryWriter(tmp_path / STORE_NAME, StoreLayout(n_steps=3, eval_steps=(0,)), {"run": "x"})
+    assert not (tmp_path / STORE_NAME).exists()

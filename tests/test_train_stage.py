@@ -15,9 +15,10 @@ from weightlapse.pipeline.closed_form import ClosedFormSoftmaxRegression, train_
 from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_dataset
 from weightlapse.pipeline.idx import read_idx_file
 from weightlapse.pipeline.params import CaptureParams, TrainParams
+from weightlapse.pipeline.store import SCHEMA, SCHEMA_VERSION, check_store, open_run
 from weightlapse.pipeline.train import main, run_training, stack_key, train_stack
 from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, train
-from weightlapse.pipeline.trajectory import open_run
+from weightlapse.pipeline.writer import TrajectoryWriter
 
 PARAMS = """
 data: {dataset: mnist}
@@ -54,6 +55,9 @@ def test_stage_writes_the_trajectory_metrics_and_history(tmp_path, params_file, 
     assert meta["dataset"]["name"] == "mnist" and meta["dataset"]["files"] == checksums
     assert meta["device"] == "cpu" and meta["versions"]["torch"] == torch.__version__
     assert ds.attrs["progress"] == {**ds.attrs["progress"], "finished": True, "steps_done": 10}
+    # The train stage's typed metadata reads back as what was written, key for key.
+    assert list(meta.items()) == list({"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+                                       **check_store(out).metadata.to_attributes()}.items())
 
     # The stored trajectory is exactly what the loop produces for these params: on the CPU
     # the stage takes the closed-form numpy engine.
@@ -217,8 +221,6 @@ def test_only_runs_that_differ_in_seed_and_lr_stack(tmp_path, generated_data):
 @contextlib.contextmanager
 def crash_when_recording(*, step, monkeypatch):
     """Training inside the block fails when it records ``step`` (as a bug or a full disk would)."""
-    from weightlapse.pipeline.trajectory import TrajectoryWriter
-
     original = TrajectoryWriter.record_step
 
     def crashing(self, at, *args, **kwargs):
@@ -235,7 +237,6 @@ def crash_when_recording(*, step, monkeypatch):
 def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_path, generated_data, monkeypatch,
                                                                          caplog):
     from weightlapse.pipeline.sweep import train_and_publish
-    from weightlapse.pipeline.trajectory import TrajectoryWriter
 
     data_dir, _ = generated_data
     dataset = load_dataset(data_dir, "mnist")
@@ -266,7 +267,7 @@ def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_p
 
 
 def test_runs_of_a_stack_stopped_by_an_error_each_resume_exactly_alone(tmp_path, generated_data, monkeypatch):
-    from weightlapse.pipeline.trajectory import TrajectoryWriter, read_progress
+    from weightlapse.pipeline.store import read_progress
 
     dataset = load_dataset(generated_data[0], "mnist")
     monkeypatch.setattr(TrajectoryWriter, "default_block_steps", classmethod(lambda cls, layout: 64))

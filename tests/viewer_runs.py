@@ -4,10 +4,32 @@ import json
 
 import numpy as np
 
-from weightlapse.pipeline.trajectory import STORE_NAME, StoreLayout, TrajectoryWriter
+from weightlapse.pipeline.store import STORE_NAME, RunMetadata, StoreLayout
+from weightlapse.pipeline.writer import TrajectoryWriter
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def random_rows(n_steps, seed=0):
+    """(step, class, pixel) float32 rows of standard normal noise."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n_steps + 1, 10, 784)).astype(np.float32)
+
+
+def write_store(path, rows, *, chunk_steps=8, finish=True, eval_every=5, **layout):
+    """Write ``rows`` as the store at ``path``: losses NaN, 1, 2, .., an evaluation every ``eval_every`` steps."""
+    n_steps = len(rows) - 1
+    evals = tuple(range(0, n_steps + 1, eval_every))
+    writer = TrajectoryWriter(path, StoreLayout(n_steps=n_steps, eval_steps=evals, chunk_steps=chunk_steps,
+                                                **layout), RunMetadata(run="test"))
+    for step, row in enumerate(rows):
+        writer.record_step(step, row, float(step) if step else float("nan"))
+        if step in evals:
+            writer.record_eval(step, step / 100, 1.0 / (step + 1))
+    if finish:
+        writer.close()
+    return writer
 
 
 def training_like(n_steps: int, seed: int = 0) -> np.ndarray:
@@ -33,8 +55,8 @@ def write_run(run_dir, rows, *, finish=True, chunk_steps=16, eval_every=10, name
     run_dir.mkdir(parents=True, exist_ok=True)
     n_steps = len(rows) - 1 if n_steps is None else n_steps
     evals = tuple(sorted(set(range(0, n_steps + 1, eval_every)) | {n_steps}))
-    metadata = {"run": name, "params": params or {"optimizer": "adam", "lr": 0.001, "seed": 0},
-                "dataset": {"name": "generated", "class_names": class_names or [str(c) for c in range(10)]}}
+    metadata = RunMetadata(run=name, params=params or {"optimizer": "adam", "lr": 0.001, "seed": 0},
+                           dataset="generated", class_names=tuple(class_names or [str(c) for c in range(10)]))
     writer = TrajectoryWriter(run_dir / STORE_NAME, StoreLayout(n_steps=n_steps, eval_steps=evals,
                                                                 chunk_steps=chunk_steps), metadata)
     for step, row in enumerate(rows):

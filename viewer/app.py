@@ -24,7 +24,7 @@ import panel as pn
 import param
 
 from weightlapse.pipeline.locations import is_url
-from weightlapse.pipeline.trajectory import TrajectoryError
+from weightlapse.pipeline.store import TrajectoryError
 from weightlapse.viewer.compare_view import RunComparison
 from weightlapse.viewer.analysis.export import animation_steps, png_bytes, write_animation
 from weightlapse.viewer.analysis.frames import clamp_step, colour_map, diff_summary

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import panel as pn
 
-from weightlapse.pipeline.trajectory import TrajectoryError
+from weightlapse.pipeline.store import TrajectoryError
 from weightlapse.viewer.analysis import compare
 from weightlapse.viewer.plots import (
     distance_curves,

@@ -45,7 +45,7 @@ import xarray as xr
 
 from weightlapse.pipeline.cluster import compute
 from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
-from weightlapse.pipeline.trajectory import open_run, pixel_coords
+from weightlapse.pipeline.store import open_run, pixel_coords
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     from tqdm import tqdm
 
     from weightlapse.pipeline.cluster import ClusterError
-    from weightlapse.pipeline.trajectory import TrajectoryError
+    from weightlapse.pipeline.store import TrajectoryError
     from weightlapse.viewer.analysis.runs import RunCatalog, RunNotFoundError
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])

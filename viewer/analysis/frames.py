@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from weightlapse.pipeline.trajectory import IMAGE_SIDE
+from weightlapse.pipeline.store import IMAGE_SIDE
 
 GRID_COLUMNS = 5  # ten classes as 2 rows x 5 columns, as the original notebook drew them
 GAP = 1           # one blank (NaN) pixel between tiles, as in the notebook's 29-pixel pitch

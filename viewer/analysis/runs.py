@@ -38,11 +38,11 @@ from weightlapse.pipeline.store import (
     TrajectoryNotFoundError,
     check_store,
     damaged,
+    dask_steps,
     read_identity,
     recheck_store,
     refuse_link_out,
 )
-from weightlapse.pipeline.trajectory import dask_steps
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 
 Headless use, for research scripts::
 
-    from weightlapse.pipeline.trajectory import open_run
+    from weightlapse.pipeline.store import open_run
     from weightlapse.viewer.analysis.stats import change_statistics
     stats = change_statistics(open_run("runs/original").weights.sel(step=slice(0, 3000)))
     stats.path_length_over_classes.values.reshape(28, 28)
@@ -44,7 +44,7 @@ import numpy as np
 import xarray as xr
 
 from weightlapse.pipeline.cluster import client_for, compute
-from weightlapse.pipeline.trajectory import IMAGE_SIDE, pixel_coords
+from weightlapse.pipeline.store import IMAGE_SIDE, pixel_coords
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
 
     from weightlapse.pipeline.cluster import ClusterError
     from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
-    from weightlapse.pipeline.trajectory import TrajectoryError, open_run
+    from weightlapse.pipeline.store import TrajectoryError, open_run
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory (runs/<run>) or its trajectory.zarr, or an fsspec URL of one")

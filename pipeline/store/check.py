@@ -1,24 +1,4 @@
-"""The trajectory store format, the contract between the pipeline and the viewer, and its
-validating reader: what a store must be before anything trusts it.
-
-One Zarr v3 group per run, ``runs/<run>/trajectory.zarr``::
-
-    weights           float32 (step, class, pixel)  index t = weights after t optimizer steps
-    step              int64   (step,)               coordinate: 0 .. n_steps
-    loss              float32 (step,)               training batch loss of step t (NaN at 0)
-    bias              float32 (step, class)         only when the model has a bias
-    gradients         float32 (step, class, pixel)  gradient applied at step t, when captured
-    eval_step         int64   (eval_step,)          coordinate: steps where held-out data was scored
-    heldout_accuracy  float32 (eval_step,)
-    heldout_loss      float32 (eval_step,)
-    resume_state      float32 (checkpoint, value)   two optimizer-state checkpoints, for resuming
-
-Pixel p is image row p // 28, column p % 28. Arrays are allocated at their final length
-when the run starts and filled with NaN; the group attribute ``progress`` says how many
-steps (and evaluations) are valid and whether the run finished. Readers must never look
-past ``progress["steps_done"]``: the readers built on :func:`check_store` never do.
-``progress["resume"]`` names the last checkpoint: ``{"step": s, "row": k}``, the optimizer
-state after step s being ``resume_state[k]`` (absent for plain SGD, which keeps none).
+"""The validating reader: what a store must be before anything trusts it.
 
 Every consumer of a run (``open_run``, the viewer, the runs index, statistics, comparisons,
 publishing) reads it through :func:`check_store`, which checks, before any chunk is read:
@@ -33,6 +13,9 @@ publishing) reads it through :func:`check_store`, which checks, before any chunk
 - every chunk holding a committed row is a file in the store (a missing one would read as
   NaN rows), and no path that is read goes through a symbolic link.
 
+Each array is read from its own ``zarr.json``, never from the consolidated copy in the
+group's (kept for plain ``xarray.open_zarr``), so what is checked is what is read.
+
 Anything else is a :class:`TrajectoryError` (a ``ValueError``) that names the store, what
 is wrong and what to do. A chunk that passes these checks but cannot be decoded, or holds
 values that are not finite, raises the same error when its steps are read
@@ -43,154 +26,31 @@ from __future__ import annotations
 
 import math
 import os
-import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec
 
 from weightlapse.pipeline.locations import Location, as_location
-
-SCHEMA = "weightlapse.trajectory"
-SCHEMA_VERSION = 1
-STORE_NAME = "trajectory.zarr"
-IMAGE_SIDE = 28
-N_CLASSES = 10
-N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
-WEIGHT_DIMS = ("step", "class", "pixel")
-REQUIRED_ARRAYS = ("weights", "step", "loss", "eval_step", "heldout_accuracy", "heldout_loss")
-# name -> (dtype, dimension names); the step arrays have n_steps + 1 rows.
-ARRAYS = {
-    "weights": ("float32", WEIGHT_DIMS),
-    "gradients": ("float32", WEIGHT_DIMS),
-    "bias": ("float32", ("step", "class")),
-    "loss": ("float32", ("step",)),
-    "step": ("int64", ("step",)),
-    "eval_step": ("int64", ("eval_step",)),
-    "heldout_accuracy": ("float32", ("eval_step",)),
-    "heldout_loss": ("float32", ("eval_step",)),
-    "resume_state": ("float32", ("checkpoint", "value")),
-}
-# The pipeline refuses longer runs (pipeline.params); a store claiming more is not ours.
-MAX_STEPS = 10_000_000
-# One decoded chunk at most this big: the reader allocates a chunk at a time.
-MAX_CHUNK_BYTES = 64 * 2**20
-# Metadata documents are a few kilobytes; a bigger one is not read.
-MAX_METADATA_BYTES = 1 * 2**20
-ALLOWED_CODECS = (BytesCodec, TransposeCodec, BloscCodec, ZstdCodec, GzipCodec, Crc32cCodec)
-
-
-class TrajectoryError(ValueError):
-    """A path is not a usable weightlapse trajectory store."""
-
-
-class TrajectoryNotFoundError(TrajectoryError, FileNotFoundError):
-    """No store at the given path."""
-
-
-class StoreBeingCreatedError(TrajectoryError):
-    """The store's group exists, with no step committed, but not all its arrays yet."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    """The progress marker (group attribute ``progress``), validated."""
-
-    steps_done: int             # last step whose row is committed; -1: none yet
-    n_steps: int                # steps planned
-    evals_done: int             # held-out evaluations committed
-    finished: bool
-    updated: str | None = None  # when an unfinished run last moved its marker (ISO 8601)
-    error: str | None = None    # why training stopped early
-    resume: dict[str, int] | None = None  # the last checkpoint: {"step": s, "row": k}
-
-    @classmethod
-    def parse(cls, raw: Any, where: str, *, n_evals: int | None = None) -> Progress:
-        if not isinstance(raw, dict):
-            raise TrajectoryError(f"{where}: the store has no progress marker; it was not written by weightlapse")
-
-        def whole(key: str, default: int | None = None) -> int:
-            value = raw.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TrajectoryError(f"{where}: progress marker: {key} is {_shown(value)}, not a whole number; "
-                                      "the store is damaged or not written by weightlapse: retrain the run")
-            return value
-
-        steps_done, n_steps, evals_done = whole("steps_done"), whole("n_steps"), whole("evals_done", 0)
-        if not 0 <= n_steps <= MAX_STEPS:
-            raise TrajectoryError(f"{where}: progress marker plans {n_steps:,} steps; weightlapse writes 0 to "
-                                  f"{MAX_STEPS:,}: the store is damaged: retrain the run")
-        if not -1 <= steps_done <= n_steps:
-            raise TrajectoryError(f"{where}: progress marker says {steps_done:,} of {n_steps:,} steps, which cannot "
-                                  "be: the store is damaged: retrain the run")
-        if not 0 <= evals_done <= (n_evals if n_evals is not None else n_steps + 1):
-            raise TrajectoryError(f"{where}: progress marker says {evals_done:,} evaluations done of "
-                                  f"{n_evals if n_evals is not None else n_steps + 1:,} planned: the store is damaged")
-        finished = raw.get("finished", False)
-        if not isinstance(finished, bool):
-            raise TrajectoryError(f"{where}: progress marker: finished is {_shown(finished)}, not true or false")
-        if finished and steps_done != n_steps:
-            raise TrajectoryError(f"{where}: progress marker says finished at step {steps_done:,} of {n_steps:,}: "
-                                  "the store is damaged: retrain the run")
-        updated, error = raw.get("updated"), raw.get("error")
-        resume = raw.get("resume")
-        if resume is not None:
-            if not (isinstance(resume, dict) and all(isinstance(resume.get(key), int)
-                                                     and not isinstance(resume.get(key), bool)
-                                                     for key in ("step", "row"))):
-                raise TrajectoryError(f"{where}: progress marker: resume is {_shown(resume)}, not a checkpoint")
-            resume = {"step": resume["step"], "row": resume["row"]}
-        return cls(steps_done, n_steps, evals_done, finished,
-                   updated=updated if isinstance(updated, str) else None,
-                   error=None if error is None else str(error)[:2000], resume=resume)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The marker as the writer writes it (keys left out when empty)."""
-        marker = {"steps_done": self.steps_done, "n_steps": self.n_steps, "evals_done": self.evals_done,
-                  "finished": self.finished}
-        for key in ("updated", "resume", "error"):
-            if getattr(self, key) is not None:
-                marker[key] = getattr(self, key)
-        return marker
-
-
-@dataclass(frozen=True)
-class RunMetadata:
-    """How a run was made (group attribute ``weightlapse``, written by the train stage's
-    ``run_metadata``), validated on read: what a reader relies on has its type, and anything
-    else of the attribute stays in ``raw``. Values of the wrong type read as absent."""
-
-    run: str = ""
-    model: str = ""
-    params: dict[str, Any] = field(default_factory=dict)
-    dataset: str = ""                        # the dataset's name
-    class_names: tuple[str, ...] | None = None  # one per class, when the store says
-    engine: str = ""
-    device: str = ""
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, raw: Any, *, n_classes: int = N_CLASSES) -> RunMetadata:
-        raw = raw if isinstance(raw, dict) else {}
-        dataset = raw.get("dataset") if isinstance(raw.get("dataset"), dict) else {}
-        names = dataset.get("class_names")
-        class_names = (tuple(str(name)[:100] for name in names)
-                       if isinstance(names, list) and len(names) == n_classes else None)
-
-        def text(value: Any) -> str:
-            return value[:200] if isinstance(value, str) else ""
-
-        return cls(run=text(raw.get("run")), model=text(raw.get("model")),
-                   params=raw["params"] if isinstance(raw.get("params"), dict) else {},
-                   dataset=text(dataset.get("name")), class_names=class_names, engine=text(raw.get("engine")),
-                   device=text(raw.get("device")), raw=raw)
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+from weightlapse.pipeline.store.attributes import Progress, RunMetadata
+from weightlapse.pipeline.store.format import (
+    ALLOWED_CODECS,
+    ARRAYS,
+    MAX_CHUNK_BYTES,
+    MAX_METADATA_BYTES,
+    N_CLASSES,
+    N_PIXELS,
+    REQUIRED_ARRAYS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STORE_NAME,
+    StoreBeingCreatedError,
+    TrajectoryError,
+    TrajectoryNotFoundError,
+    shown,
+)
+from weightlapse.pipeline.store.links import refuse_links
 
 
 @dataclass(frozen=True)
@@ -229,9 +89,9 @@ def open_store(path: str | os.PathLike | Location, storage_options: dict[str, An
         if not location.exists():
             raise TrajectoryNotFoundError(f"{location}: no trajectory store here")
         if location.local:
-            _refuse_links(location.local_path, "zarr.json")
+            refuse_links(location.local_path, "zarr.json")
         _check_metadata_size(location, "zarr.json")
-        group = zarr.open_group(location.zarr_store(), mode="r")
+        group = zarr.open_group(location.zarr_store(), mode="r", use_consolidated=False)
     except TrajectoryError:
         raise
     except Exception as error:  # noqa: BLE001 - zarr and fsspec raise many kinds for a foreign or unreachable store
@@ -243,12 +103,12 @@ def open_store(path: str | os.PathLike | Location, storage_options: dict[str, An
     schema, version = meta.get("schema"), meta.get("schema_version")
     if schema != SCHEMA:
         raise TrajectoryError(
-            f"{location}: a Zarr store, but not a weightlapse trajectory (schema {_shown(schema)}); "
+            f"{location}: a Zarr store, but not a weightlapse trajectory (schema {shown(schema)}); "
             "point at a runs/<run>/trajectory.zarr written by `dvc repro`"
         )
     if version != SCHEMA_VERSION:
         raise TrajectoryError(
-            f"{location}: written with store schema version {_shown(version)}, this weightlapse reads version "
+            f"{location}: written with store schema version {shown(version)}, this weightlapse reads version "
             f"{SCHEMA_VERSION}; retrain the run (`dvc repro`) or use the weightlapse version that wrote it"
         )
     return group
@@ -310,7 +170,7 @@ def _open_array(group: zarr.Group, name: str, where: str, *, being_created: bool
     try:
         if isinstance(group.store, zarr.storage.LocalStore):
             root = os.fspath(group.store.root)
-            _refuse_links(root, f"{name}/zarr.json")
+            refuse_links(root, f"{name}/zarr.json")
             metadata = os.path.join(root, name, "zarr.json")
             if not os.path.exists(metadata):
                 raise KeyError(name)
@@ -388,7 +248,7 @@ def _check_chunks_present(location: Location, arrays: dict[str, zarr.Array], com
     if location.local:
         root, verified = os.fspath(location.local_path), set()
         for key in expected:
-            _refuse_links(root, key, missing=f"chunk {key} of a committed step is missing", verified=verified)
+            refuse_links(root, key, missing=f"chunk {key} of a committed step is missing", verified=verified)
         return
     try:
         listed = {path[len(location.path.rstrip("/")) + 1:] for path in location.fs.find(location.path)}
@@ -398,44 +258,6 @@ def _check_chunks_present(location: Location, arrays: dict[str, zarr.Array], com
     if missing:
         raise TrajectoryError(f"{where}: chunk {missing[0]} of a committed step is missing: the store was not "
                               "completely copied or is damaged: publish or retrain the run again")
-
-
-def _refuse_links(root: str | os.PathLike, relative: str, *, missing: str | None = None,
-                  verified: set[str] | None = None) -> None:
-    """Raise unless ``root/relative`` is reached from the store's root without a symbolic link
-    (and, with ``missing``, is a file). The root itself may be reached through links.
-    ``verified``: directories (relative) already found to be real ones, shared across calls."""
-    verified = set() if verified is None else verified
-    parts = relative.split("/")
-    for depth in range(1, len(parts) + 1):
-        component = "/".join(parts[:depth])
-        if component in verified:
-            continue
-        try:
-            mode = os.lstat(os.path.join(root, component)).st_mode
-        except FileNotFoundError:
-            if missing is None:
-                return  # nothing there to follow; whoever reads it says what is missing
-            raise TrajectoryError(f"{os.fspath(root)}: {missing}: the store is damaged: retrain the run "
-                                  "(`dvc repro`)") from None
-        except OSError as error:
-            raise TrajectoryError(f"{os.fspath(root)}: {component} cannot be read ({error})") from None
-        if stat.S_ISLNK(mode):
-            raise TrajectoryError(f"{os.fspath(root)}: {component} is a symbolic link; a run is read only from "
-                                  "files inside its own directory: replace the link by what it points to")
-        if depth < len(parts):
-            verified.add(component)
-        elif missing is not None and not stat.S_ISREG(mode):
-            raise TrajectoryError(f"{os.fspath(root)}: {missing}: the store is damaged: retrain the run "
-                                  "(`dvc repro`)")
-
-
-def refuse_link_out(run_dir: str | os.PathLike, name: str) -> None:
-    """Raise unless ``run_dir/name``, when it exists, lies in ``run_dir`` itself, not through a link."""
-    path = os.path.join(os.path.realpath(run_dir), name)
-    if os.path.lexists(path) and os.path.realpath(path) != path:
-        raise TrajectoryError(f"{os.fspath(run_dir)}: {name} is a symbolic link; a run is read only from files "
-                              "inside its own directory: replace the link by what it points to")
 
 
 def _check_metadata_size(location: Location, key: str) -> None:

@@ -1,0 +1,57 @@
+"""The trajectory store: its format, the contract between the pipeline and the viewer, and
+the validating reader. Everything a reader (or the writer) needs is imported from here::
+
+    from weightlapse.pipeline.store import check_store, open_run
+
+Inside, one job per module: :mod:`.format` (names, arrays, codecs, limits, errors, the
+:class:`StoreLayout`), :mod:`.attributes` (the typed :class:`Progress` and
+:class:`RunMetadata`), :mod:`.create` (creating a store), :mod:`.links` (never reading
+through a symbolic link), :mod:`.check` (the validating reader, :func:`check_store`) and
+:mod:`.dataset` (:func:`open_run` and dask arrays over a checked store). docs/store.md is
+the format's reference, for readers in other languages too.
+"""
+
+from weightlapse.pipeline.store.attributes import Progress, RunMetadata, marker_time
+from weightlapse.pipeline.store.check import (
+    CheckedSteps,
+    CheckedStore,
+    check_store,
+    damaged,
+    open_store,
+    read_identity,
+    recheck_store,
+    store_location,
+)
+from weightlapse.pipeline.store.create import create_store
+from weightlapse.pipeline.store.dataset import DASK_BLOCK_STEPS, dask_steps, open_run, pixel_coords, read_progress
+from weightlapse.pipeline.store.format import (
+    ALLOWED_CODECS,
+    ARRAYS,
+    IMAGE_SIDE,
+    MAX_CHUNK_BYTES,
+    MAX_METADATA_BYTES,
+    MAX_STEPS,
+    N_CLASSES,
+    N_PIXELS,
+    REQUIRED_ARRAYS,
+    SCALAR_CHUNK,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STORE_NAME,
+    WEIGHT_DIMS,
+    StoreBeingCreatedError,
+    StoreLayout,
+    TrajectoryError,
+    TrajectoryNotFoundError,
+    step_series_codecs,
+)
+from weightlapse.pipeline.store.links import refuse_link_out, refuse_links
+
+__all__ = [
+    "ALLOWED_CODECS", "ARRAYS", "DASK_BLOCK_STEPS", "IMAGE_SIDE", "MAX_CHUNK_BYTES", "MAX_METADATA_BYTES",
+    "MAX_STEPS", "N_CLASSES", "N_PIXELS", "REQUIRED_ARRAYS", "SCALAR_CHUNK", "SCHEMA", "SCHEMA_VERSION",
+    "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore", "Progress", "RunMetadata", "StoreBeingCreatedError",
+    "StoreLayout", "TrajectoryError", "TrajectoryNotFoundError", "check_store", "create_store", "damaged",
+    "dask_steps", "marker_time", "open_run", "open_store", "pixel_coords", "read_identity", "read_progress",
+    "recheck_store", "refuse_link_out", "refuse_links", "step_series_codecs", "store_location",
+]

@@ -1,0 +1,71 @@
+"""Creating a run's store: the group with its attributes, then every array at its final length.
+
+The group's attributes are written with the group itself, in one atomic write of its
+zarr.json: a reader polling a new run sees either no store or one whose marker says "no
+steps yet", never a group without its marker. Once the arrays exist, their metadata is
+consolidated into that zarr.json (rewritten atomically, attributes unchanged), so that a
+plain ``xarray.open_zarr(path)`` opens the run without a warning; the writer keeps it
+there each time it moves the marker.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from weightlapse.pipeline.store.attributes import Progress, RunMetadata, marker_time
+from weightlapse.pipeline.store.format import (
+    SCALAR_CHUNK,
+    SCHEMA,
+    SCHEMA_VERSION,
+    WEIGHT_DIMS,
+    StoreLayout,
+    step_series_codecs,
+)
+
+
+def create_store(path: str | Path, layout: StoreLayout, metadata: RunMetadata) -> zarr.Group:
+    """Create the store of a run of ``layout`` at ``path`` (which must not exist), no step committed yet."""
+    if not isinstance(metadata, RunMetadata):
+        raise TypeError(f"a store's metadata is a RunMetadata, got {type(metadata).__name__}")
+    group = zarr.open_group(path, mode="w-", zarr_format=3, attributes={
+        "weightlapse": {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **metadata.to_attributes()},
+        "progress": Progress(steps_done=-1, n_steps=layout.n_steps, evals_done=0, finished=False,
+                             updated=marker_time()).as_dict(),
+    })
+    rows = layout.n_steps + 1
+    per_step = (layout.chunk_steps, layout.n_classes, layout.n_pixels)
+
+    def floats(name, shape, chunks, dims):
+        group.create_array(name, shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
+                           dimension_names=dims, **step_series_codecs(len(shape)))
+
+    floats("weights", (rows, layout.n_classes, layout.n_pixels), per_step, WEIGHT_DIMS)
+    floats("loss", (rows,), (min(rows, SCALAR_CHUNK),), ("step",))
+    if layout.bias:
+        floats("bias", (rows, layout.n_classes), (SCALAR_CHUNK // 16, layout.n_classes), ("step", "class"))
+    if layout.gradients:
+        floats("gradients", (rows, layout.n_classes, layout.n_pixels), per_step, WEIGHT_DIMS)
+    if layout.resume_size:
+        # Two rows, written in turn: the progress marker names the one that is complete.
+        group.create_array("resume_state", shape=(2, layout.resume_size), chunks=(1, layout.resume_size),
+                           dtype="float32", fill_value=np.nan, dimension_names=("checkpoint", "value"),
+                           compressors=step_series_codecs(1)["compressors"])
+    n_evals = len(layout.eval_steps)
+    floats("heldout_accuracy", (n_evals,), (max(n_evals, 1),), ("eval_step",))
+    floats("heldout_loss", (n_evals,), (max(n_evals, 1),), ("eval_step",))
+    # Coordinates are known up front: write them whole now.
+    step = group.create_array("step", shape=(rows,), chunks=(min(rows, SCALAR_CHUNK),), dtype="int64",
+                              fill_value=-1, dimension_names=("step",))
+    step[:] = np.arange(rows, dtype=np.int64)
+    eval_step = group.create_array("eval_step", shape=(n_evals,), chunks=(max(n_evals, 1),), dtype="int64",
+                                   fill_value=-1, dimension_names=("eval_step",))
+    eval_step[:] = np.asarray(layout.eval_steps, dtype=np.int64)
+    with warnings.catch_warnings():
+        # zarr notes that consolidated metadata is not in the Zarr v3 spec yet; xarray and zarr-python
+        # read it, and a reader that ignores it reads each array's own zarr.json.
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        return zarr.consolidate_metadata(group.store)
