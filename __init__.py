@@ -33,7 +33,8 @@ _PUBLIC = {
     "save_png": "weightlapse.viewer.analysis.export",
     "save_animation": "weightlapse.viewer.analysis.export",
 }
-_MODULES = {"compare": "weightlapse.viewer.analysis.compare", "stats": "weightlapse.viewer.analysis.stats"}
+_MODULES = {"compare": "weightlapse.viewer.analysis.compare", "stats": "weightlapse.viewer.analysis.stats",
+            "function_space": "weightlapse.viewer.analysis.function_space"}
 __all__ = sorted([*_PUBLIC, *_MODULES, "__version__"])
 
 

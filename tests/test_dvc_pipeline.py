@@ -25,7 +25,7 @@ from weightlapse.pipeline.store import TrajectoryError, open_run, read_progress
 pytestmark = pytest.mark.slow  # real dvc repro runs
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ["__init__.py", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
+COPIED = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
 RUNS = ("original", "seed-1", "sgd")
 # Most tests shrink the sweep to one grid point (one more stage); the offline test trains it whole.
 ONE_POINT_SWEEP = {"optimizer": ["adam"], "lr": [0.001], "batch_size": [20], "seed": [0]}

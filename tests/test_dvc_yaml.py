@@ -12,6 +12,12 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run by the stages but left out of their deps, and why.
+NOT_DEPS = {
+    # the version (recorded in each run's metadata as the one that trained it) and the lazy
+    # public API: neither changes what a stage computes, and upgrading should not retrain
+    "__init__.py",
+}
 
 
 def module_file(module: str) -> Path | None:
@@ -58,7 +64,7 @@ def test_every_module_a_stage_runs_is_in_its_deps():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage, module in (("download", "weightlapse.pipeline.download"), ("train", "weightlapse.pipeline.train"),
                           ("sweep", "weightlapse.pipeline.train")):
-        needed = imported_closure(module)
+        needed = imported_closure(module) - NOT_DEPS
         listed = stage_code_deps(stages[stage])
         assert needed - listed == set(), f"dvc.yaml's {stage} stage leaves out modules it runs"
         assert listed - needed == set(), f"dvc.yaml's {stage} stage lists modules it does not run"

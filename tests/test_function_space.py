@@ -1,0 +1,85 @@
+"""Function-space comparisons on real trained stores, against the train stage's own scores and numpy."""
+
+import numpy as np
+import pytest
+
+from weightlapse.pipeline.datasets import load_dataset
+from weightlapse.pipeline.params import TrainParams
+from weightlapse.pipeline.train import run_training
+from weightlapse.viewer.analysis import function_space
+from weightlapse.viewer.analysis.runs import RunCatalog
+
+
+@pytest.fixture
+def trained(tmp_path, generated_data):
+    """Two seeds of Adam and one SGD run with a bias, 3 epochs of generated data (30 steps)."""
+    data_dir, _ = generated_data
+    dataset = load_dataset(data_dir, "mnist")
+    runs = tmp_path / "runs"
+    for name, config in {"adam-0": TrainParams(seed=0, epochs=3, eval_every=5, device="cpu"),
+                         "adam-1": TrainParams(seed=1, epochs=3, eval_every=5, device="cpu"),
+                         "sgd-bias": TrainParams(optimizer="sgd", lr=0.05, bias=True, epochs=3, eval_every=5,
+                                                 device="cpu")}.items():
+        run_training(config, dataset, runs / name, run_name=name, progress=False)
+    return RunCatalog(runs), function_space.load_heldout(data_dir, "mnist")
+
+
+def softmax_reference(weights, bias, images):
+    """Plain float64 numpy, one step: (image, class) probabilities."""
+    logits = images.astype(np.float64) @ weights.astype(np.float64).T
+    if bias is not None:
+        logits = logits + bias
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def test_accuracy_from_the_stored_weights_is_the_train_stages_held_out_score(trained):
+    catalog, heldout = trained
+    models = function_space.open_models(catalog, ["adam-0", "sgd-bias"])
+    result = function_space.agreement_over_steps(models, heldout)
+    for name, model in models.items():
+        for step, accuracy in zip(model.eval_step.values, model.heldout_accuracy.values):
+            assert result.accuracy.sel(run=name, step=step).item() == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_agreement_and_kl_match_a_numpy_reference_and_a_run_agrees_with_itself(trained):
+    catalog, heldout = trained
+    models = function_space.open_models(catalog, ["adam-0", "adam-1", "sgd-bias"])
+    models["adam-0 again"] = models["adam-0"]
+    result = function_space.agreement_over_steps(models, heldout, every=7)
+    assert list(result.step.values) == [0, 7, 14, 21, 28, 30]
+    assert result.agreement.sel(pair="adam-0 | adam-0 again").values.tolist() == [1.0] * 6
+    assert np.abs(result.symmetric_kl.sel(pair="adam-0 | adam-0 again").values).max() < 1e-12
+
+    a, b = models["adam-1"], models["sgd-bias"]
+    for step in (0, 14, 30):
+        p = softmax_reference(a.weights.values[step], None, heldout.images)
+        q = softmax_reference(b.weights.values[step], b.bias.values[step], heldout.images)
+        agree = (p.argmax(axis=1) == q.argmax(axis=1)).mean()
+        kl = (0.5 * (p * np.log(p / q) + q * np.log(q / p)).sum(axis=1)).mean()
+        assert result.agreement.sel(pair="adam-1 | sgd-bias", step=step).item() == agree
+        assert result.symmetric_kl.sel(pair="adam-1 | sgd-bias", step=step).item() == pytest.approx(kl, rel=1e-5)
+    # two seeds start from different random weights, so they disagree at step 0 more than later
+    seeds = result.symmetric_kl.sel(pair="adam-0 | adam-1")
+    assert seeds.sel(step=0).item() > 0
+
+
+def test_the_confusion_counts_each_held_out_image_once(trained):
+    catalog, heldout = trained
+    model = function_space.open_models(catalog, ["sgd-bias"])["sgd-bias"]
+    confusion = function_space.confusion_at(model, heldout, step=30)
+    assert confusion.dims == ("true", "predicted")
+    assert confusion.sum("predicted").values.tolist() == np.bincount(heldout.labels, minlength=10).tolist()
+    assert np.trace(confusion.values) / len(heldout.labels) == pytest.approx(model.heldout_accuracy.values[-1],
+                                                                           abs=1e-6)
+    with pytest.raises(ValueError, match="outside the run's valid steps 0..30"):
+        function_space.confusion_at(model, heldout, step=31)
+
+
+def test_runs_of_different_shapes_or_without_steps_are_refused(trained):
+    catalog, heldout = trained
+    models = function_space.open_models(catalog, ["adam-0"])
+    with pytest.raises(ValueError, match="every must be at least 1"):
+        function_space.agreement_over_steps(models, heldout, every=0)
+    with pytest.raises(ValueError, match="at least 1 runs"):
+        function_space.agreement_over_steps({}, heldout)

@@ -1,0 +1,148 @@
+"""Function-space comparisons: whether runs compute the same thing, not only where their weights are.
+
+Two runs can sit far apart in weight space and predict alike (softmax regression ignores
+the part of the weights shared by every class), or sit close and disagree on the images
+near a decision boundary. These measures compare what the models compute, on the
+held-out split, from the stored weights::
+
+    from weightlapse.viewer.analysis import function_space
+    from weightlapse.viewer.analysis.runs import RunCatalog
+    heldout = function_space.load_heldout("data/mnist", "mnist")     # the test images and labels
+    models = function_space.open_models(RunCatalog("runs"), ["adam-lr0.001-b20-seed0", "adam-lr0.001-b20-seed1"])
+    result = function_space.agreement_over_steps(models, heldout, every=10)
+    result.agreement      # (pair, step): fraction of held-out images both runs put in the same class
+    result.symmetric_kl   # (pair, step): mean over images of (KL(p_a||p_b) + KL(p_b||p_a)) / 2, in nats
+    result.accuracy       # (run, step): each run's held-out accuracy, as the train stage scores it
+    function_space.confusion_at(models["adam-lr0.001-b20-seed0"], heldout, step=3000)  # (true, predicted)
+
+Steps are those all the runs have (0 .. the shortest run's last valid step), every
+``every``-th and always the last. The stores are read a block of steps at a time through
+dask, and ``scheduler`` (None: threads here; an address or Client: that cluster) and
+``progress`` work as in :mod:`weightlapse.viewer.analysis.compare`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import dask
+import numpy as np
+import xarray as xr
+
+from weightlapse.pipeline.cluster import compute
+from weightlapse.pipeline.datasets import load_dataset
+from weightlapse.pipeline.store import open_run
+
+# Steps per task: the logits of one run for one step over 10,000 images are 400 KB (float32).
+BLOCK_STEPS = 16
+
+Progress = Callable[[float], None] | None
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out split the train stage scores: images (image, pixel) float32 in [0, 1]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    dataset: str
+
+
+def load_heldout(data_dir, dataset: str) -> HeldOut:
+    """The held-out split of ``dataset`` from the data stage's directory (checked as training reads it)."""
+    split = load_dataset(data_dir, dataset).test
+    return HeldOut(split.images, split.labels.astype(np.int64), dataset)
+
+
+def open_models(catalog, names: Iterable[str]) -> dict[str, xr.Dataset]:
+    """The listed runs of ``catalog`` (a RunCatalog) as lazy Datasets with their weights (and bias)."""
+    return {name: open_run(catalog.location(name)) for name in names}
+
+
+def _shared_steps(models: Mapping[str, xr.Dataset], every: int, least: int) -> np.ndarray:
+    if len(models) < least:
+        raise ValueError(f"give at least {least} runs to compare, got {len(models)}")
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
+    shapes = {name: model.weights.shape for name, model in models.items()}
+    if len({shape[1:] for shape in shapes.values()}) > 1:
+        raise ValueError(f"the runs' weights have different shapes ({shapes}); compare runs of one model")
+    n_steps = min(shape[0] for shape in shapes.values())
+    if n_steps < 1:
+        raise ValueError("a run has no valid step yet; compare runs once they have steps")
+    steps = np.arange(0, n_steps, every)
+    return steps if steps[-1] == n_steps - 1 else np.append(steps, n_steps - 1)
+
+
+def log_probabilities(weights: np.ndarray, bias: np.ndarray | None, images: np.ndarray) -> np.ndarray:
+    """(step, image, class) log-softmax of the model's logits. ``weights`` (step, class, pixel)."""
+    logits = np.einsum("scp,np->snc", weights.astype(np.float32), images, optimize=True).astype(np.float64)
+    if bias is not None:
+        logits += bias.astype(np.float64)[:, None, :]
+    logits -= logits.max(axis=2, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+
+
+def _block_measures(weights: list[np.ndarray], biases: list[np.ndarray | None], images: np.ndarray,
+                    labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a block of steps: agreement and symmetric KL per pair (pair, step), accuracy per run (run, step)."""
+    log_p = [log_probabilities(w, b, images) for w, b in zip(weights, biases)]
+    predicted = [lp.argmax(axis=2) for lp in log_p]
+    accuracy = np.stack([(p == labels).mean(axis=1) for p in predicted])
+    agreement, kl = [], []
+    for a, b in itertools.combinations(range(len(log_p)), 2):
+        agreement.append((predicted[a] == predicted[b]).mean(axis=1))
+        difference = log_p[a] - log_p[b]
+        # (KL(a||b) + KL(b||a)) / 2 = sum_c (p_a - p_b)(log p_a - log p_b) / 2
+        kl.append(((np.exp(log_p[a]) - np.exp(log_p[b])) * difference).sum(axis=2).mean(axis=1) / 2)
+    width = weights[0].shape[0]
+    empty = np.zeros((0, width))
+    return (np.stack(agreement) if agreement else empty, np.stack(kl) if kl else empty, accuracy)
+
+
+def agreement_over_steps(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, every: int = 1,
+                         scheduler=None, progress: Progress = None) -> xr.Dataset:
+    """How alike the runs' predictions are on the held-out images, step by step.
+
+    ``agreement`` (pair, step): the fraction of images both runs of the pair classify the
+    same; ``symmetric_kl`` (pair, step): the mean over images of the symmetrised KL
+    divergence between their predictive distributions, in nats; ``accuracy`` (run, step):
+    each run's held-out accuracy. Pairs are named ``"a | b"`` in the order given.
+    """
+    names = list(models)
+    steps = _shared_steps(models, every, 1)
+    images = dask.delayed(heldout.images, pure=True)
+    labels = dask.delayed(heldout.labels, pure=True)
+    tasks = []
+    for start in range(0, len(steps), BLOCK_STEPS):
+        block = steps[start:start + BLOCK_STEPS]
+        weights = [models[name].weights.data[block] for name in names]
+        biases = [None if "bias" not in models[name] else models[name].bias.data[block] for name in names]
+        tasks.append(dask.delayed(_block_measures)(weights, biases, images, labels))
+    blocks = compute(tasks, scheduler=scheduler, progress=progress)
+    pairs = [f"{a} | {b}" for a, b in itertools.combinations(names, 2)]
+    return xr.Dataset(
+        {"agreement": (("pair", "step"), np.concatenate([block[0] for block in blocks], axis=1)),
+         "symmetric_kl": (("pair", "step"), np.concatenate([block[1] for block in blocks], axis=1)),
+         "accuracy": (("run", "step"), np.concatenate([block[2] for block in blocks], axis=1))},
+        coords={"pair": pairs, "run": names, "step": steps},
+        attrs={"dataset": heldout.dataset, "n_images": len(heldout.labels),
+               "symmetric_kl_units": "nats"})
+
+
+def confusion_at(model: xr.Dataset, heldout: HeldOut, *, step: int) -> xr.DataArray:
+    """(true, predicted) counts of the held-out images at ``step``: rows sum to each class's images."""
+    n_steps = model.weights.shape[0]
+    if not 0 <= step < n_steps:
+        raise ValueError(f"step {step} is outside the run's valid steps 0..{n_steps - 1}")
+    weights = np.asarray(model.weights.data[step:step + 1])
+    bias = None if "bias" not in model else np.asarray(model.bias.data[step:step + 1])
+    predicted = log_probabilities(weights, bias, heldout.images)[0].argmax(axis=1)
+    n_classes = weights.shape[1]
+    counts = np.bincount(heldout.labels * n_classes + predicted, minlength=n_classes * n_classes)
+    classes = list(model.weights["class"].values) if "class" in model.weights.coords else list(range(n_classes))
+    return xr.DataArray(counts.reshape(n_classes, n_classes), dims=("true", "predicted"),
+                        coords={"true": classes, "predicted": classes}, name="confusion",
+                        attrs={"step": step, "dataset": heldout.dataset})
