@@ -5,7 +5,8 @@
     weightlapse sweep --data data/mnist --out runs-sweep
     weightlapse runs [RUNS_DIR]                     # the runs index
     weightlapse stats RUN --out stats.zarr          # per-pixel change statistics
-    weightlapse compare RUNS_DIR --group G --out comparison.zarr
+    weightlapse compare RUNS_DIR --group G [--centred] --out comparison.zarr
+    weightlapse function-space RUNS_DIR --group G --out predictions.zarr
     weightlapse publish RUN_DIR s3://bucket/runs/NAME
     weightlapse view [RUNS_DIR] [--port N]          # the viewer on 127.0.0.1
 
@@ -34,6 +35,8 @@ COMMANDS = {
     "stats": ("weightlapse.viewer.analysis.stats", "per-pixel change statistics of a run, written as a Zarr store"),
     "compare": ("weightlapse.viewer.analysis.compare",
                 "cross-run comparisons of a group of runs, written as a Zarr store"),
+    "function-space": ("weightlapse.viewer.analysis.function_space",
+                       "how alike runs' predictions are on the held-out split, over steps, as a Zarr store"),
 }
 
 

@@ -119,6 +119,11 @@ def test_the_command_writes_every_comparison_of_a_group(catalog, tmp_path):
     assert result.distance_to_reference.dims == ("other_run", "step")
     assert result.pca_path.shape == (3, 11, 2)
     assert compare.main([str(catalog.runs_dir), "--group", "no such group", "--out", str(out)]) == 1
+    assert result.attrs["weights"] == "raw"
+    centred = tmp_path / "centred.zarr"
+    assert compare.main([str(catalog.runs_dir), "--group", group, "--every", "10", "--centred", "--out",
+                         str(centred)]) == 0
+    assert xr.open_zarr(centred).attrs["weights"].startswith("centred")
 
 
 def test_the_runs_index_command_writes_it_as_csv(catalog, tmp_path):
@@ -138,3 +143,53 @@ def test_the_command_never_writes_over_the_runs_it_compares(catalog, tmp_path):
     for out in (runs, runs / "adam-seed0", runs / "comparison.zarr", runs / "adam-seed1" / "trajectory.zarr"):
         assert compare.main([str(runs), "--group", group, "--out", str(out)]) == 1
     assert {info.state for info in catalog.list()} == {"finished"} and len(catalog.list()) == 4
+
+
+def test_the_distance_splits_into_its_centred_and_class_mean_parts(catalog):
+    runs = compare.open_trajectories(catalog, ["adam-seed0", "adam-seed1"])
+    result = compare.distance_over_steps(runs["adam-seed0"], runs["adam-seed1"])
+    a, b = stored(catalog, "adam-seed0"), stored(catalog, "adam-seed1")
+    mean_a, mean_b = a.mean(axis=1, keepdims=True), b.mean(axis=1, keepdims=True)
+    centred = np.sqrt((((a - mean_a) - (b - mean_b)) ** 2).sum(axis=(1, 2)))
+    class_mean = np.sqrt(10 * ((mean_a - mean_b) ** 2).sum(axis=(1, 2)))
+    np.testing.assert_allclose(result.centred_distance.values, centred, rtol=1e-9)
+    np.testing.assert_allclose(result.class_mean_distance.values, class_mean, rtol=1e-9)
+    np.testing.assert_allclose(result.distance ** 2, result.centred_distance ** 2 + result.class_mean_distance ** 2,
+                               rtol=1e-9)
+
+
+def test_centred_weights_have_no_class_mean_and_predict_the_same(catalog):
+    weights = compare.open_trajectories(catalog, ["adam-seed0"])["adam-seed0"]
+    centred = compare.centred(weights)
+    assert centred.dims == weights.dims and np.abs(centred.mean("class").values).max() < 1e-6
+    images = np.random.default_rng(0).random((20, 784))
+    logits, centred_logits = weights.values[50] @ images.T, centred.values[50] @ images.T
+    shift = logits - centred_logits  # the same for every class: softmax ignores it
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[:1], shift.shape), atol=1e-4)
+
+
+def test_a_centred_comparison_uses_the_centred_weights_throughout(catalog):
+    runs = compare.open_trajectories(catalog, ["adam-seed0", "adam-seed1", "adam-seed2"])
+    raw = compare.compare_runs(runs)
+    result = compare.compare_runs(runs, centre=True)
+    assert result.attrs["weights"].startswith("centred") and raw.attrs["weights"] == "raw"
+    split = compare.distance_over_steps(runs["adam-seed0"], runs["adam-seed1"])
+    np.testing.assert_allclose(result.distance_to_reference.sel(other_run="adam-seed1"), split.centred_distance)
+    np.testing.assert_allclose(result.class_mean_distance_to_reference, raw.class_mean_distance_to_reference)
+    centred = {name: compare.centred(weights) for name, weights in runs.items()}
+    np.testing.assert_allclose(result.cosine, compare.similarity_matrix(centred).cosine)
+
+
+def test_under_plain_sgd_the_class_mean_of_the_weights_stays_at_its_initial_value(tmp_path, generated_data):
+    from weightlapse.pipeline.datasets import load_dataset
+    from weightlapse.pipeline.params import TrainParams
+    from weightlapse.pipeline.store import open_run
+    from weightlapse.pipeline.train import run_training
+
+    data_dir, _ = generated_data
+    run_training(TrainParams(optimizer="sgd", lr=0.1, epochs=3, device="cpu"), load_dataset(data_dir, "mnist"),
+                 tmp_path / "sgd", run_name="sgd", progress=False)
+    weights = open_run(tmp_path / "sgd").weights.values.astype(np.float64)  # (31, 10, 784)
+    class_mean = weights.mean(axis=1)
+    assert np.abs(weights[-1] - weights[0]).max() > 1e-3  # the weights moved
+    assert np.abs(class_mean - class_mean[0]).max() < 1e-7  # their class-mean did not, to float32 rounding

@@ -83,3 +83,27 @@ def test_runs_of_different_shapes_or_without_steps_are_refused(trained):
         function_space.agreement_over_steps(models, heldout, every=0)
     with pytest.raises(ValueError, match="at least 1 runs"):
         function_space.agreement_over_steps({}, heldout)
+
+
+def test_the_command_writes_agreement_and_confusion_and_refuses_other_data(trained, generated_data, tmp_path):
+    import xarray as xr
+    from idx_files import write_dataset
+
+    catalog, heldout = trained
+    data_dir, _ = generated_data
+    out = tmp_path / "predictions.zarr"
+    assert function_space.main([str(catalog.runs_dir), "--runs", "adam-0", "adam-1", "--data", str(data_dir),
+                                "--every", "10", "--out", str(out)]) == 0
+    result = xr.open_zarr(out)
+    assert list(result.pair.values) == ["adam-0 | adam-1"] and list(result.step.values) == [0, 10, 20, 30]
+    assert result.confusion.dims == ("run", "true", "predicted") and int(result.confusion.sum()) == 2 * 50
+    # the same command again replaces its own output; anything else is left alone
+    assert function_space.main([str(catalog.runs_dir), "--runs", "adam-0", "--data", str(data_dir),
+                                "--out", str(out)]) == 0
+    other = tmp_path / "other-data"
+    write_dataset(other, seed=5)
+    assert function_space.main([str(catalog.runs_dir), "--runs", "adam-0", "--data", str(other),
+                                "--out", str(tmp_path / "x.zarr")]) == 1
+    assert not (tmp_path / "x.zarr").exists()
+    assert function_space.main([str(catalog.runs_dir), "--runs", "adam-0", "--data", str(data_dir),
+                                "--out", str(catalog.runs_dir)]) == 1

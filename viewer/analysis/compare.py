@@ -16,6 +16,16 @@ Headless use, for research scripts::
     compare.spread_summary(runs).mean_spread          # per-pixel spread across the runs, per step
     compare.similarity_matrix(runs).cosine            # (run, other) at the last shared step
     compare.trajectory_pca(runs).path                 # (run, step, component), one shared basis
+    centred = {name: compare.centred(w) for name, w in runs.items()}  # the same, on what predicts
+
+Raw or centred weights. Softmax regression predicts the same for W and W + 1v^T (one vector
+added to every class's weights), and the gradient of the cross-entropy sums to zero over the
+classes, so under plain SGD the class-mean of the weights never leaves its random initial
+value. Raw distances between runs therefore keep a part that only measures their
+initialisations. :func:`centred` removes the class-mean (per pixel, per step): what is left
+is exactly the part that changes predictions, and every function here takes it as well as
+the raw weights. :func:`distance_over_steps` reports the split: the raw distance squared is
+the centred distance squared plus the class-mean part's squared.
 
 Every function compares the runs over the steps they all have (0 .. the shortest run's
 last valid step), reads the stores chunk by chunk through dask (never whole), and takes
@@ -68,6 +78,15 @@ def open_trajectories(catalog, names: Iterable[str]) -> dict[str, xr.DataArray]:
     return {name: open_run(catalog.location(name)).weights for name in names}
 
 
+def centred(weights: xr.DataArray) -> xr.DataArray:
+    """The weights (step, class, pixel) less their mean over the classes, per step and pixel,
+    lazily: the part of the weights that changes the model's predictions."""
+    result = weights - weights.mean("class")
+    result.name = weights.name
+    result.attrs = {**weights.attrs, "centred": "class-mean removed"}
+    return result
+
+
 def _check_runs(runs: Mapping[str, xr.DataArray], least: int) -> tuple[list[str], int]:
     """Run names and the number of steps they all have."""
     if len(runs) < least:
@@ -104,19 +123,27 @@ def distance_over_steps(a: xr.DataArray, b: xr.DataArray, *, every: int = 1, sch
     """How far apart two runs are at each shared step.
 
     ``distance``: L2 norm of the weight difference (all classes); ``distance_per_class``:
-    per class; ``cosine``: cosine similarity of the flattened weights. Sums in float64.
+    per class; ``cosine``: cosine similarity of the flattened weights. The distance splits
+    into ``centred_distance`` (the class-mean removed from both: the part that changes
+    predictions) and ``class_mean_distance`` (the part predictions ignore), with
+    distance² = centred_distance² + class_mean_distance². Sums in float64.
     """
     _, n_steps = _check_runs({"a": a, "b": b}, 2)
     steps = _steps(n_steps, every)
     wa, wb = _rows(a, steps).astype(np.float64), _rows(b, steps).astype(np.float64)
-    per_class, dot, norm_a, norm_b = compute(
+    n_classes = wa.shape[1]
+    per_class, dot, norm_a, norm_b, mean_part = compute(
         [((wa - wb) ** 2).sum(axis=2), (wa * wb).sum(axis=(1, 2)), (wa ** 2).sum(axis=(1, 2)),
-         (wb ** 2).sum(axis=(1, 2))], scheduler=scheduler, progress=progress)
+         (wb ** 2).sum(axis=(1, 2)), n_classes * ((wa - wb).mean(axis=1) ** 2).sum(axis=1)],
+        scheduler=scheduler, progress=progress)
     with np.errstate(invalid="ignore", divide="ignore"):
         cosine = dot / np.sqrt(norm_a * norm_b)
+    squared = per_class.sum(axis=1)
     return xr.Dataset(
-        {"distance": ("step", np.sqrt(per_class.sum(axis=1))),
+        {"distance": ("step", np.sqrt(squared)),
          "distance_per_class": (("step", "class"), np.sqrt(per_class)),
+         "centred_distance": ("step", np.sqrt(np.maximum(squared - mean_part, 0.0))),
+         "class_mean_distance": ("step", np.sqrt(mean_part)),
          "cosine": ("step", cosine)},
         coords={"step": steps, "class": np.arange(per_class.shape[1])},
         attrs={"run_a": str(a.name or ""), "run_b": str(b.name or "")})
@@ -252,10 +279,12 @@ def _fix_signs(basis: np.ndarray) -> np.ndarray:
     return basis * np.where(largest < 0, -1.0, 1.0)[:, None]
 
 
-def compare_runs(runs: Mapping[str, xr.DataArray], *, every: int = 1, n_components: int = 2, scheduler=None,
-                 progress: Progress = None) -> xr.Dataset:
+def compare_runs(runs: Mapping[str, xr.DataArray], *, every: int = 1, n_components: int = 2,
+                 centre: bool = False, scheduler=None, progress: Progress = None) -> xr.Dataset:
     """All of the above for one group of runs, in one Dataset (what the command writes):
-    distance of each run to the first, the spread, the similarity matrix and the PCA."""
+    distance of each run to the first, the spread, the similarity matrix and the PCA, of the
+    raw weights or, with ``centre``, of the centred ones (:func:`centred`). The distance's
+    class-mean part is reported either way (``class_mean_distance_to_reference``)."""
     names, n_steps = _check_runs(runs, 2)
     runs = {name: runs[name].isel(step=slice(0, n_steps)) for name in names}  # the steps the whole group has
     n_parts = len(names) + 2
@@ -264,14 +293,22 @@ def compare_runs(runs: Mapping[str, xr.DataArray], *, every: int = 1, n_componen
         return None if progress is None else (lambda fraction: progress((index + fraction) / n_parts))
 
     reference = names[0]
+    # of the raw weights: each distance splits into its centred and class-mean parts
     distances = [distance_over_steps(runs[reference], runs[name], every=every, scheduler=scheduler,
-                                     progress=part(index)).distance for index, name in enumerate(names[1:])]
+                                     progress=part(index)) for index, name in enumerate(names[1:])]
+    if centre:
+        runs = {name: centred(weights) for name, weights in runs.items()}
     spread = spread_summary(runs, every=every, scheduler=scheduler, progress=part(len(names) - 1))
     similarity = similarity_matrix(runs, scheduler=scheduler)
     pca = trajectory_pca(runs, n_components=n_components, every=every, scheduler=scheduler,
                          progress=part(len(names) + 1))
+
+    def by_other_run(variable: str) -> xr.DataArray:
+        return xr.concat([d[variable] for d in distances], dim="other_run").assign_coords(other_run=names[1:])
+
     result = xr.Dataset(
-        {"distance_to_reference": xr.concat(distances, dim="other_run").assign_coords(other_run=names[1:]),
+        {"distance_to_reference": by_other_run("centred_distance" if centre else "distance"),
+         "class_mean_distance_to_reference": by_other_run("class_mean_distance"),
          "mean_spread": spread.mean_spread, "spread": spread.spread, "spread_over_classes": spread.spread_over_classes,
          "cosine": similarity.cosine, "distance": similarity.distance,
          "pca_path": pca.path, "explained_variance_ratio": pca.explained_variance_ratio,
@@ -279,7 +316,8 @@ def compare_runs(runs: Mapping[str, xr.DataArray], *, every: int = 1, n_componen
         coords={"run": np.array(names, dtype=object), "other": np.array(names, dtype=object),
                 "other_run": np.array(names[1:], dtype=object)},
         attrs={"reference_run": reference, "runs": names, "similarity_step": similarity.attrs["step"],
-               "spread_step": spread.attrs["spread_step"], "caveat": PCA_CAVEAT})
+               "spread_step": spread.attrs["spread_step"], "caveat": PCA_CAVEAT,
+               "weights": "centred (class-mean removed)" if centre else "raw"})
     if progress:
         progress(1.0)
     return result
@@ -299,6 +337,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     chosen.add_argument("--group", help="compare the runs of this group of the runs index (runs differing in seed)")
     parser.add_argument("--every", type=int, default=1, help="use every N-th shared step (default 1: all)")
     parser.add_argument("--components", type=int, default=2, help="PCA components to project onto")
+    parser.add_argument("--centred", action="store_true",
+                        help="compare the weights less their class-mean, the part that changes predictions")
     parser.add_argument("--scheduler", default=None, help="Dask scheduler address (default: threads here)")
     parser.add_argument("--out", required=True, help="Zarr store to write (xarray.open_zarr reads it)")
     args = parser.parse_args(argv)
@@ -315,7 +355,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
                 raise ValueError(f"group {args.group!r} has {len(names)} run(s); groups: {'; '.join(groups)}")
         runs = open_trajectories(catalog, names)
         with tqdm(total=100, unit="%", desc="comparing") as bar:
-            result = compare_runs(runs, every=args.every, n_components=args.components, scheduler=args.scheduler,
+            result = compare_runs(runs, every=args.every, n_components=args.components, centre=args.centred,
+                                  scheduler=args.scheduler,
                                   progress=lambda fraction: bar.update(round(fraction * 100) - bar.n))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)

@@ -1,5 +1,8 @@
 """Function-space comparisons: whether runs compute the same thing, not only where their weights are.
 
+    weightlapse function-space runs --group "mnist adam lr=0.001 ..." --out predictions.zarr
+    weightlapse function-space runs --runs a b --data data/mnist --every 10 --out predictions.zarr
+
 Two runs can sit far apart in weight space and predict alike (softmax regression ignores
 the part of the weights shared by every class), or sit close and disagree on the images
 near a decision boundary. These measures compare what the models compute, on the
@@ -23,17 +26,25 @@ dask, and ``scheduler`` (None: threads here; an address or Client: that cluster)
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import logging
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import dask
 import numpy as np
 import xarray as xr
 
 from weightlapse.pipeline.cluster import compute
-from weightlapse.pipeline.datasets import load_dataset
-from weightlapse.pipeline.store import open_run
+from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS, load_dataset
+from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
+from weightlapse.pipeline.store import RunMetadata, open_run
+
+log = logging.getLogger(__name__)
 
 # Steps per task: the logits of one run for one step over 10,000 images are 400 KB (float32).
 BLOCK_STEPS = 16
@@ -48,12 +59,25 @@ class HeldOut:
     images: np.ndarray
     labels: np.ndarray
     dataset: str
+    files: Mapping[str, str]  # the held-out files' checksums ("sha256:...")
 
 
 def load_heldout(data_dir, dataset: str) -> HeldOut:
     """The held-out split of ``dataset`` from the data stage's directory (checked as training reads it)."""
-    split = load_dataset(data_dir, dataset).test
-    return HeldOut(split.images, split.labels.astype(np.int64), dataset)
+    loaded = load_dataset(data_dir, dataset)
+    files = {name: loaded.file_checksums[name] for name in (TEST_IMAGES, TEST_LABELS)}
+    return HeldOut(loaded.test.images, loaded.test.labels.astype(np.int64), dataset, files)
+
+
+def check_trained_on(models: Mapping[str, xr.Dataset], heldout: HeldOut) -> None:
+    """Refuse runs whose store records other held-out files than ``heldout``'s (ValueError)."""
+    for name, model in models.items():
+        meta = RunMetadata.parse(model.attrs.get("weightlapse"))
+        recorded = {file: meta.dataset_files.get(file) for file in heldout.files}
+        if meta.dataset != heldout.dataset or recorded != dict(heldout.files):
+            raise ValueError(f"run {name!r} was scored on {meta.dataset or 'unknown data'} with other held-out files "
+                             f"than the {heldout.dataset} files given; pass --data with the directory its data "
+                             "stage wrote")
 
 
 def open_models(catalog, names: Iterable[str]) -> dict[str, xr.Dataset]:
@@ -127,7 +151,8 @@ def agreement_over_steps(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, 
         {"agreement": (("pair", "step"), np.concatenate([block[0] for block in blocks], axis=1)),
          "symmetric_kl": (("pair", "step"), np.concatenate([block[1] for block in blocks], axis=1)),
          "accuracy": (("run", "step"), np.concatenate([block[2] for block in blocks], axis=1))},
-        coords={"pair": pairs, "run": names, "step": steps},
+        # object arrays: stored as Zarr v3 variable-length strings, which every reader knows
+        coords={"pair": np.array(pairs, dtype=object), "run": np.array(names, dtype=object), "step": steps},
         attrs={"dataset": heldout.dataset, "n_images": len(heldout.labels),
                "symmetric_kl_units": "nats"})
 
@@ -142,7 +167,65 @@ def confusion_at(model: xr.Dataset, heldout: HeldOut, *, step: int) -> xr.DataAr
     predicted = log_probabilities(weights, bias, heldout.images)[0].argmax(axis=1)
     n_classes = weights.shape[1]
     counts = np.bincount(heldout.labels * n_classes + predicted, minlength=n_classes * n_classes)
-    classes = list(model.weights["class"].values) if "class" in model.weights.coords else list(range(n_classes))
+    classes = np.arange(n_classes)
     return xr.DataArray(counts.reshape(n_classes, n_classes), dims=("true", "predicted"),
                         coords={"true": classes, "predicted": classes}, name="confusion",
                         attrs={"step": step, "dataset": heldout.dataset})
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    from tqdm import tqdm
+
+    from weightlapse.pipeline.cluster import ClusterError
+    from weightlapse.pipeline.datasets import DatasetError
+    from weightlapse.pipeline.store import TrajectoryError
+    from weightlapse.viewer.analysis.runs import RunCatalog, RunNotFoundError
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", help="runs location: a directory or an fsspec URL (s3://bucket/runs)")
+    chosen = parser.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--runs", nargs="+", help="run names to compare")
+    chosen.add_argument("--group", help="compare the runs of this group of the runs index (runs differing in seed)")
+    parser.add_argument("--data", help="the data stage's directory of the runs' dataset (default: data/<dataset>)")
+    parser.add_argument("--every", type=int, default=1, help="use every N-th shared step (default 1: all)")
+    parser.add_argument("--scheduler", default=None, help="Dask scheduler address (default: threads here)")
+    parser.add_argument("--out", required=True, help="Zarr store to write (xarray.open_zarr reads it)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        catalog = RunCatalog(args.runs_dir)
+        names = args.runs
+        if args.group is not None:
+            index = catalog.index()
+            names = list(index.index[index.group == args.group])
+            if not names:
+                raise ValueError(f"no run is in group {args.group!r}; groups: {'; '.join(sorted(set(index.group)))}")
+        models = open_models(catalog, names)
+        datasets = {RunMetadata.parse(model.attrs.get("weightlapse")).dataset for model in models.values()}
+        if len(datasets) != 1 or not next(iter(datasets)):
+            raise ValueError(f"the runs were trained on {', '.join(sorted(datasets)) or 'unrecorded data'}; "
+                             "compare predictions of runs on one dataset")
+        dataset = datasets.pop()
+        data_dir = Path(args.data) if args.data else Path("data") / dataset
+        check_output_target(args.out, inputs=[args.runs_dir, data_dir], kind="function-space")
+        heldout = load_heldout(data_dir, dataset)
+        check_trained_on(models, heldout)
+        with tqdm(total=100, unit="%", desc="predicting") as bar:
+            result = agreement_over_steps(models, heldout, every=args.every, scheduler=args.scheduler,
+                                          progress=lambda fraction: bar.update(round(fraction * 100) - bar.n))
+        last = int(result.step[-1])
+        result["confusion"] = xr.concat([confusion_at(models[name], heldout, step=last) for name in names],
+                                        dim="run").assign_coords(run=np.array(names, dtype=object))
+        result.attrs.update({OUTPUT_MARK: "function-space", "confusion_step": last})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            result.to_zarr(args.out, mode="w", zarr_format=3)
+    except (TrajectoryError, RunNotFoundError, ClusterError, DatasetError, ValueError, OSError) as error:
+        log.error("%s", error)
+        return 1
+    log.info("%d runs compared on %d held-out images -> %s", len(names), len(heldout.labels), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
