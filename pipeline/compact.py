@@ -23,7 +23,6 @@ records the compacted store.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
