@@ -26,6 +26,7 @@ _PUBLIC = {
     "TrajectoryError": "weightlapse.pipeline.store",
     "TrajectoryNotFoundError": "weightlapse.pipeline.store",
     "publish_run": "weightlapse.pipeline.locations",
+    "compact_run": "weightlapse.pipeline.compact",
     "RunCatalog": "weightlapse.viewer.analysis.runs",
     "RunNotFoundError": "weightlapse.viewer.analysis.runs",
     "change_statistics": "weightlapse.viewer.analysis.stats",

@@ -14,7 +14,8 @@ Measures, in one process, on the same data and device, batch-20 Adam for --epoch
 (c) the project's train stage (pipeline.train.run_training) capturing every step to Zarr,
     timed from its first step until the store is closed and flushed. Held-out data is
     scored only at the first and last step, as the notebook scored none; the stage with
-    its default scoring every 100 steps is reported beside it.
+    its default scoring every 100 steps is reported beside it, and (c) with the
+    ``compact`` codec (``capture.codec: compact``), with its bytes per step.
 
 Each of these runs --repeats times, interleaved, and the medians count: timings on a
 small shared machine drift by 20% between runs.
@@ -52,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 from weightlapse.pipeline.datasets import Dataset as RunData
 from weightlapse.pipeline.datasets import Split, load_dataset
 from weightlapse.pipeline.engines import ENGINES, select_engine
-from weightlapse.pipeline.params import TrainParams
+from weightlapse.pipeline.params import CaptureParams, TrainParams
 from weightlapse.pipeline.train import run_training
 from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, plan_steps, select_device, train
 
@@ -129,15 +130,17 @@ def project_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device:
 
 
 def capture_run(dataset_dir: Path, name: str, epochs: int, device: str, out: Path, *,
-                heldout_every: int | None = None) -> dict:
+                heldout_every: int | None = None, codec: str = "fast") -> dict:
     """The train stage, recording every step; its loop's steps/s, bytes per step and peak memory.
 
     Held-out data is scored only at the first and last step unless ``heldout_every`` is
-    given: the notebook scored none, and scoring is not capture.
+    given: the notebook scored none, and scoring is not capture. ``codec``: params'
+    ``capture.codec``.
     """
     dataset = load_dataset(dataset_dir, name)
     steps = plan_steps(len(dataset.train.labels), batch_size=20, epochs=epochs, max_steps=None)
-    config = TrainParams(epochs=epochs, device=device, eval_every=heldout_every or steps)
+    config = TrainParams(epochs=epochs, device=device, eval_every=heldout_every or steps,
+                         capture=CaptureParams(codec=codec))
     # The store writer is forked from the training process: most of its resident pages
     # (the dataset, the interpreter) are the parent's, shared, and counted in both peaks.
     with ChildPeakMemory() as writer:
@@ -260,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = TrainParams(device=device.type)  # the engine the train stage picks for the default run here
     engine = select_engine(defaults, device, even_batches=len(labels) % defaults.batch_size == 0)
 
-    rates: dict[str, list[float]] = {key: [] for key in ("notebook", "no_capture", "autograd", "capture", "heldout")}
+    rates: dict[str, list[float]] = {key: [] for key in ("notebook", "no_capture", "autograd", "capture", "heldout",
+                                                         "compact")}
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits all alike
         rates["notebook"].append(steps_per_s(notebook_loop(images, labels, epochs=args.epochs, device=device)))
         rates["no_capture"].append(steps_per_s(project_loop(images, labels, epochs=args.epochs, device=device,
@@ -273,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             rates["capture"].append(capture["steps_per_s"])
             rates["heldout"].append(capture_run(dataset_dir, name, args.epochs, device.type, Path(tmp) / "scored",
                                                 heldout_every=100)["steps_per_s"])
+            compact = capture_run(dataset_dir, name, args.epochs, device.type, Path(tmp) / "compact", codec="compact")
+            rates["compact"].append(compact["steps_per_s"])
     sweep = sweep_throughput(dataset_dir, name, args.sweep_runs, args.epochs, device.type, args.repeats) \
         if args.sweep_runs else None
     peers = None if args.no_peers else peers_in_subprocess(dataset_dir, args.epochs, args.repeats, args.device)
@@ -293,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         "capture_steps_per_s": median["capture"],
         "autograd_no_capture_steps_per_s": median["autograd"],
         "capture_with_heldout_every_100_steps_per_s": median["heldout"],
+        "compact_capture_steps_per_s": median["compact"],
         "all_runs_steps_per_s": {key: [round(v) for v in values] for key, values in rates.items()},
         "bytes_per_step": capture["bytes_per_step"],
+        "compact_bytes_per_step": compact["bytes_per_step"],
         "raw_bytes_per_step": RAW_BYTES_PER_STEP,
         "peak_rss_mb": short["peak_rss_mb"],
         f"peak_rss_mb_{args.memory_epochs}_epochs": long["peak_rss_mb"],
@@ -307,12 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     results["capture_vs_notebook"] = results["capture_steps_per_s"] / results["notebook_steps_per_s"]
     results["capture_vs_no_capture"] = results["capture_steps_per_s"] / results["no_capture_steps_per_s"]
     results["compression"] = RAW_BYTES_PER_STEP / results["bytes_per_step"]
+    results["compact_compression"] = RAW_BYTES_PER_STEP / results["compact_bytes_per_step"]
+    results["compact_capture_vs_notebook"] = results["compact_capture_steps_per_s"] / results["notebook_steps_per_s"]
     print(json.dumps(results, indent=2))
     print(f"(a) notebook {results['notebook_steps_per_s']:,.0f} steps/s, (b) no capture "
           f"{results['no_capture_steps_per_s']:,.0f} ({engine} engine), (c) capture "
           f"{results['capture_steps_per_s']:,.0f}: (c)/(a) {results['capture_vs_notebook']:.2f} "
           f"(target >= {10 if device.type == 'cuda' else 4}), "
           f"(c)/(b) {results['capture_vs_no_capture']:.2f} (target >= 0.90)")
+    print(f"compact codec: (c) {results['compact_capture_steps_per_s']:,.0f} steps/s, (c)/(a) "
+          f"{results['compact_capture_vs_notebook']:.2f} (target >= 4), {results['compact_bytes_per_step']:,.0f} bytes "
+          f"per step ({results['compact_compression']:.2f}x, target >= 1.8x)")
     print(f"{results['bytes_per_step']:,.0f} bytes per step on disk ({results['compression']:.2f}x, target >= 1.3x); "
           f"peak memory {short['peak_rss_mb']:.0f} MB for 1 epoch, {long['peak_rss_mb']:.0f} MB for "
           f"{args.memory_epochs} epochs (store writer process: {short['writer_peak_rss_mb']:.0f} and "

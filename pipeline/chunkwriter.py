@@ -1,10 +1,14 @@
 """Writing the chunks of a trajectory's float32 (step, ...) arrays straight into their files.
 
 Each chunk is encoded here with the array's own codec settings (an optional transpose,
-little-endian bytes, Blosc) and written to a temporary file renamed over the chunk's key,
-so a chunk file is never seen half-written. The bytes are what zarr itself writes
-(tests/test_store_writer.py compares them), so any zarr reader reads the store. Arrays this
-module cannot write byte-exactly (other stores, other codecs) are written through zarr.
+then little-endian bytes and Blosc, or numcodecs' pcodec) and written to a temporary file
+renamed over the chunk's key, so a chunk file is never seen half-written. For Blosc the
+bytes are what zarr itself writes (tests/test_store_writer.py compares them), so any zarr
+reader reads the store. zarr-python cannot write the pcodec chain at all (pcodec needs the
+transposed chunk contiguous, which zarr's write path does not make it): here the chunk is
+transposed, made contiguous and encoded, with the settings its metadata names, and zarr
+reads it back bit for bit (tests). Arrays this module cannot write (other stores, other
+codecs) are written through zarr.
 
 Why not zarr's own write path: each write reads the chunk back, merges and re-encodes it,
 through enough Python that a block's small arrays (512 losses, a checkpoint, a few
@@ -16,13 +20,16 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numcodecs
+import numcodecs.pcodec
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, TransposeCodec
 from zarr.codecs.bytes import Endian
+from zarr.codecs.numcodecs import PCodec
 from zarr.storage import LocalStore
 
 _BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
@@ -31,16 +38,17 @@ _BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 class ChunkWriter:
     """Writes rows of one float32 (step, ...) array straight into its chunk files.
 
-    Each chunk is encoded as zarr encodes it (an optional transpose, little-endian bytes,
-    Blosc) and written whole, so any zarr reader reads it. A chunk being filled a few rows
+    Each chunk is encoded as its codecs say (an optional transpose, then little-endian
+    bytes and Blosc, or pcodec) and written whole, so any zarr reader reads it. A chunk being filled a few rows
     at a time is kept in memory and written whole again each time: its rows before the
     first ones written here are read from the store once (a resumed run), its rows not
     written yet hold the fill value, as zarr would store them. Only one writer may write an
     array, which the store writer is.
     """
 
-    def __init__(self, array: zarr.Array, directory: Path, blosc: numcodecs.Blosc, *, transposed: bool) -> None:
-        self.array, self._directory, self._blosc = array, directory, blosc
+    def __init__(self, array: zarr.Array, directory: Path, encode: Callable[[np.ndarray], bytes], *,
+                 transposed: bool) -> None:
+        self.array, self._directory, self._encode = array, directory, encode
         self.chunk_steps = array.chunks[0]
         self._n_rows = array.shape[0]
         self._order = (*range(1, array.ndim), 0) if transposed else None
@@ -50,23 +58,23 @@ class ChunkWriter:
         self._open_rows = np.empty((0,), np.float32)
 
     @classmethod
-    def wrap(cls, array: zarr.Array) -> ChunkWriter | zarr.Array:
-        """A direct writer for ``array`` when its store and codecs allow one, else the array itself."""
-        codecs = list(array.metadata.codecs) if array.metadata.zarr_format == 3 else []
+    def wrap(cls, array: zarr.Array, directory: Path | None = None) -> ChunkWriter | zarr.Array:
+        """A direct writer for ``array`` when its store and codecs allow one, else the array itself.
+
+        ``directory``: write the chunk files there instead of the array's own directory (a
+        compaction writes the new chunks of an array before its metadata names them)."""
+        if not (isinstance(array.store, LocalStore) or directory is not None) or array.dtype != np.float32 \
+                or array.chunks[1:] != array.shape[1:] or array.metadata.zarr_format != 3:
+            return array
+        codecs = list(array.metadata.codecs)
         transposed = bool(codecs) and isinstance(codecs[0], TransposeCodec) \
             and tuple(codecs[0].order) == (*range(1, array.ndim), 0)
         if transposed:
             codecs.pop(0)
-        if not (isinstance(array.store, LocalStore) and len(codecs) == 2
-                and isinstance(codecs[0], BytesCodec) and codecs[0].endian in (None, Endian.little)
-                and isinstance(codecs[1], BloscCodec) and array.dtype == np.float32
-                and array.chunks[1:] == array.shape[1:]):
+        encode = chunk_encoder(codecs)
+        if encode is None:
             return array
-        blosc_config = codecs[1]
-        blosc = numcodecs.Blosc(cname=blosc_config.cname.value, clevel=blosc_config.clevel,
-                                shuffle=_BLOSC_SHUFFLE[blosc_config.shuffle.value],
-                                blocksize=blosc_config.blocksize, typesize=blosc_config.typesize)
-        return cls(array, Path(array.store.root) / array.path, blosc, transposed=transposed)
+        return cls(array, directory or Path(array.store.root) / array.path, encode, transposed=transposed)
 
     def __setitem__(self, rows: slice | int, values: np.ndarray) -> None:
         if isinstance(rows, int):
@@ -102,7 +110,22 @@ class ChunkWriter:
     def _write_chunk(self, index: int, rows_of_chunk: np.ndarray) -> None:
         ordered = rows_of_chunk.transpose(self._order) if self._order else rows_of_chunk
         key = self.array.metadata.encode_chunk_key((index, *self._other_chunk_coords))
-        _write_atomically(self._directory / key, self._blosc.encode(np.ascontiguousarray(ordered)))
+        _write_atomically(self._directory / key, self._encode(np.ascontiguousarray(ordered)))
+
+
+def chunk_encoder(codecs: list) -> Callable[[np.ndarray], bytes] | None:
+    """The encoder of a contiguous chunk for these codecs (after any transpose), or None if
+    this module does not write them: little-endian bytes then Blosc, or pcodec alone."""
+    if len(codecs) == 1 and isinstance(codecs[0], PCodec):
+        # zarr's wrapper keeps the numcodecs configuration; the wrapped codec is made from it.
+        config = {key: value for key, value in codecs[0].codec_config.items() if key != "id"}
+        return numcodecs.pcodec.PCodec(**config).encode
+    if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and codecs[0].endian in (None, Endian.little) \
+            and isinstance(codecs[1], BloscCodec):
+        config = codecs[1]
+        return numcodecs.Blosc(cname=config.cname.value, clevel=config.clevel, shuffle=_BLOSC_SHUFFLE[config.shuffle.value],
+                               blocksize=config.blocksize, typesize=config.typesize).encode
+    return None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -66,6 +66,11 @@ class DataParams:
                               f"choose one of {', '.join(sorted(DATASETS))}")
 
 
+# pipeline.store.format.CODECS, named here too so that validating params loads no zarr
+# (tests/test_params.py keeps the two equal).
+CAPTURE_CODECS = ("fast", "compact")
+
+
 @dataclass(frozen=True)
 class CaptureParams:
     # Also store the gradient used at each step (doubles the store's size).
@@ -73,8 +78,15 @@ class CaptureParams:
     # Steps per Zarr chunk along the step axis: small enough that reading one step
     # decompresses little, large enough that a long run has few files.
     chunk_steps: int = DEFAULT_CHUNK_STEPS
+    # How the weights (and gradients) are encoded, both lossless: "fast" (Blosc LZ4, in the
+    # Zarr v3 spec) or "compact" (pcodec, about 1.3 times smaller, slower to write; best
+    # with chunk_steps 256). docs/store.md says which readers read each.
+    codec: str = "fast"
 
     def __post_init__(self) -> None:
+        if self.codec not in CAPTURE_CODECS:
+            raise ParamsError(f"codec: unknown codec {_shown(self.codec)}; choose one of {', '.join(CAPTURE_CODECS)} "
+                              "(fast: Blosc LZ4, readable everywhere; compact: pcodec, smaller)")
         _check_positive_int("chunk_steps", self.chunk_steps)
         if self.chunk_steps * STEP_BYTES > MAX_CHUNK_BYTES:
             raise ParamsError(f"chunk_steps: {self.chunk_steps:,} steps of {STEP_BYTES:,} bytes is "

@@ -69,7 +69,8 @@ class RunPlan:
                              max_steps=config.max_steps)
         layout = StoreLayout(n_steps=n_steps, eval_steps=plan_evals(n_steps, config.eval_every), n_classes=N_CLASSES,
                              n_pixels=N_PIXELS, chunk_steps=config.capture.chunk_steps, bias=config.bias,
-                             gradients=config.capture.gradients, resume_size=optimizer_state_size(config))
+                             gradients=config.capture.gradients, resume_size=optimizer_state_size(config),
+                             codec=config.capture.codec)
         return cls(layout, TrajectoryWriter.default_block_steps(layout))
 
 

@@ -8,6 +8,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from viewer_runs import training_like, write_run
 
@@ -45,6 +46,18 @@ def test_errors_are_one_line_and_exit_1(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr and "no trajectory store" in result.stderr
     assert weightlapse_command("no-such-command").returncode == 2
     assert weightlapse_command("publish", str(tmp_path / "nowhere"), str(tmp_path / "to")).returncode == 1
+    compact = weightlapse_command("compact", str(tmp_path / "nowhere"))
+    assert compact.returncode == 1 and "Traceback" not in compact.stderr and "no trajectory.zarr" in compact.stderr
+
+
+def test_compact_shrinks_a_run_and_keeps_its_values(tmp_path):
+    rows = training_like(300)
+    write_run(tmp_path / "run", rows, chunk_steps=64)
+    result = weightlapse_command("compact", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    before, after = (int(n.replace(",", "")) for n in result.stdout.split(":")[1].split("bytes")[0].split("->"))
+    assert after < before
+    assert np.array_equal(weightlapse.open_run(tmp_path / "run").weights.values.view(np.uint32), rows.view(np.uint32))
 
 
 def test_runs_lists_a_runs_directory_from_anywhere(tmp_path):

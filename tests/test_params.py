@@ -190,6 +190,9 @@ def test_hostile_yaml_is_refused_before_it_is_built(tmp_path, peak_memory, text,
                                        r"evaluations, more than the limit of 1,000,000; use eval_every of at least 4")),
     ("{batch_size: 60001}", r"train\.batch_size: 60,001 is more than the 60,000 images of the largest training split"),
     ("{lr: true}", r"train\.lr: expected a number, got True"),
+    ("{capture: {codec: zstd}}", (r"train\.capture\.codec: unknown codec 'zstd'; choose one of fast, compact \(fast: "
+                                 r"Blosc LZ4, readable everywhere; compact: pcodec, smaller\)")),
+    ("{capture: {codec: 7}}", r"train\.capture\.codec: "),
 ])
 def test_absurd_sizes_are_refused_up_front(tmp_path, train, message):
     with pytest.raises(ParamsError, match=message):
@@ -218,3 +221,14 @@ def test_bounded_params_stay_valid(tmp_path):
     assert params.run("yes").bias is True and params.run("1").capture.chunk_steps == 64
     assert params.run("long").max_n_steps == 9_000_000
     assert params.run("1").max_n_steps == 50
+
+
+def test_the_capture_codec_is_fast_unless_compact_is_asked_for(tmp_path):
+    from weightlapse.pipeline.params import CAPTURE_CODECS
+    from weightlapse.pipeline.store import CODECS
+
+    assert CAPTURE_CODECS == CODECS  # the store writes every codec params accept, and no other
+    params = load_params(write_params(tmp_path, "train: {capture: {codec: compact}}\nruns: {a: {}, b: {capture: "
+                                                "{codec: fast}}, c: {}}\n"))
+    assert params.run("a").capture.codec == "compact" and params.run("b").capture.codec == "fast"
+    assert TrainParams().capture.codec == "fast"

@@ -96,6 +96,13 @@ ARRAY_ATTACKS = {
         {"name": "numcodecs.zlib", "configuration": {"level": 1}})),
     "unknown codec": lambda run: edit_array(run, "weights", lambda doc: doc["codecs"].append(
         {"name": "evil.exec", "configuration": {}})),
+    # numcodecs' BitRound is lossy: a store using it is not a lossless record of the run.
+    "lossy numcodecs filter": lambda run: edit_array(run, "weights", lambda doc: doc["codecs"].insert(
+        0, {"name": "numcodecs.bitround", "configuration": {"keepbits": 8}})),
+    "pcodec with a compressor after it": lambda run: edit_array(run, "weights", lambda doc: doc.update(codecs=[
+        doc["codecs"][0], {"name": "numcodecs.pcodec", "configuration": {"level": 7}}, doc["codecs"][-1]])),
+    "numcodecs serializer other than pcodec": lambda run: edit_array(run, "weights", lambda doc: doc.update(codecs=[
+        doc["codecs"][0], {"name": "numcodecs.zfpy", "configuration": {"mode": 4, "tolerance": 0.1}}])),
     "renamed dims": lambda run: edit_array(run, "weights", lambda doc: doc.update(dimension_names=["a", "b", "c"])),
     "array missing": lambda run: shutil.rmtree(run / STORE_NAME / "heldout_loss"),
     "array is a group": lambda run: edit_array(run, "loss", lambda doc: doc.update(node_type="group")),

@@ -27,6 +27,7 @@ from weightlapse.pipeline.store.dataset import DASK_BLOCK_STEPS, dask_steps, ope
 from weightlapse.pipeline.store.format import (
     ALLOWED_CODECS,
     ARRAYS,
+    CODECS,
     IMAGE_SIDE,
     MAX_CHUNK_BYTES,
     MAX_METADATA_BYTES,
@@ -43,15 +44,17 @@ from weightlapse.pipeline.store.format import (
     StoreLayout,
     TrajectoryError,
     TrajectoryNotFoundError,
+    codec_chain_problem,
+    quiet_numcodecs,
     step_series_codecs,
 )
 from weightlapse.pipeline.store.links import refuse_link_out, refuse_links
 
 __all__ = [
-    "ALLOWED_CODECS", "ARRAYS", "DASK_BLOCK_STEPS", "IMAGE_SIDE", "MAX_CHUNK_BYTES", "MAX_METADATA_BYTES",
+    "ALLOWED_CODECS", "ARRAYS", "CODECS", "DASK_BLOCK_STEPS", "IMAGE_SIDE", "MAX_CHUNK_BYTES", "MAX_METADATA_BYTES",
     "MAX_STEPS", "N_CLASSES", "N_PIXELS", "REQUIRED_ARRAYS", "SCALAR_CHUNK", "SCHEMA", "SCHEMA_VERSION",
     "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore", "Progress", "RunMetadata", "StoreBeingCreatedError",
-    "StoreLayout", "TrajectoryError", "TrajectoryNotFoundError", "check_store", "create_store", "damaged",
-    "dask_steps", "marker_time", "open_run", "open_store", "pixel_coords", "read_identity", "read_progress",
+    "StoreLayout", "TrajectoryError", "TrajectoryNotFoundError", "check_store", "codec_chain_problem", "create_store", "damaged",
+    "dask_steps", "marker_time", "open_run", "open_store", "pixel_coords", "quiet_numcodecs", "read_identity", "read_progress",
     "recheck_store", "refuse_link_out", "refuse_links", "step_series_codecs", "store_location",
 ]

@@ -8,8 +8,8 @@ publishing) reads it through :func:`check_store`, which checks, before any chunk
   n_steps``, ``evals_done`` within the planned evaluations, a finished run complete), so a
   marker saying ``Infinity`` or ``"5"`` is an error here, not a crash later;
 - every array has weightlapse's dtype, dimensions and shape (``n_steps + 1`` rows; 10 classes
-  by 784 pixels today), a chunking that bounds one chunk to ``MAX_CHUNK_BYTES``, and only
-  codecs from the Zarr v3 core or Blosc;
+  by 784 pixels today), a chunking that bounds one chunk to ``MAX_CHUNK_BYTES``, and one of
+  the codec chains weightlapse writes (``format.codec_chain_problem``);
 - every chunk holding a committed row is a file in the store (a missing one would read as
   NaN rows), and no path that is read goes through a symbolic link.
 
@@ -35,7 +35,6 @@ import zarr
 from weightlapse.pipeline.locations import Location, as_location
 from weightlapse.pipeline.store.attributes import Progress, RunMetadata
 from weightlapse.pipeline.store.format import (
-    ALLOWED_CODECS,
     ARRAYS,
     MAX_CHUNK_BYTES,
     MAX_METADATA_BYTES,
@@ -48,6 +47,8 @@ from weightlapse.pipeline.store.format import (
     StoreBeingCreatedError,
     TrajectoryError,
     TrajectoryNotFoundError,
+    codec_chain_problem,
+    quiet_numcodecs,
     shown,
 )
 from weightlapse.pipeline.store.links import refuse_links
@@ -176,7 +177,8 @@ def _open_array(group: zarr.Group, name: str, where: str, *, being_created: bool
                 raise KeyError(name)
             if os.path.getsize(metadata) > MAX_METADATA_BYTES:
                 raise TrajectoryError(f"{location}: {name}/zarr.json is larger than {MAX_METADATA_BYTES:,} bytes")
-        array = group[name]
+        with quiet_numcodecs():
+            array = group[name]
     except TrajectoryError:
         raise
     except KeyError:
@@ -221,10 +223,11 @@ def _check_array(array: zarr.Array, name: str, rows: int, n_evals: int, where: s
     if math.prod(chunks) * array.dtype.itemsize > MAX_CHUNK_BYTES:
         raise TrajectoryError(f"{where}: array {name!r} has chunks of {chunks} ({math.prod(chunks) * 4:,} bytes), "
                               f"over the {MAX_CHUNK_BYTES:,}-byte limit: the store is not weightlapse's")
-    for codec in metadata.codecs:
-        if not isinstance(codec, ALLOWED_CODECS):
-            raise TrajectoryError(f"{where}: array {name!r} uses the codec {type(codec).__name__}; weightlapse "
-                                  "reads only Zarr v3 core codecs and Blosc")
+    problem = codec_chain_problem(tuple(metadata.codecs))
+    if problem:
+        raise TrajectoryError(f"{where}: array {name!r} uses {problem}; weightlapse reads only the codec chains it "
+                              "writes (a transpose, then bytes with Zarr v3 core codecs or Blosc, or numcodecs.pcodec "
+                              "alone): the store is not weightlapse's")
 
 
 def _chunk_keys(array: zarr.Array, name: str, rows: tuple[int, int]) -> list[str]:

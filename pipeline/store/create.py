@@ -23,6 +23,7 @@ from weightlapse.pipeline.store.format import (
     SCHEMA_VERSION,
     WEIGHT_DIMS,
     StoreLayout,
+    quiet_numcodecs,
     step_series_codecs,
 )
 
@@ -39,16 +40,19 @@ def create_store(path: str | Path, layout: StoreLayout, metadata: RunMetadata) -
     rows = layout.n_steps + 1
     per_step = (layout.chunk_steps, layout.n_classes, layout.n_pixels)
 
-    def floats(name, shape, chunks, dims):
-        group.create_array(name, shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
-                           dimension_names=dims, **step_series_codecs(len(shape)))
+    def floats(name, shape, chunks, dims, codec="fast"):
+        with quiet_numcodecs():
+            group.create_array(name, shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
+                               dimension_names=dims,
+                               **step_series_codecs(len(shape), codec, smooth=name != "gradients"))
 
-    floats("weights", (rows, layout.n_classes, layout.n_pixels), per_step, WEIGHT_DIMS)
+    # The codec choice is for the big per-step arrays; the small ones are always "fast".
+    floats("weights", (rows, layout.n_classes, layout.n_pixels), per_step, WEIGHT_DIMS, layout.codec)
     floats("loss", (rows,), (min(rows, SCALAR_CHUNK),), ("step",))
     if layout.bias:
         floats("bias", (rows, layout.n_classes), (SCALAR_CHUNK // 16, layout.n_classes), ("step", "class"))
     if layout.gradients:
-        floats("gradients", (rows, layout.n_classes, layout.n_pixels), per_step, WEIGHT_DIMS)
+        floats("gradients", (rows, layout.n_classes, layout.n_pixels), per_step, WEIGHT_DIMS, layout.codec)
     if layout.resume_size:
         # Two rows, written in turn: the progress marker names the one that is complete.
         group.create_array("resume_state", shape=(2, layout.resume_size), chunks=(1, layout.resume_size),
@@ -68,4 +72,5 @@ def create_store(path: str | Path, layout: StoreLayout, metadata: RunMetadata) -
         # zarr notes that consolidated metadata is not in the Zarr v3 spec yet; xarray and zarr-python
         # read it, and a reader that ignores it reads each array's own zarr.json.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        return zarr.consolidate_metadata(group.store)
+        with quiet_numcodecs():
+            return zarr.consolidate_metadata(group.store)

@@ -16,7 +16,7 @@ import zarr
 from weightlapse.pipeline.locations import Location
 from weightlapse.pipeline.store.attributes import Progress
 from weightlapse.pipeline.store.check import CheckedSteps, check_store, open_store, store_location
-from weightlapse.pipeline.store.format import IMAGE_SIDE, TrajectoryError
+from weightlapse.pipeline.store.format import IMAGE_SIDE, TrajectoryError, quiet_numcodecs
 
 # Steps per dask task when reading weights for analysis (16 MB of float32 weights).
 DASK_BLOCK_STEPS = 512
@@ -43,7 +43,8 @@ def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None
     checked = check_store(path, storage_options)
     group, progress = checked.group, checked.progress
     try:
-        ds = xr.open_zarr(group.store, consolidated=False, zarr_format=3, chunks={})
+        with quiet_numcodecs():
+            ds = xr.open_zarr(group.store, consolidated=False, zarr_format=3, chunks={})
     except Exception as error:  # noqa: BLE001
         raise TrajectoryError(f"{checked.location}: cannot be read as a trajectory: {error}") from None
     ds = ds.drop_vars("resume_state", errors="ignore")  # the writer's, for resuming; no data

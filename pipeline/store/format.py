@@ -25,10 +25,14 @@ reader in another language needs.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec
+from zarr.codecs.numcodecs import PCodec
 
 SCHEMA = "weightlapse.trajectory"
 SCHEMA_VERSION = 1
@@ -56,7 +60,25 @@ MAX_STEPS = 10_000_000
 MAX_CHUNK_BYTES = 64 * 2**20
 # Metadata documents are a few kilobytes; a bigger one is not read.
 MAX_METADATA_BYTES = 1 * 2**20
-ALLOWED_CODECS = (BytesCodec, TransposeCodec, BloscCodec, ZstdCodec, GzipCodec, Crc32cCodec)
+# The codec chains a reader accepts, as (array -> array, array -> bytes, bytes -> bytes)
+# codec types: an optional transpose, then either bytes and a Zarr v3 core or Blosc
+# compressor (the "fast" codec and the small arrays), or numcodecs' pcodec with nothing
+# after it (the "compact" codec). Any other numcodecs codec (BitRound is lossy, for one)
+# is refused: a store using one was not written by weightlapse.
+ALLOWED_CODECS = {
+    "array": (TransposeCodec,),
+    "serializer": (BytesCodec, PCodec),
+    "bytes": (BloscCodec, ZstdCodec, GzipCodec, Crc32cCodec),
+}
+# How the (step, class, pixel) arrays are encoded, by params.yaml's train.capture.codec.
+CODECS = ("fast", "compact")
+# pcodec's settings for "compact": delta order 2 along each weight's steps (after the
+# transpose), the "classic" mode (the automatic one finds nothing more in weights and
+# costs time), level 7, pages of 2**17 values (half a 64-step chunk; pages that fit the
+# CPU's cache encode faster). docs/store.md has the measurements of the others. A gradient
+# is not close to the step before's: gradients are coded without deltas (order 0).
+PCODEC_CONFIG = {"level": 7, "mode_spec": "classic", "delta_spec": "try_consecutive", "delta_encoding_order": 2,
+                 "equal_pages_up_to": 2**17}
 # Coordinates and per-step scalars are tiny; one chunk holds many steps.
 SCALAR_CHUNK = 16384
 
@@ -85,19 +107,57 @@ class StoreLayout:
     bias: bool = False
     gradients: bool = False
     resume_size: int = 0         # length of the optimizer state saved for resuming (0: none kept)
+    codec: str = "fast"          # how weights and gradients are encoded: one of CODECS
 
 
-def step_series_codecs(ndim: int) -> dict[str, Any]:
-    """Codecs for a (step, ...) float32 array: lossless, in the Zarr v3 spec, fast to write.
+def step_series_codecs(ndim: int, codec: str = "fast", *, smooth: bool = True) -> dict[str, Any]:
+    """Codecs for a (step, ...) float32 array, lossless both: ``fast`` (in the Zarr v3 spec,
+    fast to write) or ``compact`` (about 1.3 times smaller again, slower to write).
 
     The transpose puts each weight's consecutive steps next to each other inside a chunk.
     A weight moves by a small fraction of itself per step, so its high bytes repeat along
-    the run; byte-shuffling groups those bytes and LZ4 removes the repeats (docs/store.md
-    has the measurements). Readers see the usual (step, ...) order: zarr undoes the
-    transpose when it reads a chunk.
+    the run: ``fast`` byte-shuffles them together and LZ4 removes the repeats; ``compact``
+    codes each step's difference from the last two (pcodec). Readers see the usual
+    (step, ...) order: zarr undoes the transpose when it reads a chunk. zarr-python cannot
+    write the ``compact`` chain itself (pcodec wants the transposed chunk contiguous):
+    pipeline.chunkwriter encodes its chunks. ``smooth``: the values change little from step
+    to step (weights, not gradients).
     """
-    return {"filters": [TransposeCodec(order=(*range(1, ndim), 0))] if ndim > 1 else [],
-            "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]}
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    filters = [TransposeCodec(order=(*range(1, ndim), 0))] if ndim > 1 else []
+    if codec == "compact":
+        return {"filters": filters, "serializer": pcodec_codec(smooth=smooth), "compressors": None}
+    return {"filters": filters, "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]}
+
+
+def pcodec_codec(*, smooth: bool = True) -> PCodec:
+    """zarr's wrapper of numcodecs' pcodec with the ``compact`` settings."""
+    with quiet_numcodecs():
+        return PCodec(**(PCODEC_CONFIG if smooth else PCODEC_CONFIG | {"delta_encoding_order": 0}))
+
+
+@contextlib.contextmanager
+def quiet_numcodecs() -> Iterator[None]:
+    """A block without zarr's warning that numcodecs codecs are outside the Zarr v3 spec:
+    docs/store.md says which readers read ``numcodecs.pcodec``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+        yield
+
+
+def codec_chain_problem(codecs: tuple) -> str | None:
+    """Why an array's codec chain is not one weightlapse writes, or None if it is."""
+    at = 0
+    while at < len(codecs) and isinstance(codecs[at], ALLOWED_CODECS["array"]):
+        at += 1
+    if at == len(codecs) or not isinstance(codecs[at], ALLOWED_CODECS["serializer"]):
+        return f"the codec {type(codecs[at]).__name__ if at < len(codecs) else None} where bytes or pcodec belongs"
+    serializer = codecs[at]
+    for codec in codecs[at + 1:]:
+        if isinstance(serializer, PCodec) or not isinstance(codec, ALLOWED_CODECS["bytes"]):
+            return f"the codec {type(codec).__name__} after {type(serializer).__name__}"
+    return None
 
 
 def shown(value: Any) -> str:
