@@ -187,8 +187,10 @@ def publish_run(run_dir: str | Path, target: str | Path | Location,
             if links:
                 raise LocationError(f"{run_dir}: {links[0]} is a symbolic link; a run is published only from files "
                                     "inside its own directory: replace the link by the file itself")
-            files = sorted(path for path in run_dir.rglob("*") if path.is_file() and not path.name.startswith(".")
-                           and not path.name.endswith(".partial"))
+            # dot-named files and folders are work in progress (a chunk being written, an
+            # interrupted compaction's staging folder), never part of the run
+            files = sorted(path for path in run_dir.rglob("*") if path.is_file() and not path.name.endswith(".partial")
+                           and not any(part.startswith(".") for part in path.relative_to(run_dir).parts))
             marker = run_dir / "trajectory.zarr" / "zarr.json"
             for path in [path for path in files if path != marker] + [marker]:
                 relative = path.relative_to(run_dir).as_posix()
