@@ -224,7 +224,36 @@ def parse_params(raw: Any, *, source: str = "params") -> Params:
     clashes = sorted(set(runs) & set(sweep_runs))
     if clashes:
         raise ParamsError(f"runs: {', '.join(clashes)} is also a point of the sweep grid; rename the run")
-    return Params(data=data, train=train, runs=runs, sweep_runs=sweep_runs)
+    params = Params(data=data, train=train, runs=runs, sweep_runs=sweep_runs)
+    refuse_twins(params)
+    return params
+
+
+def refuse_twins(params: Params) -> None:
+    """Refuse two runs that would train the same trajectory under two names.
+
+    Everything but the name decides a run's trajectory (every training param and the
+    dataset), so two such runs cost twice the training and storage for one result, and
+    count twice in a seed group's spread and similarity.
+    """
+    seen: dict[tuple, str] = {}
+    for name, config in params.all_runs.items():
+        identity = (params.data.dataset, config)
+        twin = seen.setdefault(identity, name)
+        if twin != name:
+            raise ParamsError(f"{_describe(params, twin)} and {_describe(params, name)} have the same params and "
+                              f"dataset, so they would train the same run twice; {_twin_fix(params, twin, name)}")
+
+
+def _describe(params: Params, name: str) -> str:
+    return f"runs.{name}" if name in params.runs else f"sweep point {name}"
+
+
+def _twin_fix(params: Params, first: str, second: str) -> str:
+    listed = [name for name in (first, second) if name in params.runs]
+    if len(listed) == 1:
+        return f"remove runs.{listed[0]} (the sweep trains it as {({first, second} - set(listed)).pop()}) or change one of its params"
+    return "remove one of them or change one of its params"
 
 
 def sweep_run_name(point: dict[str, Any]) -> str:

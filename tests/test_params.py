@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,30 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repository_params_reproduce_the_original_study():
     params = load_params(REPO / "params.yaml")
     assert params.data.dataset == "mnist"
-    original = params.run("original")
+    original = params.run("adam-lr0.001-b20-seed0")
     assert (original.optimizer, original.lr, original.batch_size, original.epochs, original.bias) == \
         ("adam", 0.001, 20, 1, False)
     assert original == TrainParams()
-    assert {"original", "seed-1", "sgd"} <= set(params.runs)
-    assert params.run("seed-1").seed != original.seed
-    assert params.run("sgd").optimizer == "sgd"
+    assert params.run("adam-lr0.001-b20-seed1") == dataclasses.replace(original, seed=1)
+    assert params.run("sgd-lr0.01-b20-seed0").optimizer == "sgd"
+
+
+def test_repository_params_train_no_run_twice():
+    params = load_params(REPO / "params.yaml")
+    identities = [(params.data.dataset, config) for config in params.all_runs.values()]
+    assert len(set(identities)) == len(identities) == len(params.runs) + len(params.sweep_runs)
+
+
+@pytest.mark.parametrize("twin", [{"seed": 1}, {"seed": 1, "lr": "1e-3"}])
+def test_a_listed_run_that_the_sweep_also_trains_is_refused_naming_both(twin):
+    with pytest.raises(ParamsError, match=r"runs\.again and sweep point adam-lr0\.001-b20-seed1 have the same params"
+                                          r".*remove runs\.again \(the sweep trains it as adam-lr0\.001-b20-seed1\)"):
+        parse_params({"runs": {"again": twin}, "sweep": {**SWEEP, "lr": [0.001], "optimizer": ["adam"]}})
+
+
+def test_two_listed_runs_with_the_same_params_are_refused_naming_both():
+    with pytest.raises(ParamsError, match=r"runs\.a and runs\.b have the same params and dataset.*remove one of them"):
+        parse_params({"train": {"seed": 3}, "runs": {"a": {}, "b": {"seed": 3}}})
 
 
 def test_run_overrides_merge_over_train_defaults():
@@ -78,7 +96,7 @@ SWEEP = {"optimizer": ["adam", "sgd"], "lr": [0.001, "1e-2"], "batch_size": [20]
 
 
 def test_the_sweep_grid_expands_to_named_runs_in_dvcs_order():
-    params = parse_params({"train": {"epochs": 2}, "runs": {"a": {}}, "sweep": SWEEP})
+    params = parse_params({"train": {"epochs": 2}, "runs": {"a": {"seed": 9}}, "sweep": SWEEP})
     assert list(params.sweep_runs)[:4] == ["adam-lr0.001-b20-seed0", "adam-lr0.001-b20-seed1",
                                            "adam-lr0.001-b20-seed2", "adam-lr1e-2-b20-seed0"]
     assert len(params.sweep_runs) == 12
@@ -97,7 +115,7 @@ def test_the_sweep_grid_expands_to_named_runs_in_dvcs_order():
 ])
 def test_a_bad_sweep_names_the_axis_and_the_fix(sweep, message):
     with pytest.raises(ParamsError, match=message):
-        parse_params({"runs": {"a": {}}, "sweep": sweep})
+        parse_params({"runs": {"a": {"seed": 9}}, "sweep": sweep})
 
 
 def test_a_run_named_like_a_sweep_point_is_refused():
@@ -201,7 +219,7 @@ def test_a_sweep_or_run_list_beyond_the_run_limit_is_refused_before_expanding():
     sweep = {"optimizer": ["adam", "sgd"], "lr": lrs, "batch_size": [10, 20, 50], "seed": [0, 1]}
     with pytest.raises(ParamsError, match=r"sweep: the grid has 2 x 100 x 3 x 2 = 1,200 points, more than the 999 "
                                           r"runs left of the limit of 1,000; list fewer values"):
-        parse_params({"runs": {"a": {}}, "sweep": sweep})
+        parse_params({"runs": {"a": {"seed": 9}}, "sweep": sweep})
     with pytest.raises(ParamsError, match=r"runs: 1,001 runs, more than the limit of 1,000"):
         parse_params({"runs": {f"r{i}": {} for i in range(1001)}})
 
