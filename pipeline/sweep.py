@@ -5,7 +5,7 @@
 
 ``dvc repro`` runs this command once per stage of its sweep, in-process, for the points of
 one (dataset, optimizer, batch size): ``--in-process --where dataset=mnist optimizer=adam
-batch_size=20 --manifest sweeps/mnist-adam-b20.json``. Without ``--in-process``, it trains the same runs (every grid point of
+batch_size=20 --manifest manifests/sweep-mnist-adam-b20.json``. Without ``--in-process``, it trains the same runs (every grid point of
 ``sweep``, or the runs named, which may also come from ``runs``) as tasks on the cluster's
 workers, several at a time, with the same code and params, so each gives the trajectory its
 DVC stage would, bit for bit. Runs that differ only in seed and learning rate train
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -217,19 +216,6 @@ def sweep_runs(params: Params, names: Iterable[str] | None = None, *, where: dic
             if all(str(params.sweep_points[name][axis]) == value for axis, value in where.items())}
 
 
-def write_manifest(path: Path, params: Params, metrics: dict[str, dict]) -> None:
-    """The record DVC keeps of a sweep stage's runs: each run's dataset, grid values and metrics.
-
-    DVC cannot name each run of a stage as its own output (docs: README, Sweeps), so this
-    file is the stage's output; it changes when any of its runs' results change.
-    """
-    runs = {name: {"dataset": params.run_datasets[name], **{axis: params.sweep_points[name][axis]
-                                                            for axis in SWEEP_AXES if axis != "dataset"},
-                   **metrics[name]} for name in sorted(metrics)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(runs, indent=2) + "\n")
-
-
 def _parse_where(pairs: list[str]) -> dict[str, str]:
     where = {}
     for pair in pairs:
@@ -318,6 +304,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
                 metrics.update(result.metrics)
                 seconds, run_steps = seconds + result.seconds, run_steps + result.run_steps
         if args.manifest:
+            from weightlapse.pipeline.summary import write_manifest
+
             write_manifest(Path(args.manifest), params, metrics)
             if as_location(args.out).local:
                 for name in metrics:  # not DVC outputs, so git must be told to leave them alone

@@ -39,6 +39,7 @@ from weightlapse.pipeline.scoring import scoring_thread
 from weightlapse.pipeline.trainer import DeviceError, select_device
 from weightlapse.pipeline.resume import RESUME_MUST_MATCH, find_resume_point
 from weightlapse.pipeline.store import STORE_NAME, Progress, RunMetadata, TrajectoryError, open_store
+from weightlapse.pipeline.summary import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
                                           "DATA_ROOT/<dataset>")
     parser.add_argument("--out", required=True, help="run directory to write (runs/<run>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing trajectory store")
+    parser.add_argument("--manifest", default=None,
+                        help="also write the run's params and metrics here, for the summary stage (dvc.yaml)")
     parser.add_argument("--resume", action="store_true",
                         help="carry on an unfinished store of this run from its last checkpoint (bit for bit "
                              "as if never interrupted); any other existing store is replaced")
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         dataset = load_dataset(args.data or Path(args.data_root) / spec.name, spec.name, spec=spec)
         metrics = run_training(config, dataset, Path(args.out), run_name=args.run, overwrite=args.overwrite,
                                resume=args.resume).metrics
+        if args.manifest:
+            write_manifest(Path(args.manifest), params, {args.run: metrics})
     except (ParamsError, DatasetError, DeviceError, TrajectoryError, RunLockedError, FileExistsError,
             FileNotFoundError, TrainingDiverged) as error:
         log.error("%s", error)

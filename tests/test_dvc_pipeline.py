@@ -31,7 +31,9 @@ RUNS = ("sgd-momentum",)
 # Most tests shrink the sweep to one dataset, optimizer and lr (one stage of three seeds).
 SMALL_SWEEP = {"dataset": ["mnist"], "optimizer": ["adam"], "lr": [0.001], "batch_size": [20], "seed": [0, 1, 2]}
 SMALL_POINTS = [f"adam-lr0.001-b20-seed{seed}" for seed in (0, 1, 2)]
-STAGES = sorted([*(f"train@{run}" for run in RUNS), "sweep@mnist-adam-20"])
+STAGES = sorted([*(f"train@{run}" for run in RUNS), "sweep@mnist-adam-20", "summary"])
+PLOTS = ("Training loss of every run", "Held-out accuracy of every run",
+         "Sweep, final held-out accuracy against learning rate")
 
 
 def sh(cwd, *args):
@@ -114,7 +116,7 @@ def test_dvc_repro_trains_a_sweep_over_two_datasets_offline(tmp_path, debian_fas
     assert sorted(sweep) == sorted(f"{dataset}-adam-lr0.001-b20-seed{seed}"
                                    for dataset in ("fashion-mnist", "zalando") for seed in (0, 1))
     assert stages_run(output) == sorted(["download@fashion-mnist", "download@zalando", "train@sgd-momentum",
-                                         "sweep@fashion-mnist-adam-20", "sweep@zalando-adam-20"])
+                                         "sweep@fashion-mnist-adam-20", "sweep@zalando-adam-20", "summary"])
     for run in [*RUNS, *sweep]:
         ds = open_run(project / "runs" / run)
         assert ds.sizes["step"] == 31 and ds.attrs["progress"]["finished"]
@@ -123,6 +125,10 @@ def test_dvc_repro_trains_a_sweep_over_two_datasets_offline(tmp_path, debian_fas
     fashion = open_run(project / "runs" / "fashion-mnist-adam-lr0.001-b20-seed0")
     assert np.array_equal(zalando.weights.values, fashion.weights.values)  # the same files, the same run
     assert "up to date" in sh(project, "dvc", "status")
+    sweep_plot = plot_values(project, PLOTS[2])
+    assert sorted((row["series"], row["lr"]) for row in sweep_plot) == [("adam on fashion-mnist", "0.001"),
+                                                                         ("adam on zalando", "0.001")]
+    assert {row["seeds"] for row in sweep_plot} == {"2"}
 
     # The runs index and the headless API compare across the datasets: seeds group per dataset.
     from weightlapse.viewer.analysis.compare import compare_runs, open_trajectories
@@ -137,13 +143,36 @@ def test_dvc_repro_trains_a_sweep_over_two_datasets_offline(tmp_path, debian_fas
     assert result.pca_path.shape == (2, 31, 2)
 
 
+def plot_values(project, plot):
+    shown = json.loads(sh(project, "dvc", "plots", "show", "--json"))["data"]
+    assert set(PLOTS) <= set(shown), sorted(shown)
+    return shown[plot][0]["content"]["data"]["values"]
+
+
+def test_dvc_plots_overlay_every_run_and_the_sweep(generated_project):
+    project = generated_project
+    sh(project, "dvc", "repro")
+    loss, accuracy = plot_values(project, PLOTS[0]), plot_values(project, PLOTS[1])
+    assert {row["run"] for row in loss} == {row["run"] for row in accuracy} == {*RUNS, *SMALL_POINTS}
+    assert len([row for row in loss if row["run"] == "sgd-momentum"]) == 10  # one point per step, 10 steps
+    assert len([row for row in accuracy if row["run"] == "sgd-momentum"]) == 3  # steps 0, 5 and 10
+    (sweep_row,) = plot_values(project, PLOTS[2])
+    assert (sweep_row["series"], sweep_row["lr"], sweep_row["seeds"]) == ("adam on mnist", "0.001", "3")
+    # The templates colour by run (and by optimizer and dataset): one line each, in one panel.
+    shown = json.loads(sh(project, "dvc", "plots", "show", "--json"))["data"]
+    assert shown[PLOTS[0]][0]["content"]["encoding"]["color"]["field"] == "run"
+    assert shown[PLOTS[2]][0]["content"]["encoding"]["color"]["field"] == "series"
+    sh(project, "dvc", "plots", "show", "--out", "plots-html")
+    assert (project / "plots-html" / "index.html").is_file()
+
+
 def test_every_run_is_trained_then_only_what_is_new(generated_project):
     project = generated_project
     assert stages_run(sh(project, "dvc", "repro")) == STAGES
     first, second = open_run(project / "runs" / SMALL_POINTS[0]), open_run(project / "runs" / SMALL_POINTS[1])
     assert first.sizes["step"] == 11  # 200 generated samples, batch 20
     assert not first.weights.equals(second.weights)
-    manifest = json.loads((project / "sweeps" / "mnist-adam-b20.json").read_text())
+    manifest = json.loads((project / "manifests" / "sweep-mnist-adam-b20.json").read_text())
     assert sorted(manifest) == SMALL_POINTS and manifest[SMALL_POINTS[2]]["seed"] == 2
     assert manifest[SMALL_POINTS[0]]["heldout_accuracy"] == json.loads(
         (project / "runs" / SMALL_POINTS[0] / "metrics.json").read_text())["heldout_accuracy"]
@@ -156,7 +185,7 @@ def test_every_run_is_trained_then_only_what_is_new(generated_project):
     assert 0 <= shown["runs/sgd-momentum/metrics.json"]["data"]["heldout_accuracy"] <= 1
 
     edit_params(project, lambda params: params["runs"].update(rmsprop={"optimizer": "rmsprop", "lr": 5e-4}))
-    assert stages_run(sh(project, "dvc", "repro")) == ["train@rmsprop"]
+    assert stages_run(sh(project, "dvc", "repro")) == ["summary", "train@rmsprop"]
     assert open_run(project / "runs" / "rmsprop").attrs["weightlapse"]["params"]["optimizer"] == "rmsprop"
     assert "up to date" in sh(project, "dvc", "status")
 
@@ -168,13 +197,13 @@ def test_every_run_is_trained_then_only_what_is_new(generated_project):
         params["sweep"]["seed"].append(3)
         params["sweep"]["lr"].append(0.01)
     edit_params(project, grow)
-    assert stages_run(sh(project, "dvc", "repro")) == ["sweep@mnist-adam-20"]
+    assert stages_run(sh(project, "dvc", "repro")) == ["summary", "sweep@mnist-adam-20"]
     assert store_times(project, SMALL_POINTS) == before and store_times(project, ["rmsprop"]) == listed_before
     new = ["adam-lr0.001-b20-seed3", *(f"adam-lr0.01-b20-seed{seed}" for seed in (0, 1, 2, 3))]
     for run in new:
         ds = open_run(project / "runs" / run)
         assert ds.attrs["progress"]["finished"] and ds.attrs["weightlapse"]["params"]["seed"] == int(run[-1])
-    assert sorted(json.loads((project / "sweeps" / "mnist-adam-b20.json").read_text())) == sorted(
+    assert sorted(json.loads((project / "manifests" / "sweep-mnist-adam-b20.json").read_text())) == sorted(
         [*SMALL_POINTS, *new])
     assert "up to date" in sh(project, "dvc", "status")
 
@@ -184,12 +213,13 @@ def test_dvc_exp_run_changes_or_adds_a_run_and_trains_only_it(generated_project)
     sh(project, "dvc", "repro")
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
-    assert stages_run(sh(project, "dvc", "exp", "run", "-S", "runs.sgd-momentum.lr=0.05")) == ["train@sgd-momentum"]
+    assert stages_run(sh(project, "dvc", "exp", "run", "-S", "runs.sgd-momentum.lr=0.05")) == [
+        "summary", "train@sgd-momentum"]
     assert open_run(project / "runs" / "sgd-momentum").attrs["weightlapse"]["params"]["lr"] == 0.05
     experiments = json.loads(sh(project, "dvc", "exp", "show", "--json"))
     assert any("0.05" in json.dumps(entry) for entry in experiments)
     # A new run, declared on the command line alone.
-    assert stages_run(sh(project, "dvc", "exp", "run", "-S", "+runs.fast.lr=0.01")) == ["train@fast"]
+    assert stages_run(sh(project, "dvc", "exp", "run", "-S", "+runs.fast.lr=0.01")) == ["summary", "train@fast"]
     assert open_run(project / "runs" / "fast").attrs["weightlapse"]["params"]["lr"] == 0.01
 
 
