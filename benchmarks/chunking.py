@@ -1,7 +1,7 @@
 """How the trajectory store's chunk length (steps per chunk) trades write speed, one-step
 read time and file count. Justifies the default `capture.chunk_steps: 64`.
 
-    python benchmarks/chunking.py --run runs/original     # replay a real run's weights
+    python benchmarks/chunking.py --run runs/adam-lr0.001-b20-seed0     # replay a real run's weights
     python benchmarks/chunking.py                         # or a synthetic 3,000-step walk
 
 Numbers are recorded in docs/store.md.

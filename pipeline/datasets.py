@@ -2,14 +2,18 @@
 
 A mirror only changes where bytes come from; the checksums here decide which bytes are
 accepted, and the published sizes bound how much a download or a decompression may take.
-:func:`load_dataset` turns a downloaded directory into arrays for training.
+:func:`declared_dataset` holds a user's own 28x28 IDX dataset, declared in params.yaml, to
+the same rules. :func:`load_dataset` turns a downloaded directory into arrays for training.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -90,7 +94,96 @@ DATASETS = {
 }
 
 class DatasetError(ValueError):
-    """A data directory does not hold a usable dataset."""
+    """A data directory does not hold a usable dataset, or a declared dataset is unusable."""
+
+
+# A dataset's name is a directory name under data/ and a key DVC reads as `datasets.<name>`
+# (where a dot would nest), so: lowercase letters, digits, '-' and '_'.
+DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,49}")
+# A declared dataset is held to the built-in ones' size, so the bounds params.py puts on a
+# run (steps, evaluations) hold for it too.
+MAX_DECLARED_SAMPLES = 60_000
+MAX_MIRRORS = 10
+MAX_MIRROR_CHARS = 1_000
+MAX_CLASS_NAME_CHARS = 50
+DECLARATION_KEYS = ("files", "class_names", "mirrors", "n_train", "n_test")
+
+
+def check_dataset_name(name: Any) -> str:
+    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+        raise DatasetError(f"{name!r} is not a usable dataset name; use 1-50 lowercase letters, digits, '-' or '_', "
+                           "starting with a letter or digit (it becomes the directory data/<name>)")
+    return name
+
+
+def declared_dataset(name: str, raw: Any) -> DatasetSpec:
+    """A user's 28x28, 10-class IDX dataset from its declaration in params.yaml, checked as
+    strictly as the built-in ones: the four files with sha256 and size, bounded sample
+    counts, ten class names and where to get the files (mirrors; WEIGHTLAPSE_MIRRORS too)."""
+    check_dataset_name(name)
+    if name in DATASETS:
+        raise DatasetError(f"{name} is a built-in dataset; declare yours under another name, or write {name}: {{}}")
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{name}: expected a mapping with keys {', '.join(DECLARATION_KEYS)}, got {raw!r:.80}")
+    unknown = sorted(set(map(str, raw)) - set(DECLARATION_KEYS))
+    missing = [key for key in DECLARATION_KEYS if key not in raw]
+    if unknown or missing:
+        raise DatasetError(f"{name}: " + (f"unknown key(s) {', '.join(unknown)}; " if unknown else "")
+                           + (f"missing {', '.join(missing)}; " if missing else "")
+                           + f"a declared dataset has exactly {', '.join(DECLARATION_KEYS)}")
+    n_train, n_test = (_count(name, key, raw[key]) for key in ("n_train", "n_test"))
+    spec = DatasetSpec(name=name, checksums={}, sizes={}, mirrors=_mirrors(name, raw["mirrors"]),
+                       class_names=_class_names(name, raw["class_names"]), n_train=n_train, n_test=n_test)
+    files = raw["files"]
+    if not isinstance(files, dict) or set(map(str, files)) != set(FILES):
+        raise DatasetError(f"{name}.files: expected exactly the four files {', '.join(FILES)}, each with sha256 "
+                           f"and size, got {sorted(map(str, files)) if isinstance(files, dict) else files!r:.80}")
+    for file_name in FILES:
+        checksum, size = _file_entry(f"{name}.files.{file_name}", files[file_name],
+                                     max_size=spec.idx_bytes(file_name) * 101 // 100 + 4096)
+        spec.checksums[file_name], spec.sizes[file_name] = checksum, size
+    return spec
+
+
+def _count(name: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DECLARED_SAMPLES:
+        raise DatasetError(f"{name}.{key}: expected a whole number of samples from 1 to {MAX_DECLARED_SAMPLES:,}, "
+                           f"got {value!r:.80}")
+    return value
+
+
+def _class_names(name: str, value: Any) -> tuple[str, ...]:
+    if (not isinstance(value, list) or len(value) != N_CLASSES or len(set(map(str, value))) != N_CLASSES
+            or not all(isinstance(v, str) and 0 < len(v) <= MAX_CLASS_NAME_CHARS and v.isprintable() for v in value)):
+        raise DatasetError(f"{name}.class_names: expected {N_CLASSES} different names (printable text of 1-"
+                           f"{MAX_CLASS_NAME_CHARS} characters), in label order 0-9, got {value!r:.120}")
+    return tuple(value)
+
+
+def _mirrors(name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_MIRRORS:
+        raise DatasetError(f"{name}.mirrors: expected a list of 1-{MAX_MIRRORS} places to get the files from "
+                           f"(http(s):// or file:// URLs, or absolute directories), got {value!r:.80}")
+    for mirror in value:
+        scheme = urlparse(mirror).scheme if isinstance(mirror, str) else None
+        if (not isinstance(mirror, str) or len(mirror) > MAX_MIRROR_CHARS or not mirror.isprintable()
+                or any(c.isspace() for c in mirror)
+                or not (scheme in ("http", "https", "file") or (not scheme and mirror.startswith("/")))):
+            raise DatasetError(f"{name}.mirrors: {mirror!r:.80} is not an http(s):// or file:// URL or an absolute "
+                               "directory (without spaces, at most 1,000 characters)")
+    return tuple(value)
+
+
+def _file_entry(where: str, value: Any, *, max_size: int) -> tuple[str, int]:
+    if not isinstance(value, dict) or set(map(str, value)) != {"sha256", "size"}:
+        raise DatasetError(f"{where}: expected {{sha256: <64 hex digits>, size: <bytes>}}, got {value!r:.80}")
+    digest, size = value["sha256"], value["size"]
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise DatasetError(f"{where}.sha256: expected 64 lowercase hex digits (`sha256sum FILE`), got {digest!r:.80}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= max_size:
+        raise DatasetError(f"{where}.size: expected the file's size in bytes, from 1 to {max_size:,} (its samples "
+                           f"as IDX, gzipped or not), got {size!r:.80}")
+    return f"sha256:{digest}", size
 
 
 @dataclass(frozen=True)
@@ -105,6 +198,7 @@ class Dataset:
     train: Split
     test: Split
     file_checksums: dict[str, str]  # file name -> "sha256:..." of the bytes actually read
+    class_names: tuple[str, ...]
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -115,15 +209,17 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
-def load_dataset(data_dir: str | Path, name: str) -> Dataset:
-    """Read the four IDX files of dataset ``name`` from ``data_dir`` (the data stage's output).
+def load_dataset(data_dir: str | Path, name: str, *, spec: DatasetSpec | None = None) -> Dataset:
+    """Read the four IDX files of dataset ``name`` from ``data_dir`` (the data stage's output);
+    ``spec``: a declared dataset's (:func:`declared_dataset`), else the built-in one's.
 
     No file is decompressed past its published size, whatever its header declares.
     """
     data_dir = Path(data_dir)
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
-    spec = DATASETS[name]
+    if spec is None and name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}, or declare it "
+                           "under datasets in params.yaml")
+    spec = spec or DATASETS[name]
     missing = [f for f in FILES if not (data_dir / f).is_file()]
     if missing:
         raise DatasetError(
@@ -136,7 +232,7 @@ def load_dataset(data_dir: str | Path, name: str) -> Dataset:
     except IdxError as error:
         raise DatasetError(f"{error}; delete {data_dir} and run the data stage again") from None
     checksums = {f: "sha256:" + file_digest(data_dir / f) for f in FILES}
-    return Dataset(name=name, train=train, test=test, file_checksums=checksums)
+    return Dataset(name=name, train=train, test=test, file_checksums=checksums, class_names=spec.class_names)
 
 
 def _split(data_dir: Path, images_name: str, labels_name: str, spec: DatasetSpec) -> Split:

@@ -1,6 +1,9 @@
 """Data stage: fetch a dataset's four IDX files from a list of mirrors, checksum-verified.
 
-    python -m weightlapse.pipeline.download --params params.yaml --out data/mnist
+    python -m weightlapse.pipeline.download --params params.yaml --dataset mnist --out data/mnist
+
+The dataset is a built-in one (pipeline/datasets.py) or one declared under ``datasets`` in
+params.yaml, held to the same checksums and sizes; without ``--dataset``, ``data.dataset``.
 
 Mirrors are tried in order: those named in the WEIGHTLAPSE_MIRRORS environment variable
 (URLs, file:// URLs or directories, separated by spaces), then the dataset's built-in ones.
@@ -330,13 +333,20 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (reads data.dataset)")
+    parser.add_argument("--params", default="params.yaml", help="params file (reads data.dataset and datasets)")
+    parser.add_argument("--dataset", default=None,
+                        help="the dataset to fetch: built in, or declared under datasets (default: data.dataset)")
     parser.add_argument("--out", required=True, help="new or empty directory to hold the dataset's files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out_dir = Path(args.out)
     try:
-        spec = DATASETS[load_params(args.params).data.dataset]
+        params = load_params(args.params)
+        name = args.dataset or params.data.dataset
+        if name not in params.datasets:
+            raise ParamsError(f"--dataset {name}: {args.params} neither declares it under datasets nor trains a run "
+                              f"on it; choose one of {', '.join(params.datasets)}")
+        spec = params.datasets[name]
         prepare_out_dir(out_dir)
         fetch_dataset(spec, out_dir, mirrors=mirror_list(spec), progress=True)
     except (ParamsError, FileNotFoundError, DownloadError, OutDirError) as error:

@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 
-from weightlapse.pipeline.datasets import DATASETS, N_CLASSES, N_PIXELS
+from weightlapse.pipeline.datasets import (
+    DATASETS, MAX_DECLARED_SAMPLES, N_CLASSES, N_PIXELS, DatasetError, DatasetSpec, check_dataset_name,
+    declared_dataset,
+)
 from weightlapse.pipeline.optimizers import OPTIMIZERS
 from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
 from weightlapse.pipeline.safe_yaml import shown as _shown
@@ -36,8 +39,11 @@ DEVICES = ("auto", "cpu", "cuda")
 # engines import torch, which validating params.yaml does not; tests/test_engines.py
 # keeps the two lists equal.
 ENGINE_NAMES = ("auto", "numpy", "torch", "cuda-graph")
-# The axes of the sweep grid, in the order dvc.yaml's matrix expands them (the last varies fastest).
-SWEEP_AXES = ("optimizer", "lr", "batch_size", "seed")
+# The axes of the sweep grid, in the order its points are listed (the last varies fastest).
+SWEEP_AXES = ("dataset", "optimizer", "lr", "batch_size", "seed")
+# The axes dvc.yaml's sweep stage expands into one stage each (a DVC matrix); the points of
+# one stage differ in lr and seed only, so they can train as one stack (pipeline.train.stack_key).
+SWEEP_STAGE_AXES = ("dataset", "optimizer", "batch_size")
 
 # The repository's params.yaml is 3 KB and ~100 nodes; at these bounds any file is read or
 # refused in well under a second (libyaml).
@@ -48,7 +54,8 @@ MAX_EVALUATIONS = 1_000_000
 MAX_CHUNK_BYTES = 64 << 20
 DEFAULT_CHUNK_STEPS = 64
 STEP_BYTES = N_CLASSES * N_PIXELS * 4  # one step's float32 weights
-MAX_TRAIN_SAMPLES = max(spec.n_train for spec in DATASETS.values())
+MAX_TRAIN_SAMPLES = max(MAX_DECLARED_SAMPLES, *(spec.n_train for spec in DATASETS.values()))
+MAX_DATASETS = 20
 
 
 
@@ -58,12 +65,7 @@ class ParamsError(ValueError):
 
 @dataclass(frozen=True)
 class DataParams:
-    dataset: str = "mnist"
-
-    def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ParamsError(f"dataset: unknown dataset {_shown(self.dataset)}; "
-                              f"choose one of {', '.join(sorted(DATASETS))}")
+    dataset: str = "mnist"  # the dataset of every run and sweep point that names none
 
 
 # pipeline.store.format.CODECS, named here too so that validating params loads no zarr
@@ -182,6 +184,18 @@ class Params:
     runs: dict[str, TrainParams]
     # the sweep's grid, expanded: run name -> train defaults with that grid point's values
     sweep_runs: dict[str, TrainParams] = field(default_factory=dict)
+    # run name -> the name of the dataset it trains on, for every run and sweep point
+    run_datasets: dict[str, str] = field(default_factory=dict)
+    # dataset name -> its files, checksums and mirrors: the datasets the data stage fetches
+    # (params.yaml's `datasets`, or without one, the built-in datasets the runs use)
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+    # sweep point -> its grid values (SWEEP_AXES), for selecting the points of one sweep stage
+    sweep_points: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def dataset_of(self, name: str) -> DatasetSpec:
+        """The dataset run ``name`` trains on."""
+        self.run(name)
+        return self.datasets[self.run_datasets.get(name, self.data.dataset)]
 
     @property
     def all_runs(self) -> dict[str, TrainParams]:
@@ -209,8 +223,10 @@ def load_params(path: str | Path) -> Params:
 
 def parse_params(raw: Any, *, source: str = "params") -> Params:
     _require_mapping(raw, source)
-    _reject_unknown(raw, {"data", "train", "runs", "sweep"}, source)
+    _reject_unknown(raw, {"data", "datasets", "train", "runs", "sweep"}, source)
     data = _build(DataParams, raw.get("data", {}), "data")
+    declared = _declared_datasets(raw.get("datasets"))
+    _check_dataset(data.dataset, declared, "data.dataset")
     train_raw = raw.get("train", {})
     train = _build(TrainParams, train_raw, "train")
 
@@ -221,42 +237,117 @@ def parse_params(raw: Any, *, source: str = "params") -> Params:
     _require_mapping(runs_raw, "runs")
     if len(runs_raw) > MAX_RUNS:
         raise ParamsError(f"runs: {len(runs_raw):,} runs, more than the limit of {MAX_RUNS:,}; list fewer")
-    runs = {}
+    runs, run_datasets = {}, {}
     for name, overrides in runs_raw.items():
         if not isinstance(name, str):  # YAML reads `1:`, `true:` and `~:` as a number, a boolean and null
             text = "null" if name is None else str(name).lower() if isinstance(name, bool) else _shown(name)
             raise ParamsError(f"runs: the run name {text} is read as {'null' if name is None else type(name).__name__}"
                               f", not text; quote it in params.yaml: '{text}': ...")
         check_run_name(name)
-        overrides = overrides or {}
+        overrides = dict(overrides or {})
         _require_mapping(overrides, f"runs.{name}")
+        run_datasets[name] = _check_dataset(overrides.pop("dataset", data.dataset), declared, f"runs.{name}.dataset")
         merged = _deep_merge(train_raw or {}, overrides)
         runs[name] = _build(TrainParams, merged, f"runs.{name}")
-    sweep_runs = expand_sweep(raw.get("sweep"), train_raw or {}, max_points=MAX_RUNS - len(runs))
+    sweep_points = expand_sweep(raw.get("sweep"), train_raw or {}, max_points=MAX_RUNS - len(runs),
+                                default_dataset=data.dataset)
+    sweep_runs = {name: config for name, (config, _) in sweep_points.items()}
+    for name, (_, point) in sweep_points.items():
+        run_datasets[name] = _check_dataset(point["dataset"], declared, f"sweep ({name})")
     clashes = sorted(set(runs) & set(sweep_runs))
     if clashes:
         raise ParamsError(f"runs: {', '.join(clashes)} is also a point of the sweep grid; rename the run")
-    return Params(data=data, train=train, runs=runs, sweep_runs=sweep_runs)
+    used = {name: declared[name] if declared is not None else DATASETS[name]
+            for name in dict.fromkeys([data.dataset, *run_datasets.values()])}
+    params = Params(data=data, train=train, runs=runs, sweep_runs=sweep_runs, run_datasets=run_datasets,
+                    datasets={**used, **(declared or {})},
+                    sweep_points={name: point for name, (_, point) in sweep_points.items()})
+    refuse_twins(params)
+    return params
 
 
-def sweep_run_name(point: dict[str, Any]) -> str:
-    """A grid point's run name, e.g. ``adam-lr0.001-b20-seed0``.
+def _declared_datasets(raw: Any) -> dict[str, DatasetSpec] | None:
+    """params.yaml's `datasets`: name -> {} for a built-in dataset, or a declaration of one's own."""
+    if raw is None:
+        return None
+    _require_mapping(raw, "datasets")
+    if not raw or len(raw) > MAX_DATASETS:
+        raise ParamsError(f"datasets: list 1-{MAX_DATASETS} datasets (the data stage fetches each into "
+                          f"data/<name>), e.g. datasets: {{mnist: {{}}}}; got {len(raw)}")
+    specs = {}
+    for name, declaration in raw.items():
+        try:
+            check_dataset_name(name)
+            specs[name] = DATASETS[name] if name in DATASETS and not declaration else declared_dataset(name, declaration)
+        except DatasetError as error:
+            raise ParamsError(f"datasets.{error}" if str(error).startswith(f"{name}") else f"datasets: {error}") from None
+    return specs
 
-    dvc.yaml builds the same name from the same values (``${item.optimizer}-lr${item.lr}-...``),
-    so each value appears as its YAML text would: ``str`` of what YAML read.
+
+def _check_dataset(name: Any, declared: dict[str, DatasetSpec] | None, where: str) -> str:
+    """A run's dataset must be one the data stage fetches: listed under `datasets`, or built in without one."""
+    known = declared if declared is not None else DATASETS
+    if not isinstance(name, str) or name not in known:
+        fix = (f"add it to datasets ({_shown(name)}: {{}} for a built-in one, or its declaration)" if declared is not None
+               else "declare it under datasets in params.yaml")
+        raise ParamsError(f"{where}: unknown dataset {_shown(name)}; choose one of {', '.join(sorted(known))}, or {fix}")
+    return name
+
+
+def refuse_twins(params: Params) -> None:
+    """Refuse two runs that would train the same trajectory under two names.
+
+    Everything but the name decides a run's trajectory (every training param and the
+    dataset), so two such runs cost twice the training and storage for one result, and
+    count twice in a seed group's spread and similarity.
     """
-    return "{optimizer}-lr{lr}-b{batch_size}-seed{seed}".format(**{key: str(value) for key, value in point.items()})
+    seen: dict[tuple, str] = {}
+    for name, config in params.all_runs.items():
+        identity = (params.run_datasets[name], config)
+        twin = seen.setdefault(identity, name)
+        if twin != name:
+            raise ParamsError(f"{_describe(params, twin)} and {_describe(params, name)} have the same params and "
+                              f"dataset, so they would train the same run twice; {_twin_fix(params, twin, name)}")
 
 
-def expand_sweep(raw: Any, train_raw: dict, *, max_points: int = MAX_RUNS) -> dict[str, TrainParams]:
-    """The sweep grid (one list of values per axis in ``SWEEP_AXES``) as runs, in dvc.yaml's order."""
+def _describe(params: Params, name: str) -> str:
+    return f"runs.{name}" if name in params.runs else f"sweep point {name}"
+
+
+def _twin_fix(params: Params, first: str, second: str) -> str:
+    listed = [name for name in (first, second) if name in params.runs]
+    if len(listed) == 1:
+        return f"remove runs.{listed[0]} (the sweep trains it as {({first, second} - set(listed)).pop()}) or change one of its params"
+    return "remove one of them or change one of its params"
+
+
+def sweep_run_name(point: dict[str, Any], *, with_dataset: bool = False) -> str:
+    """A grid point's run name, e.g. ``adam-lr0.001-b20-seed0``, or with ``with_dataset`` (a
+    grid of several datasets) ``fashion-mnist-adam-lr0.001-b20-seed0``.
+
+    Each value appears as its YAML text would: ``str`` of what YAML read, as DVC shows it.
+    """
+    name = "{optimizer}-lr{lr}-b{batch_size}-seed{seed}".format(**{key: str(value) for key, value in point.items()})
+    return f"{point['dataset']}-{name}" if with_dataset else name
+
+
+def expand_sweep(raw: Any, train_raw: dict, *, max_points: int = MAX_RUNS, default_dataset: str = "mnist"
+                 ) -> dict[str, tuple[TrainParams, dict[str, Any]]]:
+    """The sweep grid (one list of values per axis in ``SWEEP_AXES``) as runs: name -> its
+    params and its grid values. Run names carry the dataset when the grid has several.
+
+    Without a ``dataset`` axis the grid trains on ``default_dataset`` (``data.dataset``);
+    dvc.yaml's sweep stage needs the axis written out.
+    """
     if raw is None:
         return {}
     _require_mapping(raw, "sweep")
     _reject_unknown(raw, set(SWEEP_AXES), "sweep")
+    if "dataset" not in raw:
+        raw = {"dataset": [default_dataset], **raw}
     missing = [axis for axis in SWEEP_AXES if axis not in raw]
     if missing:
-        # dvc.yaml's matrix names every axis, so DVC itself needs them all.
+        # dvc.yaml's matrix and the stage's command name the axes, so DVC itself needs them.
         raise ParamsError(f"sweep: axis {', '.join(missing)} is missing; give every one of "
                           f"{', '.join(SWEEP_AXES)} a list of values (one value keeps it fixed)")
     for axis in SWEEP_AXES:
@@ -274,14 +365,16 @@ def expand_sweep(raw: Any, train_raw: dict, *, max_points: int = MAX_RUNS) -> di
     runs = {}
     for values in itertools.product(*(raw[axis] for axis in SWEEP_AXES)):
         point = dict(zip(SWEEP_AXES, values))
-        name = sweep_run_name(point)
+        name = sweep_run_name(point, with_dataset=len(raw["dataset"]) > 1)
         check_run_name(name)
-        runs[name] = _build(TrainParams, _deep_merge(train_raw, point), f"sweep ({name})")
+        training = {axis: value for axis, value in point.items() if axis != "dataset"}
+        runs[name] = (_build(TrainParams, _deep_merge(train_raw, training), f"sweep ({name})"), point)
     return runs
 
 
 def _example(axis: str) -> str:
-    return {"optimizer": "adam, sgd", "lr": "0.001, 0.01", "batch_size": "20", "seed": "0, 1, 2"}[axis]
+    return {"dataset": "mnist, fashion-mnist", "optimizer": "adam, sgd", "lr": "0.001, 0.01", "batch_size": "20",
+            "seed": "0, 1, 2"}[axis]
 
 
 def check_run_name(name: str) -> None:

@@ -3,8 +3,9 @@
     python -m weightlapse.pipeline.sweep --params params.yaml --data data/mnist --out s3://bucket/runs \\
         --scheduler tcp://10.0.0.5:8786 [--runs NAME ...]
 
-``dvc repro`` trains the sweep of params.yaml one stage after another on one machine and
-keeps the results in DVC. This command trains the same runs (every grid point of
+``dvc repro`` runs this command once per stage of its sweep, in-process, for the points of
+one (dataset, optimizer, batch size): ``--in-process --where dataset=mnist optimizer=adam
+batch_size=20 --manifest manifests/sweep-mnist-adam-b20.json``. Without ``--in-process``, it trains the same runs (every grid point of
 ``sweep``, or the runs named, which may also come from ``runs``) as tasks on the cluster's
 workers, several at a time, with the same code and params, so each gives the trajectory its
 DVC stage would, bit for bit. Runs that differ only in seed and learning rate train
@@ -22,7 +23,6 @@ or on a machine with fewer than four, the runs train in this process.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import logging
 import os
@@ -34,8 +34,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from weightlapse.pipeline.datasets import DatasetSpec
 from weightlapse.pipeline.locations import Location, as_location, publish_run
-from weightlapse.pipeline.params import Params, ParamsError, TrainParams, load_params
+from weightlapse.pipeline.params import SWEEP_AXES, Params, ParamsError, TrainParams, load_params
+from weightlapse.pipeline.run_files import write_text_atomic
 from weightlapse.pipeline.store import STORE_NAME, TrajectoryError, read_progress
 
 log = logging.getLogger(__name__)
@@ -64,28 +66,39 @@ class SweepResult:
         return self.run_steps / self.seconds
 
 
-def train_and_publish(runs: dict[str, TrainParams], data_dir: str, dataset_name: str, out: str | Location) -> dict:
+def train_and_publish(runs: dict[str, TrainParams], data_dir: str, dataset_name: str, out: str | Location, *,
+                      spec: DatasetSpec | None = None) -> dict:
     """A task: train ``runs`` (one stack, or one run) and put each at ``out/<name>``; their metrics by name.
 
-    A run whose local destination holds an unfinished store is carried on from its
-    checkpoint, alone; a finished one is trained again. On a worker with a GPU, where
-    ``device: auto`` trains on it, every run trains alone.
+    A run whose local destination holds a finished store of the same run made by the same
+    code is kept (pipeline.train.kept_run); an unfinished one is carried on from its
+    checkpoint, alone; any other is trained again. On a worker with a GPU, where
+    ``device: auto`` trains on it, every run trains alone. ``spec``: a declared dataset's.
     """
     import torch
 
-    from weightlapse.pipeline.train import run_training, train_stack
+    from weightlapse.pipeline.engines import select_engine
+    from weightlapse.pipeline.train import kept_run, run_metadata, run_training, train_stack
     from weightlapse.pipeline.trainer import select_device
 
     torch.set_num_threads(1)  # one run per worker thread; the model's ops are tiny
-    dataset = load_dataset_once(data_dir, dataset_name)
+    dataset = load_dataset_once(data_dir, dataset_name, spec=spec)
     out = as_location(out)
     staging = None if out.local else Path(tempfile.mkdtemp(prefix="weightlapse-sweep-"))
     try:
         directories = {name: (out / name).local_path if staging is None else staging / name for name in runs}
+        metrics = {}
+        if staging is None:
+            for name, config in list(runs.items()):
+                device = select_device(config.device)
+                engine = select_engine(config, device, even_batches=len(dataset.train.labels) % config.batch_size == 0)
+                kept = kept_run(directories[name], run_metadata(name, config, dataset, device, engine))
+                if kept is not None:
+                    metrics[name] = kept.metrics
+            runs = {name: config for name, config in runs.items() if name not in metrics}
         alone = {name: config for name, config in runs.items()
                  if _unfinished_store(directories[name]) or select_device(config.device).type != "cpu"}
         stacked = {name: (config, directories[name]) for name, config in runs.items() if name not in alone}
-        metrics = {}
         if len(stacked) > 1:
             results = train_stack(stacked, dataset, overwrite=True)  # replacing finished stores, as run_training does
             metrics.update({name: summary.metrics for name, summary in results.items()})
@@ -141,28 +154,30 @@ def _split_evenly(names: list[str], parts: int) -> list[list[str]]:
     return [names[start:end] for start, end in itertools.pairwise(bounds)]
 
 
-def load_dataset_once(data_dir: str, dataset_name: str):
+def load_dataset_once(data_dir: str, dataset_name: str, *, spec: DatasetSpec | None = None):
     """The dataset, loaded (and checksum-verified) once per worker process, not once per run:
     decompressing Fashion-MNIST takes about 0.8 s, as long as training a 1-epoch run. Loaded
-    again if the directory's files changed."""
+    again if the directory's files or the dataset's declaration changed."""
+    from weightlapse.pipeline.datasets import load_dataset
+
     files = tuple((path.name, path.stat().st_mtime_ns, path.stat().st_size)
                   for path in sorted(Path(data_dir).iterdir()) if path.is_file())
-    return _load_dataset_cached(data_dir, dataset_name, files)
+    key = (data_dir, dataset_name, files, repr(spec))
+    if _loaded.get("key") != key:
+        _loaded.clear()
+        _loaded.update(key=key, dataset=load_dataset(data_dir, dataset_name, spec=spec))
+    return _loaded["dataset"]
 
 
-def warm_up_worker(data_dir: str, dataset_name: str) -> None:
+_loaded: dict = {}  # the one dataset a worker process holds, and what it was loaded from
+
+
+def warm_up_worker(data_dir: str, dataset_name: str, *, spec: DatasetSpec | None = None) -> None:
     """Import the training code and load the dataset into this worker's cache (for
     ``Client.run`` before timing a sweep: both take a worker seconds the first time)."""
     import weightlapse.pipeline.train  # noqa: F401 - the import is the point
 
-    load_dataset_once(data_dir, dataset_name)
-
-
-@functools.lru_cache(maxsize=1)
-def _load_dataset_cached(data_dir: str, dataset_name: str, files: tuple):
-    from weightlapse.pipeline.datasets import load_dataset
-
-    return load_dataset(data_dir, dataset_name)
+    load_dataset_once(data_dir, dataset_name, spec=spec)
 
 
 def training_workers() -> int:
@@ -185,17 +200,35 @@ def local_cluster(n_workers: int):
                             memory_limit=0)
 
 
-def sweep_runs(params: Params, names: Iterable[str] | None = None) -> dict[str, TrainParams]:
-    """The sweep's grid points, or the named runs (grid points or ``runs`` entries)."""
-    if names is None:
-        if not params.sweep_runs:
-            raise ParamsError("params.yaml declares no sweep grid; add a 'sweep' section or name runs with --runs")
-        return dict(params.sweep_runs)
-    return {name: params.run(name) for name in names}
+def sweep_runs(params: Params, names: Iterable[str] | None = None, *, where: dict[str, str] | None = None
+               ) -> dict[str, TrainParams]:
+    """The sweep's grid points, those whose grid values are ``where``'s (compared as text,
+    as DVC writes them into a command), or the named runs (grid points or ``runs`` entries)."""
+    if names is not None:
+        return {name: params.run(name) for name in names}
+    if not params.sweep_runs:
+        raise ParamsError("params.yaml declares no sweep grid; add a 'sweep' section or name runs with --runs")
+    where = where or {}
+    unknown = sorted(set(where) - set(SWEEP_AXES))
+    if unknown:
+        raise ParamsError(f"--where: {', '.join(unknown)} is not an axis of the sweep; use {', '.join(SWEEP_AXES)}")
+    return {name: config for name, config in params.sweep_runs.items()
+            if all(str(params.sweep_points[name][axis]) == value for axis, value in where.items())}
+
+
+def _parse_where(pairs: list[str]) -> dict[str, str]:
+    where = {}
+    for pair in pairs:
+        axis, sep, value = pair.partition("=")
+        if not sep or not axis or not value:
+            raise ParamsError(f"--where: {pair!r} is not AXIS=VALUE, e.g. dataset=mnist optimizer=adam batch_size=20")
+        where[axis] = value
+    return where
 
 
 def dispatch(runs: dict[str, TrainParams], *, data_dir: str | Path, dataset_name: str, out: str | Location,
-             scheduler, progress: Callable[[str, dict], None] | None = None) -> SweepResult:
+             scheduler, progress: Callable[[str, dict], None] | None = None,
+             spec: DatasetSpec | None = None) -> SweepResult:
     """Train ``runs`` on the cluster at ``scheduler`` (an address or Client), all at once, or
     with ``scheduler=None`` in this process, one task after another."""
     from weightlapse.pipeline.cluster import as_completed, client_for, submit
@@ -205,11 +238,12 @@ def dispatch(runs: dict[str, TrainParams], *, data_dir: str | Path, dataset_name
         # The same tasks, here: on a machine with too few cores for two at once (CORES_PER_TASK),
         # a one-worker cluster only adds its own cost (a 12-run sweep: 7.2 s on it, 6.4 s
         # here, medians of 3).
-        results = (train_and_publish(task, str(data_dir), dataset_name, out) for task in plan_tasks(runs, 1))
+        results = (train_and_publish(task, str(data_dir), dataset_name, out, spec=spec)
+                   for task in plan_tasks(runs, 1))
     else:
         slots = sum(client_for(scheduler).nthreads().values())
         # A Location travels whole (with its storage options) to the workers.
-        futures = [submit(train_and_publish, task, str(data_dir), dataset_name, out, scheduler=scheduler,
+        futures = [submit(train_and_publish, task, str(data_dir), dataset_name, out, spec=spec, scheduler=scheduler,
                           key=f"train-{'+'.join(task)}")
                    for task in plan_tasks(runs, slots)]
         results = (future.result() for future in as_completed(futures))  # a failed run raises, naming its error
@@ -231,27 +265,51 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True, help="the data stage's directory, readable by every worker")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="the data stage's directory of the runs' one dataset, readable by every worker")
+    data.add_argument("--data-root", help="the data stage's directories, one per dataset (DATA_ROOT/<dataset>)")
     parser.add_argument("--out", required=True, help="runs location: a shared directory or an fsspec URL")
     parser.add_argument("--scheduler", default=None,
                         help="Dask scheduler address (default: a local cluster of one process per 2 cores, "
                              "or this process on a machine of 2 or 3 cores)")
+    parser.add_argument("--in-process", action="store_true", help="train in this process, no cluster (dvc.yaml)")
     parser.add_argument("--runs", nargs="+", default=None, help="train these runs (default: every sweep point)")
+    parser.add_argument("--where", nargs="+", default=[], metavar="AXIS=VALUE",
+                        help="only the sweep points with these grid values, e.g. dataset=mnist optimizer=adam")
+    parser.add_argument("--manifest", default=None, help="write the runs' grid values and metrics here (dvc.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cluster = client = None
     try:
         params = load_params(args.params)
-        runs = sweep_runs(params, args.runs)
+        runs = sweep_runs(params, args.runs, where=_parse_where(args.where))
+        by_dataset: dict[str, dict[str, TrainParams]] = {}
+        for name, config in runs.items():
+            by_dataset.setdefault(params.dataset_of(name).name, {})[name] = config
+        if args.data and len(by_dataset) > 1:
+            raise ParamsError(f"--data names one dataset's directory, and these runs train on {len(by_dataset)} "
+                              f"({', '.join(by_dataset)}); pass --data-root, the directory holding one per dataset")
         scheduler = args.scheduler
-        if scheduler is None and training_workers() > 1:
+        if scheduler is None and not args.in_process and training_workers() > 1:
             from distributed import Client
 
             cluster = local_cluster(training_workers())
             scheduler = client = Client(cluster)
+        metrics, seconds, run_steps = {}, 0.0, 0
         with tqdm(total=len(runs), unit="run", desc="sweep") as bar:
-            result = dispatch(runs, data_dir=args.data, dataset_name=params.data.dataset, out=args.out,
-                              scheduler=scheduler, progress=lambda name, metrics: bar.update())
+            for dataset_name, dataset_runs in by_dataset.items():
+                result = dispatch(dataset_runs, data_dir=args.data or Path(args.data_root) / dataset_name,
+                                  dataset_name=dataset_name, spec=params.datasets[dataset_name], out=args.out,
+                                  scheduler=scheduler, progress=lambda name, metrics: bar.update())
+                metrics.update(result.metrics)
+                seconds, run_steps = seconds + result.seconds, run_steps + result.run_steps
+        if args.manifest:
+            from weightlapse.pipeline.summary import write_manifest
+
+            write_manifest(Path(args.manifest), params, metrics)
+            if as_location(args.out).local:
+                for name in metrics:  # not DVC outputs, so git must be told to leave them alone
+                    write_text_atomic(as_location(args.out).local_path / name / ".gitignore", "*\n")
     except (ParamsError, DatasetError, ClusterError, OSError) as error:
         log.error("%s", error)
         return 1
@@ -260,8 +318,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             client.close()
         if cluster is not None:
             cluster.close()
-    log.info("%d runs in %.1f s: %s run-steps/s together, every step recorded, in %s", len(result.metrics),
-             result.seconds, f"{result.run_steps_per_s:,.0f}", args.out)
+    log.info("%d runs in %.1f s: %s run-steps/s together, every step recorded, in %s", len(metrics), seconds,
+             f"{run_steps / max(seconds, 1e-9):,.0f}", args.out)
     return 0
 
 

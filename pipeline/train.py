@@ -1,6 +1,10 @@
 """Train stage: train one run and record every step's weights into its trajectory store.
 
-    python -m weightlapse.pipeline.train --params params.yaml --run original --data data/mnist --out runs/original
+    python -m weightlapse.pipeline.train --params params.yaml --run sgd-momentum --data-root data \
+        --out runs/sgd-momentum
+
+``--data-root DIR`` reads the run's dataset from ``DIR/<dataset>`` (the data stage writes one
+directory per dataset there); ``--data DIR`` names that directory itself.
 
 Writes, under --out: trajectory.zarr (see pipeline.store), metrics.json (DVC metrics),
 loss.csv and accuracy.csv (per-step history for `dvc plots`).
@@ -11,6 +15,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import platform
 import subprocess
@@ -24,31 +30,40 @@ import zarr
 
 from weightlapse import __version__
 from weightlapse.pipeline.closed_form import closed_form_stack, train_closed_form
-from weightlapse.pipeline.datasets import DATASETS, Dataset, DatasetError, load_dataset
+from weightlapse.pipeline.datasets import Dataset, DatasetError, load_dataset
 from weightlapse.pipeline.engines import ENGINES, EngineError, select_engine
 from weightlapse.pipeline.params import ParamsError, TrainParams, load_params
 from weightlapse.pipeline.recording import RunPlan, RunRecording, RunSummary, TrainingDiverged
 from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer
 from weightlapse.pipeline.scoring import scoring_thread
 from weightlapse.pipeline.trainer import DeviceError, select_device
-from weightlapse.pipeline.resume import find_resume_point
-from weightlapse.pipeline.store import STORE_NAME, RunMetadata, TrajectoryError
+from weightlapse.pipeline.resume import RESUME_MUST_MATCH, find_resume_point
+from weightlapse.pipeline.store import STORE_NAME, Progress, RunMetadata, TrajectoryError, open_store
+from weightlapse.pipeline.summary import write_manifest
 
 log = logging.getLogger(__name__)
+
+# The key of RunMetadata.versions that holds code_digest(): with it a finished store says
+# which code made it, so a stage that DVC reruns for another reason can keep it.
+CODE_VERSION = "weightlapse-code"
 
 
 def run_training(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_name: str,
                  overwrite: bool = False, resume: bool = False, progress: bool = True) -> RunSummary:
     """Train one run on ``dataset`` and write its store, metrics and history into ``out_dir``.
 
-    With ``resume``, an unfinished store of the same run (same params, data and engine)
-    is carried on from its last checkpoint, giving the trajectory an uninterrupted run
-    gives, bit for bit; any other store there is replaced. Raises RunLockedError if
+    With ``resume``, a finished store of the same run made by the same code is kept
+    (:func:`kept_run`), an unfinished one is carried on from its last checkpoint, giving
+    the trajectory an uninterrupted run gives, bit for bit; any other store there is replaced. Raises RunLockedError if
     another process is writing ``out_dir``, and EngineError, before writing anything, if the
     engine the params name cannot train the run here.
     """
     device = select_device(config.device)
     engine = select_engine(config, device, even_batches=len(dataset.train.labels) % config.batch_size == 0)
+    if resume:
+        kept = kept_run(out_dir, run_metadata(run_name, config, dataset, device, engine))
+        if kept is not None:
+            return kept
     with exclusive_writer(out_dir):
         return _train_and_record(config, dataset, out_dir, device, engine, run_name=run_name, overwrite=overwrite,
                                  resume=resume, progress=progress)
@@ -135,6 +150,43 @@ def train_stack(runs: dict[str, tuple[TrainParams, Path]], dataset: Dataset, *, 
     return {name: recording.summary("numpy", seconds) for name, recording in zip(runs, recordings)}
 
 
+def kept_run(out_dir: Path, metadata: RunMetadata) -> RunSummary | None:
+    """The summary of the finished run in ``out_dir`` if training ``metadata``'s run again
+    would give it bit for bit: the same model, params, dataset files and engine, and the
+    same code (:func:`code_digest`); else None. Runs are bitwise repeatable, so a stage that
+    DVC reruns for another reason (a new grid point, a new dataset) trains nothing again."""
+    store = out_dir / STORE_NAME
+    if not store.is_dir():
+        return None
+    try:
+        group = open_store(store)
+        stored = RunMetadata.parse(group.attrs["weightlapse"])
+        finished = Progress.parse(group.attrs.get("progress"), str(store)).finished
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+    except (TrajectoryError, KeyError, TypeError, ValueError, OSError):
+        return None
+    same = all(getattr(stored, name) == getattr(metadata, name) for names in RESUME_MUST_MATCH.values()
+               for name in names)
+    code = stored.versions.get(CODE_VERSION)
+    if not (finished and same and code == metadata.versions[CODE_VERSION]
+            and all((out_dir / name).is_file() for name in ("loss.csv", "accuracy.csv"))):
+        return None
+    log.info("%s: finished in %s by the same code from the same params and data; kept", metadata.run, out_dir)
+    return RunSummary(metrics, metadata.engine, 0.0)
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of the package's training code: every module under ``pipeline/`` (a superset
+    of the train stage's imports, so any change that could change a trajectory changes it;
+    the root package holds only the version and the public API, as in dvc.yaml's deps)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted((root / "pipeline").rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def stack_key(config: TrainParams) -> tuple | None:
     """Runs with equal keys can train as one stack (:func:`train_stack`) on a machine without
     a GPU; None: this run trains alone anywhere (its engine is not the CPU's numpy engine)."""
@@ -160,14 +212,13 @@ def _use_one_cpu_thread(device: torch.device) -> None:
 def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: torch.device, engine: str
                  ) -> RunMetadata:
     """Everything needed to know how a store was made, saved next to the result."""
-    spec = DATASETS[dataset.name]
     return RunMetadata(
         run=run_name,
         params=config.to_dict(),
         model="softmax-regression",
         dataset=dataset.name,
         dataset_files=dataset.file_checksums,
-        class_names=tuple(spec.class_names),
+        class_names=tuple(dataset.class_names),
         n_train=len(dataset.train.labels),
         n_test=len(dataset.test.labels),
         device=str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
@@ -178,6 +229,7 @@ def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: t
             "torch": torch.__version__,
             "numpy": np.__version__,
             "zarr": zarr.__version__,
+            CODE_VERSION: code_digest(),
         },
         git_commit=git_commit(),
         command=" ".join(sys.argv),
@@ -200,9 +252,14 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--run", required=True, help="run name, a key under 'runs' in the params file")
-    parser.add_argument("--data", required=True, help="directory written by the data stage")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="the run's dataset: a directory written by the data stage")
+    data.add_argument("--data-root", help="the data stage's directories, one per dataset: the run's is read from "
+                                          "DATA_ROOT/<dataset>")
     parser.add_argument("--out", required=True, help="run directory to write (runs/<run>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing trajectory store")
+    parser.add_argument("--manifest", default=None,
+                        help="also write the run's params and metrics here, for the summary stage (dvc.yaml)")
     parser.add_argument("--resume", action="store_true",
                         help="carry on an unfinished store of this run from its last checkpoint (bit for bit "
                              "as if never interrupted); any other existing store is replaced")
@@ -211,9 +268,12 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     try:
         params = load_params(args.params)
         config = params.run(args.run)
-        dataset = load_dataset(args.data, params.data.dataset)
+        spec = params.dataset_of(args.run)
+        dataset = load_dataset(args.data or Path(args.data_root) / spec.name, spec.name, spec=spec)
         metrics = run_training(config, dataset, Path(args.out), run_name=args.run, overwrite=args.overwrite,
                                resume=args.resume).metrics
+        if args.manifest:
+            write_manifest(Path(args.manifest), params, {args.run: metrics})
     except (ParamsError, DatasetError, DeviceError, TrajectoryError, RunLockedError, FileExistsError,
             FileNotFoundError, TrainingDiverged) as error:
         log.error("%s", error)

@@ -37,3 +37,18 @@ def write_dataset(directory: Path, *, n_train: int = 200, n_test: int = 50, seed
         (directory / name).write_bytes(data)
         checksums[name] = "sha256:" + hashlib.sha256(data).hexdigest()
     return checksums
+
+
+CLASS_NAMES = [f"class-{label}" for label in range(10)]
+
+
+def declaration(directory: Path, *, mirrors: list[str] | None = None, n_train: int = 200, n_test: int = 50) -> dict:
+    """params.yaml's declaration of the dataset whose files are in ``directory`` (as write_dataset wrote them)."""
+    return {
+        "files": {name: {"sha256": hashlib.sha256((directory / name).read_bytes()).hexdigest(),
+                         "size": (directory / name).stat().st_size} for name in FILES},
+        "class_names": list(CLASS_NAMES),
+        "mirrors": mirrors if mirrors is not None else [directory.as_uri()],
+        "n_train": n_train,
+        "n_test": n_test,
+    }

@@ -2,10 +2,10 @@ import gzip
 
 import numpy as np
 import pytest
-from idx_files import idx_bytes, write_dataset
+from idx_files import CLASS_NAMES, declaration, idx_bytes, write_dataset
 
 from weightlapse.pipeline.datasets import (
-    DATASETS, FILES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, DatasetError, load_dataset,
+    DATASETS, FILES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, DatasetError, declared_dataset, load_dataset,
 )
 
 
@@ -52,3 +52,50 @@ def test_files_within_the_published_sizes_load(tmp_path):
     assert dataset.train.images.shape == (300, 784) and dataset.test.labels.shape == (10_000,)
     with pytest.raises(DatasetError, match="unknown dataset 'cifar10'; choose one of fashion-mnist, mnist"):
         load_dataset(data_dir, "cifar10")
+
+
+def test_a_declared_dataset_loads_with_its_own_class_names(tmp_path):
+    write_dataset(tmp_path / "files")
+    spec = declared_dataset("my-set", declaration(tmp_path / "files"))
+    assert spec.mirrors == ((tmp_path / "files").as_uri(),) and spec.checksums[TRAIN_IMAGES].startswith("sha256:")
+    dataset = load_dataset(tmp_path / "files", "my-set", spec=spec)
+    assert dataset.class_names == tuple(CLASS_NAMES) and dataset.train.images.shape == (200, 784)
+
+
+def _declared(tmp_path, **changes):
+    write_dataset(tmp_path / "files")
+    raw = declaration(tmp_path / "files")
+    for key, value in changes.items():
+        if key in FILES:
+            raw["files"][key] = value
+        elif value is None:
+            del raw[key]
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.mark.parametrize(("name", "changes", "message"), [
+    ("mnist", {}, r"mnist is a built-in dataset; declare yours under another name"),
+    ("../up", {}, r"'\.\./up' is not a usable dataset name"),
+    ("My.Set", {}, r"not a usable dataset name; use 1-50 lowercase letters"),
+    ("my-set", {TRAIN_IMAGES: {"md5": "0" * 32, "size": 10}}, r"files\.train-images-idx3-ubyte\.gz: expected \{sha256"),
+    ("my-set", {TRAIN_IMAGES: {"sha256": "abc", "size": 10}}, r"sha256: expected 64 lowercase hex digits"),
+    ("my-set", {TEST_LABELS: {"sha256": "0" * 64, "size": 10**9}}, r"t10k-labels-idx1-ubyte\.gz\.size: expected"),
+    ("my-set", {"class_names": ["a"] * 10}, r"class_names: expected 10 different names"),
+    ("my-set", {"mirrors": ["relative/dir"]}, r"mirrors: 'relative/dir' is not an http\(s\):// or file:// URL"),
+    ("my-set", {"mirrors": []}, r"mirrors: expected a list of 1-10 places"),
+    ("my-set", {"n_train": 10**7}, r"n_train: expected a whole number of samples from 1 to 60,000"),
+    ("my-set", {"n_test": None}, r"missing n_test"),
+    ("my-set", {"url": "x"}, r"unknown key\(s\) url"),
+])
+def test_a_bad_declaration_names_the_key_and_the_fix(tmp_path, name, changes, message):
+    with pytest.raises(DatasetError, match=message):
+        declared_dataset(name, _declared(tmp_path, **changes))
+
+
+def test_a_declared_file_larger_than_its_samples_as_idx_is_refused(tmp_path):
+    raw = _declared(tmp_path, n_train=100)  # the files hold 200: what the size could not hold is no bound
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz\.size: expected the file's size in bytes, "
+                                           r"from 1 to 83,296"):
+        declared_dataset("my-set", raw)

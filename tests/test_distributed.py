@@ -30,7 +30,7 @@ BUCKET = "weightlapse-test"
 PARAMS = {
     "data": {"dataset": "mnist"},
     "train": {"device": "cpu", "epochs": 3, "eval_every": 10, "capture": {"chunk_steps": 8}},
-    "runs": {"original": {"seed": 0}},
+    "runs": {"listed": {"seed": 5}},
     "sweep": {"optimizer": ["adam"], "lr": [0.001, 0.01], "batch_size": [20], "seed": [0, 1]},
 }
 

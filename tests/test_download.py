@@ -2,13 +2,17 @@ import dataclasses
 import hashlib
 import socket
 import time
+from pathlib import Path
 
 import pytest
+import yaml
+from idx_files import declaration
 
 from weightlapse.pipeline.datasets import (
     DATASETS, FILES, TEST_IMAGES, TEST_LABELS, TRAIN_LABELS, DatasetError, file_digest, load_dataset,
 )
 from weightlapse.pipeline.download import DownloadError, fetch_dataset, fetch_file, main, mirror_list
+from weightlapse.pipeline.params import load_params
 
 
 def no_partial_files(directory):
@@ -309,3 +313,50 @@ def test_stage_removes_only_its_own_stale_temp_files(tmp_path, generated_data, m
     assert main(["--params", str(params), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
     assert all("sha256:" + file_digest(out / name) == checksums[name] for name in FILES)
+
+
+def declared_params(tmp_path, name: str, raw: dict) -> Path:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"datasets": {"mnist": {}, name: raw}, "runs": {"a": {"dataset": name}}}))
+    return params
+
+
+def test_stage_fetches_a_declared_dataset_through_a_file_url_mirror(tmp_path, generated_data, monkeypatch):
+    source, checksums = generated_data
+    monkeypatch.delenv("WEIGHTLAPSE_MIRRORS", raising=False)
+    params = declared_params(tmp_path, "my-set", declaration(source))
+    out = tmp_path / "data" / "my-set"
+    assert main(["--params", str(params), "--dataset", "my-set", "--out", str(out)]) == 0
+    assert {name: "sha256:" + file_digest(out / name) for name in FILES} == checksums
+    assert load_dataset(out, "my-set", spec=load_params(params).datasets["my-set"]).class_names[9] == "class-9"
+
+
+def test_stage_refuses_a_declared_file_whose_checksum_differs(tmp_path, generated_data, monkeypatch, caplog):
+    source, _ = generated_data
+    monkeypatch.delenv("WEIGHTLAPSE_MIRRORS", raising=False)
+    raw = declaration(source)
+    raw["files"][TRAIN_LABELS]["sha256"] = "0" * 64
+    out = tmp_path / "data" / "my-set"
+    assert main(["--params", str(declared_params(tmp_path, "my-set", raw)), "--dataset", "my-set", "--out",
+                 str(out)]) == 1
+    assert f"could not fetch {TRAIN_LABELS}" in caplog.text and "the copy is corrupt or a different file" in caplog.text
+    assert not (out / TRAIN_LABELS).exists()
+
+
+def test_stage_refuses_a_dataset_the_params_do_not_name(tmp_path, caplog):
+    params = tmp_path / "params.yaml"
+    params.write_text("datasets: {mnist: {}}\nruns: {a: {}}\n")
+    assert main(["--params", str(params), "--dataset", "fashion-mnist", "--out", str(tmp_path / "d")]) == 1
+    assert "--dataset fashion-mnist: " in caplog.text and "choose one of mnist" in caplog.text
+
+
+def test_debian_fashion_mnist_declared_under_another_name_is_fetched_and_verified(tmp_path, debian_fashion,
+                                                                                   monkeypatch):
+    monkeypatch.delenv("WEIGHTLAPSE_MIRRORS", raising=False)
+    raw = declaration(debian_fashion, n_train=60_000, n_test=10_000)
+    out = tmp_path / "data" / "zalando"
+    assert main(["--params", str(declared_params(tmp_path, "zalando", raw)), "--dataset", "zalando", "--out",
+                 str(out)]) == 0
+    dataset = load_dataset(out, "zalando", spec=load_params(tmp_path / "params.yaml").datasets["zalando"])
+    assert dataset.train.images.shape == (60_000, 784) and dataset.file_checksums == {
+        name: DATASETS["fashion-mnist"].checksums[name] for name in FILES}

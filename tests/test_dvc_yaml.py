@@ -63,7 +63,7 @@ def stage_code_deps(stage: dict) -> set[str]:
 def test_every_module_a_stage_runs_is_in_its_deps():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage, module in (("download", "weightlapse.pipeline.download"), ("train", "weightlapse.pipeline.train"),
-                          ("sweep", "weightlapse.pipeline.train")):
+                          ("sweep", "weightlapse.pipeline.sweep"), ("summary", "weightlapse.pipeline.summary")):
         needed = imported_closure(module) - NOT_DEPS
         listed = stage_code_deps(stages[stage])
         assert needed - listed == set(), f"dvc.yaml's {stage} stage leaves out modules it runs"

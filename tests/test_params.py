@@ -1,8 +1,9 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from weightlapse.pipeline.params import ParamsError, TrainParams, load_params, parse_params
+from weightlapse.pipeline.params import SWEEP_STAGE_AXES, ParamsError, TrainParams, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -10,13 +11,30 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repository_params_reproduce_the_original_study():
     params = load_params(REPO / "params.yaml")
     assert params.data.dataset == "mnist"
-    original = params.run("original")
+    original = params.run("adam-lr0.001-b20-seed0")
     assert (original.optimizer, original.lr, original.batch_size, original.epochs, original.bias) == \
         ("adam", 0.001, 20, 1, False)
     assert original == TrainParams()
-    assert {"original", "seed-1", "sgd"} <= set(params.runs)
-    assert params.run("seed-1").seed != original.seed
-    assert params.run("sgd").optimizer == "sgd"
+    assert params.run("adam-lr0.001-b20-seed1") == dataclasses.replace(original, seed=1)
+    assert params.run("sgd-lr0.01-b20-seed0").optimizer == "sgd"
+
+
+def test_repository_params_train_no_run_twice():
+    params = load_params(REPO / "params.yaml")
+    identities = [(params.data.dataset, config) for config in params.all_runs.values()]
+    assert len(set(identities)) == len(identities) == len(params.runs) + len(params.sweep_runs)
+
+
+@pytest.mark.parametrize("twin", [{"seed": 1}, {"seed": 1, "lr": "1e-3"}])
+def test_a_listed_run_that_the_sweep_also_trains_is_refused_naming_both(twin):
+    with pytest.raises(ParamsError, match=r"runs\.again and sweep point adam-lr0\.001-b20-seed1 have the same params"
+                                          r".*remove runs\.again \(the sweep trains it as adam-lr0\.001-b20-seed1\)"):
+        parse_params({"runs": {"again": twin}, "sweep": {**SWEEP, "lr": [0.001], "optimizer": ["adam"]}})
+
+
+def test_two_listed_runs_with_the_same_params_are_refused_naming_both():
+    with pytest.raises(ParamsError, match=r"runs\.a and runs\.b have the same params and dataset.*remove one of them"):
+        parse_params({"train": {"seed": 3}, "runs": {"a": {}, "b": {"seed": 3}}})
 
 
 def test_run_overrides_merge_over_train_defaults():
@@ -74,11 +92,11 @@ def test_broken_yaml_is_a_params_error(tmp_path):
         load_params(path)
 
 
-SWEEP = {"optimizer": ["adam", "sgd"], "lr": [0.001, "1e-2"], "batch_size": [20], "seed": [0, 1, 2]}
+SWEEP = {"dataset": ["mnist"], "optimizer": ["adam", "sgd"], "lr": [0.001, "1e-2"], "batch_size": [20], "seed": [0, 1, 2]}
 
 
 def test_the_sweep_grid_expands_to_named_runs_in_dvcs_order():
-    params = parse_params({"train": {"epochs": 2}, "runs": {"a": {}}, "sweep": SWEEP})
+    params = parse_params({"train": {"epochs": 2}, "runs": {"a": {"seed": 9}}, "sweep": SWEEP})
     assert list(params.sweep_runs)[:4] == ["adam-lr0.001-b20-seed0", "adam-lr0.001-b20-seed1",
                                            "adam-lr0.001-b20-seed2", "adam-lr1e-2-b20-seed0"]
     assert len(params.sweep_runs) == 12
@@ -97,7 +115,7 @@ def test_the_sweep_grid_expands_to_named_runs_in_dvcs_order():
 ])
 def test_a_bad_sweep_names_the_axis_and_the_fix(sweep, message):
     with pytest.raises(ParamsError, match=message):
-        parse_params({"runs": {"a": {}}, "sweep": sweep})
+        parse_params({"runs": {"a": {"seed": 9}}, "sweep": sweep})
 
 
 def test_a_run_named_like_a_sweep_point_is_refused():
@@ -117,9 +135,10 @@ def test_the_shipped_sweep_has_at_least_12_runs_and_dvc_names_them_alike():
                             capture_output=True, text=True, check=True, env={**__import__("os").environ,
                                                                               "DVC_NO_ANALYTICS": "1"}).stdout
     sweep_stages = [line for line in listed.split() if line.startswith("sweep@")]
-    assert len(sweep_stages) == len(params.sweep_runs)
+    stages = {"-".join(str(point[axis]) for axis in SWEEP_STAGE_AXES) for point in params.sweep_points.values()}
+    assert sorted(sweep_stages) == sorted(f"sweep@{stage}" for stage in stages)
     dvc_yaml = (repo / "dvc.yaml").read_text()
-    assert "--run ${item.optimizer}-lr${item.lr}-b${item.batch_size}-seed${item.seed}" in dvc_yaml
+    assert "--where dataset=${item.dataset} optimizer=${item.optimizer} batch_size=${item.batch_size}" in dvc_yaml
 
 
 def write_params(tmp_path, text):
@@ -202,9 +221,9 @@ def test_absurd_sizes_are_refused_up_front(tmp_path, train, message):
 def test_a_sweep_or_run_list_beyond_the_run_limit_is_refused_before_expanding():
     lrs = [f"0.{i:03d}1" for i in range(100)]
     sweep = {"optimizer": ["adam", "sgd"], "lr": lrs, "batch_size": [10, 20, 50], "seed": [0, 1]}
-    with pytest.raises(ParamsError, match=r"sweep: the grid has 2 x 100 x 3 x 2 = 1,200 points, more than the 999 "
+    with pytest.raises(ParamsError, match=r"sweep: the grid has 1 x 2 x 100 x 3 x 2 = 1,200 points, more than the 999 "
                                           r"runs left of the limit of 1,000; list fewer values"):
-        parse_params({"runs": {"a": {}}, "sweep": sweep})
+        parse_params({"runs": {"a": {"seed": 9}}, "sweep": sweep})
     with pytest.raises(ParamsError, match=r"runs: 1,001 runs, more than the limit of 1,000"):
         parse_params({"runs": {f"r{i}": {} for i in range(1001)}})
 
@@ -229,6 +248,49 @@ def test_the_capture_codec_is_fast_unless_compact_is_asked_for(tmp_path):
 
     assert CAPTURE_CODECS == CODECS  # the store writes every codec params accept, and no other
     params = load_params(write_params(tmp_path, "train: {capture: {codec: compact}}\nruns: {a: {}, b: {capture: "
-                                                "{codec: fast}}, c: {}}\n"))
+                                                "{codec: fast}}, c: {seed: 1}}\n"))
     assert params.run("a").capture.codec == "compact" and params.run("b").capture.codec == "fast"
     assert TrainParams().capture.codec == "fast"
+
+
+def test_runs_and_sweep_points_name_their_dataset_and_names_carry_it_for_several(tmp_path):
+    from idx_files import declaration, write_dataset
+
+    write_dataset(tmp_path / "files")
+    params = parse_params({
+        "data": {"dataset": "mnist"},
+        "datasets": {"mnist": {}, "fashion-mnist": None, "my-set": declaration(tmp_path / "files")},
+        "runs": {"a": {"seed": 9}, "b": {"seed": 9, "dataset": "my-set"}},
+        "sweep": {**SWEEP, "dataset": ["fashion-mnist", "my-set"], "optimizer": ["adam"], "lr": [0.001]},
+    })
+    assert params.dataset_of("a").name == "mnist" and params.dataset_of("b").class_names[0] == "class-0"
+    assert list(params.sweep_runs) == [f"{dataset}-adam-lr0.001-b20-seed{seed}"
+                                       for dataset in ("fashion-mnist", "my-set") for seed in (0, 1, 2)]
+    assert params.dataset_of("my-set-adam-lr0.001-b20-seed2").name == "my-set"
+    assert set(params.datasets) == {"mnist", "fashion-mnist", "my-set"}
+    # One dataset in the grid: today's names, and a run on another dataset is no twin.
+    one = parse_params({"runs": {"a": {"dataset": "fashion-mnist"}}, "sweep": {**SWEEP, "optimizer": ["adam"]}})
+    assert "adam-lr0.001-b20-seed0" in one.sweep_runs and one.dataset_of("adam-lr0.001-b20-seed0").name == "mnist"
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"runs": {"a": {"dataset": "kmnist"}}},
+     r"runs\.a\.dataset: unknown dataset 'kmnist'; choose one of fashion-mnist, mnist, or declare it under datasets"),
+    ({"datasets": {"mnist": {}}, "runs": {"a": {"dataset": "fashion-mnist"}}},
+     r"runs\.a\.dataset: unknown dataset 'fashion-mnist'; choose one of mnist, or add it to datasets"),
+    ({"datasets": {"mnist": {}}, "runs": {"a": {}}, "sweep": {**SWEEP, "dataset": ["mnist", "fashion-mnist"]}},
+     r"sweep \(fashion-mnist-adam-lr0\.001-b20-seed0\): unknown dataset 'fashion-mnist'"),
+    ({"data": {"dataset": "cifar"}, "runs": {"a": {}}}, r"data\.dataset: unknown dataset 'cifar'"),
+    ({"datasets": {"../x": {}}, "runs": {"a": {}}}, r"datasets: '\.\./x' is not a usable dataset name"),
+    ({"datasets": {"kmnist": {"files": {}}}, "runs": {"a": {}}}, r"datasets\.kmnist: missing class_names"),
+    ({"datasets": {}, "runs": {"a": {}}}, r"datasets: list 1-20 datasets"),
+    ({"train": {"dataset": "mnist"}, "runs": {"a": {}}}, r"train: unknown key\(s\) dataset"),
+])
+def test_a_dataset_the_data_stage_does_not_fetch_is_refused_with_the_fix(raw, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_params(raw)
+
+
+def test_the_same_params_on_two_datasets_are_two_runs():
+    params = parse_params({"runs": {"a": {}, "b": {"dataset": "fashion-mnist"}}})
+    assert params.run("a") == params.run("b") and params.dataset_of("b").name == "fashion-mnist"

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from idx_files import idx_bytes
+import yaml
+from idx_files import declaration, idx_bytes
 
 from weightlapse.pipeline.closed_form import ClosedFormSoftmaxRegression, train_closed_form
 from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_dataset
@@ -241,9 +242,13 @@ def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_p
     data_dir, _ = generated_data
     dataset = load_dataset(data_dir, "mnist")
     monkeypatch.setattr(TrajectoryWriter, "default_block_steps", classmethod(lambda cls, layout: 64))
-    runs = {f"seed{seed}": TrainParams(device="cpu", epochs=20, eval_every=50, seed=seed) for seed in range(3)}
+    runs = {f"seed{seed}": TrainParams(device="cpu", epochs=20, eval_every=50, seed=seed) for seed in range(4)}
     out = tmp_path / "runs"
-    run_training(runs["seed2"], dataset, out / "seed2", run_name="seed2", progress=False)  # finished: trained again
+    # Finished with other params: trained again. Finished with the same: kept.
+    run_training(dataclasses.replace(runs["seed2"], eval_every=25), dataset, out / "seed2", run_name="seed2",
+                 progress=False)
+    run_training(runs["seed3"], dataset, out / "seed3", run_name="seed3", progress=False)
+    kept = (out / "seed3" / "trajectory.zarr" / "zarr.json").stat().st_mtime_ns
     with crash_when_recording(step=150, monkeypatch=monkeypatch):
         run_training(runs["seed1"], dataset, out / "seed1", run_name="seed1", progress=False)
 
@@ -256,9 +261,11 @@ def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_p
     monkeypatch.setattr("weightlapse.pipeline.train.train_stack", spy)
     with caplog.at_level("INFO", logger="weightlapse.pipeline.train"):
         metrics = train_and_publish(runs, str(data_dir), "mnist", str(out))
-    assert sorted(metrics) == ["seed0", "seed1", "seed2"]
+    assert sorted(metrics) == ["seed0", "seed1", "seed2", "seed3"]
     assert stacked == [["seed0", "seed2"]]
     assert "seed1: resuming after step 127 of 200" in caplog.text  # the last block's checkpoint
+    assert "seed3: finished in" in caplog.text and "kept" in caplog.text
+    assert (out / "seed3" / "trajectory.zarr" / "zarr.json").stat().st_mtime_ns == kept
     for name, config in runs.items():
         run_training(config, dataset, tmp_path / "alone" / name, run_name=name, progress=False)
         swept, alone = open_run(out / name), open_run(tmp_path / "alone" / name)
@@ -284,3 +291,32 @@ def test_runs_of_a_stack_stopped_by_an_error_each_resume_exactly_alone(tmp_path,
         for variable in ("weights", "loss", "heldout_accuracy", "heldout_loss"):
             assert np.array_equal(resumed[variable].values.view(np.int32), alone[variable].values.view(np.int32)), \
                 f"{name}: {variable}"
+
+
+def test_resume_keeps_a_finished_run_of_the_same_code_and_retrains_after_a_code_change(
+        tmp_path, generated_data, monkeypatch, caplog):
+    import weightlapse.pipeline.train as train_module
+
+    data_dir, _ = generated_data
+    (tmp_path / "data").mkdir()
+    data_dir.rename(tmp_path / "data" / "my-set")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"datasets": {"my-set": declaration(tmp_path / "data" / "my-set")},
+                                      "data": {"dataset": "my-set"}, "train": {"device": "cpu"},
+                                      "runs": {"a": {}}}))
+    out = tmp_path / "runs" / "a"
+
+    def stage():
+        return main(["--params", str(params), "--run", "a", "--data-root", str(tmp_path / "data"), "--out", str(out),
+                     "--resume"])
+
+    assert stage() == 0
+    assert open_run(out).attrs["weightlapse"]["dataset"]["class_names"][3] == "class-3"  # the declared dataset's
+    written = (out / "trajectory.zarr" / "zarr.json").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="weightlapse.pipeline.train"):
+        assert stage() == 0
+    assert "a: finished in" in caplog.text and (out / "trajectory.zarr" / "zarr.json").stat().st_mtime_ns == written
+    monkeypatch.setattr(train_module, "code_digest", lambda: "0" * 64)  # as after an edit to the training code
+    assert stage() == 0
+    assert (out / "trajectory.zarr" / "zarr.json").stat().st_mtime_ns != written
+    assert open_run(out).attrs["weightlapse"]["versions"]["weightlapse-code"] == "0" * 64
