@@ -24,12 +24,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
 from weightlapse.pipeline.datasets import (
     DATASETS, MAX_DECLARED_SAMPLES, N_CLASSES, N_PIXELS, DatasetError, DatasetSpec, check_dataset_name,
     declared_dataset,
 )
 from weightlapse.pipeline.optimizers import OPTIMIZERS
+from weightlapse.pipeline.params_values import (
+    ParamsError, check_positive, check_run_name, coerce, deep_merge, listed, reject_unknown, require_mapping,
+)
 from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
 from weightlapse.pipeline.safe_yaml import shown as _shown
 
@@ -59,10 +61,6 @@ MAX_DATASETS = 20
 
 
 
-class ParamsError(ValueError):
-    """params.yaml holds a key or value that the pipeline cannot use."""
-
-
 @dataclass(frozen=True)
 class DataParams:
     dataset: str = "mnist"  # the dataset of every run and sweep point that names none
@@ -89,7 +87,7 @@ class CaptureParams:
         if self.codec not in CAPTURE_CODECS:
             raise ParamsError(f"codec: unknown codec {_shown(self.codec)}; choose one of {', '.join(CAPTURE_CODECS)} "
                               "(fast: Blosc LZ4, readable everywhere; compact: pcodec, smaller)")
-        _check_positive_int("chunk_steps", self.chunk_steps)
+        check_positive("chunk_steps", self.chunk_steps)
         if self.chunk_steps * STEP_BYTES > MAX_CHUNK_BYTES:
             raise ParamsError(f"chunk_steps: {self.chunk_steps:,} steps of {STEP_BYTES:,} bytes is "
                               f"{self.chunk_steps * STEP_BYTES >> 20:,} MiB a chunk, more than the "
@@ -133,11 +131,11 @@ class TrainParams:
             raise ParamsError(problem)
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ParamsError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
-        _check_positive_int("batch_size", self.batch_size)
-        _check_positive_int("epochs", self.epochs)
-        _check_positive_int("eval_every", self.eval_every)
+        check_positive("batch_size", self.batch_size)
+        check_positive("epochs", self.epochs)
+        check_positive("eval_every", self.eval_every)
         if self.max_steps is not None:
-            _check_positive_int("max_steps", self.max_steps)
+            check_positive("max_steps", self.max_steps)
         if self.seed < 0:
             raise ParamsError(f"seed: must be >= 0, got {self.seed}")
         self._check_size()
@@ -206,7 +204,7 @@ class Params:
             return self.all_runs[name]
         except KeyError:
             raise ParamsError(f"run {_shown(name)} is neither listed under 'runs' nor a point of the 'sweep' grid in "
-                              f"params.yaml; runs: {_listed(self.runs)}; sweep: {_listed(self.sweep_runs)}") from None
+                              f"params.yaml; runs: {listed(self.runs)}; sweep: {listed(self.sweep_runs)}") from None
 
 
 def load_params(path: str | Path) -> Params:
@@ -222,8 +220,8 @@ def load_params(path: str | Path) -> Params:
 
 
 def parse_params(raw: Any, *, source: str = "params") -> Params:
-    _require_mapping(raw, source)
-    _reject_unknown(raw, {"data", "datasets", "train", "runs", "sweep"}, source)
+    require_mapping(raw, source)
+    reject_unknown(raw, {"data", "datasets", "train", "runs", "sweep"}, source)
     data = _build(DataParams, raw.get("data", {}), "data")
     declared = _declared_datasets(raw.get("datasets"))
     _check_dataset(data.dataset, declared, "data.dataset")
@@ -234,7 +232,7 @@ def parse_params(raw: Any, *, source: str = "params") -> Params:
     if not runs_raw:
         raise ParamsError(f"{source}: 'runs' is missing or empty; list at least one run, "
                           "e.g. runs: {original: {seed: 0}}")
-    _require_mapping(runs_raw, "runs")
+    require_mapping(runs_raw, "runs")
     if len(runs_raw) > MAX_RUNS:
         raise ParamsError(f"runs: {len(runs_raw):,} runs, more than the limit of {MAX_RUNS:,}; list fewer")
     runs, run_datasets = {}, {}
@@ -245,9 +243,9 @@ def parse_params(raw: Any, *, source: str = "params") -> Params:
                               f", not text; quote it in params.yaml: '{text}': ...")
         check_run_name(name)
         overrides = dict(overrides or {})
-        _require_mapping(overrides, f"runs.{name}")
+        require_mapping(overrides, f"runs.{name}")
         run_datasets[name] = _check_dataset(overrides.pop("dataset", data.dataset), declared, f"runs.{name}.dataset")
-        merged = _deep_merge(train_raw or {}, overrides)
+        merged = deep_merge(train_raw or {}, overrides)
         runs[name] = _build(TrainParams, merged, f"runs.{name}")
     sweep_points = expand_sweep(raw.get("sweep"), train_raw or {}, max_points=MAX_RUNS - len(runs),
                                 default_dataset=data.dataset)
@@ -270,7 +268,7 @@ def _declared_datasets(raw: Any) -> dict[str, DatasetSpec] | None:
     """params.yaml's `datasets`: name -> {} for a built-in dataset, or a declaration of one's own."""
     if raw is None:
         return None
-    _require_mapping(raw, "datasets")
+    require_mapping(raw, "datasets")
     if not raw or len(raw) > MAX_DATASETS:
         raise ParamsError(f"datasets: list 1-{MAX_DATASETS} datasets (the data stage fetches each into "
                           f"data/<name>), e.g. datasets: {{mnist: {{}}}}; got {len(raw)}")
@@ -341,8 +339,8 @@ def expand_sweep(raw: Any, train_raw: dict, *, max_points: int = MAX_RUNS, defau
     """
     if raw is None:
         return {}
-    _require_mapping(raw, "sweep")
-    _reject_unknown(raw, set(SWEEP_AXES), "sweep")
+    require_mapping(raw, "sweep")
+    reject_unknown(raw, set(SWEEP_AXES), "sweep")
     if "dataset" not in raw:
         raw = {"dataset": [default_dataset], **raw}
     missing = [axis for axis in SWEEP_AXES if axis not in raw]
@@ -368,7 +366,7 @@ def expand_sweep(raw: Any, train_raw: dict, *, max_points: int = MAX_RUNS, defau
         name = sweep_run_name(point, with_dataset=len(raw["dataset"]) > 1)
         check_run_name(name)
         training = {axis: value for axis, value in point.items() if axis != "dataset"}
-        runs[name] = (_build(TrainParams, _deep_merge(train_raw, training), f"sweep ({name})"), point)
+        runs[name] = (_build(TrainParams, deep_merge(train_raw, training), f"sweep ({name})"), point)
     return runs
 
 
@@ -377,24 +375,11 @@ def _example(axis: str) -> str:
             "seed": "0, 1, 2"}[axis]
 
 
-def check_run_name(name: str) -> None:
-    """Run names become directory names under runs/: keep them plain."""
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-    if not name or len(name) > 100 or name.startswith(".") or not set(name) <= allowed:
-        raise ParamsError(f"runs: {_shown(name)} is not a usable run name; use 1-100 letters, digits, '-', '_' "
-                          "or '.', not starting with '.'")
-
-
-def _check_positive_int(key: str, value: int) -> None:
-    if value < 1:
-        raise ParamsError(f"{key}: must be at least 1, got {value}")
-
-
 def _build(cls, raw: Any, where: str):
     raw = raw or {}
-    _require_mapping(raw, where)
+    require_mapping(raw, where)
     known = {f.name: f for f in fields(cls)}
-    _reject_unknown(raw, set(known), where)
+    reject_unknown(raw, set(known), where)
     kwargs = {}
     for name, value in raw.items():
         f = known[name]
@@ -402,60 +387,8 @@ def _build(cls, raw: Any, where: str):
         if f.name == "capture":
             kwargs[name] = _build(CaptureParams, value, key)
         else:
-            kwargs[name] = _coerce(value, f.type, key)
+            kwargs[name] = coerce(value, f.type, key)
     try:
         return cls(**kwargs)
     except ParamsError as error:
         raise ParamsError(f"{where}.{error}") from None
-
-
-def _coerce(value: Any, type_name: str, key: str) -> Any:
-    """Check a YAML value against a field's annotation (given as a string)."""
-    if type_name == "int | None" and value is None:
-        return None
-    if type_name in ("int", "int | None"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            # YAML 1.1 reads 1e9 (no dot) as text, and 1e9 with a dot is a float: neither is a count.
-            hint = "; write it in digits, e.g. 1000000 for 1e6" if isinstance(value, (str, float)) else ""
-            raise ParamsError(f"{key}: expected a whole number, got {_shown(value)}{hint}")
-        return value
-    if type_name == "float":
-        # YAML 1.1 reads "1e-3" (no dot) as text; accept it as a number. A boolean is not one.
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                return float(value)
-            except (ValueError, OverflowError):
-                pass
-        raise ParamsError(f"{key}: expected a number, got {_shown(value)}")
-    if type_name in ("bool", "str"):
-        if not isinstance(value, bool if type_name == "bool" else str):
-            expected = "true or false" if type_name == "bool" else "a string"
-            raise ParamsError(f"{key}: expected {expected}, got {_shown(value)}")
-        return value
-    raise AssertionError(f"unhandled field type {type_name}")  # a programming error, not input
-
-
-def _require_mapping(value: Any, where: str) -> None:
-    if not isinstance(value, dict):
-        raise ParamsError(f"{where}: expected a mapping of keys to values, got {_shown(value)}")
-
-
-def _reject_unknown(raw: dict, known: set[str], where: str) -> None:
-    unknown = sorted(set(map(str, raw)) - known)
-    if unknown:
-        raise ParamsError(f"{where}: unknown key(s) {_listed(unknown)}; known keys: {', '.join(sorted(known))}")
-
-
-def _deep_merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _listed(names, *, limit: int = 10) -> str:
-    names = [_shown(name, quote=False) for name in itertools.islice(names, limit + 1)]
-    return (", ".join(names[:limit]) + (", ..." if len(names) > limit else "")) if names else "(none)"
