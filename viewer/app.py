@@ -196,8 +196,7 @@ class WeightViewer(pn.viewable.Viewer):
         self.scale_toggle = pn.widgets.Checkbox(label="Per-class colour scale", value=self.per_class)
         self.follow_toggle = pn.widgets.Toggle(label="Follow newest step", value=False, width=220)
         self.state_text = pn.pane.HTML("", css_classes=["wl-state"])
-        self.stat_select = pn.widgets.Select(label="Statistic", options={v.split(":")[0].format(fraction=0.9): k
-                                                                        for k, v in STATISTICS.items()},
+        self.stat_select = pn.widgets.Select(label="Statistic", options={v.title(0.9): k for k, v in STATISTICS.items()},
                                              value=self.statistic, width=200)
         self.start_input = pn.widgets.IntInput(label="First step", value=0, start=0, width=120)
         self.stop_input = pn.widgets.IntInput(label="Last step", value=0, start=0, width=120)
@@ -575,7 +574,7 @@ class WeightViewer(pn.viewable.Viewer):
             self.say(f"Press “Compute statistics” for steps {self.range_start:,}..{self.range_stop:,}.", "info")
             return None
         stats, name = self._stats, self.statistic
-        label = STATISTICS[name].split(":")[0].format(fraction=stats.attrs["settle_fraction"])
+        label = STATISTICS[name].title(stats.attrs["settle_fraction"])
         span = f"steps {stats.attrs['first_step']:,}..{stats.attrs['last_step']:,}"
         self._map_pipe.send((stats[f"{name}_over_classes"].values, label, f"All classes: {label}"))
         return TileView(stats[name].values, label, name == "net_change", self.per_class,
