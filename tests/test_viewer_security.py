@@ -23,7 +23,7 @@ from test_viewer_browser import Page, Server, browser, running_server  # noqa: F
 from viewer_runs import training_like, write_run
 
 from weightlapse.viewer.access import host_is_served
-from weightlapse.viewer.compare_view import text_options
+from weightlapse.viewer.comparison import text_options
 
 pytestmark = pytest.mark.slow  # a real panel serve and Chromium
 
@@ -291,7 +291,7 @@ def test_the_app_renders_on_127_0_0_1_and_on_localhost(browser, loopback_server)
     for url in (loopback_server.url, loopback_server.url.replace("127.0.0.1", "localhost")):
         tab = Page(browser, url)
         tab.wait_for_text("plain")
-        assert "Rescan runs" in tab.text()
+        assert "Follow newest step" in tab.text()
         assert tab.errors == [] and tab.dialogs == []
         tab.close()
     assert loopback_server.errors() == [], "\n".join(loopback_server.errors())

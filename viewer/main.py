@@ -57,6 +57,6 @@ options = options_from(sys.argv[1:])
 if options.share or is_same_machine(client_ip()):
     viewer = WeightViewer(options.runs, scheduler=options.scheduler)
     track_session(viewer)
-    viewer.servable(title="weightlapse")
+    viewer.template().servable(title="weightlapse")
 else:
     pn.pane.Markdown(NOT_SHARED_MESSAGE, disable_math=True).servable(title="weightlapse")
