@@ -48,6 +48,11 @@ def shown(root) -> np.ndarray:
     return np.flipud(np.asarray(grid_renderer(root).data_source.data["image"][0]))
 
 
+def blank(root) -> bool:
+    """Whether the grid shows nothing (every pixel NaN, the background)."""
+    return bool(np.isnan(shown(root)).all())
+
+
 def colour_range(root) -> tuple[float, float]:
     mapper = grid_renderer(root).glyph.color_mapper
     return mapper.low, mapper.high
@@ -103,14 +108,14 @@ def test_step_and_run_diffs_and_a_missing_comparison_run(runs_dir):
     # Run vs run without a run to compare with: it says so and shows no picture, not the last diff
     viewer.state.mode = "run-diff"
     assert "choose a run to compare with" in viewer.tiles.notice.object and viewer.tiles.notice.visible
-    assert not viewer.tiles.tiles_pane.visible and viewer.tiles.summary.object == ""
+    assert blank(root) and viewer.tiles.summary.object == ""
     viewer.picker.compare_select.value = "beta"
-    assert viewer.state.compare == "beta" and viewer.tiles.tiles_pane.visible and not viewer.tiles.notice.visible
+    assert viewer.state.compare == "beta" and not blank(root) and not viewer.tiles.notice.visible
     np.testing.assert_array_equal(shown(root), mosaic(beta[200] - alpha[200], header=HEADER))
     distance = np.linalg.norm(beta[200].astype(np.float64) - alpha[200])
     assert f"L2 distance {distance:.4g}" in viewer.tiles.summary.object
     viewer.picker.compare_select.value = "(none)"
-    assert not viewer.tiles.tiles_pane.visible and viewer.tiles.summary.object == ""
+    assert blank(root) and viewer.tiles.summary.object == ""
 
 
 def test_statistics_show_nothing_until_computed_then_the_dask_statistics(runs_dir):
@@ -118,16 +123,16 @@ def test_statistics_show_nothing_until_computed_then_the_dask_statistics(runs_di
     assert viewer.tiles.summary.object  # a diff's table
     viewer.state.param.update(mode="statistics", range_start=10, range_stop=250, statistic="reversals")
     tiles = viewer.tiles
-    assert "Compute statistics" in tiles.notice.object and not tiles.tiles_pane.visible
-    assert not tiles.map_pane.visible and tiles.summary.object == ""
+    assert "Compute statistics" in tiles.notice.object and blank(root)
+    assert not tiles.map_box.visible and tiles.summary.object == ""
     asyncio.run(viewer.statistics.compute())
     expected = change_statistics(training_like(300, seed=0)[10:251], first_step=10)
     np.testing.assert_array_equal(shown(root), mosaic(expected.reversals.values, header=HEADER))
-    assert "Top-changing pixels" in tiles.summary.object and tiles.map_pane.visible
+    assert "Top-changing pixels" in tiles.summary.object and tiles.map_box.visible
     viewer.state.statistic = "settle_step"
     np.testing.assert_array_equal(shown(root), mosaic(expected.settle_step.values, header=HEADER))
     viewer.state.range_stop = 200  # another range: not computed, so nothing shown
-    assert not tiles.tiles_pane.visible and "Compute statistics" in tiles.notice.object
+    assert blank(root) and "Compute statistics" in tiles.notice.object
 
 
 def test_the_view_round_trips_through_url_values(runs_dir):
@@ -199,7 +204,7 @@ def test_follow_keeps_the_newest_step_and_the_curves_follow_the_data(tmp_path):
     viewer.poll()
     assert viewer.state.step == 59 and viewer.player.slider.end == 59
     np.testing.assert_array_equal(shown(root), mosaic(rows[59], header=HEADER))
-    loss_x = viewer.curves._pipes["loss"].data[0]
+    loss_x = viewer.curves.data("loss")[0]
     assert loss_x[-1] == 59
     viewer.state.follow = False
     for step in range(60, 101):
@@ -207,7 +212,7 @@ def test_follow_keeps_the_newest_step_and_the_curves_follow_the_data(tmp_path):
     writer.close()
     viewer.poll()
     assert viewer.state.step == 59 and viewer.player.slider.end == 100
-    assert viewer.curves._pipes["loss"].data[0][-1] == 100
+    assert viewer.curves.data("loss")[0][-1] == 100
 
 
 def test_png_export_uses_the_pages_colour_scale_and_compare_mode_exports_nothing(runs_dir, monkeypatch):
@@ -296,7 +301,7 @@ def test_a_run_retrained_under_an_open_page_is_shown_exactly(tmp_path):
     assert viewer.state.step == 250 and viewer.player.slider.end == 511
     np.testing.assert_array_equal(shown(root), mosaic(new[250], header=HEADER))
     assert "finished" not in viewer.picker.status.object and "511 of 900" in viewer.picker.status.object
-    assert viewer.curves._pipes["loss"].data[0][-1] == 511
+    assert viewer.curves.data("loss")[0][-1] == 511
     fresh, fresh_root = viewer_on(runs)
     for step in (3, 500):
         fresh.state.step = step

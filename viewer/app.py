@@ -48,6 +48,11 @@ Click a curve to jump to its step. The link in the address bar restores this vie
 __all__ = ["WeightViewer", "runs_table_html", "track_session"]
 
 
+# Panel's Fast design fetches a web font from Google: the viewer's page uses the system's
+# fonts instead, so that it loads without outside requests (offline machines, privacy).
+pn.theme.Fast._resources = {key: value for key, value in pn.theme.Fast._resources.items() if key != "font"}
+
+
 class WeightViewer(pn.viewable.Viewer):
     """One page: its state, the shared data store, and the components drawn from them."""
 
@@ -60,6 +65,7 @@ class WeightViewer(pn.viewable.Viewer):
         self.state = ViewState()
         self.message = pn.pane.Alert("", alert_type="warning", visible=False, sizing_mode="stretch_width",
                                      css_classes=["wl-message"])
+        self.store.runs(fresh=True)  # a run written a moment ago is one the link may name
         components = {"state": self.state, "store": self.store}
         self.picker = RunPicker(**components)
         self.player = Player(**components)
@@ -96,7 +102,8 @@ class WeightViewer(pn.viewable.Viewer):
         """The page: this viewer in a template with a sidebar, a header and a light/dark theme."""
         return pn.template.FastListTemplate(title="weightlapse", sidebar=self.sidebar(), main=[self],
                                             theme_toggle=True, sidebar_width=320, accent="#1f77b4",
-                                            main_layout=None)
+                                            main_layout=None,
+                                            font="system-ui, 'Segoe UI', Roboto, 'Helvetica Neue', sans-serif")
 
     # -- opening a page -------------------------------------------------------------------------
     def open(self, query: dict[str, str]) -> None:

@@ -23,28 +23,22 @@ class Curves(pn.viewable.Viewer):
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
-        self._pipes = {"loss": hv.streams.Pipe(data=EMPTY), "accuracy": hv.streams.Pipe(data=EMPTY)}
+        self._data = {"loss": EMPTY, "accuracy": EMPTY}
         self._markers: dict[int, Any] = {}
-        marker = step_marker(0, hooks=(weakly(self._capture_marker),))
-        panes = []
-        for key, label, title in (("loss", "batch loss", "Training loss"), ("accuracy", "accuracy",
-                                                                            "Held-out accuracy")):
-            pipe = self._pipes[key]
-            curve = hv.DynamicMap(lambda data, label=label, title=title: history_curve(
-                *data, label=label, title=f"{title} (click to jump)"), streams=[pipe])
-            band = hv.DynamicMap(lambda data, label=label: history_band(*data, label=label), streams=[pipe])
-            # Clicks reach the stream only from a DynamicMap that returns a single element
-            # (not an overlay), and only if the overlay below is not re-styled with .opts().
-            hv.streams.Tap(source=curve).add_subscriber(weakly(self._tapped))
-            panes.append(pn.pane.HoloViews(band * curve * marker, linked_axes=False, sizing_mode="stretch_width",
-                                           css_classes=[f"wl-{key}-curve"]))
-        self._layout = pn.Row(*panes, sizing_mode="stretch_width")
-        self.state.param.watch(lambda *events: self.render(), ["run", "revision"])
+        self._taps: list = []
+        self._panes = {key: pn.pane.HoloViews(None, linked_axes=False, sizing_mode="stretch_width",
+                                              css_classes=[f"wl-{key}-curve"]) for key in self._data}
+        self._layout = pn.Row(*self._panes.values(), sizing_mode="stretch_width")
+        self.state.param.watch(lambda *events: self.render(), ["run", "revision", "mode"])
         self.state.param.watch(lambda event: self._move_markers(), "step")
         self.render()
 
     def __panel__(self):
         return self._layout
+
+    def data(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) drawn as ``key`` ("loss" or "accuracy")."""
+        return self._data[key]
 
     def release(self) -> None:
         self._markers.clear()
@@ -59,9 +53,25 @@ class Curves(pn.viewable.Viewer):
         loss = (curves.loss_steps, curves.loss) if curves is not None and len(curves.loss_steps) else EMPTY
         accuracy = ((curves.eval_steps, curves.accuracy) if curves is not None and len(curves.eval_steps)
                     else EMPTY)
-        self._pipes["loss"].send(loss)
-        self._pipes["accuracy"].send(accuracy)
-        self._layout.visible = curves is not None
+        self._layout.visible = curves is not None and self.state.mode != "compare"
+        unchanged = all(np.array_equal(new, old, equal_nan=True) for pair_new, pair_old in
+                        ((loss, self._data["loss"]), (accuracy, self._data["accuracy"]))
+                        for new, old in zip(pair_new, pair_old, strict=True))
+        if unchanged and self._panes["loss"].object is not None:
+            return
+        self._data = {"loss": loss, "accuracy": accuracy}
+        # New elements rather than streamed data: each new run or step range gets its own axes.
+        self._markers.clear()
+        self._taps.clear()
+        for key, label, title in (("loss", "batch loss", "Training loss"),
+                                  ("accuracy", "accuracy", "Held-out accuracy")):
+            steps, values = self._data[key]
+            curve = history_curve(steps, values, label=label, title=f"{title} (click to jump)")
+            tap = hv.streams.Tap(source=curve)
+            tap.add_subscriber(weakly(self._tapped))
+            self._taps.append(tap)
+            marker = step_marker(self.state.step, hooks=(weakly(self._capture_marker),))
+            self._panes[key].object = history_band(steps, values, label=label) * curve * marker
         self._move_markers()  # redrawing the curves redraws their markers at step 0
 
     def _capture_marker(self, plot, element) -> None:

@@ -51,6 +51,9 @@ if not viewer_log.handlers:
     viewer_log.addHandler(handler)
     viewer_log.setLevel(logging.INFO)
     viewer_log.propagate = False
+# Every file the page loads comes from this server, never a CDN: pages work offline, and a
+# page opened while another session is being set up does not get CDN stylesheet links.
+os.environ.setdefault("BOKEH_RESOURCES", "server")
 pn.extension(notifications=False)
 hv.extension("bokeh", logo=False)
 options = options_from(sys.argv[1:])

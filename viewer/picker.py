@@ -92,10 +92,14 @@ class RunPicker(pn.viewable.Viewer):
     def refresh(self, infos: list[RunInfo]) -> None:
         """Show the runs as listed now: options, table, the directory's problem, the run's state."""
         readable = [info.name for info in infos if info.readable]
+        # Options and value together: the value stays the state's run, never whatever the
+        # select would fall back to while its options change.
         if self.run_select.options != readable:
-            self.run_select.options = readable
+            self.run_select.param.update(options=readable,
+                                         value=self.state.run if self.state.run in readable else None)
         if self.compare_select.options != [NO_RUN, *readable]:
-            self.compare_select.options = [NO_RUN, *readable]
+            self.compare_select.param.update(options=[NO_RUN, *readable],
+                                             value=self.state.compare if self.state.compare in readable else NO_RUN)
         table = runs_table_html(infos)
         if self.table.object != table:
             self.table.object = table

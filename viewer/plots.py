@@ -24,7 +24,7 @@ from weightlapse.viewer.analysis.frames import (
     tile_origin,
 )
 
-TILE_PX = 96  # screen pixels per 28-pixel tile
+TILE_PX = 128  # screen pixels per 28-pixel tile
 HEADER = 5    # blank image rows above each row of tiles, where the class names go
 CURVE_POINTS = 600  # bins of a long curve on screen: its mean line and min-max band
 
@@ -88,9 +88,10 @@ def tile_image(view: TileView, *, hooks: tuple = ()) -> hv.Image:
     height, width = drawn.picture.shape
     image = hv.Image(drawn.picture, bounds=(0, 0, width, height), kdims=["x", "y"],
                      vdims=[hv.Dimension("value", label=drawn.label)])
-    # responsive: the grid grows with the window, keeping the tiles square
+    # A fixed size: a responsive grid (Bokeh's aspect-scaled width) loses its aspect when the
+    # layout around it changes, which would draw the tiles squashed.
     return image.opts(cmap=drawn.cmap, clim=drawn.clim, colorbar=True, title=literal(view.title), tools=["hover"],
-                      responsive=True, aspect=width / height, min_width=5 * TILE_PX, xaxis=None, yaxis=None,
+                      frame_width=5 * TILE_PX, frame_height=round(5 * TILE_PX * height / width), xaxis=None, yaxis=None,
                       toolbar="above", clipping_colors={"NaN": "#ffffff"}, hooks=list(hooks))
 
 

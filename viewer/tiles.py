@@ -15,6 +15,7 @@ import holoviews as hv
 import numpy as np
 import panel as pn
 import param
+from holoviews.plotting.util import process_cmap
 
 from weightlapse.pipeline.trajectory import TrajectoryError
 from weightlapse.viewer.analysis.frames import diff_summary
@@ -33,9 +34,9 @@ def weakly(method):
     bound method there would keep every closed page's components alive."""
     reference = weakref.WeakMethod(method)
 
-    def call(*args):
+    def call(*args, **kwargs):
         target = reference()
-        return None if target is None else target(*args)
+        return None if target is None else target(*args, **kwargs)
 
     return call
 
@@ -168,7 +169,6 @@ class TileGrid(pn.viewable.Viewer):
         # Plots as drawn in each browser page, captured by a hook, so a new step swaps their
         # image data in place: HoloViews' full re-render costs ~40 ms.
         self._plots: dict[int, Any] = {}
-        self._drawn = None
         tiles = hv.DynamicMap(lambda data: tile_image(data, hooks=(weakly(self._capture),)),
                               streams=[self._tiles_pipe])
         labels = hv.DynamicMap(lambda data: class_labels(data), streams=[self._labels_pipe])
@@ -176,12 +176,19 @@ class TileGrid(pn.viewable.Viewer):
                                             sizing_mode="stretch_width")
         maps = hv.DynamicMap(lambda data: pixel_map(data[0], label=data[1], diverging=False, title=data[2])
                              .opts(hooks=[label_colorbar]), streams=[self._map_pipe])
-        self.map_pane = pn.pane.HoloViews(maps, visible=False, linked_axes=False)
+        self.map_pane = pn.pane.HoloViews(maps, linked_axes=False)
+        # Shown and hidden through boxes: a HoloViews pane's own `visible` fails in a template
+        # (Panel passes the design's stylesheets on as the wrong type).
+        self.grid_box = pn.Column(self.tiles_pane, sizing_mode="stretch_width", margin=0)
+        self.map_box = pn.Column(self.map_pane, visible=False, margin=0)
         self.notice = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wl-notice"],
                                     sizing_mode="stretch_width")
         self.summary = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["wl-summary"])
-        self._layout = pn.Column(self.notice, pn.Row(self.tiles_pane, self.map_pane, sizing_mode="stretch_width"),
-                                 self.summary, sizing_mode="stretch_width")
+        # The map and the numbers go below the grid: a neighbour appearing beside the
+        # responsive grid would squeeze it.
+        self._layout = pn.Column(self.notice, self.grid_box, pn.Row(self.map_box, self.summary,
+                                                                    sizing_mode="stretch_width"),
+                                 sizing_mode="stretch_width")
         self.state.param.watch(lambda *events: self.render(), ["run", "compare", "mode", "step", "from_step",
                                                              "range_start", "range_stop", "statistic", "scale",
                                                              "revision"])
@@ -198,10 +205,15 @@ class TileGrid(pn.viewable.Viewer):
         self._plots.clear()
 
     def render(self) -> None:
+        self._layout.visible = self.state.mode != "compare"  # Compare runs draws its own charts
         view = tile_view(self.state, self.store)
         if isinstance(view, str):
             self.notice.object, self.notice.visible = html.escape(view), True
-            self.tiles_pane.visible = self.map_pane.visible = False
+            # A blank grid, not a hidden one: nothing stale is shown, and the responsive plot
+            # keeps its size (one shown again after hiding is drawn zero pixels high).
+            blank = np.full((len(self._labels_pipe.data), 784), np.nan, np.float32)
+            self._draw(TileView(blank, "weight", True, False, ""))
+            self.map_box.visible = False
             self.summary.object = ""
             return
         self.notice.object, self.notice.visible = "", False
@@ -209,28 +221,33 @@ class TileGrid(pn.viewable.Viewer):
         if self._labels_pipe.data != run.class_names:
             self._labels_pipe.send(run.class_names)
         self._draw(view)
-        self.tiles_pane.visible = True
         statistics = self.state.mode == "statistics"
         if statistics:
             stats = self.store.statistics(run, self.state.range_start, self.state.range_stop)
             label = STATISTICS[self.state.statistic].title(stats.attrs["settle_fraction"])
             self._map_pipe.send((stats[f"{self.state.statistic}_over_classes"].values, label,
                                  f"All classes: {label}"))
-        self.map_pane.visible = statistics
+        self.map_box.visible = statistics
         self.summary.object = summary_html(self.state, self.store)
 
     def _draw(self, view: TileView) -> None:
-        signature = (view.label, view.diverging, view.per_class)
-        if signature == self._drawn and self._plots:
-            # Same kind of picture, new values: swap the image data and colour range in place.
-            drawn = tile_picture(view)
-            flipped = np.flipud(drawn.picture)  # Bokeh draws row 0 at the bottom
-            for plot in self._plots.values():
-                source = plot.handles["source"]
-                source.data = {**source.data, "image": [flipped]}
-                plot.handles["color_mapper"].update(low=drawn.clim[0], high=drawn.clim[1])
-                plot.handles["plot"].title.text = view.title
-            self._tiles_pipe.update(data=view)  # a later full redraw starts from this view
-        else:
+        if not self._plots:  # not drawn in a page yet: the page's first draw starts from this view
             self._tiles_pipe.send(view)
-            self._drawn = signature
+            return
+        # Swap the data, colours and titles of the drawn plots in place: HoloViews' full
+        # re-render costs ~40 ms, and loses the responsive grid's height in a template.
+        drawn = tile_picture(view)
+        flipped = np.flipud(drawn.picture)  # Bokeh draws row 0 at the bottom
+        palette = process_cmap(drawn.cmap, ncolors=256)
+        for plot in self._plots.values():
+            source = plot.handles["source"]
+            source.data = {**source.data, "image": [flipped]}
+            mapper = plot.handles["color_mapper"]
+            mapper.update(low=drawn.clim[0], high=drawn.clim[1])
+            if list(mapper.palette) != palette:
+                mapper.palette = palette
+            plot.handles["plot"].title.text = view.title
+            colorbar = plot.handles.get("colorbar")
+            if colorbar is not None and colorbar.title != drawn.label:
+                colorbar.title = drawn.label
+        self._tiles_pipe.update(data=view)  # a later full redraw starts from this view
