@@ -176,9 +176,8 @@ class WeightViewer(pn.viewable.Viewer):
         infos = self.store.runs()
         self.picker.refresh(infos)
         self.comparison.refresh(infos)
-        readable = [info.name for info in infos if info.readable]
-        if self.state.run not in readable:
-            self.state.run = self.store.default_run(preferred_runs(self.store.runs_dir)) if readable else ""
+        if self.state.run not in [info.name for info in infos]:  # its directory is gone
+            self.state.run = self.store.default_run(preferred_runs(self.store.runs_dir))
         for name in {self.state.run, self.state.compare} - {""}:
             try:
                 self.store.refresh(name)

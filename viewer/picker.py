@@ -92,6 +92,12 @@ class RunPicker(pn.viewable.Viewer):
     def refresh(self, infos: list[RunInfo]) -> None:
         """Show the runs as listed now: options, table, the directory's problem, the run's state."""
         readable = [info.name for info in infos if info.readable]
+        # The state's run stays listed while it is briefly unreadable (a store being created
+        # anew): a retrained run keeps its page.
+        listed = [info.name for info in infos]
+        for name in (self.state.run, self.state.compare):
+            if name and name in listed and name not in readable:
+                readable.append(name)
         # Options and value together: the value stays the state's run, never whatever the
         # select would fall back to while its options change.
         if self.run_select.options != readable:

@@ -131,7 +131,7 @@ class Player(pn.viewable.Viewer):
         self.state.step = int(min(max(int(value), 0), last))
 
     def _show_step(self) -> None:
-        step = self.state.step
+        step = min(self.state.step, max(self.last_step(), 0))
         if self._live and self.player.value != step:
             self.player.value = step
         if self.slider.value != step:
@@ -160,6 +160,6 @@ class Player(pn.viewable.Viewer):
         for widget in (self.step_input, self.from_input, self.start_input, self.stop_input):
             widget.end = last
         self.keys.last = last
-        for name in ("step", "from_step", "range_start", "range_stop"):
-            if getattr(self.state, name) > last:
-                setattr(self.state, name, last)
+        # The state's step is kept even past a run's end for now: a store seen half-written
+        # (a run retrained under the page) must not move the step the user chose.
+        self._show_step()
