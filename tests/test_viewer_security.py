@@ -35,14 +35,18 @@ HOSTILE_CLASSES = ["<img src=x onerror=alert(11)>", "<svg onload=alert(12)>", "<
 HOSTILE_OPTIMIZER = "<img src=x onerror=alert(21)>"
 BROKEN_RUN = "<svg onload=alert(8)>broken"
 
-# Elements a payload would create: any attribute that is an event handler, or a script
-# that calls alert, anywhere in the page, shadow roots included.
+# Elements a payload would create: an event-handler attribute or a script that calls
+# alert (as every payload does), anywhere in the page, shadow roots included.
 INJECTED = """() => {
     const found = [];
     const visit = (root) => {
         for (const element of root.querySelectorAll('*')) {
             for (const attribute of element.attributes) {
-                if (attribute.name.startsWith('on')) found.push(element.outerHTML.slice(0, 120));
+                // the template's own chrome has handlers (its sidebar button, theme switch);
+                // every payload here calls alert
+                if (attribute.name.startsWith('on') && attribute.value.includes('alert(')) {
+                    found.push(element.outerHTML.slice(0, 120));
+                }
             }
             if (element.tagName === 'SCRIPT' && element.textContent.includes('alert(')) {
                 found.push(element.outerHTML.slice(0, 120));
