@@ -68,8 +68,7 @@ def frame_latency(runs_dir: Path, run: str, n_steps: int, *, samples: int = 200)
     from weightlapse.viewer.app import WeightViewer
 
     hv.extension("bokeh")
-    viewer = WeightViewer(runs_dir)
-    viewer.run_select.value = run
+    viewer = WeightViewer(runs_dir, query={"run": run})
     pn.panel(viewer).get_root()  # the Bokeh models a browser page would hold
     rng = np.random.default_rng(1)
 
@@ -77,7 +76,7 @@ def frame_latency(runs_dir: Path, run: str, n_steps: int, *, samples: int = 200)
         times = []
         for step in steps:
             started = time.perf_counter()
-            viewer.step = int(step)
+            viewer.state.step = int(step)
             times.append(time.perf_counter() - started)
         return np.array(times) * 1000
 

@@ -165,6 +165,7 @@ def test_the_viewer_replays_and_compares_runs_in_s3(trained, s3, monkeypatch):
     import holoviews as hv
 
     from weightlapse.viewer.app import WeightViewer
+    from weightlapse.viewer.tiles import tile_view
 
     hv.extension("bokeh")
     root, params = trained
@@ -173,11 +174,12 @@ def test_the_viewer_replays_and_compares_runs_in_s3(trained, s3, monkeypatch):
         publish_run(root / "runs" / name, Location(f"s3://{BUCKET}/viewer/{name}", s3))
     monkeypatch.setitem(fsspec.config.conf, "s3", s3)  # as FSSPEC_S3_ENDPOINT_URL etc. would set it
     viewer = WeightViewer(f"s3://{BUCKET}/viewer")
-    assert viewer.run_select.options == sorted(names)
-    viewer.run_select.value = names[1]
-    viewer.step = 42
-    assert np.array_equal(viewer.current_view().tiles, open_run(root / "runs" / names[1]).weights.values[42])
-    viewer.mode = "compare"
+    assert viewer.picker.run_select.options == sorted(names)
+    viewer.state.run = names[1]
+    viewer.state.step = 42
+    assert np.array_equal(tile_view(viewer.state, viewer.store).tiles,
+                          open_run(root / "runs" / names[1]).weights.values[42])
+    viewer.state.mode = "compare"
     assert viewer.comparison.runs_choice.value == ["adam-lr0.001-b20-seed0", "adam-lr0.001-b20-seed1"]
-    asyncio.run(viewer.comparison._compare_clicked())
-    assert viewer.comparison.result.sizes["run"] == 2
+    asyncio.run(viewer.comparison.compute())
+    assert viewer.comparison.result().sizes["run"] == 2

@@ -56,9 +56,10 @@ def test_bad_requests_say_what_is_wrong(tmp_path, run):
 
 
 def test_the_page_renders_an_animation_of_the_range(tmp_path, run):
-    viewer = WeightViewer(tmp_path / "runs")
-    viewer.param.update(range_start=0, range_stop=120)
-    asyncio.run(viewer._animation_clicked())
-    assert viewer.animation_download.visible and viewer.animation_download.filename == "weightlapse-0-120.gif"
-    gif = Image.open(viewer.animation_download.file)
+    viewer = WeightViewer(tmp_path / "runs", query={})
+    viewer.state.param.update(range_start=0, range_stop=120)
+    export = viewer.export
+    asyncio.run(export.render_animation())
+    assert export.animation_download.visible and export.animation_download.filename == "weightlapse-0-120.gif"
+    gif = Image.open(export.animation_download.file)
     assert gif.n_frames == 121

@@ -106,6 +106,20 @@ def test_matches_numpy_on_random_trajectories(n_rows, block, seed, fraction, qua
     assert_matches(result, reference(w, fraction=fraction), w)
 
 
+def test_every_registered_statistic_has_a_numpy_reference_and_a_colour_rule():
+    # Adding a statistic is one registry entry plus its reference in reference() above.
+    w = random_walk(np.random.default_rng(0), 40)
+    expected = reference(w)
+    result = change_statistics(w)
+    for name, statistic in STATISTICS.items():
+        assert name in expected and f"{name}_over_classes" in expected, f"{name} has no numpy reference"
+        assert statistic.title(0.9) in result[name].attrs["long_name"]
+        assert result[name].dtype == (np.int64 if statistic.integer else np.float64)
+    assert set(expected) == {f"{n}{suffix}" for n in STATISTICS for suffix in ("", "_over_classes")}
+    # signed statistics are drawn on a colour map centred on zero, the others sequentially
+    assert {name for name, statistic in STATISTICS.items() if statistic.diverging} == {"net_change"}
+
+
 def test_reads_the_store_lazily_and_labels_steps_from_the_coordinate(tmp_path):
     w = random_walk(np.random.default_rng(1), 700)
     write_run(tmp_path / "run", w)

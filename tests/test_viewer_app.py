@@ -1,20 +1,23 @@
-"""The viewer component without a browser: what each control puts on the page."""
+"""The viewer without a browser: what each state puts on the page (viewer/app.py and its components)."""
 
 import asyncio
 import html
+import shutil
 
 import holoviews as hv
 import numpy as np
 import panel as pn
 import pytest
-from bokeh.models import GlyphRenderer, Image, Span, Title
+import xarray as xr
+from bokeh.models import GlyphRenderer, Image, Legend, Span, Title
 from viewer_runs import FASHION_CLASSES, training_like, write_run
 
-from weightlapse.viewer.app import WeightViewer, runs_table_html
 from weightlapse.viewer.analysis.frames import mosaic
-from weightlapse.viewer.plots import HEADER
-from weightlapse.viewer.analysis.runs import RunCatalog
+from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
 from weightlapse.viewer.analysis.stats import change_statistics
+from weightlapse.viewer.app import WeightViewer, runs_table_html
+from weightlapse.viewer.plots import HEADER, distance_curves, similarity_heatmap, variance_bars
+from weightlapse.viewer.state import ViewState, read_query
 
 hv.extension("bokeh")
 TILE_SHAPE = (2 * (28 + HEADER), 5 * 29 - 1)
@@ -28,196 +31,281 @@ def runs_dir(tmp_path):
     return runs
 
 
-def shown(viewer, root) -> np.ndarray:
-    """The weight grid as the browser receives it, back in picture orientation (row 0 on top)."""
+def viewer_on(runs, **query) -> tuple[WeightViewer, object]:
+    viewer = WeightViewer(runs, query=query)
+    return viewer, pn.panel(viewer).get_root()
+
+
+def grid_renderer(root):
     for renderer in root.select({"type": GlyphRenderer}):
-        if isinstance(renderer.glyph, Image):
-            image = np.asarray(renderer.data_source.data["image"][0])
-            if image.shape == TILE_SHAPE:
-                return np.flipud(image)
+        if isinstance(renderer.glyph, Image) and np.asarray(renderer.data_source.data["image"][0]).shape == TILE_SHAPE:
+            return renderer
     raise AssertionError("no weight grid on the page")
 
 
-def render(viewer):
-    return pn.panel(viewer).get_root()
+def shown(root) -> np.ndarray:
+    """The weight grid as the browser receives it, back in picture orientation (row 0 on top)."""
+    return np.flipud(np.asarray(grid_renderer(root).data_source.data["image"][0]))
+
+
+def blank(root) -> bool:
+    """Whether the grid shows nothing (every pixel NaN, the background)."""
+    return bool(np.isnan(shown(root)).all())
+
+
+def colour_range(root) -> tuple[float, float]:
+    mapper = grid_renderer(root).glyph.color_mapper
+    return mapper.low, mapper.high
 
 
 def test_setting_the_step_shows_exactly_the_stored_weights(runs_dir):
-    viewer = WeightViewer(runs_dir)
-    root = render(viewer)
+    viewer, root = viewer_on(runs_dir, run="alpha")
     expected = training_like(300, seed=0)
-    assert viewer.run.name == "alpha"
     for step in (0, 1, 17, 299, 300):
-        viewer.step = step
-        picture = shown(viewer, root)
-        np.testing.assert_array_equal(picture, mosaic(expected[step], header=HEADER))
-        assert viewer.player.value == viewer.step_slider.value == viewer.step_input.value == step
-    markers = [span for span in root.select({"type": Span})]
-    assert markers and all(span.location == 300 for span in markers)
+        viewer.state.step = step
+        np.testing.assert_array_equal(shown(root), mosaic(expected[step], header=HEADER))
+        player = viewer.player
+        assert player.player.value == player.slider.value == player.step_input.value == player.keys.step == step
+    assert [span.location for span in root.select({"type": Span})] == [300, 300]
+    viewer.player.keys.step = 120  # what a key press in the page sets
+    assert viewer.state.step == 120
 
 
-def test_step_and_run_diffs_show_differences_and_their_distance(runs_dir):
-    viewer = WeightViewer(runs_dir)
-    root = render(viewer)
+def test_the_first_page_opens_on_params_first_run_at_its_last_step(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "aaa", training_like(50, seed=0), name="aaa")
+    write_run(runs / "zzz", training_like(80, seed=1), name="zzz")
+    viewer = WeightViewer(runs, query={})
+    assert (viewer.state.run, viewer.state.step) == ("zzz", 80)  # no params.yaml: the newest run
+    (tmp_path / "params.yaml").write_text("runs:\n  missing: {}\n  aaa: {}\n")
+    viewer = WeightViewer(runs, query={})
+    assert (viewer.state.run, viewer.state.step) == ("aaa", 50)
+
+
+def test_the_colour_scale_is_fixed_over_the_run_unless_asked_otherwise(runs_dir):
+    viewer, root = viewer_on(runs_dir, run="alpha")
+    weights = training_like(300, seed=0)
+    largest = float(np.abs(weights).max())
+    ranges = []
+    for step in (0, 150, 300):
+        viewer.state.step = step
+        ranges.append(colour_range(root))
+    assert ranges[0] == ranges[1] == ranges[2]
+    assert ranges[0][1] == pytest.approx(largest, rel=0.05) and ranges[0][1] >= np.abs(weights[300]).max()
+    viewer.state.scale = "step"
+    viewer.state.step = 0
+    assert colour_range(root)[1] == pytest.approx(float(np.abs(weights[0]).max()))
+    viewer.state.scale = "class"
+    np.testing.assert_allclose(shown(root)[np.isfinite(shown(root))].max(), 1.0, rtol=1e-6)
+
+
+def test_step_and_run_diffs_and_a_missing_comparison_run(runs_dir):
+    viewer, root = viewer_on(runs_dir, run="alpha")
     alpha, beta = training_like(300, seed=0), training_like(300, seed=1)
-    viewer.param.update(mode="step-diff", step=200, from_step=50)
-    np.testing.assert_array_equal(shown(viewer, root), mosaic(alpha[200] - alpha[50], header=HEADER))
-    assert "L2 distance" in viewer.summary.object and "Trouser" in viewer.summary.object
-    viewer.compare_select.value = "beta"
-    viewer.mode = "run-diff"
-    np.testing.assert_array_equal(shown(viewer, root), mosaic(beta[200] - alpha[200], header=HEADER))
+    viewer.state.param.update(mode="step-diff", step=200, from_step=50)
+    np.testing.assert_array_equal(shown(root), mosaic(alpha[200] - alpha[50], header=HEADER))
+    assert "L2 distance" in viewer.tiles.summary.object and "Trouser" in viewer.tiles.summary.object
+    # Run vs run without a run to compare with: it says so and shows no picture, not the last diff
+    viewer.state.mode = "run-diff"
+    assert "choose a run to compare with" in viewer.tiles.notice.object and viewer.tiles.notice.visible
+    assert blank(root) and viewer.tiles.summary.object == ""
+    viewer.picker.compare_select.value = "beta"
+    assert viewer.state.compare == "beta" and not blank(root) and not viewer.tiles.notice.visible
+    np.testing.assert_array_equal(shown(root), mosaic(beta[200] - alpha[200], header=HEADER))
     distance = np.linalg.norm(beta[200].astype(np.float64) - alpha[200])
-    assert f"L2 distance {distance:.4g}" in viewer.summary.object
+    assert f"L2 distance {distance:.4g}" in viewer.tiles.summary.object
+    viewer.picker.compare_select.value = "(none)"
+    assert blank(root) and viewer.tiles.summary.object == ""
 
 
-def test_statistics_mode_shows_the_dask_statistics(runs_dir):
-    viewer = WeightViewer(runs_dir)
-    root = render(viewer)
-    viewer.param.update(mode="statistics", range_start=10, range_stop=250, statistic="reversals")
-    assert "Compute statistics" in viewer.message.object
-    asyncio.run(viewer._compute_clicked())
+def test_statistics_show_nothing_until_computed_then_the_dask_statistics(runs_dir):
+    viewer, root = viewer_on(runs_dir, run="alpha", mode="step-diff", step="200", **{"from": "10"})
+    assert viewer.tiles.summary.object  # a diff's table
+    viewer.state.param.update(mode="statistics", range_start=10, range_stop=250, statistic="reversals")
+    tiles = viewer.tiles
+    assert "Compute statistics" in tiles.notice.object and blank(root)
+    assert not tiles.map_box.visible and tiles.summary.object == ""
+    asyncio.run(viewer.statistics.compute())
     expected = change_statistics(training_like(300, seed=0)[10:251], first_step=10)
-    np.testing.assert_array_equal(shown(viewer, root), mosaic(expected.reversals.values, header=HEADER))
-    assert "Top-changing pixels" in viewer.summary.object
-    viewer.statistic = "settle_step"
-    np.testing.assert_array_equal(shown(viewer, root), mosaic(expected.settle_step.values, header=HEADER))
+    np.testing.assert_array_equal(shown(root), mosaic(expected.reversals.values, header=HEADER))
+    assert "Top-changing pixels" in tiles.summary.object and tiles.map_box.visible
+    viewer.state.statistic = "settle_step"
+    np.testing.assert_array_equal(shown(root), mosaic(expected.settle_step.values, header=HEADER))
+    viewer.state.range_stop = 200  # another range: not computed, so nothing shown
+    assert blank(root) and "Compute statistics" in tiles.notice.object
 
 
 def test_the_view_round_trips_through_url_values(runs_dir):
-    viewer = WeightViewer(runs_dir)
-    viewer.compare_select.value = "beta"
-    viewer.param.update(mode="run-diff", step=123, from_step=4, range_start=5, range_stop=77,
-                        statistic="std", per_class=True)
-    state = viewer.state()
-    assert state["run"] == "alpha" and state["compare"] == "beta" and state["step"] == "123"
-    reopened = WeightViewer(runs_dir)
-    reopened.apply_state(state)
-    assert reopened.state() == state
-    assert reopened.message.object == ""
+    viewer = WeightViewer(runs_dir, query={})
+    viewer.state.param.update(run="alpha", compare="beta", mode="run-diff", step=123, from_step=4, range_start=5,
+                              range_stop=77, statistic="std", scale="class")
+    query = viewer.state.query()
+    assert query["run"] == "alpha" and query["compare"] == "beta" and query["step"] == "123"
+    reopened = WeightViewer(runs_dir, query=query)
+    assert reopened.state.query() == query and not reopened.message.visible
 
 
-def test_bad_url_values_are_reported_and_nothing_is_opened(runs_dir):
-    viewer = WeightViewer(runs_dir)
-    opened_before = set(RunCatalog(runs_dir).names())
-    viewer.apply_state({"run": "../../etc", "compare": "<script>x</script>", "mode": "hack", "step": "99999",
-                        "stat": "nope"})
+def test_bad_url_values_are_reported_and_the_message_goes_with_its_cause(runs_dir):
+    listed_before = set(RunCatalog(runs_dir).names())
+    viewer, _ = viewer_on(runs_dir, run="../../etc", compare="<script>x</script>", mode="hack", step="99999",
+                          stat="nope", scale="huge")
     raw = viewer.message.object
     text = html.unescape(raw)
-    assert "no readable run named '../../etc'" in text and "unknown mode" in text and "past this run" in text
+    assert "no readable run named '../../etc'" in text and "unknown mode" in text and "unknown colour scale" in text
     assert "<script>" not in raw and "&lt;script&gt;" in raw
-    assert viewer.run.name == "alpha" and viewer.step == 300 and viewer.mode == "replay"
-    assert set(RunCatalog(runs_dir).names()) == opened_before
+    assert viewer.state.run == "beta" and viewer.state.mode == "replay" and viewer.state.step == 300
+    assert set(RunCatalog(runs_dir).names()) == listed_before
+    viewer.state.step = 5
+    assert not viewer.message.visible
+    values, problems = read_query({"run": "alpha", "step": "400"}, names=["alpha"], last_step=lambda name: 300)
+    assert values["step"] == 300 and "past this run's last step" in problems[0]
 
 
 def test_empty_missing_and_broken_runs_directories_say_what_to_do(tmp_path):
-    viewer = WeightViewer(tmp_path / "nowhere")
-    render(viewer)
-    assert "No runs directory" in viewer.message.object and "--args --runs" in viewer.message.object
+    viewer, _ = viewer_on(tmp_path / "nowhere")
+    problem = viewer.picker.problem
+    assert "No runs directory" in problem.object and "--args --runs" in problem.object and problem.visible
+    assert "Choose a run" in viewer.tiles.notice.object
     (tmp_path / "empty").mkdir()
-    assert "No runs in" in WeightViewer(tmp_path / "empty").message.object
+    assert "No runs in" in WeightViewer(tmp_path / "empty", query={}).picker.problem.object
     (tmp_path / "broken" / "<img src=x onerror=alert(1)>" / "trajectory.zarr").mkdir(parents=True)
-    broken = WeightViewer(tmp_path / "broken")
-    assert "None of the runs can be opened" in broken.message.object
-    assert "<img" not in broken.runs_table.object and "&lt;img src=x" in broken.runs_table.object
+    broken = WeightViewer(tmp_path / "broken", query={})
+    assert "None of the runs can be opened" in broken.picker.problem.object
+    table = broken.picker.table.object
+    assert "<img" not in table and "&lt;img src=x" in table
 
 
-def test_live_follow_moves_to_each_new_step(tmp_path):
+def test_a_new_run_appears_and_states_refresh_without_a_click(tmp_path):
+    runs = tmp_path / "runs"
+    rows = training_like(100)
+    writer = write_run(runs / "live", rows[:30], n_steps=100, finish=False, name="live")
+    viewer, _ = viewer_on(runs)
+    assert viewer.picker.run_select.options == ["live"]
+    assert "being written" in viewer.picker.table.object or "unfinished" in viewer.picker.table.object
+    write_run(runs / "newer", training_like(40, seed=2), name="newer")
+    for step in range(30, 101):
+        writer.record_step(step, rows[step], 0.1)
+    writer.close()
+    viewer.store.runs(fresh=True)
+    viewer.poll()
+    assert viewer.picker.run_select.options == ["live", "newer"]
+    assert "finished" in viewer.picker.status.object and "100 of 100" in viewer.picker.status.object
+    assert "newer" in viewer.picker.table.object
+
+
+def test_follow_keeps_the_newest_step_and_the_curves_follow_the_data(tmp_path):
     rows = training_like(100)
     writer = write_run(tmp_path / "runs" / "live", rows[:17], n_steps=100, finish=False)
-    viewer = WeightViewer(tmp_path / "runs")
-    root = render(viewer)
-    viewer.follow = True
-    assert viewer.step == 16
+    viewer, root = viewer_on(tmp_path / "runs", follow="1")
+    assert viewer.state.step == 16
     for step in range(17, 60):
         writer.record_step(step, rows[step], 0.1)
     writer.flush()
     viewer.poll()
-    assert viewer.step == 59 and viewer.step_slider.end == 59
-    np.testing.assert_array_equal(shown(viewer, root), mosaic(rows[59], header=HEADER))
-    viewer.follow = False
+    assert viewer.state.step == 59 and viewer.player.slider.end == 59
+    np.testing.assert_array_equal(shown(root), mosaic(rows[59], header=HEADER))
+    loss_x = viewer.curves.data("loss")[0]
+    assert loss_x[-1] == 59
+    viewer.state.follow = False
     for step in range(60, 101):
         writer.record_step(step, rows[step], 0.1)
     writer.close()
     viewer.poll()
-    assert viewer.step == 59 and viewer.step_slider.end == 100
+    assert viewer.state.step == 59 and viewer.player.slider.end == 100
+    assert viewer.curves.data("loss")[0][-1] == 100
 
 
-def test_png_export_of_the_current_view(runs_dir):
-    viewer = WeightViewer(runs_dir)
-    viewer.step = 42
-    data = viewer._png_file().getvalue()
+def test_png_export_uses_the_pages_colour_scale_and_compare_mode_exports_nothing(runs_dir, monkeypatch):
+    from weightlapse.viewer import tasks
+
+    viewer, root = viewer_on(runs_dir, run="alpha", step="42")
+    seen = {}
+    real = tasks.png_bytes
+    monkeypatch.setattr(tasks, "png_bytes", lambda tiles, **options: seen.update(options) or real(tiles, **options))
+    data = viewer.export.png_file().getvalue()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    assert viewer.png_download.filename == "weightlapse-replay-42.png"
+    assert viewer.export.png_download.filename == "weightlapse-replay-42.png"
+    assert seen["clim"] == colour_range(root)
+    viewer.state.mode = "compare"
+    assert viewer.export.png_download.disabled and viewer.export.png_file() is None
 
 
 def test_the_runs_table_escapes_everything():
-    from weightlapse.viewer.analysis.runs import RunInfo
-
     table = runs_table_html([RunInfo("<b>x</b>", "broken", "bad <script>alert(1)</script>",
                                      params={"optimizer": "<i>"})])
     assert "<script>" not in table and "<b>x</b>" not in table and "&lt;i&gt;" in table
 
 
-def test_compare_mode_draws_a_seed_group_from_the_runs_index(tmp_path):
+def test_compare_mode_follows_the_run_selector_and_draws_only_the_runs_chosen(tmp_path):
     runs = tmp_path / "runs"
     for seed in range(3):
         write_run(runs / f"adam-seed{seed}", training_like(200, seed=seed), name=f"adam-seed{seed}",
                   params={"optimizer": "adam", "lr": 0.001, "seed": seed})
-    write_run(runs / "sgd", training_like(200, seed=9), name="sgd", params={"optimizer": "sgd", "lr": 0.01, "seed": 0})
-    viewer = WeightViewer(runs)
-    render(viewer)
-    viewer.mode = "compare"
+    for seed in range(2):
+        write_run(runs / f"sgd-seed{seed}", training_like(200, seed=9 + seed), name=f"sgd-seed{seed}",
+                  params={"optimizer": "sgd", "lr": 0.01, "seed": seed})
+    viewer, _ = viewer_on(runs, run="adam-seed0", mode="compare")
     panel = viewer.comparison
-    assert not viewer._step_views.visible and panel._layout.visible
-    # The selected run's seed group is preselected, the reference first.
+    assert viewer.player._layout.visible is False and panel._layout.visible
     assert panel.runs_choice.value == ["adam-seed0", "adam-seed1", "adam-seed2"]
+    assert "Compute comparison" in panel.notice.object and len(panel.plots) == 0
     panel.every_input.value = 1
-    asyncio.run(panel._compare_clicked())
-    result = panel.result
+    asyncio.run(panel.compute())
+    result = panel.result()
     assert list(result.run.values) == ["adam-seed0", "adam-seed1", "adam-seed2"]
     stack = np.stack([training_like(200, seed=seed).astype(np.float64) for seed in range(3)])
     np.testing.assert_allclose(result.mean_spread, stack.std(axis=0, ddof=1).mean(axis=(1, 2)), rtol=1e-9)
-    np.testing.assert_allclose(result.distance_to_reference.sel(other_run="adam-seed2"),
-                               np.sqrt(((stack[2] - stack[0]) ** 2).sum(axis=(1, 2))), rtol=1e-9)
     page = pn.panel(viewer).get_root()
     titles = {model.text for model in page.select({"type": Title})}
     assert {"Distance from adam-seed0", "Cosine similarity of the weights", "Trajectories in a shared PCA basis",
             "Variance explained (blue: these runs, grey: a random walk)", "A random walk, same PCA"} <= titles
-    assert "random walk" in panel.caveat.object and "Antognini" in panel.caveat.object
+    assert "Antognini" in panel.caveat.object
+    viewer.picker.run_select.value = "sgd-seed1"  # the group follows the run selector
+    assert panel.runs_choice.value == ["sgd-seed0", "sgd-seed1"] and panel.group_select.value != "(choose runs below)"
+    assert len(panel.plots) == 0 and "Compute comparison" in panel.notice.object  # not the adam comparison
+    panel.runs_choice.value = ["sgd-seed0"]
+    assert "at least two runs" in panel.notice.object
 
-    panel.runs_choice.value = ["sgd"]
-    asyncio.run(panel._compare_clicked())
-    assert "at least two runs" in viewer.message.object
+
+def test_compare_charts_are_coloured_by_series_and_fitted_to_their_values():
+    bars = hv.render(variance_bars(xr.DataArray([0.5, 0.2], dims="fitted", coords={"fitted": [1, 2]}),
+                                   xr.DataArray([0.6, 0.15], dims="fitted", coords={"fitted": [1, 2]})))
+    glyph = next(r for r in bars.renderers if isinstance(r, GlyphRenderer)).glyph
+    assert glyph.fill_color.field == "source"
+    mapper = glyph.fill_color.transform
+    assert dict(zip(mapper.factors, mapper.palette)) == {"these runs": "#1f77b4", "random walk": "#bbbbbb"}
+    cosine = xr.DataArray([[1.0, 0.97], [0.97, 1.0]], dims=("run", "other"),
+                          coords={"run": ["a", "b"], "other": ["a", "b"]})
+    heat = hv.render(similarity_heatmap(cosine))
+    image_mapper = next(r for r in heat.renderers if isinstance(r, GlyphRenderer)).glyph.fill_color.transform
+    assert (image_mapper.low, image_mapper.high) == (0.97, 1.0)
+    distances = xr.DataArray(np.ones((2, 3)), dims=("other_run", "step"),
+                             coords={"other_run": ["b", "c"], "step": [0, 1, 2]})
+    plot = hv.render(distance_curves(distances, "a"))
+    assert any(isinstance(model, Legend) for model in plot.right)  # beside the curves, not over them
 
 
 def test_a_run_retrained_under_an_open_page_is_shown_exactly(tmp_path):
-    import shutil
-
     runs = tmp_path / "runs"
     old = training_like(300, seed=0)
     write_run(runs / "alpha", old, name="alpha")
-    viewer = WeightViewer(runs)
-    root = render(viewer)
-    viewer.step = 250
-    np.testing.assert_array_equal(shown(viewer, root), mosaic(old[250], header=HEADER))
-    assert "finished" in viewer.state_text.object and "not finished" not in viewer.state_text.object
-
+    viewer, root = viewer_on(runs, step="250")
+    np.testing.assert_array_equal(shown(root), mosaic(old[250], header=HEADER))
+    assert "finished" in viewer.picker.status.object
     # `dvc repro --force` with another seed and length, while the page stays open
     new = training_like(900, seed=9)
     shutil.rmtree(runs / "alpha" / "trajectory.zarr")
     writer = write_run(runs / "alpha", new[:512], n_steps=900, finish=False, name="alpha")
+    viewer.store.runs(fresh=True)
     viewer.poll()
-    assert viewer.step == 250 and viewer.step_slider.end == 511
-    np.testing.assert_array_equal(shown(viewer, root), mosaic(new[250], header=HEADER))
-    assert "not finished" in viewer.state_text.object
-    steps, _ = viewer.run.loss()
-    assert steps[-1] == 511
-    # a page opened now shows the new store too, at an early and a late step
-    fresh = WeightViewer(runs)
-    fresh_root = render(fresh)
+    assert viewer.state.step == 250 and viewer.player.slider.end == 511
+    np.testing.assert_array_equal(shown(root), mosaic(new[250], header=HEADER))
+    assert "finished" not in viewer.picker.status.object and "511 of 900" in viewer.picker.status.object
+    assert viewer.curves.data("loss")[0][-1] == 511
+    fresh, fresh_root = viewer_on(runs)
     for step in (3, 500):
-        fresh.step = step
-        np.testing.assert_array_equal(shown(fresh, fresh_root), mosaic(new[step], header=HEADER))
+        fresh.state.step = step
+        np.testing.assert_array_equal(shown(fresh_root), mosaic(new[step], header=HEADER))
     writer.close()
 
 
@@ -226,17 +314,18 @@ def test_names_with_format_and_math_characters_draw_and_export_as_written(tmp_pa
     runs = tmp_path / "runs"
     names = ["{x}", "{0}", "$\\alpha$", "50$", "{label}", "a}b", "c{d", "$", "{}", "e"]
     write_run(runs / "{0}-$x$", training_like(40, seed=0), name="{0}-$x$", class_names=names)
-    viewer = WeightViewer(runs)
-    root = render(viewer)
-    assert viewer.run.name == "{0}-$x$" and viewer.message.object == ""
+    viewer, root = viewer_on(runs)
+    assert viewer.state.run == "{0}-$x$" and not viewer.message.visible
     titles = [title.text for title in root.select({"type": Title})]
     assert any("{0}-$x$: weights after step" in title for title in titles), titles
-    viewer.step = 30
-    assert viewer.png_download.callback().getvalue()[:4] == b"\x89PNG"
-    from weightlapse.viewer.plots import distance_curves
-    import xarray as xr
-
+    viewer.state.step = 30
+    assert viewer.export.png_download.callback().getvalue()[:4] == b"\x89PNG"
     distances = xr.DataArray(np.ones((1, 3)), dims=("other_run", "step"),
                              coords={"other_run": ["{y}"], "step": [0, 1, 2]})
-    plot = hv.render(distance_curves(distances, "{0}-$x$"))
-    assert plot.title.text == "Distance from {0}-$x$"
+    assert hv.render(distance_curves(distances, "{0}-$x$")).title.text == "Distance from {0}-$x$"
+
+
+def test_the_state_holds_only_parameters():
+    assert set(ViewState.param) - {"name"} == {
+        "run", "compare", "compare_runs", "mode", "step", "from_step", "range_start", "range_stop", "statistic",
+        "scale", "follow", "playing", "revision"}

@@ -156,6 +156,7 @@ class Page:
         self.dialogs: list[str] = []
         self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("requestfailed", lambda request: self.errors.append(f"request failed: {request.url[:200]}"))
         self.page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
         self.page.goto(url)
         self.page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30_000)
@@ -215,7 +216,8 @@ def count_runs(mask: np.ndarray, min_length: int) -> int:
 
 
 def test_page_loads_with_ten_images_and_the_slider_moves_them(browser, server):
-    tab = Page(browser, server + "?run=trained")
+    # this step's colour scale: on the whole run's, step 0's small weights are nearly white
+    tab = Page(browser, server + "?run=trained&step=0&scale=step")
     data = np.array(tab.tile_data(), dtype=np.float64)
     assert data.size == 66 * 144
     # ten 28x28 tiles of real numbers, NaN between them
@@ -257,9 +259,11 @@ def test_diff_and_statistics_modes_render(browser, server):
     tab.wait_for_text("L2 distance")
     assert "step 0 vs step 250" in tab.text()
 
-    tab.page.get_by_role("button", name="Statistics").click()
-    tab.wait_idle()
     before = tab.tiles_png()
+    tab.page.get_by_role("button", name="Statistics").click()
+    # nothing computed yet: it says so, and neither the diff nor its table stays on the page
+    tab.wait_for_text("Compute statistics” for steps")
+    assert np.isnan(np.array(tab.tile_data(), dtype=np.float64)).all() and "L2 distance" not in tab.text()
     tab.page.get_by_role("button", name="Compute statistics").click()
     tab.wait_for_text("Top-changing pixels", timeout=60_000)
     tab.wait_idle(1000)
@@ -335,6 +339,104 @@ def test_clicking_the_loss_curve_jumps_to_that_step(browser, server):
     assert 60 < step < 240
     assert tab.errors == []
     tab.close()
+
+
+def shown_grid(tab: Page) -> np.ndarray:
+    """The page's weight grid in picture orientation (row 0 on top)."""
+    return np.flipud(np.array(tab.tile_data(), dtype=np.float32).reshape(66, 144))
+
+
+def wait_for_grid(tab: Page, expected: np.ndarray, timeout: float = 15) -> None:
+    """Until the page's weight grid is exactly ``expected`` (the page polls the runs every second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = tab.tile_data()
+        if data is not None and np.array_equal(shown_grid(tab), expected, equal_nan=True):
+            return
+        if time.monotonic() > deadline:
+            np.testing.assert_array_equal(shown_grid(tab), expected)
+        tab.wait_idle(250)
+
+
+def url_step(tab: Page) -> int:
+    return int(tab.page.evaluate("() => new URLSearchParams(location.search).get('step')"))
+
+
+def wait_for_step(tab: Page, step: int) -> None:
+    tab.page.wait_for_function(f"() => new URLSearchParams(location.search).get('step') === '{step}'",
+                               timeout=10_000)
+
+
+def test_a_run_retrained_with_another_seed_and_length_is_shown_exactly(browser, server, runs_dir):
+    old, new = training_like(300, seed=0), training_like(700, seed=9)
+    write_run(runs_dir / "retrained", old, name="retrained")
+    tab = Page(browser, server + "?run=retrained&step=40")
+    wait_for_grid(tab, mosaic(old[40], header=HEADER))
+    # `dvc repro --force` with another seed and length while the page is open
+    shutil.rmtree(runs_dir / "retrained" / "trajectory.zarr")
+    write_run(runs_dir / "retrained", new, name="retrained")
+    wait_for_grid(tab, mosaic(new[40], header=HEADER))         # an early step, in the open page
+    tab.page.locator("body").press("End")                      # the late steps the old run never had
+    wait_for_step(tab, 700)
+    wait_for_grid(tab, mosaic(new[700], header=HEADER))
+    fresh = Page(browser, server + "?run=retrained&step=650")  # and in a page opened now
+    wait_for_grid(fresh, mosaic(new[650], header=HEADER))
+    assert tab.errors == [] and fresh.errors == []
+    tab.close()
+    fresh.close()
+
+
+def test_a_new_run_appears_without_a_click(browser, server, runs_dir):
+    tab = Page(browser, server + "?run=trained")
+    assert "appeared-later" not in tab.text()
+    write_run(runs_dir / "appeared-later", training_like(30, seed=4), name="appeared-later")
+    tab.wait_for_text("appeared-later", timeout=10_000)
+    options = tab.page.locator("select").first.evaluate("(select) => Array.from(select.options).map(o => o.text)")
+    assert "appeared-later" in options
+    assert tab.errors == []
+    tab.close()
+
+
+def test_keyboard_control_moves_the_step(browser, server):
+    tab = Page(browser, server + "?run=trained&step=100")
+    body = tab.page.locator("body")
+    for key, expected in (("ArrowRight", 101), ("ArrowLeft", 100), ("Shift+ArrowRight", 200),
+                          ("Shift+ArrowLeft", 100), ("Home", 0), ("End", 300)):
+        body.press(key)
+        wait_for_step(tab, expected)
+    body.press("Home")
+    wait_for_step(tab, 0)
+    body.press(" ")                                           # play ...
+    tab.page.wait_for_function("() => Number(new URLSearchParams(location.search).get('step')) > 3",
+                               timeout=10_000)
+    body.press(" ")                                           # ... and pause
+    tab.wait_idle(600)
+    paused = url_step(tab)
+    tab.wait_idle(800)
+    assert url_step(tab) == paused
+    assert tab.errors == []
+    tab.close()
+
+
+def test_the_page_follows_a_dark_browser_and_renders_dark(browser, server):
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, color_scheme="dark")
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(server + "?run=trained")
+    page.wait_for_function("() => location.search.includes('theme=dark')", timeout=30_000)
+    page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30_000)
+    page.wait_for_timeout(1500)
+    background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    channels = [int(value) for value in re.findall(r"\d+", background)[:3]]
+    assert sum(channels) / 3 < 80, background
+    from PIL import Image
+
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+    assert shot.mean() < 110  # mostly dark, with the tiles drawn
+    if os.environ.get("WEIGHTLAPSE_SAVE_SHOTS"):
+        page.screenshot(path=os.environ["WEIGHTLAPSE_SAVE_SHOTS"].replace(".png", "-dark.png"), full_page=True)
+    assert errors == []
+    page.close()
 
 
 def websocket_handshake_status(page_url: str, origin: str) -> int:

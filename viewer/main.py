@@ -51,12 +51,15 @@ if not viewer_log.handlers:
     viewer_log.addHandler(handler)
     viewer_log.setLevel(logging.INFO)
     viewer_log.propagate = False
+# Every file the page loads comes from this server, never a CDN: pages work offline, and a
+# page opened while another session is being set up does not get CDN stylesheet links.
+os.environ.setdefault("BOKEH_RESOURCES", "server")
 pn.extension(notifications=False)
 hv.extension("bokeh", logo=False)
 options = options_from(sys.argv[1:])
 if options.share or is_same_machine(client_ip()):
     viewer = WeightViewer(options.runs, scheduler=options.scheduler)
     track_session(viewer)
-    viewer.servable(title="weightlapse")
+    viewer.template().servable(title="weightlapse")
 else:
     pn.pane.Markdown(NOT_SHARED_MESSAGE, disable_math=True).servable(title="weightlapse")

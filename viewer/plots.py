@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import holoviews as hv
+import holoviews.plotting.bokeh  # noqa: F401 - element options need a plotting backend loaded
 import numpy as np
 
 from weightlapse.viewer.analysis.frames import (
@@ -23,7 +24,7 @@ from weightlapse.viewer.analysis.frames import (
     tile_origin,
 )
 
-TILE_PX = 96  # screen pixels per 28-pixel tile
+TILE_PX = 128  # screen pixels per 28-pixel tile
 HEADER = 5    # blank image rows above each row of tiles, where the class names go
 CURVE_POINTS = 600  # bins of a long curve on screen: its mean line and min-max band
 
@@ -37,6 +38,7 @@ class TileView:
     diverging: bool = True       # centred on zero (weights, changes) or sequential (statistics)
     per_class: bool = False      # each tile scaled to its own largest |value|
     title: str = ""
+    limit: float | None = None   # a diverging scale's ±limit (e.g. the run's largest |weight|); None: these values'
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,18 @@ def tile_picture(view: TileView) -> TilePicture:
         tiles = scale_per_class(tiles)
         label = f"{label} / class max |{label}|"
     picture = mosaic(tiles, header=HEADER)
-    return TilePicture(picture, *colour_mapping(picture, diverging=view.diverging, scaled=view.per_class), label)
+    return TilePicture(picture, *colour_mapping(picture, diverging=view.diverging, scaled=view.per_class,
+                                                limit=view.limit), label)
 
 
-def colour_mapping(picture: np.ndarray, *, diverging: bool, scaled: bool = False) -> tuple[tuple[float, float], str]:
+def colour_mapping(picture: np.ndarray, *, diverging: bool, scaled: bool = False,
+                   limit: float | None = None) -> tuple[tuple[float, float], str]:
     """(colour limits, colour map): centred on zero for diverging values (±1 once scaled per
-    class), else the values' own range."""
+    class; ±``limit`` when given, widened if the values go past it so nothing is clipped),
+    else the values' own range."""
     if diverging:
-        limit = 1.0 if scaled else symmetric_limit(picture)
+        own = symmetric_limit(picture)
+        limit = 1.0 if scaled else own if limit is None else max(limit, own)
         return (-limit, limit), DIVERGING_CMAP
     finite = picture[np.isfinite(picture)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -82,9 +88,11 @@ def tile_image(view: TileView, *, hooks: tuple = ()) -> hv.Image:
     height, width = drawn.picture.shape
     image = hv.Image(drawn.picture, bounds=(0, 0, width, height), kdims=["x", "y"],
                      vdims=[hv.Dimension("value", label=drawn.label)])
+    # A fixed size: a responsive grid (Bokeh's aspect-scaled width) loses its aspect when the
+    # layout around it changes, which would draw the tiles squashed.
     return image.opts(cmap=drawn.cmap, clim=drawn.clim, colorbar=True, title=literal(view.title), tools=["hover"],
-                      frame_width=5 * TILE_PX, frame_height=round(5 * TILE_PX * height / width), xaxis=None,
-                      yaxis=None, toolbar="above", clipping_colors={"NaN": "#ffffff"}, hooks=list(hooks))
+                      frame_width=5 * TILE_PX, frame_height=round(5 * TILE_PX * height / width), xaxis=None, yaxis=None,
+                      toolbar="above", clipping_colors={"NaN": "#ffffff"}, hooks=list(hooks))
 
 
 def class_labels(class_names: list[str]) -> hv.Labels:
@@ -114,15 +122,16 @@ def history_curve(steps: np.ndarray, values: np.ndarray, *, label: str, title: s
     """A per-step curve, binned for display when long: the mean of each bin."""
     x, mean, _, _ = downsample_curve(steps, values, CURVE_POINTS)
     return hv.Curve((x, mean), kdims=[hv.Dimension("step")], vdims=[hv.Dimension("value", label=label)]).opts(
-        color="#1f4e79", line_width=1.5, title=literal(title), frame_width=360, frame_height=160, tools=["tap"],
-        toolbar="above")
+        color="#1f77b4", line_width=1.5, title=literal(title), responsive=True, height=220, tools=["tap"],
+        toolbar="above", framewise=True)
 
 
 def history_band(steps: np.ndarray, values: np.ndarray, *, label: str) -> hv.Area:
     """The min-max band of the same bins, drawn under the curve so the spread stays visible."""
     x, _, low, high = downsample_curve(steps, values, CURVE_POINTS)
     return hv.Area((x, low, high), kdims=[hv.Dimension("step")],
-                   vdims=[hv.Dimension("value", label=label), "high"]).opts(color="#9ecae1", alpha=0.5, line_alpha=0)
+                   vdims=[hv.Dimension("value", label=label), "high"]).opts(color="#9ecae1", alpha=0.5, line_alpha=0,
+                                                                    framewise=True)
 
 
 def step_marker(step: int, *, hooks: tuple = ()) -> hv.VLine:
@@ -141,7 +150,7 @@ def distance_curves(distances, reference: str) -> hv.Overlay:
               for name in distances.other_run.values]
     return hv.Overlay(curves).opts(
         hv.opts.Curve(frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT, line_width=1.5, tools=["hover"]),
-        hv.opts.Overlay(title=literal(f"Distance from {reference}"), legend_position="top_left",
+        hv.opts.Overlay(title=literal(f"Distance from {reference}"), legend_position="right",
                         show_legend=len(curves) <= 12))
 
 
@@ -157,8 +166,13 @@ def similarity_heatmap(cosine) -> hv.HeatMap:
     names = [str(name) for name in cosine.run.values]
     cells = [(a, b, float(cosine.values[i, j])) for i, a in enumerate(names) for j, b in enumerate(names)]
     size = max(COMPARE_HEIGHT, 22 * len(names))
-    return hv.HeatMap(cells, kdims=["run", "other"], vdims=[hv.Dimension("cosine", range=(-1, 1))]).opts(
-        cmap="viridis", colorbar=True, frame_width=size, frame_height=size, xrotation=60, tools=["hover"],
+    values = np.asarray(cosine.values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    # the colours span the values there are (e.g. 0.96..1.0), not the -1..1 a cosine could take
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    clim = (low, high) if high > low else (low - 1e-6, high + 1e-6)
+    return hv.HeatMap(cells, kdims=["run", "other"], vdims=[hv.Dimension("cosine")]).opts(
+        cmap="viridis", colorbar=True, clim=clim, frame_width=size, frame_height=size, xrotation=60, tools=["hover"],
         title="Cosine similarity of the weights", toolbar="above")
 
 
@@ -172,7 +186,7 @@ def pca_paths(path) -> hv.Overlay:
                          for name in path.run.values], "PC1", "PC2", label="start").opts(color="black", size=6)
     return hv.Overlay([*elements, starts]).opts(
         hv.opts.Curve(frame_width=COMPARE_WIDTH, frame_height=COMPARE_WIDTH, line_width=1.5, tools=["hover"]),
-        hv.opts.Overlay(title="Trajectories in a shared PCA basis", legend_position="top_left",
+        hv.opts.Overlay(title="Trajectories in a shared PCA basis", legend_position="right",
                         show_legend=len(elements) <= 12))
 
 
@@ -183,7 +197,7 @@ def random_walk_paths(n_points: int = 200) -> hv.Curve:
     scale = np.sqrt(6 / np.pi ** 2 / np.array([1, 4]))
     return hv.Curve((scale[0] * np.cos(np.pi * t), scale[1] * np.cos(2 * np.pi * t)), "PC1", "PC2").opts(
         color="#7f7f7f", line_dash="dashed", line_width=1.5, frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT,
-        title="A random walk, same PCA", xaxis=None, yaxis=None)
+        title="A random walk, same PCA", xlabel="PC1", ylabel="PC2", padding=0.05)
 
 
 def variance_bars(explained, random_walk) -> hv.Bars:
@@ -193,6 +207,6 @@ def variance_bars(explained, random_walk) -> hv.Bars:
             for source, value in (("these runs", ours), ("random walk", walk))]
     return hv.Bars(rows, kdims=["component", "source"], vdims=[hv.Dimension("ratio", label="variance explained")]
                    ).opts(frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT, multi_level=False,
-                          color=hv.dim("source").categorize({"these runs": "#1f77b4", "random walk": "#bbbbbb"}),
+                          cmap={"these runs": "#1f77b4", "random walk": "#bbbbbb"}, show_legend=False,
                           title="Variance explained (blue: these runs, grey: a random walk)", tools=["hover"],
                           xrotation=45)

@@ -60,12 +60,16 @@ class GridRenderer:
         self.colorbar.set_label(colorbar_label)
         self.title = self.figure.suptitle("", fontsize=11, parse_math=False)
 
-    def draw(self, tiles: np.ndarray, *, title: str = "", limit: float | None = None) -> None:
-        """Show ``tiles`` (tile, pixel) with colours from -limit to +limit (default: their max |value|)."""
-        limit = symmetric_limit(tiles) if limit is None else limit
+    def draw(self, tiles: np.ndarray, *, title: str = "", limit: float | None = None,
+             clim: tuple[float, float] | None = None) -> None:
+        """Show ``tiles`` (tile, pixel) with colours from ``clim``, else from -limit to +limit
+        (default: their max |value|)."""
+        if clim is None:
+            limit = symmetric_limit(tiles) if limit is None else limit
+            clim = (-limit, limit)
         for image, tile in zip(self.images, np.asarray(tiles)):
             image.set_data(tile.reshape(IMAGE_SIDE, IMAGE_SIDE))
-            image.set_clim(-limit, limit)
+            image.set_clim(*clim)
         self.title.set_text(title)
 
     def rgb(self) -> np.ndarray:
@@ -83,15 +87,18 @@ class GridRenderer:
 
 
 def png_bytes(tiles: np.ndarray, *, tile_titles: Sequence[str], title: str = "", per_class: bool = False,
-              colorbar_label: str = "weight", cmap: str = DIVERGING_CMAP) -> bytes:
-    """A PNG of ``tiles`` (tile, pixel) as a grid, colour scale shared or per class."""
+              colorbar_label: str = "weight", cmap: str = DIVERGING_CMAP,
+              clim: tuple[float, float] | None = None) -> bytes:
+    """A PNG of ``tiles`` (tile, pixel) as a grid, colour scale shared or per class; ``clim``:
+    the colour range (default: centred on zero, to the tiles' largest |value|), e.g. the
+    viewer's, so that the picture is coloured as the page shows it."""
     tiles = np.asarray(tiles, dtype=np.float32)
     if per_class:
         tiles = scale_per_class(tiles)
         colorbar_label = f"{colorbar_label} / largest |{colorbar_label}| of its class"
     renderer = GridRenderer(len(tiles), tile_titles=tile_titles, cmap=cmap, colorbar_label=colorbar_label)
     try:
-        renderer.draw(tiles, title=title, limit=1.0 if per_class else None)
+        renderer.draw(tiles, title=title, limit=1.0 if per_class else None, clim=None if per_class else clim)
         return renderer.png()
     finally:
         renderer.close()
@@ -114,11 +121,12 @@ def animation_steps(start: int, stop: int, *, max_frames: int = MAX_ANIMATION_FR
 
 def write_animation(target, steps: Sequence[int], frame_at: Callable[[int], np.ndarray], *, fmt: str,
                     class_names: Sequence[str], title: Callable[[int], str], fps: float = 10,
-                    progress: Callable[[float], None] | None = None) -> None:
+                    progress: Callable[[float], None] | None = None, limit: float | None = None) -> None:
     """Encode the frames of ``steps`` as ``fmt`` ("gif" or "mp4") into ``target`` (a path or a binary file).
 
-    The colour range is fixed over the whole animation (the largest |weight| of its frames),
-    so colours mean the same thing in every frame.
+    The colour range is fixed over the whole animation: ±``limit`` (e.g. the run's largest
+    |weight|, as the viewer shows it), widened to the largest |weight| of its frames if they
+    go past it, so colours mean the same thing in every frame.
     """
     import imageio.v2 as imageio
 
@@ -129,10 +137,10 @@ def write_animation(target, steps: Sequence[int], frame_at: Callable[[int], np.n
         with tempfile.TemporaryDirectory(prefix="weightlapse-") as directory:
             path = Path(directory) / "animation.mp4"
             write_animation(path, steps, frame_at, fmt=fmt, class_names=class_names, title=title, fps=fps,
-                            progress=progress)
+                            progress=progress, limit=limit)
             target.write(path.read_bytes())
         return
-    limit = max(symmetric_limit(frame_at(step)) for step in steps)
+    limit = max([symmetric_limit(frame_at(step)) for step in steps] + ([limit] if limit else []))
     renderer = GridRenderer(len(frame_at(steps[0])), tile_titles=class_names)
     if fmt == "gif":
         writer = imageio.get_writer(target, format="GIF", mode="I", duration=1000 / fps, loop=0)

@@ -18,31 +18,24 @@ import json
 import logging
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
-import numpy as np
 import pandas as pd
 
 from weightlapse.pipeline.locations import Location, as_location
 from weightlapse.pipeline.runlock import LOCK_NAME, is_being_written
 from weightlapse.pipeline.store import (
     STORE_NAME,
-    CheckedStore,
     Progress,
     StoreBeingCreatedError,
     TrajectoryError,
     TrajectoryNotFoundError,
     check_store,
-    damaged,
-    dask_steps,
-    read_identity,
-    recheck_store,
     refuse_link_out,
 )
+from weightlapse.viewer.analysis.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +44,6 @@ log = logging.getLogger(__name__)
 WRITING_GRACE_S = 120
 # Longest run name the viewer accepts; anything longer is not a run the pipeline wrote.
 MAX_NAME_LENGTH = 200
-# Decoded chunks kept per open run (each ~2 MB at 64 steps): enough for smooth playback
-# forwards and backwards without re-decompressing.
-CHUNK_CACHE_SIZE = 8
 
 
 class RunNotFoundError(TrajectoryNotFoundError):
@@ -172,6 +162,21 @@ class RunCatalog:
                        params=metadata.params, metrics=metrics if state == "finished" else {},
                        dataset=metadata.dataset)
 
+    def fingerprint(self, name: str, *, listed: list[str] | None = None) -> tuple | None:
+        """A cheap token that changes whenever :meth:`describe` may say something new about a
+        local run (a few file stats and its lock); None for runs in object storage."""
+        run_dir = self._path(name, listed)
+        if not run_dir.local:
+            return None
+        token: list = []
+        for relative in (f"{STORE_NAME}/zarr.json", f"{STORE_NAME}/weights/zarr.json", "metrics.json"):
+            try:
+                stat = os.stat(run_dir.local_path / relative)
+                token.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+            except OSError:
+                token.append(None)
+        return (*token, writer_alive(run_dir))
+
     def list(self) -> list[RunInfo]:
         names = self.names()  # listed once, not once per run
         return [self.describe(name, listed=names) for name in names]
@@ -274,141 +279,6 @@ def _state(progress: Progress, *, writer_alive: bool | None = None) -> tuple[str
     if age <= WRITING_GRACE_S:
         return "being written", ""
     return "unfinished", f"stopped at step {progress.steps_done} of {progress.n_steps}"
-
-
-class Run:
-    """One run's store, read lazily: a step's weights cost one chunk decompression at most.
-
-    Only steps up to the progress marker are ever read. :meth:`refresh` re-reads the marker
-    of a run that is still being written, and reads the whole run afresh when its store was
-    created anew (a retrained run): cached chunks belong to the store they came from
-    (:attr:`identity`), never to the run's name. ``generation`` counts those reloads, so
-    a view can tell that what it shows is gone.
-    """
-
-    def __init__(self, name: str, store: str | Path | Location) -> None:
-        self.name = name
-        self.store = as_location(store)
-        self._lock = threading.Lock()
-        self.generation = 0
-        self._load(check_store(self.store))
-
-    def _load(self, checked: CheckedStore) -> None:
-        weights = checked.array("weights")
-        with self._lock:
-            self._checked = checked
-            self.identity = checked.identity
-            self.metadata = checked.metadata
-            self.meta: dict[str, Any] = checked.meta
-            self._weights = weights
-            self._loss = checked.array("loss")
-            self._eval_step = checked.array("eval_step")
-            self._accuracy = checked.array("heldout_accuracy")
-            self.n_classes = int(weights.shape[1])
-            self.chunk_steps = int(weights.chunks[0])
-            self.progress: Progress = checked.progress
-            self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    # -- state --------------------------------------------------------------------------
-    def refresh(self) -> bool:
-        """Re-read the progress marker (and the whole run if its store was created anew);
-        True when what the run holds changed: new steps, or a new store."""
-        checked = recheck_store(self._checked)
-        if checked.identity != self.identity:
-            self._load(checked)
-            self.generation += 1
-            return True
-        before = self.progress
-        self._checked, self.progress = checked, checked.progress
-        return checked.progress != before
-
-    def _check_current(self) -> None:
-        """Before serving a step from memory: a local store replaced since is read afresh
-        (one stat); object storage is checked at :meth:`refresh`."""
-        if self.store.local and read_identity(self.store) != self.identity:
-            self.refresh()
-
-    @property
-    def last_step(self) -> int:
-        """The newest valid step (-1 when none is written yet)."""
-        return self.progress.steps_done
-
-    @property
-    def finished(self) -> bool:
-        return self.progress.finished
-
-    @property
-    def class_names(self) -> list[str]:
-        names = self.metadata.class_names
-        return list(names) if names else [str(index) for index in range(self.n_classes)]
-
-    # -- data ---------------------------------------------------------------------------
-    def check_step(self, step: int) -> int:
-        if not 0 <= step <= self.last_step:
-            raise IndexError(f"step {step} is outside this run's valid steps 0..{self.last_step}")
-        return step
-
-    def weights_at(self, step: int) -> np.ndarray:
-        """Weights after ``step`` optimizer steps, (class, pixel) float32, exactly as stored."""
-        self._check_current()
-        self.check_step(step)
-        chunk, row = divmod(step, self.chunk_steps)
-        return self._chunk(chunk)[row]
-
-    def _chunk(self, chunk: int) -> np.ndarray:
-        with self._lock:
-            block = self._chunks.get(chunk)
-            if block is not None:
-                self._chunks.move_to_end(chunk)
-                return block
-            identity, weights, cache = self.identity, self._weights, self._chunks
-        start = chunk * self.chunk_steps
-        stop = min(start + self.chunk_steps, self.last_step + 1)
-        try:
-            block = weights[start:stop]  # (step, class, pixel): one chunk, one decompression
-        except Exception as error:  # noqa: BLE001 - zarr/numcodecs raise many kinds for a corrupt chunk
-            raise damaged(str(self.store), slice(start, stop), f"{type(error).__name__}: {str(error)[:200]}") from None
-        if not np.isfinite(block).all():
-            # A chunk file that went missing reads as NaN, as does a store replaced under us.
-            if self.store.local and read_identity(self.store) != identity:
-                raise TrajectoryError(f"{self.store}: the run was replaced while step {start} was read; read it again")
-            raise damaged(str(self.store), slice(start, stop), "it holds values that are not finite (NaN or infinite)")
-        if stop - start == self.chunk_steps:
-            # Only complete chunks are cached: the chunk at the frontier of a run being
-            # written still changes.
-            with self._lock:
-                if cache is self._chunks:  # not a chunk of a store replaced meanwhile
-                    cache[chunk] = block
-                    while len(cache) > CHUNK_CACHE_SIZE:
-                        cache.popitem(last=False)
-        return block
-
-    def weights(self, start: int = 0, stop: int | None = None) -> da.Array:
-        """Weights of steps ``start..stop`` (inclusive) as a lazy dask array (step, class, pixel)."""
-        stop = self.last_step if stop is None else stop
-        self.check_step(start)
-        self.check_step(stop)
-        if stop < start:
-            raise ValueError(f"step range {start}..{stop} is empty: the first step must not be after the last")
-        return dask_steps(self._weights, n_rows=self.last_step + 1, where=str(self.store))[start:stop + 1]
-
-    def loss(self) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, training batch loss) over the valid steps; step 0 has no loss and is left out."""
-        n = self.last_step + 1
-        values = self._read(self._loss, 1, n) if n > 1 else np.empty(0, np.float32)
-        return np.arange(1, max(n, 1)), np.asarray(values)
-
-    def accuracy(self) -> tuple[np.ndarray, np.ndarray]:
-        """(eval steps, held-out accuracy) of the evaluations done so far."""
-        n = self.progress.evals_done
-        return np.asarray(self._read(self._eval_step, 0, n)), np.asarray(self._read(self._accuracy, 0, n))
-
-    def _read(self, array, start: int, stop: int) -> np.ndarray:
-        try:
-            return array[start:stop]
-        except Exception as error:  # noqa: BLE001
-            raise damaged(f"{self.store} ({array.basename})", slice(start, stop),
-                          f"{type(error).__name__}: {str(error)[:200]}") from None
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:

@@ -21,7 +21,9 @@ For the weights w[t] of steps t = a..b of one (class, pixel):
 - ``settle_step``  the first step t by which the weight had travelled ``settle_fraction``
   (default 90%) of its path; ``a`` for a weight that never moved
 
-Each has an ``*_over_classes`` variant, one value per pixel over all ten classes: path length,
+Each statistic is one entry of the registry :data:`STATISTICS` (how it is derived from
+the two passes below, its label, its colour rule), with its numpy reference in
+tests/test_stats.py. Each has an ``*_over_classes`` variant, one value per pixel over all ten classes: path length,
 |net change| and reversals summed, straightness as their ratio, std as the root of the summed
 variances, and the settle step of the summed path.
 
@@ -48,14 +50,62 @@ from weightlapse.pipeline.store import IMAGE_SIDE, pixel_coords
 
 log = logging.getLogger(__name__)
 
-STATISTICS = {
-    "path_length": "path length: sum of |change| between consecutive steps",
-    "net_change": "net change: last step minus first",
-    "straightness": "straightness: |net change| / path length",
-    "std": "standard deviation over the steps",
-    "reversals": "direction reversals: changes opposite in sign to the previous one",
-    "settle_step": "settle step: when the weight had travelled {fraction:.0%} of its path",
-}
+@dataclass(frozen=True)
+class Passes:
+    """What the two passes over a step range measure, per weight (class, pixel) unless named
+    ``*_over_classes`` (pixel,): every statistic is derived from these."""
+
+    net: np.ndarray                     # last row minus first, float64
+    path: np.ndarray                    # sum of |change|
+    reversals: np.ndarray               # sign flips between consecutive changes
+    std: np.ndarray                     # population std over the rows
+    settle: np.ndarray                  # step by which settle_fraction of the path was travelled
+    settle_over_classes: np.ndarray     # the same for the path summed over classes
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One per-pixel statistic: how to derive it, what to call it and how to colour it.
+
+    ``derive(passes)`` returns (per class (class, pixel), over classes (pixel,)). ``label``
+    may name ``{fraction}`` (the settle fraction). ``diverging``: signed values, drawn on a
+    colour map centred on zero; otherwise sequential. Each entry has a numpy reference in
+    tests/test_stats.py.
+    """
+
+    name: str
+    label: str
+    description: str
+    diverging: bool
+    derive: Callable[[Passes], tuple[np.ndarray, np.ndarray]]
+    integer: bool = False
+
+    def title(self, settle_fraction: float = 0.9) -> str:
+        return self.label.format(fraction=settle_fraction)
+
+
+def _ratio_of(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+_REGISTERED = (
+    Statistic("path_length", "path length", "sum of |change| between consecutive steps", False,
+              lambda p: (p.path, p.path.sum(axis=0))),
+    Statistic("net_change", "net change", "last step minus first (over classes: the sum of |net change|)", True,
+              lambda p: (p.net, np.abs(p.net).sum(axis=0))),
+    Statistic("straightness", "straightness", "|net change| / path length: 1 straight, near 0 wandering", False,
+              lambda p: (_ratio_of(np.abs(p.net), p.path), _ratio_of(np.abs(p.net).sum(axis=0), p.path.sum(axis=0)))),
+    Statistic("std", "standard deviation", "standard deviation over the steps", False,
+              lambda p: (p.std, np.sqrt((p.std ** 2).sum(axis=0)))),
+    Statistic("reversals", "direction reversals", "changes opposite in sign to the previous one", False,
+              lambda p: (p.reversals, p.reversals.sum(axis=0)), integer=True),
+    Statistic("settle_step", "settle step ({fraction:.0%} of path)",
+              "when the weight had travelled that fraction of its path", False,
+              lambda p: (p.settle, p.settle_over_classes), integer=True),
+)
+# The registry: name -> Statistic, in the order the viewer lists them.
+STATISTICS: dict[str, Statistic] = {statistic.name: statistic for statistic in _REGISTERED}
 # Steps per dask block: few enough blocks that scheduling is cheap, small enough
 # (about 16 MB of float32 per block) that memory stays low on any machine.
 BLOCK_STEPS = 512
@@ -156,30 +206,19 @@ def change_statistics(weights, *, first_step: int | None = None, settle_fraction
     if progress:
         progress(1.0)
 
-    net_over_classes = np.abs(net).sum(axis=0)
-    per_class = ("class", "pixel")
-    stats = xr.Dataset(
-        {
-            "net_change": (per_class, net),
-            "path_length": (per_class, path),
-            "straightness": (per_class, _ratio(np.abs(net), path)),
-            "std": (per_class, std),
-            "reversals": (per_class, reversals.astype(np.int64)),
-            "settle_step": (per_class, settle.astype(np.int64)),
-            "net_change_over_classes": ("pixel", net_over_classes),
-            "path_length_over_classes": ("pixel", path_over_classes),
-            "straightness_over_classes": ("pixel", _ratio(net_over_classes, path_over_classes)),
-            "std_over_classes": ("pixel", np.sqrt((std ** 2).sum(axis=0))),
-            "reversals_over_classes": ("pixel", reversals.sum(axis=0).astype(np.int64)),
-            "settle_step_over_classes": ("pixel", settle_over_classes.astype(np.int64)),
-        },
-        coords={"class": np.arange(n_classes), **pixel_coords(n_pixels)},
-        attrs={"first_step": first, "last_step": first + n_rows - 1, "settle_fraction": settle_fraction},
-    )
-    for name, long_name in STATISTICS.items():
-        label = long_name.format(fraction=settle_fraction)
-        stats[name].attrs["long_name"] = label
-        stats[f"{name}_over_classes"].attrs["long_name"] = f"{label}, over all classes"
+    passes = Passes(net=net, path=path, reversals=reversals.astype(np.int64), std=std,
+                    settle=settle.astype(np.int64), settle_over_classes=settle_over_classes.astype(np.int64))
+    variables = {}
+    for name, statistic in STATISTICS.items():
+        per_class, over_classes = statistic.derive(passes)
+        dtype = np.int64 if statistic.integer else np.float64
+        label = statistic.title(settle_fraction)
+        variables[name] = xr.Variable(("class", "pixel"), np.asarray(per_class, dtype), {"long_name": label})
+        variables[f"{name}_over_classes"] = xr.Variable(("pixel",), np.asarray(over_classes, dtype),
+                                                        {"long_name": f"{label}, over all classes"})
+    stats = xr.Dataset(variables, coords={"class": np.arange(n_classes), **pixel_coords(n_pixels)},
+                       attrs={"first_step": first, "last_step": first + n_rows - 1,
+                              "settle_fraction": settle_fraction})
     return stats
 
 
@@ -250,11 +289,6 @@ def _block_settle_rows(rows: np.ndarray, lead: int, columns: np.ndarray, travell
         moved[:, ~per_weight] = np.abs(np.diff(rows[:, :, pixels], axis=0)).sum(axis=1, dtype=np.float64)
     travelled = travelled_before + np.cumsum(moved, axis=0)
     return (travelled < threshold).sum(axis=0)
-
-
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
 
 
 def top_pixels(stats: xr.Dataset, statistic: str = "path_length", n: int = 10) -> list[dict]:

@@ -1,0 +1,195 @@
+"""Compare runs: a group of runs (e.g. a sweep's seeds) side by side.
+
+Pick a group from the runs index (runs that differ only in seed; the selected run's group
+is chosen for you) or runs by hand; the comparison (viewer/analysis/compare.py) is computed
+on a worker thread, with a progress bar, and drawn: distance from the first run over steps,
+spread across the runs over steps and per pixel, the similarity matrix, and the
+trajectories in a shared PCA basis beside what the same analysis makes of a random walk.
+A drawn comparison is always of the runs chosen now (as stored now), or nothing.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+import panel as pn
+import param
+
+from weightlapse.viewer.analysis.runs import RunInfo
+from weightlapse.viewer.data import DataStore
+from weightlapse.viewer.plots import (
+    distance_curves,
+    pca_paths,
+    pixel_map,
+    random_walk_paths,
+    similarity_heatmap,
+    spread_curve,
+    variance_bars,
+)
+from weightlapse.viewer.state import ViewState
+from weightlapse.viewer.tasks import in_worker
+from weightlapse.viewer.tiles import READ_ERRORS, with_document_lock
+
+BY_HAND = "(choose runs below)"
+# Shared steps drawn per run by default: plenty for the pictures, and a 12-run sweep of
+# 3,000-step runs compares in seconds. "Every" = 1 uses every step.
+DEFAULT_POINTS = 500
+
+
+def text_options(names: list[str]) -> dict[str, str]:
+    """MultiChoice options that show each name as text: {label: name}.
+
+    Bokeh's MultiChoice draws its labels with Choices.js, which renders them as HTML, so a
+    run named ``<img src=x onerror=...>`` would run its script; an escaped label reads as
+    the name itself. The widget's value stays the names.
+    """
+    return {html.escape(name): name for name in names}
+
+
+class Comparison(pn.viewable.Viewer):
+    state = param.ClassSelector(class_=ViewState)
+    store = param.ClassSelector(class_=DataStore)
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        self.group_select = pn.widgets.Select(label="Group (runs differing only in seed)", options=[BY_HAND],
+                                              width=360)
+        self.runs_choice = pn.widgets.MultiChoice(label="Runs to compare (the first is the reference)", options={},
+                                                  sizing_mode="stretch_width")
+        self.every_input = pn.widgets.IntInput(label="Every N-th step (0: auto)", value=0, start=0, width=170)
+        self.compare_button = pn.widgets.Button(label="Compute comparison", color="primary", width=180)
+        self.progress = pn.indicators.Progress(value=0, max=100, visible=False, width=300)
+        self.notice = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width")
+        self.caveat = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["wl-caveat"])
+        self.plots = pn.Column(sizing_mode="stretch_width", css_classes=["wl-comparison"])
+        self._groups: dict[str, list[str]] = {}
+        self.group_select.param.watch(lambda event: self._pick_group(event.new), "value")
+        self.runs_choice.param.watch(lambda event: setattr(self.state, "compare_runs", list(event.new)), "value")
+        self.compare_button.on_click(self.compute)
+        self.every_input.param.watch(lambda event: self.render(), "value")
+        self.state.param.watch(lambda event: self._follow_run(), "run")
+        self.state.param.watch(lambda event: self._show_choice(), "compare_runs")
+        self.state.param.watch(lambda *events: self.render(), ["compare_runs", "mode", "revision"])
+        self._layout = pn.Column(
+            pn.Row(self.group_select, self.every_input), self.runs_choice, pn.Row(self.compare_button, self.progress),
+            self.notice, self.plots, self.caveat, sizing_mode="stretch_width")
+        self.refresh(self.store.runs())
+
+    def __panel__(self):
+        return self._layout
+
+    def refresh(self, infos: list[RunInfo]) -> None:
+        """New run list: the groups and the choosable runs."""
+        readable = [info.name for info in infos if info.readable]
+        index = self.store.catalog.index(infos)
+        index = index[index.index.isin(readable)]
+        self._groups = {group: list(members.index) for group, members in index.groupby("group", sort=True)
+                        if group and len(members) >= 2}
+        options = text_options(readable)
+        if self.runs_choice.options != options:
+            self.runs_choice.options = options
+        if list(self.group_select.options) != [BY_HAND, *self._groups]:
+            self.group_select.options = [BY_HAND, *self._groups]
+        if not self.state.compare_runs:
+            self._follow_run()
+        self._show_choice()
+
+    def _group_of(self, name: str) -> str | None:
+        return next((group for group, members in self._groups.items() if name in members), None)
+
+    def _follow_run(self) -> None:
+        """The selected run's group becomes the comparison (when it has one)."""
+        group = self._group_of(self.state.run)
+        if group is not None:
+            self.state.compare_runs = list(self._groups[group])
+
+    def _pick_group(self, group: str) -> None:
+        if group in self._groups:
+            self.state.compare_runs = list(self._groups[group])
+
+    def _show_choice(self) -> None:
+        chosen = [name for name in self.state.compare_runs if name in self.runs_choice.options.values()]
+        if list(self.runs_choice.value) != chosen:
+            self.runs_choice.value = chosen
+        group = next((group for group, members in self._groups.items() if members == chosen), BY_HAND)
+        if self.group_select.value != group:
+            self.group_select.value = group
+
+    def every(self, names: list[str]) -> int:
+        if self.every_input.value:
+            return int(self.every_input.value)
+        shortest = min(self.store.open(name).last_step + 1 for name in names)
+        return max(1, math.ceil(shortest / DEFAULT_POINTS))
+
+    async def compute(self, event=None) -> None:
+        names = list(self.state.compare_runs)
+        if len(names) < 2:
+            self.notice.object, self.notice.visible = "Compare runs: choose a group, or at least two runs.", True
+            return
+        try:
+            every = self.every(names)
+            await in_worker(self.compare_button, self.progress,
+                            lambda report: self.store.compute_comparison(names, every, progress=report))
+        except READ_ERRORS as error:  # ClusterError is an OSError
+            self.notice.object = html.escape(f"Comparison failed: {error}")
+            self.notice.alert_type, self.notice.visible = "danger", True
+            return
+        with_document_lock(lambda: setattr(self.state, "revision", self.state.revision + 1))
+
+    def result(self):
+        """The comparison of the runs chosen now, if computed."""
+        names = list(self.state.compare_runs)
+        if len(names) < 2:
+            return None
+        try:
+            return self.store.comparison(names, self.every(names))
+        except READ_ERRORS:
+            return None
+
+    def render(self) -> None:
+        self._layout.visible = self.state.mode == "compare"
+        if not self._layout.visible:
+            return
+        result = self.result()
+        self.notice.alert_type = "info"
+        if result is None:
+            names = self.state.compare_runs
+            self.notice.object = ("Compare runs: choose a group, or at least two runs." if len(names) < 2 else
+                                  "Press “Compute comparison” to compare these runs.")
+            self.notice.visible = True
+            self.plots[:] = []
+            self.caveat.object = ""
+            return
+        self.notice.visible = False
+        self.show(result)
+
+    def show(self, result) -> None:
+        """Draw a comparison (compare.compare_runs' Dataset)."""
+        reference = result.attrs["reference_run"]
+        spread_map = pixel_map(result.spread_over_classes.values, label="std across runs", diverging=False,
+                               title=f"Spread at step {result.attrs['spread_step']:,}, over classes")
+        ratio = result.explained_variance_ratio.values
+        walk = result.random_walk_ratio.values
+
+        def pane(element):
+            return pn.pane.HoloViews(element, linked_axes=False)
+
+        self.plots[:] = [
+            pn.FlexBox(pane(distance_curves(result.distance_to_reference, reference)),
+                       pane(spread_curve(result.step.values, result.mean_spread.values)),
+                       pane(spread_map), pane(similarity_heatmap(result.cosine)),
+                       pane(pca_paths(result.pca_path)),
+                       pane(variance_bars(result.explained_variance_ratio, result.random_walk_ratio)),
+                       pane(random_walk_paths()), sizing_mode="stretch_width"),
+        ]
+        self.caveat.object = (
+            f"<p><b>Read the PCA with care.</b> The first two components explain {100 * ratio[0]:.1f}% and "
+            f"{100 * ratio[1]:.1f}% of the variance of these trajectories; for a random walk they would explain "
+            f"{100 * walk[0]:.1f}% and {100 * walk[1]:.1f}%, and its path (grey, dashed) is a smooth curve too. "
+            "Smooth, curved paths in PC space are not evidence of structure by themselves (Antognini &amp; "
+            "Sohl-Dickstein, <i>PCA of high dimensional random walks with comparison to neural network "
+            "training</i>, NeurIPS 2018).</p>"
+            f"<p>Similarity at step {result.attrs['similarity_step']:,}, the last step all {len(result.run)} runs have; "
+            f"steps used: every {int(np.diff(result.step.values[:2])[0]) if len(result.step) > 1 else 1}.</p>")

@@ -1,0 +1,225 @@
+"""The data store: the runs of one runs location and everything derived from them, no UI.
+
+One store per runs location for the whole server (:func:`shared_store`), so pages share
+open runs, chunk caches, colour scales, curves, statistics and comparisons. Every cached
+value is keyed by the identity of the store it came from (and, for a run being written,
+its newest step), so a run retrained under the server is read afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weightlapse.pipeline.locations import Location, is_url
+from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
+from weightlapse.pipeline.store import STORE_NAME
+from weightlapse.viewer.analysis import compare
+from weightlapse.viewer.analysis.run import Run
+from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
+from weightlapse.viewer.analysis.stats import change_statistics
+
+# How long a listing of the runs is reused by every page: pages poll every 2 s.
+LISTING_S = {True: 1.5, False: 10.0}      # local runs directory, object storage
+CACHE_SIZE = 16
+# Steps sampled for a run's colour scale: the first row of evenly spaced chunks, and the newest step.
+SCALE_SAMPLES = 32
+MAX_PARAMS_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Curves:
+    """A run's training curves as far as it is written."""
+
+    loss_steps: np.ndarray
+    loss: np.ndarray
+    eval_steps: np.ndarray
+    accuracy: np.ndarray
+
+
+class _Bounded(OrderedDict):
+    """A small least-recently-stored cache."""
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > CACHE_SIZE:
+            self.popitem(last=False)
+
+
+class DataStore:
+    """Runs by name, and what the views draw from them."""
+
+    def __init__(self, runs_dir: str | Path, *, scheduler: str | None = None) -> None:
+        self.catalog = RunCatalog(runs_dir)
+        self.scheduler = scheduler
+        self._lock = threading.Lock()
+        self._infos: dict[str, RunInfo] = {}
+        self._fingerprints: dict[str, tuple | None] = {}
+        self._listed_at = -float("inf")
+        self._abs_max: dict[tuple, dict[int, float]] = {}
+        self._curves = _Bounded()
+        self._stats = _Bounded()
+        self._comparisons = _Bounded()
+        self._runs: dict[str, Run] = {}
+
+    # -- listing ---------------------------------------------------------------------------
+    @property
+    def runs_dir(self):
+        return self.catalog.runs_dir
+
+    def runs(self, *, fresh: bool = False) -> list[RunInfo]:
+        """Every run directory, described; re-described only where its files changed."""
+        with self._lock:
+            max_age = LISTING_S[self.runs_dir.local]
+            if fresh or time.monotonic() - self._listed_at > max_age:
+                names = self.catalog.names()
+                infos = {}
+                for name in names:
+                    token = self.catalog.fingerprint(name, listed=names)
+                    known = self._infos.get(name)
+                    if known is None or token is None or token != self._fingerprints.get(name):
+                        known = self.catalog.describe(name, listed=names)
+                    infos[name] = known
+                    self._fingerprints[name] = token
+                self._infos, self._listed_at = infos, time.monotonic()
+            return list(self._infos.values())
+
+    def readable(self) -> list[str]:
+        return [info.name for info in self.runs() if info.readable]
+
+    def open(self, name: str) -> Run:
+        """The listed run ``name``, as last refreshed (a local store replaced since is read
+        afresh by the run itself); raises TrajectoryError, OSError or ValueError."""
+        run = self._runs.get(name)
+        if run is None or name not in self.readable():
+            run = self._runs[name] = self.catalog.open(name)
+        return run
+
+    def refresh(self, name: str) -> Run:
+        """The run ``name`` with its progress marker re-read (and the whole run if its store is new)."""
+        run = self._runs[name] = self.catalog.open(name)
+        return run
+
+    def default_run(self, preferred: list[str]) -> str:
+        """The first of ``preferred`` (params.yaml's runs) that can be read, else the newest run."""
+        readable = self.readable()
+        for name in preferred:
+            if name in readable:
+                return name
+        if not readable:
+            return ""
+        if not self.runs_dir.local:
+            return readable[-1]
+
+        def modified(name: str) -> float:
+            try:
+                return os.stat(self.runs_dir.local_path / name / STORE_NAME / "zarr.json").st_mtime
+            except OSError:
+                return -1.0
+        return max(readable, key=modified)
+
+    # -- what the views draw -----------------------------------------------------------------
+    def colour_limit(self, run: Run) -> float:
+        """The largest |weight| over the run, for one colour scale over all its steps.
+
+        Sampled, not read whole (300,000 steps are 9 GB): the first row of evenly spaced
+        chunks plus the newest step, each read once per store. Weights under training grow,
+        so the newest step is the largest in practice; a view adds the step it shows, so a
+        frame is never clipped.
+        """
+        last = run.last_step
+        if last < 0:
+            return 1.0
+        chunks = last // run.chunk_steps + 1
+        stride = max(1, 1 << max(0, (chunks - 1) // SCALE_SAMPLES).bit_length())
+        steps = [chunk * run.chunk_steps for chunk in range(0, chunks, stride)] + [last]
+        with self._lock:
+            known = self._abs_max.setdefault(run.identity, {})
+        missing = [step for step in steps if step not in known]
+        for step in missing:
+            known[step] = run.abs_max(step)
+        limit = max(known[step] for step in steps)
+        return limit if limit > 0 else 1.0
+
+    def curves(self, run: Run) -> Curves:
+        key = (run.identity, run.last_step, run.progress.evals_done)
+        with self._lock:
+            cached = self._curves.get(key)
+        if cached is None:
+            loss_steps, loss = run.loss()
+            eval_steps, accuracy = run.accuracy()
+            cached = Curves(loss_steps, loss, eval_steps, accuracy)
+            with self._lock:
+                self._curves.put(key, cached)
+        return cached
+
+    def statistics(self, run: Run, start: int, stop: int):
+        """Statistics of steps start..stop if computed (None otherwise)."""
+        with self._lock:
+            return self._stats.get((run.identity, start, stop))
+
+    def compute_statistics(self, run: Run, start: int, stop: int, *, progress=None):
+        if not 0 <= start <= stop <= run.last_step:
+            raise ValueError(f"choose a step range inside 0..{run.last_step:,} with the first step before the last")
+        stats = change_statistics(run.weights(start, stop), first_step=start, progress=progress,
+                                  scheduler=self.scheduler)
+        with self._lock:
+            self._stats.put((run.identity, start, stop), stats)
+        return stats
+
+    def _comparison_key(self, names: list[str], every: int) -> tuple:
+        return (tuple((name, self.open(name).identity) for name in names), every)
+
+    def comparison(self, names: list[str], every: int):
+        """The comparison of ``names`` (every ``every``-th step) if computed, else None."""
+        try:
+            key = self._comparison_key(names, every)
+        except (ValueError, OSError):
+            return None
+        with self._lock:
+            return self._comparisons.get(key)
+
+    def compute_comparison(self, names: list[str], every: int, *, progress=None):
+        key = self._comparison_key(names, every)
+        runs = compare.open_trajectories(self.catalog, names)
+        result = compare.compare_runs(runs, every=every, progress=progress, scheduler=self.scheduler)
+        with self._lock:
+            self._comparisons.put(key, result)
+        return result
+
+
+def preferred_runs(runs_dir: Location) -> list[str]:
+    """The runs listed in the ``params.yaml`` beside the runs directory (or in the working
+    directory), in their order; [] when there is none or it cannot be read."""
+    candidates = [Path("params.yaml")]
+    if runs_dir.local:
+        candidates.insert(0, runs_dir.local_path.absolute().parent / "params.yaml")
+    for path in candidates:
+        try:
+            raw = load_yaml(read_bounded(path, MAX_PARAMS_BYTES), source=str(path))
+        except (OSError, UnsafeYamlError):
+            continue
+        runs = raw.get("runs") if isinstance(raw, dict) else None
+        return [name for name in runs if isinstance(name, str)] if isinstance(runs, dict) else []
+    return []
+
+
+_stores: dict[Any, DataStore] = {}
+_stores_lock = threading.Lock()
+
+
+def shared_store(runs_dir: str | Path, *, scheduler: str | None = None) -> DataStore:
+    """One data store per runs location (and scheduler) for the whole server."""
+    key = (str(runs_dir) if is_url(runs_dir) else Path(runs_dir).expanduser().absolute(), scheduler)
+    with _stores_lock:
+        if key not in _stores:
+            _stores[key] = DataStore(key[0], scheduler=scheduler)
+        return _stores[key]

@@ -1,0 +1,101 @@
+"""The view state: everything a page shows is a function of these parameters and the runs.
+
+One ``ViewState`` per page. Components read it and set it (widgets are made from its
+parameters); nothing else holds what is shown. The part a user can bookmark is kept in the
+page's URL query: :meth:`ViewState.query` writes it, :func:`read_query` checks every value
+read back (a run must be one of the listed names; nothing from a URL is ever used as a path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import param
+
+from weightlapse.viewer.analysis.frames import clamp_step
+from weightlapse.viewer.analysis.stats import STATISTICS
+
+MODES = {"Replay": "replay", "Step vs step": "step-diff", "Run vs run": "run-diff", "Statistics": "statistics",
+         "Compare runs": "compare"}
+SCALES = {"Whole run": "run", "This step": "step", "Per class": "class"}
+URL_KEYS = ("run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale", "follow", "runs")
+# Longest URL value read: a list of runs may be long; one value is not.
+MAX_VALUE = 300
+MAX_RUNS_VALUE = 20_000
+
+
+class ViewState(param.Parameterized):
+    """What one page shows. Run names are names the runs directory lists (or "" for none)."""
+
+    run = param.String(default="", doc="the run shown")
+    compare = param.String(default="", doc="the run compared with in Run vs run ('' for none)")
+    compare_runs = param.List(default=[], item_type=str, doc="the runs of Compare runs, the reference first")
+    mode = param.Selector(objects=MODES, default="replay")
+    step = param.Integer(default=0, bounds=(0, None))
+    from_step = param.Integer(default=0, bounds=(0, None), doc="the earlier step of Step vs step")
+    range_start = param.Integer(default=0, bounds=(0, None), doc="first step of statistics and animations")
+    range_stop = param.Integer(default=0, bounds=(0, None), doc="last step of statistics and animations")
+    statistic = param.Selector(objects={statistic.title(): name for name, statistic in STATISTICS.items()},
+                               default="path_length")
+    scale = param.Selector(objects=SCALES, default="run", doc="colour scale: whole run, this step, or per class")
+    follow = param.Boolean(default=False, doc="keep showing the newest step of a run being written")
+    playing = param.Boolean(default=False, doc="the player is playing")
+    revision = param.Integer(default=0, doc="bumped when the data shown changed on disk (new steps, a new store)")
+
+    def query(self) -> dict[str, str]:
+        """The bookmarkable part, as URL query values."""
+        return {"run": self.run, "compare": self.compare, "mode": self.mode, "step": str(self.step),
+                "from": str(self.from_step), "start": str(self.range_start), "stop": str(self.range_stop),
+                "stat": self.statistic, "scale": self.scale, "follow": "1" if self.follow else "0",
+                "runs": ",".join(self.compare_runs)}
+
+
+def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callable[[str], int],
+               default_run: str = "") -> tuple[dict, list]:
+    """Checked state values from URL query values, and what could not be used, in words.
+
+    ``names``: the readable runs; ``last_step(name)``: a run's newest step; ``default_run``:
+    the run shown when the query names none (or none that can be read). Only values that
+    pass are returned (the run always); a step past the run's end is clamped to it.
+    """
+    values, problems = {}, []
+    query = {key: str(value)[:MAX_RUNS_VALUE if key == "runs" else MAX_VALUE] for key, value in query.items()}
+    for key, what in (("run", "run"), ("compare", "run to compare with")):
+        name = query.get(key)
+        if name:
+            if name in names:
+                values[key] = name
+            else:
+                problems.append(f"no readable {what} named {name[:80]!r} here")
+    if "mode" in query:
+        if query["mode"] in MODES.values():
+            values["mode"] = query["mode"]
+        else:
+            problems.append(f"unknown mode {query['mode'][:40]!r}")
+    if "stat" in query:
+        if query["stat"] in STATISTICS:
+            values["statistic"] = query["stat"]
+        else:
+            problems.append(f"unknown statistic {query['stat'][:40]!r}")
+    if "scale" in query:
+        if query["scale"] in SCALES.values():
+            values["scale"] = query["scale"]
+        else:
+            problems.append(f"unknown colour scale {query['scale'][:40]!r}")
+    if query.get("follow") in ("0", "1"):
+        values["follow"] = query["follow"] == "1"
+    run = values.setdefault("run", default_run)
+    last = last_step(run) if run else -1
+    for key, name in (("step", "step"), ("from", "from_step"), ("start", "range_start"), ("stop", "range_stop")):
+        if key in query and run:
+            step, problem = clamp_step(query[key], max(last, 0))
+            values[name] = step
+            if problem:
+                problems.append(problem if key == "step" else f"{key}: {problem}")
+    if query.get("runs"):
+        chosen = [name for name in query["runs"].split(",") if name]
+        unknown = [name for name in chosen if name not in names]
+        if unknown:
+            problems.append(f"no readable run named {unknown[0][:80]!r} to compare")
+        values["compare_runs"] = list(dict.fromkeys(name for name in chosen if name in names))
+    return values, problems

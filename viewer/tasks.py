@@ -1,0 +1,152 @@
+"""The viewer's slow work: statistics and exports, on a worker thread with a progress bar.
+
+Each panel shows only its own outcome (a result, or why it failed) and forgets it as soon
+as what it was computed for changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import io
+
+import panel as pn
+import param
+
+from weightlapse.viewer.analysis.export import animation_steps, png_bytes, write_animation
+from weightlapse.viewer.analysis.frames import colour_map
+from weightlapse.viewer.data import DataStore
+from weightlapse.viewer.state import ViewState
+from weightlapse.viewer.tiles import READ_ERRORS, tile_view, with_document_lock
+
+ANIMATION_MAX_FRAMES = 300     # frames in a page export; the headless API allows more
+DEFAULT_RANGE_STEPS = 3000     # a run's default step range: its first 3,000 steps
+
+
+async def in_worker(button, progress, work):
+    """``work(report)`` on a worker thread, ``button`` disabled and ``progress`` shown meanwhile."""
+    button.disabled = True
+    progress.visible, progress.value = True, 0
+
+    def report(fraction: float) -> None:
+        progress.value = min(100, int(fraction * 100))
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: work(report))
+    finally:
+        button.disabled = False
+        progress.visible = False
+
+
+class StatisticsPanel(pn.viewable.Viewer):
+    state = param.ClassSelector(class_=ViewState)
+    store = param.ClassSelector(class_=DataStore)
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        self.statistic = pn.widgets.Select.from_param(self.state.param.statistic, label="Statistic", width=220)
+        self.compute_button = pn.widgets.Button(label="Compute statistics", color="primary", width=180)
+        self.progress = pn.indicators.Progress(value=0, max=100, visible=False, width=200)
+        self.outcome = pn.pane.HTML("", css_classes=["wl-outcome"])
+        self.compute_button.on_click(self.compute)
+        self.state.param.watch(lambda *events: setattr(self.outcome, "object", ""),
+                               ["run", "range_start", "range_stop", "revision"])
+        self._layout = pn.Row(self.statistic, self.compute_button, self.progress, self.outcome,
+                              visible=self.state.mode == "statistics")
+        self.state.param.watch(lambda event: setattr(self._layout, "visible", event.new == "statistics"), "mode")
+
+    def __panel__(self):
+        return self._layout
+
+    async def compute(self, event=None) -> None:
+        state = self.state
+        name, start, stop = state.run, state.range_start, state.range_stop
+        if not name:
+            return
+        try:
+            run = self.store.open(name)
+            await in_worker(self.compute_button, self.progress,
+                            lambda report: self.store.compute_statistics(run, start, stop, progress=report))
+        except READ_ERRORS as error:
+            self.outcome.object = f"<span class='wl-error'>Statistics failed: {html.escape(str(error))}</span>"
+            return
+        with_document_lock(lambda: setattr(state, "revision", state.revision + 1))
+
+
+class ExportPanel(pn.viewable.Viewer):
+    """A PNG of the grid as shown (same colour scale), and an animation of the step range."""
+
+    state = param.ClassSelector(class_=ViewState)
+    store = param.ClassSelector(class_=DataStore)
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        self.png_download = pn.widgets.FileDownload(callback=self.png_file, filename="weightlapse.png",
+                                                    label="Download PNG of this view", sizing_mode="stretch_width")
+        self.animation_format = pn.widgets.RadioButtonGroup(options=["gif", "mp4"], value="gif", width=100)
+        self.animation_button = pn.widgets.Button(label="Render animation of the step range",
+                                                  sizing_mode="stretch_width")
+        self.progress = pn.indicators.Progress(value=0, max=100, visible=False, sizing_mode="stretch_width")
+        self.animation_download = pn.widgets.FileDownload(file=None, filename="weightlapse.gif", visible=False,
+                                                          label="Download animation", sizing_mode="stretch_width")
+        self.outcome = pn.pane.HTML("", css_classes=["wl-outcome"])
+        self.animation_button.on_click(self.render_animation)
+        self.state.param.watch(lambda *events: self._forget(), ["run", "range_start", "range_stop", "scale"])
+        self.state.param.watch(lambda *events: self._show_png(), ["run", "mode", "revision", "compare"])
+        self._show_png()
+
+    def __panel__(self):
+        return pn.Column(self.png_download, "Animation of the step range:", self.animation_format,
+                         self.animation_button, self.progress, self.animation_download, self.outcome,
+                         sizing_mode="stretch_width")
+
+    def _forget(self) -> None:
+        self.animation_download.visible = False
+        self.outcome.object = ""
+
+    def _show_png(self) -> None:
+        view = tile_view(self.state, self.store)
+        # Compare runs draws charts: each has its own save tool; nothing here would be truthful.
+        self.png_download.disabled = isinstance(view, str)
+        self.png_download.label = ("Download PNG of this view" if not isinstance(view, str)
+                                   else "PNG: nothing to export in this view")
+
+    def png_file(self) -> io.BytesIO | None:
+        view = tile_view(self.state, self.store)
+        if isinstance(view, str):
+            return None
+        from weightlapse.viewer.plots import tile_picture
+
+        run = self.store.open(self.state.run)
+        clim = tile_picture(view).clim
+        self.png_download.filename = f"weightlapse-{self.state.mode}-{self.state.step}.png"
+        return io.BytesIO(png_bytes(view.tiles, tile_titles=run.class_names, title=view.title,
+                                    per_class=view.per_class, colorbar_label=view.label,
+                                    cmap=colour_map(diverging=view.diverging), clim=clim))
+
+    async def render_animation(self, event=None) -> None:
+        state = self.state
+        if not state.run:
+            return
+        fmt = state_format = self.animation_format.value
+        buffer = io.BytesIO()
+        try:
+            run = self.store.open(state.run)
+            start, stop = state.range_start, min(state.range_stop, run.last_step)
+            steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES)
+            limit = self.store.colour_limit(run) if state.scale == "run" else None
+
+            def render(report) -> None:
+                write_animation(buffer, steps, run.weights_at, fmt=fmt, class_names=run.class_names,
+                                title=lambda step: f"{run.name}: step {step:,}", fps=10, progress=report,
+                                limit=limit)
+
+            await in_worker(self.animation_button, self.progress, render)
+        except READ_ERRORS as error:
+            self.outcome.object = f"<span class='wl-error'>Animation failed: {html.escape(str(error))}</span>"
+            return
+        buffer.seek(0)
+        self.animation_download.filename = f"weightlapse-{start}-{stop}.{state_format}"
+        self.animation_download.file = buffer
+        self.animation_download.visible = True
+        self.outcome.object = f"{len(steps)} frames (steps {start:,}..{stop:,}) ready to download."

@@ -1,0 +1,253 @@
+"""The tile grid: the ten class images of what the state asks for (weights, a diff, a statistic).
+
+:func:`tile_view` is the whole decision, a function of the state and the data store: a
+:class:`~weightlapse.viewer.plots.TileView` to draw, or a sentence saying which input is
+missing (then no picture is shown, never the previous one).
+"""
+
+from __future__ import annotations
+
+import html
+import weakref
+from typing import Any
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import param
+from holoviews.plotting.util import process_cmap
+
+from weightlapse.pipeline.store import TrajectoryError
+from weightlapse.viewer.analysis.frames import diff_summary
+from weightlapse.viewer.analysis.run import Run
+from weightlapse.viewer.analysis.stats import STATISTICS, top_pixels
+from weightlapse.viewer.data import DataStore
+from weightlapse.viewer.plots import TileView, class_labels, pixel_map, tile_image, tile_picture
+from weightlapse.viewer.state import ViewState
+
+READ_ERRORS = (TrajectoryError, OSError, ValueError, IndexError)
+
+
+def weakly(method):
+    """``method``, called through a weak reference. Hooks and periodic callbacks outlive a page
+    (HoloViews caches option lookups, hooks included, for the life of the process), and a
+    bound method there would keep every closed page's components alive."""
+    reference = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        target = reference()
+        return None if target is None else target(*args, **kwargs)
+
+    return call
+
+
+def with_document_lock(callback) -> None:
+    """Run ``callback`` now, or on the page's next tick when served: HoloViews stream events
+    and code after an ``await`` run without the document lock, which Bokeh model updates need."""
+    document = pn.state.curdoc
+    if document is None or document.session_context is None:
+        callback()
+    else:
+        document.add_next_tick_callback(callback)
+
+
+def open_run(store: DataStore, name: str) -> Run | str:
+    if not name:
+        return "Choose a run (left)."
+    try:
+        return store.open(name)
+    except READ_ERRORS as error:
+        return f"Cannot open run {name}: {error}"
+
+
+def tile_view(state: ViewState, store: DataStore) -> TileView | str:
+    """What the grid shows for ``state``, or why it shows nothing."""
+    if state.mode == "compare":
+        return "Compare runs shows charts, not tiles."
+    run = open_run(store, state.run)
+    if isinstance(run, str):
+        return run
+    if run.last_step < 0:
+        return f"{run.name} has no step written yet."
+    step = min(state.step, run.last_step)
+    per_class = state.scale == "class"
+    try:
+        if state.mode == "replay":
+            weights = run.weights_at(step)
+            limit = store.colour_limit(run) if state.scale == "run" else None
+            return TileView(weights, "weight", True, per_class, f"{run.name}: weights after step {step:,}", limit)
+        if state.mode == "step-diff":
+            earlier = min(state.from_step, run.last_step)
+            return TileView(run.weights_at(step) - run.weights_at(earlier), "change", True, per_class,
+                            f"{run.name}: step {step:,} minus step {earlier:,}")
+        if state.mode == "run-diff":
+            other = diff_partner(state, store)
+            if isinstance(other, str):
+                return other
+            return TileView(other.weights_at(step) - run.weights_at(step), "difference", True, per_class,
+                            f"{other.name} minus {run.name}, step {step:,}")
+        stats = store.statistics(run, state.range_start, state.range_stop)
+        if stats is None:
+            return (f"Press “Compute statistics” for steps {state.range_start:,}..{state.range_stop:,} "
+                    f"of {run.name}.")
+        statistic = STATISTICS[state.statistic]
+        label = statistic.title(stats.attrs["settle_fraction"])
+        return TileView(stats[state.statistic].values, label, statistic.diverging, per_class,
+                        f"{run.name}: {label}, steps {stats.attrs['first_step']:,}..{stats.attrs['last_step']:,}")
+    except READ_ERRORS as error:
+        return f"{run.name}: {error}"
+
+
+def diff_partner(state: ViewState, store: DataStore) -> Run | str:
+    """The run of Run vs run, or why there is none."""
+    if not state.compare:
+        return "Run vs run: choose a run to compare with (left)."
+    other = open_run(store, state.compare)
+    if isinstance(other, str):
+        return other
+    run = store.open(state.run)
+    if other.n_classes != run.n_classes:
+        return f"{run.name} and {other.name} have different numbers of classes and cannot be compared."
+    if state.step > other.last_step:
+        return f"{other.name} has only {other.last_step + 1:,} steps; pick a step up to {other.last_step:,}."
+    return other
+
+
+def summary_html(state: ViewState, store: DataStore) -> str:
+    """The numbers beside the grid: distances of a diff, the top-changing pixels of a statistic."""
+    view = tile_view(state, store)
+    if isinstance(view, str):
+        return ""
+    run = store.open(state.run)
+    step = min(state.step, run.last_step)
+    if state.mode == "step-diff":
+        earlier = min(state.from_step, run.last_step)
+        return diff_table(diff_summary(run.weights_at(earlier), run.weights_at(step)), run.class_names,
+                          f"step {earlier:,} vs step {step:,}")
+    if state.mode == "run-diff":
+        other = diff_partner(state, store)
+        return diff_table(diff_summary(run.weights_at(step), other.weights_at(step)), run.class_names,
+                          f"{run.name} vs {other.name} at step {step:,}")
+    if state.mode == "statistics":
+        stats = store.statistics(run, state.range_start, state.range_stop)
+        rows = "".join(f"<tr><td>{rank}</td><td>{entry['row']}</td><td>{entry['col']}</td>"
+                       f"<td>{entry['value']:.4g}</td></tr>"
+                       for rank, entry in enumerate(top_pixels(stats, state.statistic, 10), 1))
+        return ("<b>Top-changing pixels</b> (over all classes)<table class='wl-top'><tr><th>#</th><th>row</th>"
+                f"<th>column</th><th>value</th></tr>{rows}</table>")
+    return ""
+
+
+def diff_table(summary, class_names: list[str], caption: str) -> str:
+    escape = html.escape
+    cells = "".join(f"<tr><td>{escape(name)}</td><td>{l2:.4g}</td><td>{cosine:.4f}</td></tr>"
+                    for name, l2, cosine in zip(class_names, summary.l2_per_class, summary.cosine_per_class))
+    return (f"<b>{escape(caption)}</b>: L2 distance {summary.l2:.4g}, cosine similarity {summary.cosine:.4f}"
+            "<table class='wl-diff'><tr><th>class</th><th>L2 distance</th><th>cosine similarity</th></tr>"
+            f"{cells}</table>")
+
+
+def label_colorbar(plot, element) -> None:
+    # HoloViews titles a colour bar once, when first drawn; one plot shows weights, changes
+    # and statistics, so the title follows the element.
+    colorbar = plot.handles.get("colorbar")
+    if colorbar is not None:
+        colorbar.title = element.vdims[0].pprint_label
+
+
+class TileGrid(pn.viewable.Viewer):
+    """The grid, the statistic's over-classes map and the summary, drawn from the state."""
+
+    state = param.ClassSelector(class_=ViewState)
+    store = param.ClassSelector(class_=DataStore)
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        self._tiles_pipe = hv.streams.Pipe(data=TileView(np.zeros((10, 784), np.float32)))
+        self._labels_pipe = hv.streams.Pipe(data=[str(index) for index in range(10)])
+        self._map_pipe = hv.streams.Pipe(data=(np.zeros(784), "value", "All classes"))
+        # Plots as drawn in each browser page, captured by a hook, so a new step swaps their
+        # image data in place: HoloViews' full re-render costs ~40 ms.
+        self._plots: dict[int, Any] = {}
+        tiles = hv.DynamicMap(lambda data: tile_image(data, hooks=(weakly(self._capture),)),
+                              streams=[self._tiles_pipe])
+        labels = hv.DynamicMap(lambda data: class_labels(data), streams=[self._labels_pipe])
+        self.tiles_pane = pn.pane.HoloViews(tiles * labels, linked_axes=False, css_classes=["wl-tiles"],
+                                            sizing_mode="stretch_width")
+        maps = hv.DynamicMap(lambda data: pixel_map(data[0], label=data[1], diverging=False, title=data[2])
+                             .opts(hooks=[label_colorbar]), streams=[self._map_pipe])
+        self.map_pane = pn.pane.HoloViews(maps, linked_axes=False)
+        # Shown and hidden through boxes: a HoloViews pane's own `visible` fails in a template
+        # (Panel passes the design's stylesheets on as the wrong type).
+        self.grid_box = pn.Column(self.tiles_pane, sizing_mode="stretch_width", margin=0)
+        self.map_box = pn.Column(self.map_pane, visible=False, margin=0)
+        self.notice = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wl-notice"],
+                                    sizing_mode="stretch_width")
+        self.summary = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["wl-summary"])
+        # The map and the numbers go below the grid: a neighbour appearing beside the
+        # responsive grid would squeeze it.
+        self._layout = pn.Column(self.notice, self.grid_box, pn.Row(self.map_box, self.summary,
+                                                                    sizing_mode="stretch_width"),
+                                 sizing_mode="stretch_width")
+        self.state.param.watch(lambda *events: self.render(), ["run", "compare", "mode", "step", "from_step",
+                                                             "range_start", "range_stop", "statistic", "scale",
+                                                             "revision"])
+        self.render()
+
+    def __panel__(self):
+        return self._layout
+
+    def _capture(self, plot, element) -> None:
+        self._plots[id(plot)] = plot
+        label_colorbar(plot, element)
+
+    def release(self) -> None:
+        self._plots.clear()
+
+    def render(self) -> None:
+        self._layout.visible = self.state.mode != "compare"  # Compare runs draws its own charts
+        view = tile_view(self.state, self.store)
+        if isinstance(view, str):
+            self.notice.object, self.notice.visible = html.escape(view), True
+            # A blank grid, not a hidden one: nothing stale is shown, and the responsive plot
+            # keeps its size (one shown again after hiding is drawn zero pixels high).
+            blank = np.full((len(self._labels_pipe.data), 784), np.nan, np.float32)
+            self._draw(TileView(blank, "weight", True, False, ""))
+            self.map_box.visible = False
+            self.summary.object = ""
+            return
+        self.notice.object, self.notice.visible = "", False
+        run = self.store.open(self.state.run)
+        if self._labels_pipe.data != run.class_names:
+            self._labels_pipe.send(run.class_names)
+        self._draw(view)
+        statistics = self.state.mode == "statistics"
+        if statistics:
+            stats = self.store.statistics(run, self.state.range_start, self.state.range_stop)
+            label = STATISTICS[self.state.statistic].title(stats.attrs["settle_fraction"])
+            self._map_pipe.send((stats[f"{self.state.statistic}_over_classes"].values, label,
+                                 f"All classes: {label}"))
+        self.map_box.visible = statistics
+        self.summary.object = summary_html(self.state, self.store)
+
+    def _draw(self, view: TileView) -> None:
+        if not self._plots:  # not drawn in a page yet: the page's first draw starts from this view
+            self._tiles_pipe.send(view)
+            return
+        # Swap the data, colours and titles of the drawn plots in place: HoloViews' full
+        # re-render costs ~40 ms, and loses the responsive grid's height in a template.
+        drawn = tile_picture(view)
+        flipped = np.flipud(drawn.picture)  # Bokeh draws row 0 at the bottom
+        palette = process_cmap(drawn.cmap, ncolors=256)
+        for plot in self._plots.values():
+            source = plot.handles["source"]
+            source.data = {**source.data, "image": [flipped]}
+            mapper = plot.handles["color_mapper"]
+            mapper.update(low=drawn.clim[0], high=drawn.clim[1])
+            if list(mapper.palette) != palette:
+                mapper.palette = palette
+            plot.handles["plot"].title.text = view.title
+            colorbar = plot.handles.get("colorbar")
+            if colorbar is not None and colorbar.title != drawn.label:
+                colorbar.title = drawn.label
+        self._tiles_pipe.update(data=view)  # a later full redraw starts from this view
