@@ -172,8 +172,9 @@ class TileGrid(pn.viewable.Viewer):
         tiles = hv.DynamicMap(lambda data: tile_image(data, hooks=(weakly(self._capture),)),
                               streams=[self._tiles_pipe])
         labels = hv.DynamicMap(lambda data: class_labels(data), streams=[self._labels_pipe])
-        self.tiles_pane = pn.pane.HoloViews(tiles * labels, linked_axes=False, css_classes=["wl-tiles"],
-                                            sizing_mode="stretch_width")
+        # Its own fixed size (plots.tile_image): stretched to the column, the plot would widen its
+        # frame and draw the tiles as rectangles, clipped at the right.
+        self.tiles_pane = pn.pane.HoloViews(tiles * labels, linked_axes=False, css_classes=["wl-tiles"])
         maps = hv.DynamicMap(lambda data: pixel_map(data[0], label=data[1], diverging=False, title=data[2])
                              .opts(hooks=[label_colorbar]), streams=[self._map_pipe])
         self.map_pane = pn.pane.HoloViews(maps, linked_axes=False)
