@@ -23,7 +23,6 @@ import argparse
 import importlib
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -100,10 +99,9 @@ def view(argv: list[str]) -> int:
                *(["--show"] if args.show else []), "--args", "--runs", runs,
                *(["--scheduler", args.scheduler] if args.scheduler else [])]
     print(f"weightlapse viewer over {runs}: http://127.0.0.1:{args.port}/viewer (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+    # This process becomes the server: a signal that stops the command stops the server, and
+    # no server is left running behind it.
+    os.execv(sys.executable, command)
 
 
 def _version() -> str:
