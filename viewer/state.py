@@ -67,21 +67,14 @@ def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callabl
                 values[key] = name
             else:
                 problems.append(f"no readable {what} named {name[:80]!r} here")
-    if "mode" in query:
-        if query["mode"] in MODES.values():
-            values["mode"] = query["mode"]
-        else:
-            problems.append(f"unknown mode {query['mode'][:40]!r}")
-    if "stat" in query:
-        if query["stat"] in STATISTICS:
-            values["statistic"] = query["stat"]
-        else:
-            problems.append(f"unknown statistic {query['stat'][:40]!r}")
-    if "scale" in query:
-        if query["scale"] in SCALES.values():
-            values["scale"] = query["scale"]
-        else:
-            problems.append(f"unknown colour scale {query['scale'][:40]!r}")
+    for key, name, allowed, what in (("mode", "mode", MODES.values(), "mode"),
+                                     ("stat", "statistic", STATISTICS, "statistic"),
+                                     ("scale", "scale", SCALES.values(), "colour scale")):
+        if key in query:
+            if query[key] in allowed:
+                values[name] = query[key]
+            else:
+                problems.append(f"unknown {what} {query[key][:40]!r}")
     if query.get("follow") in ("0", "1"):
         values["follow"] = query["follow"] == "1"
     run = values.setdefault("run", default_run)

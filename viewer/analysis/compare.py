@@ -346,13 +346,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     try:
         check_output_target(args.out, inputs=[args.runs_dir], kind="comparison")
         catalog = RunCatalog(args.runs_dir)
-        names = args.runs
-        if args.group is not None:
-            index = catalog.index()
-            names = list(index.index[index.group == args.group])
-            if len(names) < 2:
-                groups = sorted(set(index.group) - {""})
-                raise ValueError(f"group {args.group!r} has {len(names)} run(s); groups: {'; '.join(groups)}")
+        names = args.runs if args.group is None else catalog.group_members(args.group, least=2)
         runs = open_trajectories(catalog, names)
         with tqdm(total=100, unit="%", desc="comparing") as bar:
             result = compare_runs(runs, every=args.every, n_components=args.components, centre=args.centred,

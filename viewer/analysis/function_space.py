@@ -194,12 +194,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         catalog = RunCatalog(args.runs_dir)
-        names = args.runs
-        if args.group is not None:
-            index = catalog.index()
-            names = list(index.index[index.group == args.group])
-            if not names:
-                raise ValueError(f"no run is in group {args.group!r}; groups: {'; '.join(sorted(set(index.group)))}")
+        names = args.runs if args.group is None else catalog.group_members(args.group)
         models = open_models(catalog, names)
         datasets = {RunMetadata.parse(model.attrs.get("weightlapse")).dataset for model in models.values()}
         if len(datasets) != 1 or not next(iter(datasets)):

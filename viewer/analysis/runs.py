@@ -200,6 +200,16 @@ class RunCatalog:
         columns = ["name", "state", "steps_done", "n_steps", "dataset", *INDEX_PARAMS, "group"]
         return pd.DataFrame(rows, columns=list(dict.fromkeys(columns + [k for r in rows for k in r]))).set_index("name")
 
+    def group_members(self, group: str, *, least: int = 1) -> list[str]:
+        """The runs of ``group`` in the runs index; ValueError, listing the groups, if it has
+        fewer than ``least``."""
+        index = self.index()
+        names = list(index.index[index.group == group])
+        if len(names) < least:
+            groups = sorted(set(index.group) - {""})
+            raise ValueError(f"group {group!r} has {len(names)} run(s); groups: {'; '.join(groups)}")
+        return names
+
     def open(self, name: str) -> Run:
         """The run called ``name``, opened once and shared (its chunk cache too); a run whose
         store was created anew since (retrained) is read afresh."""
