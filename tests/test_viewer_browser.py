@@ -397,8 +397,13 @@ def test_a_new_run_appears_without_a_click(browser, server, runs_dir):
     assert "appeared-later" not in tab.text()
     write_run(runs_dir / "appeared-later", training_like(30, seed=4), name="appeared-later")
     tab.wait_for_text("appeared-later", timeout=10_000)
-    options = tab.page.locator("select").first.evaluate("(select) => Array.from(select.options).map(o => o.text)")
-    assert "appeared-later" in options
+    # The runs table and the run selector are separate models, updated one after the other.
+    run_selector = tab.page.locator("select").first
+    options = lambda: run_selector.evaluate("(select) => Array.from(select.options).map(o => o.text)")  # noqa: E731
+    deadline = time.monotonic() + 10
+    while "appeared-later" not in options() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "appeared-later" in options()
     assert tab.errors == []
     tab.close()
 
