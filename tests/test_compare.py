@@ -178,6 +178,13 @@ def test_a_centred_comparison_uses_the_centred_weights_throughout(catalog):
     np.testing.assert_allclose(result.class_mean_distance_to_reference, raw.class_mean_distance_to_reference)
     centred = {name: compare.centred(weights) for name, weights in runs.items()}
     np.testing.assert_allclose(result.cosine, compare.similarity_matrix(centred).cosine)
+    # the class-mean part's own size, in each run's weights at the compared step (numpy reference)
+    step = result.attrs["similarity_step"]
+    for name, weights in runs.items():
+        row = weights.values[step].astype(np.float64)
+        expected = 10 * (row.mean(axis=0) ** 2).sum() / (row ** 2).sum()
+        np.testing.assert_allclose(result.class_mean_fraction.sel(run=name), expected, rtol=1e-9)
+        np.testing.assert_allclose(raw.class_mean_fraction.sel(run=name), expected, rtol=1e-9)
 
 
 def test_under_plain_sgd_the_class_mean_of_the_weights_stays_at_its_initial_value(tmp_path, generated_data):

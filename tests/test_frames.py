@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from weightlapse.viewer.analysis.frames import (
+    centred,
+    class_mean_fraction,
     clamp_step,
     diff_summary,
     downsample_curve,
@@ -68,3 +70,18 @@ def test_untrusted_steps_are_clamped_with_a_reason(given, expected, problem):
     step, message = clamp_step(given, 100)
     assert step == expected
     assert problem in message and bool(message) == bool(problem)
+
+
+def test_centring_removes_each_pixels_class_mean_and_keeps_what_predicts():
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(3, 10, 784)).astype(np.float32) + rng.normal(size=(1, 1, 784)).astype(np.float32)
+    got = centred(weights)
+    np.testing.assert_allclose(got, weights - weights.mean(axis=1, keepdims=True), atol=1e-6)
+    image = rng.random(784).astype(np.float32)
+    logits, centred_logits = weights[1] @ image, got[1] @ image
+    np.testing.assert_allclose(logits - centred_logits, np.full(10, (logits - centred_logits)[0]), atol=1e-4)
+    # the squared weights split into the centred part and the class-mean part
+    row = weights[2].astype(np.float64)
+    share = class_mean_fraction(row)
+    np.testing.assert_allclose((got[2].astype(np.float64) ** 2).sum(), (1 - share) * (row ** 2).sum(), rtol=1e-5)
+    assert class_mean_fraction(np.zeros((10, 784))) == 0.0

@@ -159,6 +159,17 @@ def test_command_line_writes_a_store_xarray_opens(tmp_path):
     assert main([str(tmp_path / "run"), "--start", "10", "--stop", "999", "--out", str(out)]) == 1
 
 
+def test_the_command_computes_centred_statistics_on_request(tmp_path):
+    w = random_walk(np.random.default_rng(4), 120)
+    write_run(tmp_path / "run", w)
+    out = tmp_path / "centred.zarr"
+    assert main([str(tmp_path / "run"), "--centred", "--out", str(out)]) == 0
+    saved = xr.open_zarr(out).load()
+    centred_w = w - w.mean(axis=1, keepdims=True)  # numpy reference: each pixel's class-mean removed
+    assert saved.attrs["weights"].startswith("centred")
+    assert_matches(saved, reference(centred_w), centred_w)
+
+
 def test_the_command_never_writes_over_its_run_or_a_users_files(tmp_path, caplog):
     w = random_walk(np.random.default_rng(4), 100)
     run = tmp_path / "runs" / "run"

@@ -135,6 +135,49 @@ def test_statistics_show_nothing_until_computed_then_the_dask_statistics(runs_di
     assert blank(root) and "Compute statistics" in tiles.notice.object
 
 
+def test_the_centred_choice_removes_each_pixels_class_mean_in_every_view(runs_dir):
+    def centred(rows):
+        return rows - rows.mean(axis=-2, keepdims=True)
+
+    viewer, root = viewer_on(runs_dir, run="alpha", step="120", weights="centred")
+    alpha, beta = training_like(300, seed=0), training_like(300, seed=1)
+    np.testing.assert_array_equal(shown(root), mosaic(centred(alpha[120]), header=HEADER))
+    low, high = colour_range(root)  # one scale over the run, of the centred weights, never clipping
+    assert high == -low >= np.abs(centred(alpha[120])).max() and high <= np.abs(centred(alpha)).max() * 1.0001
+    viewer.state.param.update(mode="run-diff", compare="beta")
+    np.testing.assert_allclose(shown(root), mosaic(centred(beta[120]) - centred(alpha[120]), header=HEADER),
+                               atol=1e-6)
+    distance = np.linalg.norm(centred(beta[120].astype(np.float64)) - centred(alpha[120].astype(np.float64)))
+    assert f"L2 distance {distance:.4g}" in viewer.tiles.summary.object
+    viewer.state.param.update(mode="statistics", range_start=0, range_stop=200, statistic="net_change")
+    asyncio.run(viewer.statistics.compute())
+    expected = change_statistics(centred(alpha[:201]))
+    np.testing.assert_allclose(shown(root), mosaic(expected.net_change.values, header=HEADER), atol=1e-6)
+    viewer.state.weights = "raw"  # raw statistics of that range were not computed: nothing stale is shown
+    assert blank(root) and "Compute statistics" in viewer.tiles.notice.object
+    assert viewer.state.query()["weights"] == "raw"
+    _, problems = read_query({"weights": "<b>x"}, names=["alpha"], last_step=lambda name: 300)
+    assert problems == ["unknown weights choice '<b>x'"]
+
+
+def test_compare_mode_offers_centred_weights_and_says_how_big_the_class_mean_is(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(2):
+        write_run(runs / f"adam-seed{seed}", training_like(100, seed=seed), name=f"adam-seed{seed}",
+                  params={"optimizer": "adam", "lr": 0.001, "seed": seed})
+    viewer, _ = viewer_on(runs, run="adam-seed0", mode="compare", weights="centred")
+    panel = viewer.comparison
+    assert "centred weights" in panel.notice.object
+    asyncio.run(panel.compute())
+    result = panel.result()
+    assert result.attrs["weights"].startswith("centred")
+    row = training_like(100, seed=0)[100].astype(np.float64)
+    share = 10 * (row.mean(axis=0) ** 2).sum() / (row ** 2).sum()
+    assert "no prediction depends on" in panel.gauge.object and f"{100 * share:.1f}%" in panel.gauge.object
+    viewer.state.weights = "raw"  # the raw comparison is another one: not computed yet
+    assert panel.result() is None and len(panel.plots) == 0 and panel.gauge.object == ""
+
+
 def test_the_view_round_trips_through_url_values(runs_dir):
     viewer = WeightViewer(runs_dir, query={})
     viewer.state.param.update(run="alpha", compare="beta", mode="run-diff", step=123, from_step=4, range_start=5,
@@ -328,4 +371,4 @@ def test_names_with_format_and_math_characters_draw_and_export_as_written(tmp_pa
 def test_the_state_holds_only_parameters():
     assert set(ViewState.param) - {"name"} == {
         "run", "compare", "compare_runs", "mode", "step", "from_step", "range_start", "range_stop", "statistic",
-        "scale", "follow", "playing", "revision"}
+        "scale", "weights", "follow", "playing", "revision"}

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 1000   # how often a page looks for new runs, new steps and new stores
 URL_PARAMS = ("run", "compare", "mode", "step", "from_step", "range_start", "range_stop", "statistic", "scale",
-              "follow", "compare_runs")
+              "weights", "follow", "compare_runs")
 HELP = """
 **Keys**: space plays or pauses; ← → step one; shift + ← → jump 100 steps; Home / End: first / last step.
 
@@ -42,6 +42,10 @@ compare with); *Statistics* of the step range; *Compare runs* of a group (e.g. s
 
 **Colour scale**: *Whole run* keeps one scale over all steps, so growth shows; *This step* fits
 each frame; *Per class* fits each tile. Exports use the scale shown.
+
+**Weights**: *Raw* as stored; *Centred* with each pixel's mean over the ten classes removed.
+Adding one vector to every class's weights changes no prediction, so the centred weights are
+the part that decides what the model computes; diffs, statistics and comparisons use the choice.
 
 Click a curve to jump to its step. The link in the address bar restores this view.
 """
@@ -78,6 +82,8 @@ class WeightViewer(pn.viewable.Viewer):
                                                                    color="primary", variant="outline")
         self.scale_buttons = pn.widgets.RadioButtonGroup.from_param(self.state.param.scale, label="Colour scale",
                                                                     color="primary", variant="outline")
+        self.weights_buttons = pn.widgets.RadioButtonGroup.from_param(self.state.param.weights, label="Weights",
+                                                                      color="primary", variant="outline")
         self._shown: dict[str, tuple] = {}
         self._loaded = False
         self.state.param.watch(lambda event: self._on_run(), "run")
@@ -94,6 +100,7 @@ class WeightViewer(pn.viewable.Viewer):
 
     def sidebar(self) -> list:
         return [self.picker, pn.pane.HTML("<b>Colour scale</b>", margin=(10, 10, 0, 10)), self.scale_buttons,
+                pn.pane.HTML("<b>Weights</b>", margin=(10, 10, 0, 10)), self.weights_buttons,
                 self.player.follow, pn.layout.Divider(), self.export, pn.layout.Divider(),
                 pn.pane.Markdown(HELP, disable_math=True, css_classes=["wl-help"]),
                 pn.pane.HTML(f"<small>runs in <code>{escape(self.store.runs_dir)}</code></small>")]

@@ -63,6 +63,7 @@ class Comparison(pn.viewable.Viewer):
         self.progress = pn.indicators.Progress(value=0, max=100, visible=False, width=300)
         self.notice = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width")
         self.caveat = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["wl-caveat"])
+        self.gauge = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["wl-gauge"])
         self.plots = pn.Column(sizing_mode="stretch_width", css_classes=["wl-comparison"])
         self._groups: dict[str, list[str]] = {}
         self.group_select.param.watch(lambda event: self._pick_group(event.new), "value")
@@ -71,10 +72,10 @@ class Comparison(pn.viewable.Viewer):
         self.every_input.param.watch(lambda event: self.render(), "value")
         self.state.param.watch(lambda event: self._follow_run(), "run")
         self.state.param.watch(lambda event: self._show_choice(), "compare_runs")
-        self.state.param.watch(lambda *events: self.render(), ["compare_runs", "mode", "revision"])
+        self.state.param.watch(lambda *events: self.render(), ["compare_runs", "mode", "weights", "revision"])
         self._layout = pn.Column(
             pn.Row(self.group_select, self.every_input), self.runs_choice, pn.Row(self.compare_button, self.progress),
-            self.notice, self.plots, self.caveat, sizing_mode="stretch_width")
+            self.notice, self.gauge, self.plots, self.caveat, sizing_mode="stretch_width")
         self.refresh(self.store.runs())
 
     def __panel__(self):
@@ -130,8 +131,10 @@ class Comparison(pn.viewable.Viewer):
             return
         try:
             every = self.every(names)
+            centre = self.state.weights == "centred"
             await in_worker(self.compare_button, self.progress,
-                            lambda report: self.store.compute_comparison(names, every, progress=report))
+                            lambda report: self.store.compute_comparison(names, every, centre=centre,
+                                                                         progress=report))
         except READ_ERRORS as error:  # ClusterError is an OSError
             self.notice.object = html.escape(f"Comparison failed: {error}")
             self.notice.alert_type, self.notice.visible = "danger", True
@@ -144,7 +147,7 @@ class Comparison(pn.viewable.Viewer):
         if len(names) < 2:
             return None
         try:
-            return self.store.comparison(names, self.every(names))
+            return self.store.comparison(names, self.every(names), centre=self.state.weights == "centred")
         except READ_ERRORS:
             return None
 
@@ -156,11 +159,12 @@ class Comparison(pn.viewable.Viewer):
         self.notice.alert_type = "info"
         if result is None:
             names = self.state.compare_runs
+            weights = "centred weights" if self.state.weights == "centred" else "raw weights"
             self.notice.object = ("Compare runs: choose a group, or at least two runs." if len(names) < 2 else
-                                  "Press “Compute comparison” to compare these runs.")
+                                  f"Press “Compute comparison” to compare these runs ({weights}).")
             self.notice.visible = True
             self.plots[:] = []
-            self.caveat.object = ""
+            self.caveat.object = self.gauge.object = ""
             return
         self.notice.visible = False
         self.show(result)
@@ -184,6 +188,7 @@ class Comparison(pn.viewable.Viewer):
                        pane(variance_bars(result.explained_variance_ratio, result.random_walk_ratio)),
                        pane(random_walk_paths()), sizing_mode="stretch_width"),
         ]
+        self.gauge.object = gauge_note(result)
         self.caveat.object = (
             f"<p><b>Read the PCA with care.</b> The first two components explain {100 * ratio[0]:.1f}% and "
             f"{100 * ratio[1]:.1f}% of the variance of these trajectories; for a random walk they would explain "
@@ -193,3 +198,30 @@ class Comparison(pn.viewable.Viewer):
             "training</i>, NeurIPS 2018).</p>"
             f"<p>Similarity at step {result.attrs['similarity_step']:,}, the last step all {len(result.run)} runs have; "
             f"steps used: every {int(np.diff(result.step.values[:2])[0]) if len(result.step) > 1 else 1}.</p>")
+
+
+def gauge_note(result) -> str:
+    """Why raw and centred weights differ, with the class-mean part's measured size, in words."""
+    reference = result.attrs["reference_run"]
+    step = result.attrs["similarity_step"]
+    share = float(result.class_mean_fraction.sel(run=reference))
+    mean_part = result.class_mean_distance_to_reference.isel(step=-1)
+    shown = result.distance_to_reference.isel(step=-1)
+    centred = result.attrs["weights"].startswith("centred")
+    if centred:
+        raw_squared = shown ** 2 + mean_part ** 2
+    else:
+        raw_squared = shown ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        distance_share = float(np.nanmax(np.where(raw_squared > 0, mean_part ** 2 / raw_squared, np.nan)))
+    last = int(result.step.values[-1])
+    distance_text = ("" if not np.isfinite(distance_share) else
+                     f" and up to {100 * distance_share:.1f}% of a run's squared distance to {html.escape(reference)} "
+                     f"at step {last:,}")
+    choice = ("These charts use the <b>centred</b> weights (the class-mean removed)." if centred else
+              "These charts use the <b>raw</b> weights; choose <i>Centred</i> (left) to leave the class-mean out.")
+    return (f"<p><b>Raw or centred.</b> Softmax regression predicts the same when one vector is added to every "
+            "class's weights, so each pixel's mean over the classes is a part of the weights that no prediction "
+            "depends on (under plain SGD it never leaves its random initial value). Here it is "
+            f"{100 * share:.1f}% of the squared weights of {html.escape(reference)} at step {step:,}"
+            f"{distance_text}. {choice}</p>")

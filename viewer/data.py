@@ -22,6 +22,7 @@ from weightlapse.pipeline.locations import Location, is_url
 from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
 from weightlapse.pipeline.store import STORE_NAME
 from weightlapse.viewer.analysis import compare
+from weightlapse.viewer.analysis.frames import centred
 from weightlapse.viewer.analysis.run import Run
 from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
 from weightlapse.viewer.analysis.stats import change_statistics
@@ -127,13 +128,13 @@ class DataStore:
         return max(readable, key=modified)
 
     # -- what the views draw -----------------------------------------------------------------
-    def colour_limit(self, run: Run) -> float:
+    def colour_limit(self, run: Run, *, centre: bool = False) -> float:
         """The largest |weight| over the run, for one colour scale over all its steps.
 
         Sampled, not read whole (300,000 steps are 9 GB): the first row of evenly spaced
         chunks plus the newest step, each read once per store. Weights under training grow,
         so the newest step is the largest in practice; a view adds the step it shows, so a
-        frame is never clipped.
+        frame is never clipped. ``centre``: of the centred weights (the class-mean removed).
         """
         last = run.last_step
         if last < 0:
@@ -142,10 +143,10 @@ class DataStore:
         stride = max(1, 1 << max(0, (chunks - 1) // SCALE_SAMPLES).bit_length())
         steps = [chunk * run.chunk_steps for chunk in range(0, chunks, stride)] + [last]
         with self._lock:
-            known = self._abs_max.setdefault(run.identity, {})
+            known = self._abs_max.setdefault((run.identity, centre), {})
         missing = [step for step in steps if step not in known]
         for step in missing:
-            known[step] = run.abs_max(step)
+            known[step] = run.abs_max(step, centre=centre)
         limit = max(known[step] for step in steps)
         return limit if limit > 0 else 1.0
 
@@ -161,36 +162,39 @@ class DataStore:
                 self._curves.put(key, cached)
         return cached
 
-    def statistics(self, run: Run, start: int, stop: int):
-        """Statistics of steps start..stop if computed (None otherwise)."""
+    def statistics(self, run: Run, start: int, stop: int, *, centre: bool = False):
+        """Statistics of steps start..stop (of the centred weights with ``centre``) if computed
+        (None otherwise)."""
         with self._lock:
-            return self._stats.get((run.identity, start, stop))
+            return self._stats.get((run.identity, start, stop, centre))
 
-    def compute_statistics(self, run: Run, start: int, stop: int, *, progress=None):
+    def compute_statistics(self, run: Run, start: int, stop: int, *, centre: bool = False, progress=None):
         if not 0 <= start <= stop <= run.last_step:
             raise ValueError(f"choose a step range inside 0..{run.last_step:,} with the first step before the last")
-        stats = change_statistics(run.weights(start, stop), first_step=start, progress=progress,
+        weights = run.weights(start, stop)
+        stats = change_statistics(centred(weights) if centre else weights, first_step=start, progress=progress,
                                   scheduler=self.scheduler)
         with self._lock:
-            self._stats.put((run.identity, start, stop), stats)
+            self._stats.put((run.identity, start, stop, centre), stats)
         return stats
 
-    def _comparison_key(self, names: list[str], every: int) -> tuple:
-        return (tuple((name, self.open(name).identity) for name in names), every)
+    def _comparison_key(self, names: list[str], every: int, centre: bool) -> tuple:
+        return (tuple((name, self.open(name).identity) for name in names), every, centre)
 
-    def comparison(self, names: list[str], every: int):
-        """The comparison of ``names`` (every ``every``-th step) if computed, else None."""
+    def comparison(self, names: list[str], every: int, *, centre: bool = False):
+        """The comparison of ``names`` (every ``every``-th step; of the centred weights with
+        ``centre``) if computed, else None."""
         try:
-            key = self._comparison_key(names, every)
+            key = self._comparison_key(names, every, centre)
         except (ValueError, OSError):
             return None
         with self._lock:
             return self._comparisons.get(key)
 
-    def compute_comparison(self, names: list[str], every: int, *, progress=None):
-        key = self._comparison_key(names, every)
+    def compute_comparison(self, names: list[str], every: int, *, centre: bool = False, progress=None):
+        key = self._comparison_key(names, every, centre)
         runs = compare.open_trajectories(self.catalog, names)
-        result = compare.compare_runs(runs, every=every, progress=progress, scheduler=self.scheduler)
+        result = compare.compare_runs(runs, every=every, centre=centre, progress=progress, scheduler=self.scheduler)
         with self._lock:
             self._comparisons.put(key, result)
         return result

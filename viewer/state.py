@@ -12,13 +12,14 @@ from collections.abc import Callable, Mapping
 
 import param
 
-from weightlapse.viewer.analysis.frames import clamp_step
+from weightlapse.viewer.analysis.frames import WEIGHT_CHOICES, clamp_step
 from weightlapse.viewer.analysis.stats import STATISTICS
 
 MODES = {"Replay": "replay", "Step vs step": "step-diff", "Run vs run": "run-diff", "Statistics": "statistics",
          "Compare runs": "compare"}
 SCALES = {"Whole run": "run", "This step": "step", "Per class": "class"}
-URL_KEYS = ("run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale", "follow", "runs")
+WEIGHTS = dict(zip(("Raw", "Centred"), WEIGHT_CHOICES))
+URL_KEYS = ("run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale", "weights", "follow", "runs")
 # Longest URL value read: a list of runs may be long; one value is not.
 MAX_VALUE = 300
 MAX_RUNS_VALUE = 20_000
@@ -38,6 +39,8 @@ class ViewState(param.Parameterized):
     statistic = param.Selector(objects={statistic.title(): name for name, statistic in STATISTICS.items()},
                                default="path_length")
     scale = param.Selector(objects=SCALES, default="run", doc="colour scale: whole run, this step, or per class")
+    weights = param.Selector(objects=WEIGHTS, default="raw",
+                             doc="raw weights, or centred: the class-mean removed (the part that changes predictions)")
     follow = param.Boolean(default=False, doc="keep showing the newest step of a run being written")
     playing = param.Boolean(default=False, doc="the player is playing")
     revision = param.Integer(default=0, doc="bumped when the data shown changed on disk (new steps, a new store)")
@@ -46,7 +49,7 @@ class ViewState(param.Parameterized):
         """The bookmarkable part, as URL query values."""
         return {"run": self.run, "compare": self.compare, "mode": self.mode, "step": str(self.step),
                 "from": str(self.from_step), "start": str(self.range_start), "stop": str(self.range_stop),
-                "stat": self.statistic, "scale": self.scale, "follow": "1" if self.follow else "0",
+                "stat": self.statistic, "scale": self.scale, "weights": self.weights, "follow": "1" if self.follow else "0",
                 "runs": ",".join(self.compare_runs)}
 
 
@@ -69,7 +72,8 @@ def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callabl
                 problems.append(f"no readable {what} named {name[:80]!r} here")
     for key, name, allowed, what in (("mode", "mode", MODES.values(), "mode"),
                                      ("stat", "statistic", STATISTICS, "statistic"),
-                                     ("scale", "scale", SCALES.values(), "colour scale")):
+                                     ("scale", "scale", SCALES.values(), "colour scale"),
+                                     ("weights", "weights", WEIGHTS.values(), "weights choice")):
         if key in query:
             if query[key] in allowed:
                 values[name] = query[key]

@@ -14,7 +14,7 @@ import panel as pn
 import param
 
 from weightlapse.viewer.analysis.export import animation_steps, png_bytes, write_animation
-from weightlapse.viewer.analysis.frames import colour_map
+from weightlapse.viewer.analysis.frames import centred, colour_map
 from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.state import ViewState
 from weightlapse.viewer.tiles import READ_ERRORS, tile_view, with_document_lock
@@ -50,7 +50,7 @@ class StatisticsPanel(pn.viewable.Viewer):
         self.outcome = pn.pane.HTML("", css_classes=["wl-outcome"])
         self.compute_button.on_click(self.compute)
         self.state.param.watch(lambda *events: setattr(self.outcome, "object", ""),
-                               ["run", "range_start", "range_stop", "revision"])
+                               ["run", "range_start", "range_stop", "weights", "revision"])
         self._layout = pn.Row(self.statistic, self.compute_button, self.progress, self.outcome,
                               visible=self.state.mode == "statistics")
         self.state.param.watch(lambda event: setattr(self._layout, "visible", event.new == "statistics"), "mode")
@@ -60,13 +60,14 @@ class StatisticsPanel(pn.viewable.Viewer):
 
     async def compute(self, event=None) -> None:
         state = self.state
-        name, start, stop = state.run, state.range_start, state.range_stop
+        name, start, stop, centre = state.run, state.range_start, state.range_stop, state.weights == "centred"
         if not name:
             return
         try:
             run = self.store.open(name)
             await in_worker(self.compute_button, self.progress,
-                            lambda report: self.store.compute_statistics(run, start, stop, progress=report))
+                            lambda report: self.store.compute_statistics(run, start, stop, centre=centre,
+                                                                         progress=report))
         except READ_ERRORS as error:
             self.outcome.object = f"<span class='wl-error'>Statistics failed: {html.escape(str(error))}</span>"
             return
@@ -91,7 +92,8 @@ class ExportPanel(pn.viewable.Viewer):
                                                           label="Download animation", sizing_mode="stretch_width")
         self.outcome = pn.pane.HTML("", css_classes=["wl-outcome"])
         self.animation_button.on_click(self.render_animation)
-        self.state.param.watch(lambda *events: self._forget(), ["run", "range_start", "range_stop", "scale"])
+        self.state.param.watch(lambda *events: self._forget(), ["run", "range_start", "range_stop", "scale",
+                                                                      "weights"])
         self.state.param.watch(lambda *events: self._show_png(), ["run", "mode", "revision", "compare"])
         self._show_png()
 
@@ -134,12 +136,18 @@ class ExportPanel(pn.viewable.Viewer):
             run = self.store.open(state.run)
             start, stop = state.range_start, min(state.range_stop, run.last_step)
             steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES)
-            limit = self.store.colour_limit(run) if state.scale == "run" else None
+            centre = state.weights == "centred"
+            limit = self.store.colour_limit(run, centre=centre) if state.scale == "run" else None
+            what = "centred weights, " if centre else ""
+
+            def frame_at(step: int):  # the choice made when the button was pressed, whatever happens since
+                weights = run.weights_at(step)
+                return centred(weights) if centre else weights
 
             def render(report) -> None:
-                write_animation(buffer, steps, run.weights_at, fmt=fmt, class_names=run.class_names,
-                                title=lambda step: f"{run.name}: step {step:,}", fps=10, progress=report,
-                                limit=limit)
+                write_animation(buffer, steps, frame_at, fmt=fmt,
+                                class_names=run.class_names, title=lambda step: f"{run.name}: {what}step {step:,}",
+                                fps=10, progress=report, limit=limit)
 
             await in_worker(self.animation_button, self.progress, render)
         except READ_ERRORS as error:

@@ -18,7 +18,7 @@ import param
 from holoviews.plotting.util import process_cmap
 
 from weightlapse.pipeline.store import TrajectoryError
-from weightlapse.viewer.analysis.frames import diff_summary
+from weightlapse.viewer.analysis.frames import centred, diff_summary
 from weightlapse.viewer.analysis.run import Run
 from weightlapse.viewer.analysis.stats import STATISTICS, top_pixels
 from weightlapse.viewer.data import DataStore
@@ -71,31 +71,41 @@ def tile_view(state: ViewState, store: DataStore) -> TileView | str:
         return f"{run.name} has no step written yet."
     step = min(state.step, run.last_step)
     per_class = state.scale == "class"
+    centre = state.weights == "centred"
+    kind = " (centred)" if centre else ""
     try:
         if state.mode == "replay":
-            weights = run.weights_at(step)
-            limit = store.colour_limit(run) if state.scale == "run" else None
-            return TileView(weights, "weight", True, per_class, f"{run.name}: weights after step {step:,}", limit)
+            limit = store.colour_limit(run, centre=centre) if state.scale == "run" else None
+            return TileView(weights_shown(state, run, step), "centred weight" if centre else "weight", True,
+                            per_class, f"{run.name}: {'centred ' if centre else ''}weights after step {step:,}",
+                            limit)
         if state.mode == "step-diff":
             earlier = min(state.from_step, run.last_step)
-            return TileView(run.weights_at(step) - run.weights_at(earlier), "change", True, per_class,
-                            f"{run.name}: step {step:,} minus step {earlier:,}")
+            return TileView(weights_shown(state, run, step) - weights_shown(state, run, earlier), "change", True,
+                            per_class, f"{run.name}: step {step:,} minus step {earlier:,}{kind}")
         if state.mode == "run-diff":
             other = diff_partner(state, store)
             if isinstance(other, str):
                 return other
-            return TileView(other.weights_at(step) - run.weights_at(step), "difference", True, per_class,
-                            f"{other.name} minus {run.name}, step {step:,}")
-        stats = store.statistics(run, state.range_start, state.range_stop)
+            return TileView(weights_shown(state, other, step) - weights_shown(state, run, step), "difference",
+                            True, per_class, f"{other.name} minus {run.name}, step {step:,}{kind}")
+        stats = store.statistics(run, state.range_start, state.range_stop, centre=centre)
         if stats is None:
             return (f"Press “Compute statistics” for steps {state.range_start:,}..{state.range_stop:,} "
-                    f"of {run.name}.")
+                    f"of {run.name}{kind}.")
         statistic = STATISTICS[state.statistic]
         label = statistic.title(stats.attrs["settle_fraction"])
         return TileView(stats[state.statistic].values, label, statistic.diverging, per_class,
-                        f"{run.name}: {label}, steps {stats.attrs['first_step']:,}..{stats.attrs['last_step']:,}")
+                        f"{run.name}: {label}, steps {stats.attrs['first_step']:,}..{stats.attrs['last_step']:,}"
+                        f"{kind}")
     except READ_ERRORS as error:
         return f"{run.name}: {error}"
+
+
+def weights_shown(state: ViewState, run: Run, step: int) -> np.ndarray:
+    """A step's weights (class, pixel) as the state asks: raw, or centred (the class-mean removed)."""
+    weights = run.weights_at(step)
+    return centred(weights) if state.weights == "centred" else weights
 
 
 def diff_partner(state: ViewState, store: DataStore) -> Run | str:
@@ -120,16 +130,17 @@ def summary_html(state: ViewState, store: DataStore) -> str:
         return ""
     run = store.open(state.run)
     step = min(state.step, run.last_step)
+    kind = ", centred" if state.weights == "centred" else ""
     if state.mode == "step-diff":
         earlier = min(state.from_step, run.last_step)
-        return diff_table(diff_summary(run.weights_at(earlier), run.weights_at(step)), run.class_names,
-                          f"step {earlier:,} vs step {step:,}")
+        return diff_table(diff_summary(weights_shown(state, run, earlier), weights_shown(state, run, step)),
+                          run.class_names, f"step {earlier:,} vs step {step:,}{kind}")
     if state.mode == "run-diff":
         other = diff_partner(state, store)
-        return diff_table(diff_summary(run.weights_at(step), other.weights_at(step)), run.class_names,
-                          f"{run.name} vs {other.name} at step {step:,}")
+        return diff_table(diff_summary(weights_shown(state, run, step), weights_shown(state, other, step)),
+                          run.class_names, f"{run.name} vs {other.name} at step {step:,}{kind}")
     if state.mode == "statistics":
-        stats = store.statistics(run, state.range_start, state.range_stop)
+        stats = store.statistics(run, state.range_start, state.range_stop, centre=state.weights == "centred")
         rows = "".join(f"<tr><td>{rank}</td><td>{entry['row']}</td><td>{entry['col']}</td>"
                        f"<td>{entry['value']:.4g}</td></tr>"
                        for rank, entry in enumerate(top_pixels(stats, state.statistic, 10), 1))
@@ -192,7 +203,7 @@ class TileGrid(pn.viewable.Viewer):
                                  sizing_mode="stretch_width")
         self.state.param.watch(lambda *events: self.render(), ["run", "compare", "mode", "step", "from_step",
                                                              "range_start", "range_stop", "statistic", "scale",
-                                                             "revision"])
+                                                             "weights", "revision"])
         self.render()
 
     def __panel__(self):
@@ -224,7 +235,8 @@ class TileGrid(pn.viewable.Viewer):
         self._draw(view)
         statistics = self.state.mode == "statistics"
         if statistics:
-            stats = self.store.statistics(run, self.state.range_start, self.state.range_stop)
+            stats = self.store.statistics(run, self.state.range_start, self.state.range_stop,
+                                          centre=self.state.weights == "centred")
             label = STATISTICS[self.state.statistic].title(stats.attrs["settle_fraction"])
             self._map_pipe.send((stats[f"{self.state.statistic}_over_classes"].values, label,
                                  f"All classes: {label}"))

@@ -56,6 +56,7 @@ import xarray as xr
 from weightlapse.pipeline.cluster import compute
 from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
 from weightlapse.pipeline.store import open_run, pixel_coords
+from weightlapse.viewer.analysis.frames import centred, class_mean_fraction
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,6 @@ Progress = Callable[[float], None] | None
 def open_trajectories(catalog, names: Iterable[str]) -> dict[str, xr.DataArray]:
     """The weights of the listed runs ``names`` of ``catalog`` (a RunCatalog), lazily, by name."""
     return {name: open_run(catalog.location(name)).weights for name in names}
-
-
-def centred(weights: xr.DataArray) -> xr.DataArray:
-    """The weights (step, class, pixel) less their mean over the classes, per step and pixel,
-    lazily: the part of the weights that changes the model's predictions."""
-    result = weights - weights.mean("class")
-    result.name = weights.name
-    result.attrs = {**weights.attrs, "centred": "class-mean removed"}
-    return result
 
 
 def _check_runs(runs: Mapping[str, xr.DataArray], least: int) -> tuple[list[str], int]:
@@ -284,7 +276,9 @@ def compare_runs(runs: Mapping[str, xr.DataArray], *, every: int = 1, n_componen
     """All of the above for one group of runs, in one Dataset (what the command writes):
     distance of each run to the first, the spread, the similarity matrix and the PCA, of the
     raw weights or, with ``centre``, of the centred ones (:func:`centred`). The distance's
-    class-mean part is reported either way (``class_mean_distance_to_reference``)."""
+    class-mean part is reported either way (``class_mean_distance_to_reference``), and so is
+    the class-mean part's share of each run's squared weights at the similarity step
+    (``class_mean_fraction``)."""
     names, n_steps = _check_runs(runs, 2)
     runs = {name: runs[name].isel(step=slice(0, n_steps)) for name in names}  # the steps the whole group has
     n_parts = len(names) + 2
@@ -296,12 +290,17 @@ def compare_runs(runs: Mapping[str, xr.DataArray], *, every: int = 1, n_componen
     # of the raw weights: each distance splits into its centred and class-mean parts
     distances = [distance_over_steps(runs[reference], runs[name], every=every, scheduler=scheduler,
                                      progress=part(index)) for index, name in enumerate(names[1:])]
+    raw = runs
     if centre:
         runs = {name: centred(weights) for name, weights in runs.items()}
     spread = spread_summary(runs, every=every, scheduler=scheduler, progress=part(len(names) - 1))
     similarity = similarity_matrix(runs, scheduler=scheduler)
     pca = trajectory_pca(runs, n_components=n_components, every=every, scheduler=scheduler,
                          progress=part(len(names) + 1))
+
+    # How big the prediction-irrelevant part is, in each run's own weights at the compared step
+    step = similarity.attrs["step"]
+    mean_share = [class_mean_fraction(raw[name].isel(step=step).values) for name in names]
 
     def by_other_run(variable: str) -> xr.DataArray:
         return xr.concat([d[variable] for d in distances], dim="other_run").assign_coords(other_run=names[1:])
@@ -310,6 +309,7 @@ def compare_runs(runs: Mapping[str, xr.DataArray], *, every: int = 1, n_componen
         {"distance_to_reference": by_other_run("centred_distance" if centre else "distance"),
          "class_mean_distance_to_reference": by_other_run("class_mean_distance"),
          "mean_spread": spread.mean_spread, "spread": spread.spread, "spread_over_classes": spread.spread_over_classes,
+         "class_mean_fraction": ("run", np.array(mean_share)),
          "cosine": similarity.cosine, "distance": similarity.distance,
          "pca_path": pca.path, "explained_variance_ratio": pca.explained_variance_ratio,
          "random_walk_ratio": pca.random_walk_ratio, "pca_components": pca.components},

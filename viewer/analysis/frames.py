@@ -52,6 +52,36 @@ def mosaic(frames: np.ndarray, *, columns: int = GRID_COLUMNS, header: int = GAP
     return out
 
 
+WEIGHT_CHOICES = ("raw", "centred")
+
+
+def centred(weights):
+    """The weights (..., class, pixel) less their mean over the classes, per pixel (and step).
+
+    Softmax regression predicts the same for W and W + 1v^T (one vector added to every
+    class's weights), and the cross-entropy's gradient sums to zero over the classes, so
+    the class-mean is the part of the weights that no prediction depends on: under plain
+    SGD it never leaves its random initial value. What is left is the part that changes
+    predictions. numpy and dask arrays stay what they are; an xarray DataArray stays lazy,
+    with ``attrs["centred"]`` set.
+    """
+    if hasattr(weights, "dims"):  # xarray
+        result = weights - weights.mean("class")
+        result.name = weights.name
+        result.attrs = {**weights.attrs, "centred": "class-mean removed"}
+        return result
+    return weights - weights.mean(axis=-2, keepdims=True)
+
+
+def class_mean_fraction(weights: np.ndarray) -> float:
+    """The share of the squared weights (class, pixel) that is their class-mean part (0..1):
+    ||W||^2 = ||centred(W)||^2 + n_classes * ||mean over classes||^2."""
+    weights = np.asarray(weights, dtype=np.float64)
+    total = float((weights ** 2).sum())
+    mean_part = weights.shape[-2] * float((weights.mean(axis=-2) ** 2).sum())
+    return mean_part / total if total > 0 else 0.0
+
+
 def symmetric_limit(values: np.ndarray) -> float:
     """The largest |value| (ignoring NaN), so a colour map can be centred on zero; 1 if all zero."""
     finite = np.abs(values[np.isfinite(values)])

@@ -15,6 +15,7 @@ import dask.array as da
 import numpy as np
 
 from weightlapse.pipeline.locations import Location, as_location
+from weightlapse.viewer.analysis.frames import centred
 from weightlapse.pipeline.store import (
     CheckedStore,
     Progress,
@@ -138,11 +139,14 @@ class Run:
                         cache.popitem(last=False)
         return block
 
-    def abs_max(self, step: int) -> float:
-        """The largest |weight| of ``step``, read past the chunk cache (so sampling a run for
-        its colour scale does not evict the chunks being replayed)."""
+    def abs_max(self, step: int, *, centre: bool = False) -> float:
+        """The largest |weight| of ``step`` (of its centred weights with ``centre``), read past
+        the chunk cache (so sampling a run for its colour scale does not evict the chunks
+        being replayed)."""
         self.check_step(step)
         row = np.asarray(self._read(self._weights, step, step + 1))
+        if centre:
+            row = centred(row)
         return float(np.nanmax(np.abs(row))) if row.size else 0.0
 
     def weights(self, start: int = 0, stop: int | None = None) -> da.Array:

@@ -1,6 +1,7 @@
 """Per-pixel change statistics over a step range, computed with dask straight from the store.
 
     python -m weightlapse.viewer.analysis.stats runs/original --start 0 --stop 3000 --out original-stats.zarr
+    python -m weightlapse.viewer.analysis.stats runs/original --centred --out centred-stats.zarr  # class-mean removed
 
 Headless use, for research scripts::
 
@@ -47,6 +48,7 @@ import xarray as xr
 
 from weightlapse.pipeline.cluster import client_for, compute
 from weightlapse.pipeline.store import IMAGE_SIDE, pixel_coords
+from weightlapse.viewer.analysis.frames import centred
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +317,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser.add_argument("--settle-fraction", type=float, default=0.9, help="fraction of the path for settle_step")
     parser.add_argument("--out", required=True, help="Zarr store to write the statistics to (xarray.open_zarr reads it)")
     parser.add_argument("--top", type=int, default=10, help="log this many top-changing pixels (by path length)")
+    parser.add_argument("--centred", action="store_true",
+                        help="of the centred weights: each pixel's mean over the classes removed (the part that "
+                             "changes predictions)")
     parser.add_argument("--scheduler", default=None,
                         help="Dask scheduler address to compute on (default: threads in this process)")
     args = parser.parse_args(argv)
@@ -329,10 +334,12 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         with tqdm(total=100, unit="%", desc="statistics") as bar:
             def report(fraction: float) -> None:
                 bar.update(round(fraction * 100) - bar.n)
-            stats = change_statistics(ds.weights.isel(step=slice(args.start, stop + 1)),
+            weights = ds.weights.isel(step=slice(args.start, stop + 1))
+            stats = change_statistics(centred(weights) if args.centred else weights,
                                       settle_fraction=args.settle_fraction, progress=report,
                                       scheduler=args.scheduler)
         stats.attrs["run"] = str(args.run)
+        stats.attrs["weights"] = "centred (class-mean removed)" if args.centred else "raw"
         stats.attrs[OUTPUT_MARK] = "change-statistics"
         with warnings.catch_warnings():
             # Consolidated metadata (one file listing all arrays) is what lets a plain
