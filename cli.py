@@ -92,12 +92,15 @@ def view(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=5006, help="port on 127.0.0.1 (default 5006)")
     parser.add_argument("--show", action="store_true", help="open it in the browser")
     parser.add_argument("--scheduler", help="Dask scheduler address for statistics and comparisons")
+    parser.add_argument("--data", help="the data stage's directory (one folder per dataset), for comparing "
+                                       "predictions on held-out images (default: data/ beside the runs directory)")
     args = parser.parse_args(argv)
     runs = args.runs_dir if "://" in args.runs_dir else str(Path(args.runs_dir).expanduser().absolute())
     app = Path(__file__).resolve().parent / "viewer"
     command = [sys.executable, "-m", "panel", "serve", str(app), "--address", "127.0.0.1", "--port", str(args.port),
                *(["--show"] if args.show else []), "--args", "--runs", runs,
-               *(["--scheduler", args.scheduler] if args.scheduler else [])]
+               *(["--scheduler", args.scheduler] if args.scheduler else []),
+               *(["--data", str(Path(args.data).expanduser().absolute())] if args.data else [])]
     print(f"weightlapse viewer over {runs}: http://127.0.0.1:{args.port}/viewer (Ctrl-C stops it)", flush=True)
     # This process becomes the server: a signal that stops the command stops the server, and
     # no server is left running behind it.

@@ -107,3 +107,22 @@ def test_the_command_writes_agreement_and_confusion_and_refuses_other_data(train
     assert not (tmp_path / "x.zarr").exists()
     assert function_space.main([str(catalog.runs_dir), "--runs", "adam-0", "--data", str(data_dir),
                                 "--out", str(catalog.runs_dir)]) == 1
+
+
+def test_a_declared_dataset_is_read_with_its_declaration_from_the_params_file(tmp_path, generated_data):
+    import yaml
+    from idx_files import declaration
+
+    from weightlapse.pipeline.datasets import DatasetError
+
+    data_dir, _ = generated_data
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"datasets": {"mine": declaration(data_dir)}}))
+    assert function_space.declared_spec("mnist", params) is None  # built in
+    spec = function_space.declared_spec("mine", params)
+    heldout = function_space.load_heldout(data_dir, "mine", spec=spec)
+    np.testing.assert_array_equal(heldout.images, load_dataset(data_dir, "mnist").test.images)
+    with pytest.raises(DatasetError, match="does not declare it under datasets"):
+        function_space.declared_spec("other", params)
+    with pytest.raises(DatasetError, match="cannot be read"):
+        function_space.declared_spec("mine", tmp_path / "missing.yaml")

@@ -31,6 +31,7 @@ TESTED_ELSEWHERE = {
     "viewer/plots.py": VIEWER_COMPONENT,
     "viewer/state.py": VIEWER_COMPONENT,
     "viewer/tasks.py": VIEWER_COMPONENT,
+    "viewer/predictions.py": VIEWER_COMPONENT,
     "viewer/tiles.py": VIEWER_COMPONENT,
 
     "pipeline/train.py": "test_train_stage.py: the train stage, run as DVC runs it",

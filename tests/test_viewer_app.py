@@ -31,7 +31,7 @@ def runs_dir(tmp_path):
     return runs
 
 
-def viewer_on(runs, **query) -> tuple[WeightViewer, object]:
+def viewer_on(runs, /, **query) -> tuple[WeightViewer, object]:
     viewer = WeightViewer(runs, query=query)
     return viewer, pn.panel(viewer).get_root()
 
@@ -372,3 +372,40 @@ def test_the_state_holds_only_parameters():
     assert set(ViewState.param) - {"name"} == {
         "run", "compare", "compare_runs", "mode", "step", "from_step", "range_start", "range_stop", "statistic",
         "scale", "weights", "follow", "playing", "revision"}
+
+
+def test_compare_mode_compares_predictions_on_the_held_out_images(tmp_path, generated_data):
+    from weightlapse.pipeline.datasets import load_dataset
+    from weightlapse.pipeline.params import TrainParams
+    from weightlapse.pipeline.train import run_training
+    from weightlapse.viewer.analysis import function_space
+
+    data_dir, _ = generated_data
+    project = tmp_path / "project"
+    shutil.copytree(data_dir, project / "data" / "mnist")  # the DVC layout: data/<dataset> beside runs/
+    dataset = load_dataset(project / "data" / "mnist", "mnist")
+    for seed in (0, 1):
+        run_training(TrainParams(seed=seed, epochs=2, eval_every=5, device="cpu"), dataset,
+                     project / "runs" / f"adam-{seed}", run_name=f"adam-{seed}", progress=False)
+    viewer, _ = viewer_on(project / "runs", run="adam-0", mode="compare", step="7", runs="adam-0,adam-1")
+    panel = viewer.comparison.predictions
+    assert "Compare predictions" in panel.notice.object and len(panel.plots) == 0
+    viewer.comparison.every_input.value = 1
+    asyncio.run(panel.compute())
+    heldout = function_space.load_heldout(project / "data" / "mnist", "mnist")
+    models = function_space.open_models(RunCatalog(project / "runs"), ["adam-0", "adam-1"])
+    expected = function_space.agreement_over_steps(models, heldout)
+    result = panel.result()
+    xr.testing.assert_equal(result.agreement, expected.agreement)
+    xr.testing.assert_equal(result.symmetric_kl, expected.symmetric_kl)
+    page = pn.panel(viewer).get_root()
+    titles = {model.text for model in page.select({"type": Title})}
+    assert {"Agreement with adam-0", "Divergence from adam-0's predictions", "Held-out accuracy"} <= titles
+    confusion = function_space.confusion_at(models["adam-0"], heldout, step=7)
+    right = confusion.values.trace() / confusion.values.sum()
+    assert f"adam-0 at step 7: {100 * right:.1f}% right" in titles
+    # without the held-out files, the page says what is missing instead of drawing
+    shutil.rmtree(project / "data" / "mnist")
+    viewer.state.compare_runs = ["adam-1", "adam-0"]
+    asyncio.run(panel.compute())
+    assert "missing" in panel.notice.object and panel.notice.alert_type == "danger"

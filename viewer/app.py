@@ -60,12 +60,14 @@ pn.theme.Fast._resources = {key: value for key, value in pn.theme.Fast._resource
 class WeightViewer(pn.viewable.Viewer):
     """One page: its state, the shared data store, and the components drawn from them."""
 
-    def __init__(self, runs_dir: str | Path, *, scheduler: str | None = None,
+    def __init__(self, runs_dir: str | Path, *, scheduler: str | None = None, data_dir: str | Path | None = None,
                  query: dict[str, str] | None = None) -> None:
         """``runs_dir``: a directory or an fsspec URL; ``scheduler``: a Dask scheduler address for
-        statistics and comparisons (default: threads here); ``query``: URL values to restore."""
+        statistics and comparisons (default: threads here); ``data_dir``: the data stage's
+        directories, for predictions on held-out images (default: ``data`` beside the runs);
+        ``query``: URL values to restore."""
         super().__init__()
-        self.store: DataStore = shared_store(runs_dir, scheduler=scheduler)
+        self.store: DataStore = shared_store(runs_dir, scheduler=scheduler, data_dir=data_dir)
         self.state = ViewState()
         self.message = pn.pane.Alert("", alert_type="warning", visible=False, sizing_mode="stretch_width",
                                      css_classes=["wl-message"])

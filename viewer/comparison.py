@@ -4,7 +4,8 @@ Pick a group from the runs index (runs that differ only in seed; the selected ru
 is chosen for you) or runs by hand; the comparison (viewer/analysis/compare.py) is computed
 on a worker thread, with a progress bar, and drawn: distance from the first run over steps,
 spread across the runs over steps and per pixel, the similarity matrix, and the
-trajectories in a shared PCA basis beside what the same analysis makes of a random walk.
+trajectories in a shared PCA basis beside what the same analysis makes of a random walk;
+then, in function space, their predictions on the held-out images (viewer/predictions.py).
 A drawn comparison is always of the runs chosen now (as stored now), or nothing.
 """
 
@@ -28,6 +29,7 @@ from weightlapse.viewer.plots import (
     spread_curve,
     variance_bars,
 )
+from weightlapse.viewer.predictions import Predictions
 from weightlapse.viewer.state import ViewState
 from weightlapse.viewer.tasks import in_worker
 from weightlapse.viewer.tiles import READ_ERRORS, with_document_lock
@@ -73,9 +75,12 @@ class Comparison(pn.viewable.Viewer):
         self.state.param.watch(lambda event: self._follow_run(), "run")
         self.state.param.watch(lambda event: self._show_choice(), "compare_runs")
         self.state.param.watch(lambda *events: self.render(), ["compare_runs", "mode", "weights", "revision"])
+        self.predictions = Predictions(state=self.state, store=self.store, every=self.every)
+        self.every_input.param.watch(lambda event: self.predictions.render(), "value")
         self._layout = pn.Column(
-            pn.Row(self.group_select, self.every_input), self.runs_choice, pn.Row(self.compare_button, self.progress),
-            self.notice, self.gauge, self.plots, self.caveat, sizing_mode="stretch_width")
+            pn.Row(self.group_select, self.every_input), self.runs_choice,
+            pn.pane.HTML("<h3>Weights</h3>"), pn.Row(self.compare_button, self.progress),
+            self.notice, self.gauge, self.plots, self.caveat, self.predictions, sizing_mode="stretch_width")
         self.refresh(self.store.runs())
 
     def __panel__(self):

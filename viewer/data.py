@@ -21,7 +21,7 @@ import numpy as np
 from weightlapse.pipeline.locations import Location, is_url
 from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
 from weightlapse.pipeline.store import STORE_NAME
-from weightlapse.viewer.analysis import compare
+from weightlapse.viewer.analysis import compare, function_space
 from weightlapse.viewer.analysis.frames import centred
 from weightlapse.viewer.analysis.run import Run
 from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
@@ -58,9 +58,15 @@ class _Bounded(OrderedDict):
 class DataStore:
     """Runs by name, and what the views draw from them."""
 
-    def __init__(self, runs_dir: str | Path, *, scheduler: str | None = None) -> None:
+    def __init__(self, runs_dir: str | Path, *, scheduler: str | None = None,
+                 data_dir: str | Path | None = None) -> None:
+        """``data_dir``: the data stage's directories (data/<dataset>), for comparisons of
+        predictions on held-out images; default: ``data`` beside a local runs directory."""
         self.catalog = RunCatalog(runs_dir)
         self.scheduler = scheduler
+        if data_dir is None and self.catalog.runs_dir.local:
+            data_dir = self.catalog.runs_dir.local_path.absolute().parent / "data"
+        self.data_dir = None if data_dir is None else Path(data_dir)
         self._lock = threading.Lock()
         self._infos: dict[str, RunInfo] = {}
         self._fingerprints: dict[str, tuple | None] = {}
@@ -69,6 +75,8 @@ class DataStore:
         self._curves = _Bounded()
         self._stats = _Bounded()
         self._comparisons = _Bounded()
+        self._predictions = _Bounded()
+        self._heldout = _Bounded()
         self._runs: dict[str, Run] = {}
 
     # -- listing ---------------------------------------------------------------------------
@@ -200,6 +208,72 @@ class DataStore:
         return result
 
 
+    # -- predictions on the held-out images (function space) ------------------------------------
+    def held_out(self, dataset: str) -> function_space.HeldOut:
+        """The held-out split of ``dataset`` from the data directory, checked as training reads it
+        (a declared dataset's declaration from the params.yaml beside the runs); cached by its files."""
+        if self.data_dir is None:
+            raise FileNotFoundError("no data directory is known for these runs (they are not in a local "
+                                    "directory): serve the viewer with --args --data DIR")
+        directory = self.data_dir / dataset
+        files = sorted(directory.glob("*")) if directory.is_dir() else []
+        key = (dataset, tuple((path.name, path.stat().st_mtime_ns, path.stat().st_size) for path in files))
+        with self._lock:
+            cached = self._heldout.get(key)
+        if cached is None:
+            cached = function_space.load_heldout(directory, dataset,
+                                                 spec=function_space.declared_spec(dataset, self.params_file()))
+            with self._lock:
+                self._heldout.put(key, cached)
+        return cached
+
+    def params_file(self) -> Path:
+        parent = self.data_dir.parent if self.data_dir is not None else Path(".")
+        return parent / "params.yaml"
+
+    def _predictions_setup(self, names: list[str]) -> tuple[dict, function_space.HeldOut]:
+        datasets = {self.open(name).metadata.dataset for name in names}
+        if len(datasets) != 1 or not next(iter(datasets)):
+            raise ValueError(f"these runs were trained on {', '.join(sorted(map(str, datasets)))}: predictions are "
+                             "compared on one dataset's held-out images, so choose runs of one dataset")
+        heldout = self.held_out(datasets.pop())
+        models = function_space.open_models(self.catalog, names)
+        function_space.check_trained_on(models, heldout)
+        return models, heldout
+
+    def predictions(self, names: list[str], every: int):
+        """The comparison of the predictions of ``names`` (function_space.agreement_over_steps)
+        if computed, else None."""
+        try:
+            key = self._comparison_key(names, every, False)
+        except (ValueError, OSError):
+            return None
+        with self._lock:
+            return self._predictions.get(key)
+
+    def compute_predictions(self, names: list[str], every: int, *, progress=None):
+        key = self._comparison_key(names, every, False)
+        models, heldout = self._predictions_setup(names)
+        result = function_space.agreement_over_steps(models, heldout, every=every, progress=progress,
+                                                     scheduler=self.scheduler)
+        with self._lock:
+            self._predictions.put(key, result)
+        return result
+
+    def confusion(self, name: str, step: int):
+        """(true, predicted) counts of run ``name``'s predictions on the held-out images at ``step``."""
+        run = self.open(name)
+        key = ("confusion", run.identity, step)
+        with self._lock:
+            cached = self._predictions.get(key)
+        if cached is None:
+            models, heldout = self._predictions_setup([name])
+            cached = function_space.confusion_at(models[name], heldout, step=step)
+            with self._lock:
+                self._predictions.put(key, cached)
+        return cached
+
+
 def preferred_runs(runs_dir: Location) -> list[str]:
     """The runs listed in the ``params.yaml`` beside the runs directory (or in the working
     directory), in their order; [] when there is none or it cannot be read."""
@@ -220,10 +294,12 @@ _stores: dict[Any, DataStore] = {}
 _stores_lock = threading.Lock()
 
 
-def shared_store(runs_dir: str | Path, *, scheduler: str | None = None) -> DataStore:
-    """One data store per runs location (and scheduler) for the whole server."""
-    key = (str(runs_dir) if is_url(runs_dir) else Path(runs_dir).expanduser().absolute(), scheduler)
+def shared_store(runs_dir: str | Path, *, scheduler: str | None = None,
+                 data_dir: str | Path | None = None) -> DataStore:
+    """One data store per runs location (scheduler and data directory) for the whole server."""
+    key = (str(runs_dir) if is_url(runs_dir) else Path(runs_dir).expanduser().absolute(), scheduler,
+           None if data_dir is None else Path(data_dir).expanduser().absolute())
     with _stores_lock:
         if key not in _stores:
-            _stores[key] = DataStore(key[0], scheduler=scheduler)
+            _stores[key] = DataStore(key[0], scheduler=scheduler, data_dir=key[2])
         return _stores[key]

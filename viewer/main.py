@@ -1,10 +1,12 @@
 """Entry point of ``panel serve viewer/``: builds the app over the chosen runs directory.
 
-    panel serve viewer/ --address 127.0.0.1 --args --runs DIR [--share] [--scheduler ADDRESS]
+    panel serve viewer/ --address 127.0.0.1 --args --runs DIR [--share] [--scheduler ADDRESS] [--data DIR]
 
 The runs directory is, in order: ``--args --runs DIR``, the WEIGHTLAPSE_RUNS environment
 variable, or ``runs/`` under the current directory; an fsspec URL (``s3://bucket/runs``)
-works too. ``--scheduler`` (or WEIGHTLAPSE_SCHEDULER) is a Dask scheduler address to
+works too. ``--data DIR`` (or WEIGHTLAPSE_DATA) is the data stage's directory (``data/``,
+one folder per dataset) for comparing predictions on the held-out images; by default the
+``data`` beside a local runs directory. ``--scheduler`` (or WEIGHTLAPSE_SCHEDULER) is a Dask scheduler address to
 compute statistics and comparisons on; by default they run in the server's process. Browsers on other machines get a
 page saying the viewer is private unless ``--share`` (or WEIGHTLAPSE_SHARE=1) is given
 (viewer/access.py). Requests for a host name the viewer does not serve are refused before
@@ -31,6 +33,7 @@ def options_from(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs", default=os.environ.get("WEIGHTLAPSE_RUNS", DEFAULT_RUNS_DIR))
     parser.add_argument("--share", action="store_true", default=os.environ.get("WEIGHTLAPSE_SHARE") == "1")
     parser.add_argument("--scheduler", default=os.environ.get("WEIGHTLAPSE_SCHEDULER") or None)
+    parser.add_argument("--data", default=os.environ.get("WEIGHTLAPSE_DATA") or None)
     known, _ = parser.parse_known_args(argv)
     return known
 
@@ -58,7 +61,7 @@ pn.extension(notifications=False)
 hv.extension("bokeh", logo=False)
 options = options_from(sys.argv[1:])
 if options.share or is_same_machine(client_ip()):
-    viewer = WeightViewer(options.runs, scheduler=options.scheduler)
+    viewer = WeightViewer(options.runs, scheduler=options.scheduler, data_dir=options.data)
     track_session(viewer)
     viewer.template().servable(title="weightlapse")
 else:

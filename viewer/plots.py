@@ -210,3 +210,37 @@ def variance_bars(explained, random_walk) -> hv.Bars:
                           cmap={"these runs": "#1f77b4", "random walk": "#bbbbbb"}, show_legend=False,
                           title="Variance explained (blue: these runs, grey: a random walk)", tools=["hover"],
                           xrotation=45)
+
+
+# -- predictions on the held-out images (viewer/analysis/function_space.py's results) ----------------------
+def pair_curves(values, reference: str, *, label: str, title: str) -> hv.Overlay:
+    """A (pair, step) measure for each pair of the reference run with another run: one line each."""
+    prefix = f"{reference} | "
+    pairs = [str(pair) for pair in values.pair.values if str(pair).startswith(prefix)]
+    curves = [hv.Curve((values.step.values, values.sel(pair=pair).values), "step", hv.Dimension("value", label=label),
+                       label=pair[len(prefix):]) for pair in pairs]
+    return hv.Overlay(curves).opts(
+        hv.opts.Curve(frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT, line_width=1.5, tools=["hover"]),
+        hv.opts.Overlay(title=literal(title), legend_position="right", show_legend=len(curves) <= 12))
+
+
+def accuracy_curves(accuracy) -> hv.Overlay:
+    """Each run's held-out accuracy over the shared steps: (run, step)."""
+    curves = [hv.Curve((accuracy.step.values, accuracy.sel(run=name).values), "step",
+                       hv.Dimension("accuracy", label="held-out accuracy"), label=str(name))
+              for name in accuracy.run.values]
+    return hv.Overlay(curves).opts(
+        hv.opts.Curve(frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT, line_width=1.5, tools=["hover"]),
+        hv.opts.Overlay(title="Held-out accuracy", legend_position="right", show_legend=len(curves) <= 12))
+
+
+def confusion_heatmap(confusion, class_names: list[str], *, title: str) -> hv.HeatMap:
+    """(true, predicted) counts as a heatmap: true classes down, predicted across, counts on hover."""
+    names = [str(name) for name in class_names]
+    counts = np.asarray(confusion.values)
+    cells = [(names[p], names[t], int(counts[t, p])) for t in range(len(names)) for p in range(len(names))]
+    size = max(COMPARE_HEIGHT, 24 * len(names))
+    return hv.HeatMap(cells, kdims=[hv.Dimension("predicted"), hv.Dimension("true")],
+                      vdims=[hv.Dimension("images")]).opts(
+        cmap="Blues", colorbar=True, frame_width=size, frame_height=size, xrotation=45, tools=["hover"],
+        invert_yaxis=True, title=literal(title), toolbar="above")

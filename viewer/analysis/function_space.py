@@ -40,12 +40,22 @@ import numpy as np
 import xarray as xr
 
 from weightlapse.pipeline.cluster import compute
-from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS, load_dataset
+from weightlapse.pipeline.datasets import (
+    DATASETS,
+    TEST_IMAGES,
+    TEST_LABELS,
+    DatasetError,
+    DatasetSpec,
+    declared_dataset,
+    load_dataset,
+)
 from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
+from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
 from weightlapse.pipeline.store import RunMetadata, open_run
 
 log = logging.getLogger(__name__)
 
+MAX_PARAMS_BYTES = 1 << 20
 # Steps per task: the logits of one run for one step over 10,000 images are 400 KB (float32).
 BLOCK_STEPS = 16
 
@@ -62,11 +72,28 @@ class HeldOut:
     files: Mapping[str, str]  # the held-out files' checksums ("sha256:...")
 
 
-def load_heldout(data_dir, dataset: str) -> HeldOut:
-    """The held-out split of ``dataset`` from the data stage's directory (checked as training reads it)."""
-    loaded = load_dataset(data_dir, dataset)
+def load_heldout(data_dir, dataset: str, *, spec: DatasetSpec | None = None) -> HeldOut:
+    """The held-out split of ``dataset`` from the data stage's directory (checked as training
+    reads it); ``spec``: a declared dataset's (:func:`declared_spec`), else the built-in one's."""
+    loaded = load_dataset(data_dir, dataset, spec=spec)
     files = {name: loaded.file_checksums[name] for name in (TEST_IMAGES, TEST_LABELS)}
     return HeldOut(loaded.test.images, loaded.test.labels.astype(np.int64), dataset, files)
+
+
+def declared_spec(dataset: str, params_file) -> DatasetSpec | None:
+    """The spec of ``dataset``: None for a built-in one, else its declaration in ``params_file``
+    (a params.yaml), checked as the data stage checks it (DatasetError if it is not there)."""
+    if dataset in DATASETS:
+        return None
+    try:
+        raw = load_yaml(read_bounded(params_file, MAX_PARAMS_BYTES), source=str(params_file))
+    except (OSError, UnsafeYamlError) as error:
+        raise DatasetError(f"{dataset} is not a built-in dataset and its declaration cannot be read: {error}") from None
+    declared = raw.get("datasets") if isinstance(raw, dict) else None
+    if not isinstance(declared, dict) or dataset not in declared:
+        raise DatasetError(f"{dataset} is not a built-in dataset and {params_file} does not declare it under "
+                           "datasets; give the params file that trained the runs")
+    return declared_dataset(dataset, declared[dataset])
 
 
 def check_trained_on(models: Mapping[str, xr.Dataset], heldout: HeldOut) -> None:
@@ -177,7 +204,6 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     from tqdm import tqdm
 
     from weightlapse.pipeline.cluster import ClusterError
-    from weightlapse.pipeline.datasets import DatasetError
     from weightlapse.pipeline.store import TrajectoryError
     from weightlapse.viewer.analysis.runs import RunCatalog, RunNotFoundError
 
@@ -187,6 +213,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     chosen.add_argument("--runs", nargs="+", help="run names to compare")
     chosen.add_argument("--group", help="compare the runs of this group of the runs index (runs differing in seed)")
     parser.add_argument("--data", help="the data stage's directory of the runs' dataset (default: data/<dataset>)")
+    parser.add_argument("--params", default="params.yaml",
+                        help="the params file declaring the runs' dataset, if it is not built in (default params.yaml)")
     parser.add_argument("--every", type=int, default=1, help="use every N-th shared step (default 1: all)")
     parser.add_argument("--scheduler", default=None, help="Dask scheduler address (default: threads here)")
     parser.add_argument("--out", required=True, help="Zarr store to write (xarray.open_zarr reads it)")
@@ -203,7 +231,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         dataset = datasets.pop()
         data_dir = Path(args.data) if args.data else Path("data") / dataset
         check_output_target(args.out, inputs=[args.runs_dir, data_dir], kind="function-space")
-        heldout = load_heldout(data_dir, dataset)
+        heldout = load_heldout(data_dir, dataset, spec=declared_spec(dataset, args.params))
         check_trained_on(models, heldout)
         with tqdm(total=100, unit="%", desc="predicting") as bar:
             result = agreement_over_steps(models, heldout, every=args.every, scheduler=args.scheduler,

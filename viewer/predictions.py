@@ -1,0 +1,125 @@
+"""Compare runs, in function space: whether the chosen runs predict alike on the held-out images.
+
+Beside the weight-space comparison (viewer/comparison.py), on the same runs: how often each
+run predicts the reference run's class, the symmetrised KL divergence between their
+predictive distributions, each run's held-out accuracy, and the reference run's confusion
+matrix at the page's step (viewer/analysis/function_space.py computes them, from the stored
+weights). Runs far apart in weight space can predict alike; this is what tells.
+"""
+
+from __future__ import annotations
+
+import html
+
+import panel as pn
+import param
+
+from weightlapse.pipeline.datasets import DatasetError
+from weightlapse.viewer.data import DataStore
+from weightlapse.viewer.plots import accuracy_curves, confusion_heatmap, pair_curves
+from weightlapse.viewer.state import ViewState
+from weightlapse.viewer.tasks import in_worker
+from weightlapse.viewer.tiles import READ_ERRORS, with_document_lock
+
+PREDICTION_ERRORS = (*READ_ERRORS, DatasetError)
+
+
+class Predictions(pn.viewable.Viewer):
+    """The function-space part of Compare runs; ``every`` gives the comparison's step spacing."""
+
+    state = param.ClassSelector(class_=ViewState)
+    store = param.ClassSelector(class_=DataStore)
+    every = param.Callable(doc="names -> every how many steps the comparison uses")
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        self.compute_button = pn.widgets.Button(label="Compare predictions on held-out images", color="primary",
+                                                width=300)
+        self.progress = pn.indicators.Progress(value=0, max=100, visible=False, width=300)
+        self.notice = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width")
+        self.plots = pn.Column(sizing_mode="stretch_width", css_classes=["wl-predictions"])
+        self.confusion = pn.Column(sizing_mode="stretch_width")
+        self.summary = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.compute_button.on_click(self.compute)
+        self.state.param.watch(lambda *events: self.render(), ["compare_runs", "mode", "revision"])
+        self.state.param.watch(lambda *events: self.render_confusion(), ["compare_runs", "mode", "step", "revision"])
+        self._layout = pn.Column(pn.pane.HTML("<h3>Predictions on the held-out images</h3>"),
+                                 pn.Row(self.compute_button, self.progress), self.notice, self.plots, self.summary, self.confusion,
+                                 sizing_mode="stretch_width")
+        self.render()
+        self.render_confusion()
+
+    def __panel__(self):
+        return self._layout
+
+    def say(self, text: str, kind: str = "info") -> None:
+        self.notice.object, self.notice.alert_type, self.notice.visible = html.escape(text), kind, bool(text)
+
+    async def compute(self, event=None) -> None:
+        names = list(self.state.compare_runs)
+        if len(names) < 2:
+            self.say("Choose a group, or at least two runs, to compare their predictions.")
+            return
+        try:
+            every = self.every(names)
+            await in_worker(self.compute_button, self.progress,
+                            lambda report: self.store.compute_predictions(names, every, progress=report))
+        except PREDICTION_ERRORS as error:
+            self.say(f"Predictions cannot be compared: {error}", "danger")
+            return
+        with_document_lock(lambda: setattr(self.state, "revision", self.state.revision + 1))
+
+    def result(self):
+        names = list(self.state.compare_runs)
+        if len(names) < 2:
+            return None
+        try:
+            return self.store.predictions(names, self.every(names))
+        except READ_ERRORS:
+            return None
+
+    def render(self) -> None:
+        if self.state.mode != "compare":  # hidden with Compare runs' own layout
+            return
+        result = self.result()
+        if result is None:
+            self.plots[:] = []
+            self.summary.object = ""
+            self.say("" if len(self.state.compare_runs) < 2 else
+                     "Press “Compare predictions” to see how often these runs predict the same class.")
+            return
+        self.say("")
+        reference = str(result.run.values[0])
+        last = int(result.step.values[-1])
+        agreement = result.agreement.isel(step=-1)
+        mean = float(agreement.mean()) if agreement.size else float("nan")
+        # One under the other: in a FlexBox nested this deep, Bokeh drew these plots zero pixels wide.
+        self.plots[:] = [
+            pn.Column(pn.pane.HoloViews(pair_curves(result.agreement, reference, label="same class predicted",
+                                                     title=f"Agreement with {reference}"), linked_axes=False),
+                       pn.pane.HoloViews(pair_curves(result.symmetric_kl, reference, label="symmetric KL (nats)",
+                                                     title=f"Divergence from {reference}'s predictions"),
+                                         linked_axes=False),
+                       pn.pane.HoloViews(accuracy_curves(result.accuracy), linked_axes=False)),
+        ]
+        self.summary.object = (f"<p>On {result.attrs['n_images']:,} held-out {html.escape(result.attrs['dataset'])} images "
+                         f"at step {last:,}: the pairs of runs predict the same class for {100 * mean:.1f}% of the "
+                         "images on average (over all pairs).</p>")
+
+    def render_confusion(self) -> None:
+        if self.state.mode != "compare" or not self.state.compare_runs:
+            self.confusion[:] = []
+            return
+        reference = self.state.compare_runs[0]
+        try:
+            run = self.store.open(reference)
+            step = min(self.state.step, run.last_step)
+            counts = self.store.confusion(reference, step)
+        except PREDICTION_ERRORS as error:
+            self.confusion[:] = [pn.pane.HTML(f"<p>No confusion matrix of {html.escape(reference)}: "
+                                              f"{html.escape(str(error))}</p>", sizing_mode="stretch_width")]
+            return
+        accuracy = counts.values.trace() / max(int(counts.values.sum()), 1)
+        self.confusion[:] = [pn.pane.HoloViews(confusion_heatmap(
+            counts, run.class_names, title=f"{reference} at step {step:,}: {100 * accuracy:.1f}% right"),
+            linked_axes=False)]
