@@ -49,14 +49,14 @@ def training_like(n_steps: int, seed: int = 0) -> np.ndarray:
 
 
 def write_run(run_dir, rows, *, finish=True, chunk_steps=16, eval_every=10, name="test",
-              class_names=None, params=None, n_steps=None):
+              class_names=None, params=None, n_steps=None, dataset="generated"):
     """Write ``rows`` (step, class, pixel) as a run under ``run_dir``; ``n_steps`` > len(rows)-1
     leaves the run unfinished, as if training were still going."""
     run_dir.mkdir(parents=True, exist_ok=True)
     n_steps = len(rows) - 1 if n_steps is None else n_steps
     evals = tuple(sorted(set(range(0, n_steps + 1, eval_every)) | {n_steps}))
     metadata = RunMetadata(run=name, params=params or {"optimizer": "adam", "lr": 0.001, "seed": 0},
-                           dataset="generated", class_names=tuple(class_names or [str(c) for c in range(10)]))
+                           dataset=dataset, class_names=tuple(class_names or [str(c) for c in range(10)]))
     writer = TrajectoryWriter(run_dir / STORE_NAME, StoreLayout(n_steps=n_steps, eval_steps=evals,
                                                                 chunk_steps=chunk_steps), metadata)
     for step, row in enumerate(rows):
