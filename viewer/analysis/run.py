@@ -200,6 +200,12 @@ class Run:
         values = np.concatenate(parts, axis=1) if parts else np.empty((self.n_classes, 0), np.float32)
         return PixelTrace(int(pixel), np.arange(n_rows, dtype=np.int64), values, copied)
 
+    def history_steps(self) -> int:
+        """How many of the first steps the run's pixel history holds (0: none that can be used)."""
+        self._check_current()
+        history = self._pixel_history_copy()
+        return 0 if history is None else min(history.steps, self.last_step + 1)
+
     def _pixel_history_copy(self) -> PixelHistory | None:
         """The run's pixel history if it is a copy of this store, checked once per copy and store."""
         if not self.store.local:
