@@ -107,7 +107,8 @@ class PixelInspector(pn.viewable.Viewer):
         source = (f"{trace.from_copy:,} from the pixel history, {trace.steps.size - trace.from_copy:,} from the store"
                   if trace.from_copy else "all from the store (no pixel history)")
         self.caption.object = html.escape(
-            f"{trace.steps.size:,} steps ({source}; read in {seconds * 1000:.0f} ms). "
+            f"{trace.steps.size:,} steps ({source}"
+            + (f"; read in {seconds * 1000:.0f} ms). " if seconds >= 0.001 else "). ")
             + ("Each line passes through the lowest and the highest stored value of every "
                f"{-(-trace.steps.size // (PIXEL_POINTS // 2)):,} steps, so no spike is hidden. " if binned else "")
             + "Hover for a step's value; click the curve to go to that step; click a legend entry to hide a class.")
