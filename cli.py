@@ -8,6 +8,7 @@
     weightlapse compare RUNS_DIR --group G [--centred] --out comparison.zarr
     weightlapse function-space RUNS_DIR --group G --out predictions.zarr
     weightlapse compact RUN_DIR                     # its weights re-encoded, ~1.3x smaller, lossless
+    weightlapse index RUN_DIR                       # its pixel history, for the viewer's pixel inspector
     weightlapse publish RUN_DIR s3://bucket/runs/NAME
     weightlapse view [RUNS_DIR] [--port N]          # the viewer on 127.0.0.1
 
@@ -39,6 +40,8 @@ COMMANDS = {
                        "how alike runs' predictions are on the held-out split, over steps, as a Zarr store"),
     "compact": ("weightlapse.pipeline.compact",
                 "re-encode a finished run's weights with the compact lossless codec, in place, safely"),
+    "index": ("weightlapse.pipeline.history",
+              "copy a run's weights time-major beside its store, for the viewer's pixel inspector"),
 }
 
 

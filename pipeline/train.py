@@ -7,7 +7,9 @@
 directory per dataset there); ``--data DIR`` names that directory itself.
 
 Writes, under --out: trajectory.zarr (see pipeline.store), metrics.json (DVC metrics),
-loss.csv and accuracy.csv (per-step history for `dvc plots`).
+loss.csv and accuracy.csv (per-step history for `dvc plots`), and pixel-history.zarr, the
+weights copied time-major for the viewer's pixel inspector (pipeline.history; derived data,
+not a DVC output).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from weightlapse import __version__
 from weightlapse.pipeline.closed_form import closed_form_stack, train_closed_form
 from weightlapse.pipeline.datasets import Dataset, DatasetError, load_dataset
 from weightlapse.pipeline.engines import ENGINES, EngineError, select_engine
+from weightlapse.pipeline.history import index_trained_run
 from weightlapse.pipeline.params import ParamsError, TrainParams, load_params
 from weightlapse.pipeline.recording import RunPlan, RunRecording, RunSummary, TrainingDiverged
 from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer
@@ -63,10 +66,13 @@ def run_training(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_na
     if resume:
         kept = kept_run(out_dir, run_metadata(run_name, config, dataset, device, engine))
         if kept is not None:
+            index_trained_run(out_dir, locked=False)  # none yet, or one of an older store: built now
             return kept
     with exclusive_writer(out_dir):
-        return _train_and_record(config, dataset, out_dir, device, engine, run_name=run_name, overwrite=overwrite,
-                                 resume=resume, progress=progress)
+        summary = _train_and_record(config, dataset, out_dir, device, engine, run_name=run_name,
+                                    overwrite=overwrite, resume=resume, progress=progress)
+        index_trained_run(out_dir, locked=True)
+        return summary
 
 
 def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, device: torch.device, engine: str, *,
@@ -147,7 +153,10 @@ def train_stack(runs: dict[str, tuple[TrainParams, Path]], dataset: Dataset, *, 
         for recording in recordings:
             recording.finish_training()
     seconds = time.perf_counter() - loop_started
-    return {name: recording.summary("numpy", seconds) for name, recording in zip(runs, recordings)}
+    summaries = {name: recording.summary("numpy", seconds) for name, recording in zip(runs, recordings)}
+    for _, out_dir in runs.values():
+        index_trained_run(out_dir, locked=False)
+    return summaries
 
 
 def kept_run(out_dir: Path, metadata: RunMetadata) -> RunSummary | None:

@@ -16,7 +16,7 @@ from weightlapse.pipeline.closed_form import ClosedFormSoftmaxRegression, train_
 from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_dataset
 from weightlapse.pipeline.idx import read_idx_file
 from weightlapse.pipeline.params import CaptureParams, TrainParams
-from weightlapse.pipeline.store import SCHEMA, SCHEMA_VERSION, check_store, open_run
+from weightlapse.pipeline.store import SCHEMA, SCHEMA_VERSION, check_store, open_history, open_run
 from weightlapse.pipeline.train import main, run_training, stack_key, train_stack
 from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, train
 from weightlapse.pipeline.writer import TrajectoryWriter
@@ -80,6 +80,9 @@ def test_stage_writes_the_trajectory_metrics_and_history(tmp_path, params_file, 
     assert float(rows[2]["loss"]) == pytest.approx(float(ds.loss.sel(step=3)), rel=1e-6)
     with open(out / "accuracy.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 4, 8, 10]
+    # and the weights time-major beside the store, for the viewer's pixel inspector
+    history = open_history(out, check_store(out))
+    assert np.array_equal(history.array[:], ds.weights.values.transpose(2, 1, 0))
 
 
 def test_bias_and_gradients_are_captured_when_asked(tmp_path, params_file, generated_data):

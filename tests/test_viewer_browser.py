@@ -572,3 +572,42 @@ def wait_for_log(server: Server, line: str, *, after: int = 0, timeout: float = 
     while server.log_path.read_text().count(line) < max(after, 1):
         assert time.monotonic() < deadline, f"no {line!r} in the server log"
         time.sleep(0.2)
+
+
+PIXEL_CURVES = """() => Array.from(Bokeh.documents[0].all_models)
+    .filter((model) => model.type === 'GlyphRenderer' && model.glyph.type === 'Line'
+            && model.data_source.data.weight !== undefined)
+    .map((model) => ({step: Array.from(model.data_source.data.step),
+                      weight: Array.from(model.data_source.data.weight),
+                      width: model.glyph.line_width.value ?? model.glyph.line_width}))"""
+
+
+def test_clicking_a_pixel_plots_its_stored_weights_over_every_step(browser, server, runs_dir):
+    from weightlapse.pipeline.store import check_store, open_history, open_run
+
+    tab = Page(browser, server + "?run=trained&step=150")
+    tab.wait_for_text("Click a pixel of a class image")
+    box = tab.page.locator(".wl-tiles").first.bounding_box()
+    tab.page.mouse.click(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.35)  # in the third tile
+    tab.page.wait_for_function("() => new URLSearchParams(location.search).get('pixel')", timeout=10_000)
+    query = tab.page.evaluate("() => Object.fromEntries(new URLSearchParams(location.search))")
+    assert query["class"] == "2"
+    row, col = (int(part) for part in query["pixel"].split(","))
+    tab.page.wait_for_function(f"() => ({PIXEL_CURVES})().length === 10", timeout=15_000)
+    stored = open_run(runs_dir / "trained").weights.values[:, :, row * 28 + col]  # (step, class)
+    curves = tab.page.evaluate(PIXEL_CURVES)
+    thick = [curve for curve in curves if curve["width"] == 3]
+    assert len(thick) == 1 and np.array_equal(np.float32(thick[0]["weight"]), stored[:, 2])
+    drawn = sorted(tuple(np.float32(curve["weight"])) for curve in curves)
+    assert drawn == sorted(tuple(stored[:, index]) for index in range(10))  # every class, every stored value
+    assert all(curve["step"] == list(range(301)) for curve in curves)
+    # read from the pixel history the train stage built
+    assert open_history(runs_dir / "trained", check_store(runs_dir / "trained")).steps == 301
+    tab.wait_for_text("301 from the pixel history")
+    # hovering the curve shows a step's value
+    plot = tab.page.locator(".wl-inspector").first.bounding_box()
+    tab.page.mouse.move(plot["x"] + plot["width"] * 0.3, plot["y"] + plot["height"] * 0.5)
+    tab.page.mouse.move(plot["x"] + plot["width"] * 0.4, plot["y"] + plot["height"] * 0.5, steps=5)
+    tab.page.wait_for_function(f"() => /weight:\\s*-?\\d\\.\\d{{7}}/.test(({DEEP_TEXT})())", timeout=10_000)
+    assert tab.errors == [] and tab.dialogs == []
+    tab.close()

@@ -5,7 +5,7 @@ Served by ``panel serve viewer/`` (viewer/main.py) in a FastListTemplate. The pa
 - viewer/state.py: the view state (what is shown) and the URL values it reads back, checked;
 - viewer/data.py: the data store (runs and everything derived, shared by pages);
 - components rendering from the state: run picker (picker.py), player and keys (player.py),
-  tile grid (tiles.py), curves (curves.py), statistics and export (tasks.py), Compare runs
+  tile grid (tiles.py), pixel inspector (inspector.py), curves (curves.py), statistics and export (tasks.py), Compare runs
   (comparison.py).
 
 The page polls the runs every second: new runs appear, states refresh, a run retrained or
@@ -23,6 +23,7 @@ import panel as pn
 from weightlapse.viewer.comparison import Comparison
 from weightlapse.viewer.curves import Curves
 from weightlapse.viewer.data import DataStore, preferred_runs, shared_store
+from weightlapse.viewer.inspector import PixelInspector
 from weightlapse.viewer.picker import RunPicker, escape, runs_table_html
 from weightlapse.viewer.player import Player
 from weightlapse.viewer.state import URL_KEYS, ViewState, read_query
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 1000   # how often a page looks for new runs, new steps and new stores
 URL_PARAMS = ("run", "compare", "mode", "step", "from_step", "range_start", "range_stop", "statistic", "scale",
-              "weights", "follow", "compare_runs")
+              "weights", "follow", "compare_runs", "pixel", "pixel_class")
 HELP = """
 **Keys**: space plays or pauses; ← → step one; shift + ← → jump 100 steps; Home / End: first / last step.
 
@@ -46,6 +47,9 @@ each frame; *Per class* fits each tile. Exports use the scale shown.
 **Weights**: *Raw* as stored; *Centred* with each pixel's mean over the ten classes removed.
 Adding one vector to every class's weights changes no prediction, so the centred weights are
 the part that decides what the model computes; diffs, statistics and comparisons use the choice.
+
+**Pixel inspector**: click a pixel of a class image to plot that weight over all steps (thick),
+with the same pixel of every other class (thin); hover for a value.
 
 Click a curve to jump to its step. The link in the address bar restores this view.
 """
@@ -76,6 +80,7 @@ class WeightViewer(pn.viewable.Viewer):
         self.picker = RunPicker(**components)
         self.player = Player(**components)
         self.tiles = TileGrid(**components)
+        self.inspector = PixelInspector(tiles=self.tiles.tiles_map, **components)
         self.curves = Curves(**components)
         self.statistics = StatisticsPanel(**components)
         self.export = ExportPanel(**components)
@@ -92,7 +97,7 @@ class WeightViewer(pn.viewable.Viewer):
         self.state.param.watch(self._sync_url, list(URL_PARAMS))
         self.open(query if query is not None else session_query())
         self._main = pn.Column(self.message, self.picker.problem, self.mode_buttons, self.player, self.statistics,
-                               self.tiles, self.curves, self.comparison, pn.pane.HTML("<b>Runs</b>"),
+                               self.tiles, self.inspector, self.curves, self.comparison, pn.pane.HTML("<b>Runs</b>"),
                                self.picker.table, sizing_mode="stretch_width")
         if pn.state.curdoc is not None:
             pn.state.onload(self._on_load)
@@ -205,6 +210,7 @@ class WeightViewer(pn.viewable.Viewer):
         if poller is not None:
             poller.stop()
         self.tiles.release()
+        self.inspector.release()
         self.curves.release()
 
 

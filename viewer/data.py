@@ -23,7 +23,7 @@ from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_boun
 from weightlapse.pipeline.store import STORE_NAME
 from weightlapse.viewer.analysis import compare, function_space
 from weightlapse.viewer.analysis.frames import centred
-from weightlapse.viewer.analysis.run import Run
+from weightlapse.viewer.analysis.run import PixelTrace, Run
 from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
 from weightlapse.viewer.analysis.stats import change_statistics
 
@@ -33,6 +33,8 @@ CACHE_SIZE = 16
 # Steps sampled for a run's colour scale: the first row of evenly spaced chunks, and the newest step.
 SCALE_SAMPLES = 32
 MAX_PARAMS_BYTES = 1 << 20
+# Pixel histories kept: one is 12 MB at 300,000 steps (10 classes of float32).
+PIXEL_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,14 @@ class Curves:
 class _Bounded(OrderedDict):
     """A small least-recently-stored cache."""
 
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        super().__init__()
+        self.size = size
+
     def put(self, key, value) -> None:
         self[key] = value
         self.move_to_end(key)
-        while len(self) > CACHE_SIZE:
+        while len(self) > self.size:
             self.popitem(last=False)
 
 
@@ -77,6 +83,7 @@ class DataStore:
         self._comparisons = _Bounded()
         self._predictions = _Bounded()
         self._heldout = _Bounded()
+        self._pixels = _Bounded(PIXEL_CACHE_SIZE)
         self._runs: dict[str, Run] = {}
 
     # -- listing ---------------------------------------------------------------------------
@@ -168,6 +175,18 @@ class DataStore:
             cached = Curves(loss_steps, loss, eval_steps, accuracy)
             with self._lock:
                 self._curves.put(key, cached)
+        return cached
+
+    def pixel_history(self, run: Run, pixel: int) -> PixelTrace:
+        """Every class's weight of ``pixel`` over the run's valid steps (Run.pixel_history), cached
+        by the store, its newest step and the pixel."""
+        key = (run.identity, run.last_step, pixel)
+        with self._lock:
+            cached = self._pixels.get(key)
+        if cached is None:
+            cached = run.pixel_history(pixel)
+            with self._lock:
+                self._pixels.put(key, cached)
         return cached
 
     def statistics(self, run: Run, start: int, stop: int, *, centre: bool = False):

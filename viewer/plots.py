@@ -12,12 +12,14 @@ from dataclasses import dataclass
 import holoviews as hv
 import holoviews.plotting.bokeh  # noqa: F401 - element options need a plotting backend loaded
 import numpy as np
+from bokeh.models import HoverTool
 
 from weightlapse.viewer.analysis.frames import (
     DIVERGING_CMAP,
     IMAGE_SIDE,
     SEQUENTIAL_CMAP,
     downsample_curve,
+    extreme_points,
     mosaic,
     scale_per_class,
     symmetric_limit,
@@ -27,6 +29,9 @@ from weightlapse.viewer.analysis.frames import (
 TILE_PX = 128  # screen pixels per 28-pixel tile
 HEADER = 5    # blank image rows above each row of tiles, where the class names go
 CURVE_POINTS = 600  # bins of a long curve on screen: its mean line and min-max band
+PIXEL_POINTS = 2000  # samples of a pixel's curve on screen: each bin's lowest and highest (frames.extreme_points)
+CLASS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                 "#bcbd22", "#17becf")  # Category10
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,8 @@ def tile_image(view: TileView, *, hooks: tuple = ()) -> hv.Image:
                      vdims=[hv.Dimension("value", label=drawn.label)])
     # A fixed size: a responsive grid (Bokeh's aspect-scaled width) loses its aspect when the
     # layout around it changes, which would draw the tiles squashed.
-    return image.opts(cmap=drawn.cmap, clim=drawn.clim, colorbar=True, title=literal(view.title), tools=["hover"],
-                      frame_width=5 * TILE_PX, frame_height=round(5 * TILE_PX * height / width), xaxis=None, yaxis=None,
+    return image.opts(cmap=drawn.cmap, clim=drawn.clim, colorbar=True, title=literal(view.title),
+                      tools=["hover", "tap"], frame_width=5 * TILE_PX, frame_height=round(5 * TILE_PX * height / width), xaxis=None, yaxis=None,
                       toolbar="above", clipping_colors={"NaN": "#ffffff"}, hooks=list(hooks))
 
 
@@ -136,6 +141,30 @@ def history_band(steps: np.ndarray, values: np.ndarray, *, label: str) -> hv.Are
 
 def step_marker(step: int, *, hooks: tuple = ()) -> hv.VLine:
     return hv.VLine(step).opts(color="#d62728", line_width=1.5, hooks=list(hooks))
+
+
+def pixel_curves(steps: np.ndarray, values: np.ndarray, class_names: list[str], chosen: int, *, title: str,
+                 marker: hv.Element | None = None) -> hv.Overlay:
+    """One pixel's weight over the steps in every class, (class, step) ``values``: the chosen
+    class thick and on top, the others thin. A long curve is drawn through each bin's lowest
+    and highest stored values (frames.extreme_points), so spikes keep their height; hovering
+    the chosen class shows the step and the value stored there. ``marker``: drawn on top (the
+    current step's line)."""
+    hover = HoverTool(mode="vline", tooltips=[("step", "@step{0,0}"), ("weight", "@weight{0.0000000}")])
+    curves = []
+    for index in [index for index in range(len(values)) if index != chosen] + [chosen]:
+        picked = extreme_points(values[index], PIXEL_POINTS)
+        highlighted = index == chosen
+        name = str(class_names[index])[:24] if index < len(class_names) else str(index)
+        curve = hv.Curve((steps[picked], values[index][picked]), kdims=[hv.Dimension("step")],
+                         vdims=[hv.Dimension("weight")], label=f"{index}: {name}")
+        curves.append(curve.opts(color=CLASS_COLOURS[index % len(CLASS_COLOURS)], line_width=3 if highlighted else 1,
+                                 alpha=1.0 if highlighted else 0.45, tools=[hover] if highlighted else []))
+    # The marker inside the overlay: multiplying an overlay makes a new one, without these options.
+    return hv.Overlay(curves + ([marker] if marker is not None else [])).opts(
+        hv.opts.Curve(responsive=True, height=300, framewise=True),
+        hv.opts.Overlay(title=literal(title), legend_position="right", legend_opts={"click_policy": "hide"},
+                        toolbar="above", responsive=True, height=300, show_grid=True))
 
 
 # -- cross-run comparisons (viewer/analysis/compare.py's results) ------------------------------------------

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import re
+
 import param
 
+from weightlapse.pipeline.store import IMAGE_SIDE, N_CLASSES, N_PIXELS
 from weightlapse.viewer.analysis.frames import WEIGHT_CHOICES, clamp_step
 from weightlapse.viewer.analysis.stats import STATISTICS
 
@@ -19,7 +22,9 @@ MODES = {"Replay": "replay", "Step vs step": "step-diff", "Run vs run": "run-dif
          "Compare runs": "compare"}
 SCALES = {"Whole run": "run", "This step": "step", "Per class": "class"}
 WEIGHTS = dict(zip(("Raw", "Centred"), WEIGHT_CHOICES))
-URL_KEYS = ("run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale", "weights", "follow", "runs")
+URL_KEYS = ("run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale", "weights", "follow", "runs",
+            "pixel", "class")
+PIXEL_VALUE = re.compile(r"(\d{1,2}),(\d{1,2})")  # the inspector's pixel in a URL: "row,column"
 # Longest URL value read: a list of runs may be long; one value is not.
 MAX_VALUE = 300
 MAX_RUNS_VALUE = 20_000
@@ -44,13 +49,18 @@ class ViewState(param.Parameterized):
     follow = param.Boolean(default=False, doc="keep showing the newest step of a run being written")
     playing = param.Boolean(default=False, doc="the player is playing")
     revision = param.Integer(default=0, doc="bumped when the data shown changed on disk (new steps, a new store)")
+    pixel = param.Integer(default=None, allow_None=True, bounds=(0, N_PIXELS - 1),
+                          doc="the pixel the inspector follows over all steps (row * 28 + column); None: none chosen")
+    pixel_class = param.Integer(default=0, bounds=(0, N_CLASSES - 1), doc="the class whose weight it highlights")
 
     def query(self) -> dict[str, str]:
         """The bookmarkable part, as URL query values."""
         return {"run": self.run, "compare": self.compare, "mode": self.mode, "step": str(self.step),
                 "from": str(self.from_step), "start": str(self.range_start), "stop": str(self.range_stop),
                 "stat": self.statistic, "scale": self.scale, "weights": self.weights, "follow": "1" if self.follow else "0",
-                "runs": ",".join(self.compare_runs)}
+                "runs": ",".join(self.compare_runs),
+                "pixel": "" if self.pixel is None else f"{self.pixel // IMAGE_SIDE},{self.pixel % IMAGE_SIDE}",
+                "class": str(self.pixel_class)}
 
 
 def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callable[[str], int],
@@ -81,6 +91,7 @@ def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callabl
                 problems.append(f"unknown {what} {query[key][:40]!r}")
     if query.get("follow") in ("0", "1"):
         values["follow"] = query["follow"] == "1"
+    _read_pixel(query, values, problems)
     run = values.setdefault("run", default_run)
     last = last_step(run) if run else -1
     for key, name in (("step", "step"), ("from", "from_step"), ("start", "range_start"), ("stop", "range_stop")):
@@ -96,3 +107,18 @@ def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callabl
             problems.append(f"no readable run named {unknown[0][:80]!r} to compare")
         values["compare_runs"] = list(dict.fromkeys(name for name in chosen if name in names))
     return values, problems
+
+
+def _read_pixel(query: Mapping[str, str], values: dict, problems: list) -> None:
+    """The inspector's pixel ("row,column" of a 28x28 image) and class (0..9), when valid."""
+    if query.get("pixel"):
+        match = PIXEL_VALUE.fullmatch(query["pixel"])
+        if match and all(int(part) < IMAGE_SIDE for part in match.groups()):
+            values["pixel"] = int(match[1]) * IMAGE_SIDE + int(match[2])
+        else:
+            problems.append(f"pixel {query['pixel'][:40]!r} is not a row,column of a {IMAGE_SIDE}x{IMAGE_SIDE} image")
+    if query.get("class"):
+        if query["class"].isdigit() and query["class"].isascii() and int(query["class"]) < N_CLASSES:
+            values["pixel_class"] = int(query["class"])
+        else:
+            problems.append(f"class {query['class'][:40]!r} is not one of 0..{N_CLASSES - 1}")

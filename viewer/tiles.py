@@ -183,6 +183,7 @@ class TileGrid(pn.viewable.Viewer):
         tiles = hv.DynamicMap(lambda data: tile_image(data, hooks=(weakly(self._capture),)),
                               streams=[self._tiles_pipe])
         labels = hv.DynamicMap(lambda data: class_labels(data), streams=[self._labels_pipe])
+        self.tiles_map = tiles  # the image a click on chooses the pixel inspector's pixel (viewer/inspector.py)
         # Its own fixed size (plots.tile_image): stretched to the column, the plot would widen its
         # frame and draw the tiles as rectangles, clipped at the right.
         self.tiles_pane = pn.pane.HoloViews(tiles * labels, linked_axes=False, css_classes=["wl-tiles"])

@@ -7,7 +7,8 @@ Inside, one job per module: :mod:`.format` (names, arrays, codecs, limits, error
 :class:`StoreLayout`), :mod:`.attributes` (the typed :class:`Progress` and
 :class:`RunMetadata`), :mod:`.create` (creating a store), :mod:`.links` (never reading
 through a symbolic link), :mod:`.check` (the validating reader, :func:`check_store`) and
-:mod:`.dataset` (:func:`open_run` and dask arrays over a checked store). docs/store.md is
+:mod:`.dataset` (:func:`open_run` and dask arrays over a checked store) and :mod:`.history`
+(the time-major pixel history beside a store, :func:`open_history`). docs/store.md is
 the format's reference, for readers in other languages too.
 """
 
@@ -24,6 +25,12 @@ from weightlapse.pipeline.store.check import (
 )
 from weightlapse.pipeline.store.create import create_store
 from weightlapse.pipeline.store.dataset import DASK_BLOCK_STEPS, dask_steps, open_run, pixel_coords, read_progress
+from weightlapse.pipeline.store.history import (
+    HISTORY_NAME,
+    PixelHistory,
+    StaleHistoryError,
+    open_history,
+)
 from weightlapse.pipeline.store.format import (
     ALLOWED_CODECS,
     ARRAYS,
@@ -51,10 +58,10 @@ from weightlapse.pipeline.store.format import (
 from weightlapse.pipeline.store.links import refuse_link_out, refuse_links
 
 __all__ = [
-    "ALLOWED_CODECS", "ARRAYS", "CODECS", "DASK_BLOCK_STEPS", "IMAGE_SIDE", "MAX_CHUNK_BYTES", "MAX_METADATA_BYTES",
+    "ALLOWED_CODECS", "ARRAYS", "CODECS", "DASK_BLOCK_STEPS", "HISTORY_NAME", "IMAGE_SIDE", "MAX_CHUNK_BYTES", "MAX_METADATA_BYTES",
     "MAX_STEPS", "N_CLASSES", "N_PIXELS", "REQUIRED_ARRAYS", "SCALAR_CHUNK", "SCHEMA", "SCHEMA_VERSION",
-    "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore", "Progress", "RunMetadata", "StoreBeingCreatedError",
-    "StoreLayout", "TrajectoryError", "TrajectoryNotFoundError", "check_store", "codec_chain_problem", "create_store", "damaged",
-    "dask_steps", "marker_time", "open_run", "open_store", "pixel_coords", "quiet_numcodecs", "read_identity", "read_progress",
+    "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore", "PixelHistory", "Progress", "RunMetadata", "StoreBeingCreatedError",
+    "StaleHistoryError", "StoreLayout", "TrajectoryError", "TrajectoryNotFoundError", "check_store", "codec_chain_problem", "create_store", "damaged",
+    "dask_steps", "marker_time", "open_history", "open_run", "open_store", "pixel_coords", "quiet_numcodecs", "read_identity", "read_progress",
     "recheck_store", "refuse_link_out", "refuse_links", "step_series_codecs", "store_location",
 ]

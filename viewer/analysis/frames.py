@@ -33,6 +33,17 @@ def tile_origin(class_index: int, *, columns: int = GRID_COLUMNS, header: int = 
     return grid_row * (IMAGE_SIDE + header) + header, grid_col * (IMAGE_SIDE + GAP)
 
 
+def mosaic_pixel(row: int, col: int, n_classes: int, *, columns: int = GRID_COLUMNS,
+                 header: int = GAP) -> tuple[int, int] | None:
+    """The (class, pixel) that :func:`mosaic` draws at its row ``row``, column ``col`` (row 0 on
+    top); None between tiles or outside them. Pixel p is image row p // 28, column p % 28."""
+    for index in range(n_classes):
+        top, left = tile_origin(index, columns=columns, header=header)
+        if top <= row < top + IMAGE_SIDE and left <= col < left + IMAGE_SIDE:
+            return index, (row - top) * IMAGE_SIDE + (col - left)
+    return None
+
+
 def mosaic(frames: np.ndarray, *, columns: int = GRID_COLUMNS, header: int = GAP) -> np.ndarray:
     """Tile per-class images into one picture: (class, pixel) -> (rows*(28+header), columns*29-1).
 
@@ -153,6 +164,31 @@ def downsample_curve(steps: np.ndarray, values: np.ndarray, max_points: int = 20
     low = np.where(np.isfinite(low), low, np.nan)
     high = np.where(np.isfinite(high), high, np.nan)
     return steps[starts], mean, low, high
+
+
+def extreme_points(values: np.ndarray, max_points: int = 2000) -> np.ndarray:
+    """Indices of the samples of a long curve to draw: in each of ``max_points // 2`` equal
+    bins of steps, the lowest and the highest value (in step order), and the last sample.
+
+    Unlike bin means, every drawn point is a stored value at its own step, and a line through
+    them spans each bin's whole range, so a one-step spike is drawn as tall as it is. A curve
+    of at most ``max_points`` samples comes back whole.
+    """
+    values = np.asarray(values)
+    n = len(values)
+    if n <= max_points:
+        return np.arange(n)
+    bins = max(1, max_points // 2)
+    width = -(-n // bins)
+    padded = np.full(bins * width, np.nan, dtype=np.float64)
+    padded[:n] = values
+    padded = padded.reshape(bins, width)
+    finite = np.isfinite(padded)
+    low = np.where(finite, padded, np.inf).argmin(axis=1)
+    high = np.where(finite, padded, -np.inf).argmax(axis=1)
+    starts = np.arange(bins) * width
+    picked = np.concatenate([starts + low, starts + high, [0, n - 1]])
+    return np.unique(picked[picked < n])
 
 
 def clamp_step(step: object, last_step: int) -> tuple[int, str]:

@@ -6,8 +6,10 @@ every cached chunk belongs to the store it came from (its identity), never to th
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,19 @@ import numpy as np
 from weightlapse.pipeline.locations import Location, as_location
 from weightlapse.viewer.analysis.frames import centred
 from weightlapse.pipeline.store import (
+    HISTORY_NAME,
+    N_PIXELS,
     CheckedStore,
+    CheckedSteps,
+    PixelHistory,
     Progress,
     TrajectoryError,
     check_store,
     damaged,
     dask_steps,
+    StaleHistoryError,
+    open_history,
+    quiet_numcodecs,
     read_identity,
     recheck_store,
 )
@@ -30,6 +39,16 @@ from weightlapse.pipeline.store import (
 # Decoded chunks kept per open run (each ~2 MB at 64 steps): enough for smooth playback
 # forwards and backwards without re-decompressing.
 CHUNK_CACHE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class PixelTrace:
+    """One pixel's weight in every class over every valid step, exactly as stored."""
+
+    pixel: int
+    steps: np.ndarray   # (step,) int64: 0 .. last_step
+    values: np.ndarray  # (class, step) float32
+    from_copy: int      # how many of the first steps came from the pixel history (the rest from the store)
 
 
 class Run:
@@ -64,6 +83,7 @@ class Run:
             self.chunk_steps = int(weights.chunks[0])
             self.progress: Progress = checked.progress
             self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+            self._history: tuple[tuple, PixelHistory | None] | None = None
 
     # -- state --------------------------------------------------------------------------
     def refresh(self) -> bool:
@@ -157,6 +177,59 @@ class Run:
         if stop < start:
             raise ValueError(f"step range {start}..{stop} is empty: the first step must not be after the last")
         return dask_steps(self._weights, n_rows=self.last_step + 1, where=str(self.store))[start:stop + 1]
+
+    def pixel_history(self, pixel: int) -> PixelTrace:
+        """Every class's weight of ``pixel`` (0..783, row * 28 + column) over every valid step.
+
+        Read from the run's pixel history (pipeline.store.history) for the steps it holds when
+        it is a copy of this very store, and from the store for the rest: the steps written
+        since, or all of them without a usable copy (300,000 steps then cost minutes, not
+        milliseconds: ``weightlapse index`` makes the copy)."""
+        self._check_current()
+        if isinstance(pixel, bool) or not isinstance(pixel, (int, np.integer)) or not 0 <= pixel < N_PIXELS:
+            raise IndexError(f"pixel {pixel!r} is outside 0..{N_PIXELS - 1}")
+        n_rows = self.last_step + 1
+        parts, copied = [], 0
+        history = self._pixel_history_copy()
+        if history is not None and n_rows > 0:
+            try:
+                parts.append(history.read(int(pixel))[:, :n_rows])
+                copied = parts[0].shape[1]
+            except StaleHistoryError:
+                parts, copied = [], 0
+        if copied < n_rows:
+            with quiet_numcodecs():
+                rows = CheckedSteps(self._weights, str(self.store), n_rows=n_rows)[copied:n_rows, :, int(pixel)]
+            parts.append(np.asarray(rows).T)
+        values = np.concatenate(parts, axis=1) if parts else np.empty((self.n_classes, 0), np.float32)
+        return PixelTrace(int(pixel), np.arange(n_rows, dtype=np.int64), values, copied)
+
+    def history_steps(self) -> int:
+        """How many of the first steps the run's pixel history holds (0: none that can be used)."""
+        self._check_current()
+        history = self._pixel_history_copy()
+        return 0 if history is None else min(history.steps, self.last_step + 1)
+
+    def _pixel_history_copy(self) -> PixelHistory | None:
+        """The run's pixel history if it is a copy of this store, checked once per copy and store."""
+        if not self.store.local:
+            return None
+        store = self._checked.location.local_path  # the store itself, even when opened as its run directory
+        run_dir = store.parent
+        try:
+            stat = os.stat(run_dir / HISTORY_NAME / "zarr.json")
+            key = (self.identity, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            return None
+        known = self._history
+        if known is not None and known[0] == key:
+            return known[1]
+        try:
+            history = open_history(run_dir, self._checked)
+        except (TrajectoryError, OSError):
+            history = None
+        self._history = (key, history)
+        return history
 
     def loss(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps, training batch loss) over the valid steps; step 0 has no loss and is left out."""
