@@ -328,4 +328,4 @@ def test_names_with_format_and_math_characters_draw_and_export_as_written(tmp_pa
 def test_the_state_holds_only_parameters():
     assert set(ViewState.param) - {"name"} == {
         "run", "compare", "compare_runs", "mode", "step", "from_step", "range_start", "range_stop", "statistic",
-        "scale", "follow", "playing", "revision"}
+        "scale", "follow", "playing", "revision", "side_runs", "spacing"}

@@ -24,6 +24,7 @@ from weightlapse.pipeline.store import STORE_NAME
 from weightlapse.viewer.analysis import compare
 from weightlapse.viewer.analysis.run import Run
 from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
+from weightlapse.viewer.analysis.spacing import Travelled, travelled_by
 from weightlapse.viewer.analysis.stats import change_statistics
 
 # How long a listing of the runs is reused by every page: pages poll every 2 s.
@@ -68,6 +69,7 @@ class DataStore:
         self._curves = _Bounded()
         self._stats = _Bounded()
         self._comparisons = _Bounded()
+        self._travelled = _Bounded()
         self._runs: dict[str, Run] = {}
 
     # -- listing ---------------------------------------------------------------------------
@@ -174,6 +176,19 @@ class DataStore:
         with self._lock:
             self._stats.put((run.identity, start, stop), stats)
         return stats
+
+    def travelled(self, run: Run, start: int, stop: int) -> Travelled:
+        """The distance ``run`` travels over start..stop (as far as it is written), for the
+        animation spacing by distance; read with dask once per store and range."""
+        stop = min(stop, run.last_step)
+        key = (run.identity, start, stop)
+        with self._lock:
+            cached = self._travelled.get(key)
+        if cached is None:
+            cached = travelled_by(run, start, stop, scheduler=self.scheduler)
+            with self._lock:
+                self._travelled.put(key, cached)
+        return cached
 
     def _comparison_key(self, names: list[str], every: int) -> tuple:
         return (tuple((name, self.open(name).identity) for name in names), every)

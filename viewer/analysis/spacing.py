@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import dask.array as da
 import numpy as np
 
+from weightlapse.pipeline.cluster import compute
+
 MAX_DISTANCE_SAMPLES = 4096
 
 
@@ -109,13 +111,14 @@ def distance_samples(start: int, stop: int, *, max_samples: int = MAX_DISTANCE_S
 
 def path_length(weights: da.Array, steps: np.ndarray, *, scheduler=None) -> Travelled:
     """Cumulative L2 distance between consecutive ``steps`` of ``weights`` (step, class, pixel),
-    indexed from ``steps[0]``: ``weights[i]`` are the weights of step ``steps[0] + i``."""
+    indexed from ``steps[0]``: ``weights[i]`` are the weights of step ``steps[0] + i``.
+    ``scheduler``: a Dask scheduler address (default: threads in this process)."""
     steps = np.asarray(steps, np.int64)
     sampled = weights[steps - steps[0]].astype(np.float64)   # (sample, class, pixel); reads those chunks only
     if len(steps) < 2:
         return Travelled(steps, np.zeros(len(steps)))
     change = sampled[1:] - sampled[:-1]
-    lengths = da.sqrt((change ** 2).sum(axis=(1, 2))).compute(scheduler=scheduler)
+    (lengths,) = compute([da.sqrt((change ** 2).sum(axis=(1, 2)))], scheduler=scheduler)
     return Travelled(steps, np.concatenate([[0.0], np.cumsum(lengths)]))
 
 
