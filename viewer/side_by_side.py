@@ -27,7 +27,7 @@ from weightlapse.viewer.plots import TileView, class_labels, tile_image
 from weightlapse.viewer.state import MAX_BESIDE, ViewState
 from weightlapse.viewer.tiles import READ_ERRORS, draw_in_place, label_colorbar, open_run, weakly
 
-SLOT_TILE_PX = 80   # screen pixels per tile: two grids and their colour bars fit a 1280-pixel window
+SLOT_TILE_PX = 68   # screen pixels per tile: two grids and their colour bars fit a 1280-pixel window
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ class SideBySide(pn.viewable.Viewer):
         self.notice = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width",
                                     css_classes=["wl-side-notice"])
         self.slots: list[Slot] = []   # made when first shown: a page that never shows them pays nothing
-        self.grids = pn.FlexBox(sizing_mode="stretch_width", css_classes=["wl-side"])
+        # two grids a row, as the exports draw them (four runs: 2x2)
+        self.grids = pn.GridBox(ncols=2, css_classes=["wl-side"])
         self._layout = pn.Column(self.choice, self.notice, self.grids, sizing_mode="stretch_width",
                                  visible=False)
         self.choice.param.watch(lambda event: self._choose(event.new), "value")
