@@ -27,7 +27,7 @@ import numpy as np
 
 from weightlapse.pipeline.cluster import compute
 
-MAX_DISTANCE_SAMPLES = 4096
+MAX_DISTANCE_SAMPLES = 1024  # 44 s for 4,096 of a 300,000-step run (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
