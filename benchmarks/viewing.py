@@ -8,7 +8,14 @@ TrajectoryWriter in the real store format) and measures, in this process:
 - frame latency: server-side time from setting the viewer's step to the new frame being in
   the page's Bokeh models (what is then sent to the browser), for random jumps (a chunk is
   decompressed) and for playback (consecutive steps, mostly cached chunks);
+- side by side: the same server-side frame time for four runs at once (the run hard-linked
+  under three more names: four Run objects, each decompressing its own chunks, on one disk copy);
+- the distance travelled that spaces an animation by distance (1,024 sampled steps of the whole
+  run, and every step of 3,000);
 - statistics over 3,000 steps at random places (all six per-pixel statistics);
+- in Chromium against a real `panel serve` (benchmarks/browser_viewing.py, unless --no-browser):
+  distinct frames per second in playback at 10, 20 and 30 fps asked, step change to frame as
+  the page receives it, and both for four runs side by side;
 and, in a fresh subprocess so its peak memory is its own, statistics over the whole
 trajectory with the process's peak resident memory next to the trajectory's size.
 Not a test: the numbers go into docs/benchmarks.md.
@@ -61,14 +68,15 @@ def write_trajectory(run_dir: Path, n_steps: int, *, seed: int = 0) -> float:
     return time.perf_counter() - started
 
 
-def frame_latency(runs_dir: Path, run: str, n_steps: int, *, samples: int = 200) -> dict:
+def frame_latency(runs_dir: Path, run: str, n_steps: int, *, samples: int = 200, beside: tuple[str, ...] = ()) -> dict:
     import holoviews as hv
     import panel as pn
 
     from weightlapse.viewer.app import WeightViewer
 
     hv.extension("bokeh")
-    viewer = WeightViewer(runs_dir, query={"run": run})
+    query = {"run": run, "mode": "side-by-side", "side": ",".join(beside)} if beside else {"run": run}
+    viewer = WeightViewer(runs_dir, query=query)
     pn.panel(viewer).get_root()  # the Bokeh models a browser page would hold
     rng = np.random.default_rng(1)
 
@@ -89,6 +97,31 @@ def frame_latency(runs_dir: Path, run: str, n_steps: int, *, samples: int = 200)
         "playback_ms_median": float(np.median(playback)), "playback_ms_p95": float(np.percentile(playback, 95)),
         "samples": samples,
     }
+
+
+def distance_cost(runs_dir: Path, run: str, n_steps: int) -> dict:
+    """Seconds to measure the distance travelled (what the distance spacing reads), cold and cached."""
+    from weightlapse.viewer.data import DataStore
+
+    store = DataStore(runs_dir)
+    opened = store.open(run)
+    results = {}
+    for label, stop in (("whole_run", n_steps), ("first_3000", 3000)):
+        started = time.perf_counter()
+        travelled = store.travelled(opened, 0, stop)
+        results[f"{label}_seconds"] = time.perf_counter() - started
+        results[f"{label}_samples"] = len(travelled.steps)
+        started = time.perf_counter()
+        store.travelled(opened, 0, stop)
+        results[f"{label}_cached_ms"] = (time.perf_counter() - started) * 1000
+    return results
+
+
+def link_copies(runs_dir: Path, run: str, names: tuple[str, ...]) -> None:
+    """``run`` under more names, its files hard-linked (no second copy on disk)."""
+    for name in names:
+        if not (runs_dir / name).exists():
+            subprocess.run(["cp", "-al", str(runs_dir / run), str(runs_dir / name)], check=True)
 
 
 def window_statistics(run_dir: Path, n_steps: int, *, window: int = 3000, repeats: int = 5) -> dict:
@@ -131,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where to write the trajectory (default: a temporary directory; needs ~8 GB)")
     parser.add_argument("--keep", action="store_true", help="keep the trajectory and reuse it on the next run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--no-browser", action="store_true", help="skip the Chromium measurements")
+    parser.add_argument("--no-statistics", action="store_true", help="skip the statistics measurements")
     args = parser.parse_args(argv)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="weightlapse-bench-"))
@@ -149,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             write_seconds = None
         store_bytes = sum(f.stat().st_size for f in (run_dir / "trajectory.zarr").rglob("*") if f.is_file())
+        beside = ("long-2", "long-3", "long-4")
+        link_copies(runs_dir, "long", beside)
         results = {
             "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
             "steps": args.steps,
@@ -156,20 +193,37 @@ def main(argv: list[str] | None = None) -> int:
             "store_gb": store_bytes / 1e9,
             "write_seconds": write_seconds,
             "frame": frame_latency(runs_dir, "long", args.steps),
-            "statistics_3000": window_statistics(run_dir, args.steps),
-            "statistics_whole": whole_statistics(run_dir),
-            "benchmark_process_peak_rss_mb": peak_rss_mb(),
+            "side_by_side_frame": frame_latency(runs_dir, "long", args.steps, beside=beside),
+            "distance_spacing": distance_cost(runs_dir, "long", args.steps),
         }
+        if not args.no_statistics:
+            results["statistics_3000"] = window_statistics(run_dir, args.steps)
+            results["statistics_whole"] = whole_statistics(run_dir)
+        results["benchmark_process_peak_rss_mb"] = peak_rss_mb()
+        if not args.no_browser:
+            from browser_viewing import measure
+
+            results["browser"] = measure(runs_dir, "long", args.steps, beside=list(beside), log_dir=workdir)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(results, indent=2))
-    frame, window, whole = results["frame"], results["statistics_3000"], results["statistics_whole"]
+    frame, side = results["frame"], results["side_by_side_frame"]
     print(f"step change -> frame: {frame['random_jump_ms_median']:.1f} ms median on random jumps "
-          f"(target <= 50), {frame['playback_ms_median']:.1f} ms in playback")
-    print(f"statistics over 3,000 steps: {window['seconds_median']:.2f} s median (target <= 1)")
-    print(f"statistics over all {args.steps:,} steps: {whole['seconds']:.0f} s, peak memory "
-          f"{whole['peak_rss_mb']:.0f} MB for a {results['raw_gb']:.1f} GB trajectory")
+          f"(target <= 50), {frame['playback_ms_median']:.1f} ms in playback; four runs side by side: "
+          f"{side['random_jump_ms_median']:.1f} ms, {side['playback_ms_median']:.1f} ms")
+    if "statistics_3000" in results:
+        window, whole = results["statistics_3000"], results["statistics_whole"]
+        print(f"statistics over 3,000 steps: {window['seconds_median']:.2f} s median (target <= 1)")
+        print(f"statistics over all {args.steps:,} steps: {whole['seconds']:.0f} s, peak memory "
+              f"{whole['peak_rss_mb']:.0f} MB for a {results['raw_gb']:.1f} GB trajectory")
+    if "browser" in results:
+        browser = results["browser"]
+        for played in browser["playback"] + browser["side_by_side_playback"]:
+            print(f"playback in Chromium at {played['asked_fps']:.0f} fps asked: {played['distinct_fps']:.1f} "
+                  "distinct frames/s")
+        print(f"step change -> frame in Chromium: {browser['jump']['ms_median']:.0f} ms median; side by side "
+              f"({browser['side_by_side_runs']} runs): {browser['side_by_side_jump']['ms_median']:.0f} ms")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

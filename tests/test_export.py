@@ -41,8 +41,10 @@ def test_animations_have_one_frame_per_chosen_step(tmp_path, run, suffix):
 
 
 def test_long_ranges_are_thinned_evenly_keeping_both_ends():
-    steps = animation_steps(0, 299_999, max_frames=300)
-    assert len(steps) == 300 and steps[0] == 0 and steps[-1] == 299_999
+    steps = animation_steps(0, 299_999, max_frames=300, spacing="even")
+    assert len(steps) == 300 and steps[0] == 0 and steps[-1] == 299_999 and np.ptp(np.diff(steps)) <= 1
+    dense_early = animation_steps(0, 299_999, max_frames=300)   # the default: logarithmic
+    assert len(dense_early) == 300 and dense_early[-1] == 299_999 and dense_early[:10].tolist() == list(range(10))
     assert animation_steps(5, 7).tolist() == [5, 6, 7]
     with pytest.raises(ValueError, match="empty"):
         animation_steps(9, 3)
@@ -63,3 +65,26 @@ def test_the_page_renders_an_animation_of_the_range(tmp_path, run):
     assert export.animation_download.visible and export.animation_download.filename == "weightlapse-0-120.gif"
     gif = Image.open(export.animation_download.file)
     assert gif.n_frames == 121
+
+
+def test_runs_side_by_side_are_one_animation_on_one_colour_scale(tmp_path, run):
+    write_run(tmp_path / "runs" / "short", training_like(60, seed=7) * 3, class_names=FASHION_CLASSES)
+    short = RunCatalog(tmp_path / "runs").open("short")
+    path = save_animation(tmp_path / "both.gif", [run, short], start=30, stop=110, spacing="even",
+                          max_frames=21, fps=5)
+    frames = list(imageio.get_reader(path))
+    # two 2x5 grids beside each other; the shorter run stays at its last step once it ended
+    assert len(frames) == 21 and frames[0].shape[:2] == (448, 1920)
+    def change(a, b) -> float:  # mean colour change; a GIF's palette alone moves it by ~0.2
+        return float(np.abs(a.astype(int) - b).mean())
+
+    right = [frame[60:, 960:1850] for frame in frames]
+    assert change(right[0], right[7]) > 2 and change(right[8], right[20]) < 0.5      # steps 30, 58 | 62, 110
+    assert change(frames[8][60:, :880], frames[20][60:, :880]) > 2   # the longer run goes on
+    with pytest.raises(ValueError, match="1 to 4 runs, not 5"):
+        save_animation(tmp_path / "many.gif", [run] * 5)
+
+
+def test_the_distance_spacing_reads_the_run_and_spaces_by_its_change(tmp_path, run):
+    path = save_animation(tmp_path / "far.gif", run, start=0, stop=120, max_frames=12, spacing="distance")
+    assert Image.open(path).n_frames == 12

@@ -371,7 +371,7 @@ def test_names_with_format_and_math_characters_draw_and_export_as_written(tmp_pa
 def test_the_state_holds_only_parameters():
     assert set(ViewState.param) - {"name"} == {
         "run", "compare", "compare_runs", "mode", "step", "from_step", "range_start", "range_stop", "statistic",
-        "scale", "weights", "follow", "playing", "revision", "pixel", "pixel_class"}
+        "scale", "weights", "follow", "playing", "revision", "pixel", "pixel_class", "side_runs", "spacing"}
 
 
 def test_compare_mode_compares_predictions_on_the_held_out_images(tmp_path, generated_data):

@@ -429,6 +429,42 @@ def test_keyboard_control_moves_the_step(browser, server):
     tab.close()
 
 
+def side_grid(tab: Page, index: int) -> np.ndarray | None:
+    """Side by side's grid ``index`` as the browser holds it, in picture orientation (row 0 on top)."""
+    data = tab.page.evaluate("""(name) => {
+        for (const model of Bokeh.documents[0].all_models) {
+            if (model.type === 'GlyphRenderer' && model.name === name) {
+                return Array.from(model.data_source.data.image[0]);
+            }
+        }
+        return null;
+    }""", f"wl-side-{index}")
+    return None if data is None else np.flipud(np.array(data, dtype=np.float32).reshape(66, 144))
+
+
+def test_side_by_side_shows_each_runs_exact_step(browser, server, runs_dir):
+    from weightlapse.viewer.analysis.runs import RunCatalog
+
+    write_run(runs_dir / "short-side", training_like(100, seed=6), name="short-side")
+    catalog = RunCatalog(runs_dir)
+    rows = {name: np.asarray(catalog.open(name).weights()) for name in ("trained", "other", "short-side")}
+    tab = Page(browser, server + "?run=trained&mode=side-by-side&side=other,short-side&step=150")
+    for step in (150, 151, 251):
+        deadline = time.monotonic() + 15
+        expected = [mosaic(rows[name][min(step, len(rows[name]) - 1)], header=HEADER)
+                    for name in ("trained", "other", "short-side")]
+        while not all(np.array_equal(side_grid(tab, index), grid, equal_nan=True)
+                      for index, grid in enumerate(expected)):
+            assert time.monotonic() < deadline, f"the grids do not show step {step} of each run"
+            tab.wait_idle(250)
+        assert "short-side ends at step 100: it is shown at that step." in tab.text()
+        tab.page.locator("body").press("ArrowRight" if step == 150 else "Shift+ArrowRight")
+    if os.environ.get("WEIGHTLAPSE_SAVE_SHOTS"):
+        tab.page.screenshot(path=os.environ["WEIGHTLAPSE_SAVE_SHOTS"].replace(".png", "-side-by-side.png"))
+    assert tab.errors == [] and tab.dialogs == []
+    tab.close()
+
+
 def test_the_page_follows_a_dark_browser_and_renders_dark(browser, server):
     page = browser.new_page(viewport={"width": 1280, "height": 900}, color_scheme="dark")
     errors = []

@@ -106,7 +106,7 @@ def no_script_ran(tab: Page, where: str) -> None:
 
 def chosen_runs(tab: Page) -> list[str]:
     """The runs the "Compare runs" multi-choice shows as chosen, as a reader sees them."""
-    items = tab.page.locator(".choices__inner .choices__item").all_inner_texts()
+    items = tab.page.locator(".choices__inner").locator("visible=true").first.locator(".choices__item").all_inner_texts()
     return [item.removesuffix("Remove item") for item in items]  # each item's delete button
 
 
@@ -151,13 +151,22 @@ def test_hostile_names_and_values_show_as_text_in_every_mode(browser, hostile_se
     tab.wait_for_text("Top-changing pixels", timeout=60_000)
     no_script_ran(tab, "statistics")
 
+    tab.page.get_by_role("button", name="Side by side").click()
+    tab.page.locator(".choices__inner").locator("visible=true").first.click()  # the runs to add, listed
+    tab.wait_idle(300)
+    tab.page.keyboard.press("Enter")                                           # one of them chosen
+    tab.wait_idle(800)
+    tab.page.keyboard.press("Escape")
+    assert len(tab.page.locator(".wl-side-grid").all()) == 2
+    no_script_ran(tab, "side by side, a hostile run beside another")
+
     tab.page.get_by_role("button", name="Compare runs").click()
     group = tab.page.locator("select").filter(has_text=HOSTILE_OPTIMIZER).first
     group.select_option(index=1)  # the group of the hostile runs (they differ only in seed)
     tab.wait_idle(1000)
     chosen = chosen_runs(tab)
     assert sorted(chosen) == sorted(HOSTILE_RUNS)
-    tab.page.locator(".choices__inner").first.click()  # the multi-choice's dropdown
+    tab.page.locator(".choices__inner").locator("visible=true").first.click()  # the multi-choice's dropdown
     tab.wait_idle(300)
     no_script_ran(tab, "compare runs, runs chosen")
     tab.page.set_viewport_size({"width": 1280, "height": 1100})

@@ -26,7 +26,8 @@ from weightlapse.viewer.data import DataStore, preferred_runs, shared_store
 from weightlapse.viewer.inspector import PixelInspector
 from weightlapse.viewer.picker import RunPicker, escape, runs_table_html
 from weightlapse.viewer.player import Player
-from weightlapse.viewer.state import URL_KEYS, ViewState, read_query
+from weightlapse.viewer.side_by_side import SideBySide
+from weightlapse.viewer.state import LIST_KEYS, URL_KEYS, ViewState, read_query
 from weightlapse.viewer.tasks import DEFAULT_RANGE_STEPS, ExportPanel, StatisticsPanel
 from weightlapse.viewer.tiles import READ_ERRORS, TileGrid, weakly
 
@@ -34,12 +35,13 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 1000   # how often a page looks for new runs, new steps and new stores
 URL_PARAMS = ("run", "compare", "mode", "step", "from_step", "range_start", "range_stop", "statistic", "scale",
-              "weights", "follow", "compare_runs", "pixel", "pixel_class")
+              "weights", "follow", "compare_runs", "pixel", "pixel_class", "side_runs", "spacing")
 HELP = """
 **Keys**: space plays or pauses; ← → step one; shift + ← → jump 100 steps; Home / End: first / last step.
 
-**Modes**: *Replay* the weights; *Step vs step* (minus "From step"); *Run vs run* (minus the run to
-compare with); *Statistics* of the step range; *Compare runs* of a group (e.g. seeds).
+**Modes**: *Replay* the weights; *Side by side*: up to four runs at the same step, on one scale;
+*Step vs step* (minus "From step"); *Run vs run* (minus the run to compare with); *Statistics* of
+the step range; *Compare runs* of a group (e.g. seeds).
 
 **Colour scale**: *Whole run* keeps one scale over all steps, so growth shows; *This step* fits
 each frame; *Per class* fits each tile. Exports use the scale shown.
@@ -50,6 +52,9 @@ the part that decides what the model computes; diffs, statistics and comparisons
 
 **Pixel inspector**: click a pixel of a class image to plot that weight over all steps (thick),
 with the same pixel of every other class (thin); hover for a value.
+
+**Frame spacing** of animations: *Logarithmic* (every step at first, then further apart), *Even*,
+or *By distance travelled* (a frame per equal change of the weights).
 
 Click a curve to jump to its step. The link in the address bar restores this view.
 """
@@ -81,6 +86,7 @@ class WeightViewer(pn.viewable.Viewer):
         self.player = Player(**components)
         self.tiles = TileGrid(**components)
         self.inspector = PixelInspector(tiles=self.tiles.tiles_map, **components)
+        self.side = SideBySide(**components)
         self.curves = Curves(**components)
         self.statistics = StatisticsPanel(**components)
         self.export = ExportPanel(**components)
@@ -97,7 +103,7 @@ class WeightViewer(pn.viewable.Viewer):
         self.state.param.watch(self._sync_url, list(URL_PARAMS))
         self.open(query if query is not None else session_query())
         self._main = pn.Column(self.message, self.picker.problem, self.mode_buttons, self.player, self.statistics,
-                               self.tiles, self.inspector, self.curves, self.comparison, pn.pane.HTML("<b>Runs</b>"),
+                               self.tiles, self.side, self.inspector, self.curves, self.comparison, pn.pane.HTML("<b>Runs</b>"),
                                self.picker.table, sizing_mode="stretch_width")
         if pn.state.curdoc is not None:
             pn.state.onload(self._on_load)
@@ -175,7 +181,7 @@ class WeightViewer(pn.viewable.Viewer):
     def _remember_shown(self) -> bool:
         """Note what this page shows of each run; True if that changed since last noted."""
         shown = {}
-        for name in {self.state.run, self.state.compare} - {""}:
+        for name in self._names_shown():
             try:
                 run = self.store.open(name)
             except READ_ERRORS:
@@ -185,14 +191,19 @@ class WeightViewer(pn.viewable.Viewer):
         self._shown = shown
         return changed
 
+    def _names_shown(self) -> set[str]:
+        beside = self.state.shown_runs() if self.state.mode == "side-by-side" else []
+        return {self.state.run, self.state.compare, *beside} - {""}
+
     def poll(self) -> None:
         """New runs, new steps, new stores: show the runs as they are now."""
         infos = self.store.runs()
         self.picker.refresh(infos)
         self.comparison.refresh(infos)
+        self.side.refresh(infos)
         if self.state.run not in [info.name for info in infos]:  # its directory is gone
             self.state.run = self.store.default_run(preferred_runs(self.store.runs_dir))
-        for name in {self.state.run, self.state.compare} - {""}:
+        for name in self._names_shown():
             try:
                 self.store.refresh(name)
             except READ_ERRORS as error:
@@ -211,6 +222,7 @@ class WeightViewer(pn.viewable.Viewer):
             poller.stop()
         self.tiles.release()
         self.inspector.release()
+        self.side.release()
         self.curves.release()
 
 
@@ -222,7 +234,7 @@ def session_query() -> dict[str, str]:
     for key in URL_KEYS:
         values = pn.state.session_args.get(key)
         if values:
-            query[key] = values[0].decode("utf-8", errors="replace")[:20_000 if key == "runs" else 300]
+            query[key] = values[0].decode("utf-8", errors="replace")[:20_000 if key in LIST_KEYS else 300]
     return query
 
 

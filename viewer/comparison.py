@@ -20,6 +20,7 @@ import param
 
 from weightlapse.viewer.analysis.runs import RunInfo
 from weightlapse.viewer.data import DataStore
+from weightlapse.viewer.picker import text_options
 from weightlapse.viewer.plots import (
     distance_curves,
     pca_paths,
@@ -38,16 +39,6 @@ BY_HAND = "(choose runs below)"
 # Shared steps drawn per run by default: plenty for the pictures, and a 12-run sweep of
 # 3,000-step runs compares in seconds. "Every" = 1 uses every step.
 DEFAULT_POINTS = 500
-
-
-def text_options(names: list[str]) -> dict[str, str]:
-    """MultiChoice options that show each name as text: {label: name}.
-
-    Bokeh's MultiChoice draws its labels with Choices.js, which renders them as HTML, so a
-    run named ``<img src=x onerror=...>`` would run its script; an escaped label reads as
-    the name itself. The widget's value stays the names.
-    """
-    return {html.escape(name): name for name in names}
 
 
 class Comparison(pn.viewable.Viewer):

@@ -25,6 +25,7 @@ from weightlapse.viewer.analysis import compare, function_space
 from weightlapse.viewer.analysis.frames import centred
 from weightlapse.viewer.analysis.run import PixelTrace, Run
 from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
+from weightlapse.viewer.analysis.spacing import Travelled, travelled_by
 from weightlapse.viewer.analysis.stats import change_statistics
 
 # How long a listing of the runs is reused by every page: pages poll every 2 s.
@@ -84,6 +85,7 @@ class DataStore:
         self._predictions = _Bounded()
         self._heldout = _Bounded()
         self._pixels = _Bounded(PIXEL_CACHE_SIZE)
+        self._travelled = _Bounded()
         self._runs: dict[str, Run] = {}
 
     # -- listing ---------------------------------------------------------------------------
@@ -204,6 +206,19 @@ class DataStore:
         with self._lock:
             self._stats.put((run.identity, start, stop, centre), stats)
         return stats
+
+    def travelled(self, run: Run, start: int, stop: int) -> Travelled:
+        """The distance ``run`` travels over start..stop (as far as it is written), for the
+        animation spacing by distance; read with dask once per store and range."""
+        stop = min(stop, run.last_step)
+        key = (run.identity, start, stop)
+        with self._lock:
+            cached = self._travelled.get(key)
+        if cached is None:
+            cached = travelled_by(run, start, stop, scheduler=self.scheduler)
+            with self._lock:
+                self._travelled.put(key, cached)
+        return cached
 
     def _comparison_key(self, names: list[str], every: int, centre: bool) -> tuple:
         return (tuple((name, self.open(name).identity) for name in names), every, centre)

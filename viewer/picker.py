@@ -26,6 +26,16 @@ table.wl-runs tr.run-being-written td { color: #3a8ee6; }
 """
 
 
+def text_options(names: list[str]) -> dict[str, str]:
+    """MultiChoice options that show each name as text: {label: name}.
+
+    Bokeh's MultiChoice draws its labels with Choices.js, which renders them as HTML, so a
+    run named ``<img src=x onerror=...>`` would run its script; an escaped label reads as
+    the name itself. The widget's value stays the names.
+    """
+    return {html.escape(name): name for name in names}
+
+
 def escape(value: object) -> str:
     return html.escape(str(value), quote=True)
 

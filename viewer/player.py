@@ -95,7 +95,7 @@ class Player(pn.viewable.Viewer):
         self.frame_rate.param.watch(lambda event: setattr(self.player, "interval", event.new), "value")
         state.param.watch(lambda event: self._show_step(), "step")
         state.param.watch(lambda event: self._show_playing(), "playing")
-        state.param.watch(lambda *events: self.update_bounds(), ["run", "revision"])
+        state.param.watch(lambda *events: self.update_bounds(), ["run", "revision", "mode", "side_runs"])
         state.param.watch(lambda event: self._show_mode(), "mode")
         self.from_row = pn.Row(self.from_input)
         self._layout = pn.Column(
@@ -117,12 +117,15 @@ class Player(pn.viewable.Viewer):
         self.player.value = self.state.step
 
     def last_step(self) -> int:
-        if not self.state.run:
-            return -1
-        try:
-            return self.store.open(self.state.run).last_step
-        except READ_ERRORS:
-            return -1
+        """The newest step of the run, or of the longest run shown side by side (-1: none)."""
+        names = self.state.shown_runs() if self.state.mode == "side-by-side" else [self.state.run]
+        lasts = [-1]
+        for name in filter(None, names):
+            try:
+                lasts.append(self.store.open(name).last_step)
+            except READ_ERRORS:
+                continue
+        return max(lasts)
 
     def _set_step(self, value) -> None:
         last = self.last_step()

@@ -87,8 +87,9 @@ def literal(title: str) -> str:
     return str(title).replace("{", "{{").replace("}", "}}")
 
 
-def tile_image(view: TileView, *, hooks: tuple = ()) -> hv.Image:
-    """The mosaic of ``view.tiles`` as an image whose pixel (x, y) is tile column x, row y from the top."""
+def tile_image(view: TileView, *, hooks: tuple = (), tile_px: int = TILE_PX) -> hv.Image:
+    """The mosaic of ``view.tiles`` as an image whose pixel (x, y) is tile column x, row y from
+    the top; ``tile_px``: screen pixels per tile."""
     drawn = tile_picture(view)
     height, width = drawn.picture.shape
     image = hv.Image(drawn.picture, bounds=(0, 0, width, height), kdims=["x", "y"],
@@ -96,11 +97,12 @@ def tile_image(view: TileView, *, hooks: tuple = ()) -> hv.Image:
     # A fixed size: a responsive grid (Bokeh's aspect-scaled width) loses its aspect when the
     # layout around it changes, which would draw the tiles squashed.
     return image.opts(cmap=drawn.cmap, clim=drawn.clim, colorbar=True, title=literal(view.title),
-                      tools=["hover", "tap"], frame_width=5 * TILE_PX, frame_height=round(5 * TILE_PX * height / width), xaxis=None, yaxis=None,
+                      tools=["hover", "tap"], frame_width=5 * tile_px, frame_height=round(5 * tile_px * height / width),
+                      xaxis=None, yaxis=None,
                       toolbar="above", clipping_colors={"NaN": "#ffffff"}, hooks=list(hooks))
 
 
-def class_labels(class_names: list[str]) -> hv.Labels:
+def class_labels(class_names: list[str], *, font_size: str = "9pt") -> hv.Labels:
     """Each class's name just above its tile."""
     n_classes = len(class_names)
     height = tile_origin(n_classes - 1, header=HEADER)[0] + IMAGE_SIDE
@@ -109,7 +111,7 @@ def class_labels(class_names: list[str]) -> hv.Labels:
         top, left = tile_origin(index, header=HEADER)
         points.append((left + IMAGE_SIDE / 2, height - top + HEADER / 2, str(name)[:24]))
     return hv.Labels(points, kdims=["x", "y"], vdims=["text"]).opts(
-        text_font_size="9pt", text_color="#222222", text_baseline="middle")
+        text_font_size=font_size, text_color="#222222", text_baseline="middle")
 
 
 def pixel_map(values: np.ndarray, *, label: str, diverging: bool, title: str) -> hv.Image:

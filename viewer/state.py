@@ -16,15 +16,18 @@ import param
 
 from weightlapse.pipeline.store import IMAGE_SIDE, N_CLASSES, N_PIXELS
 from weightlapse.viewer.analysis.frames import WEIGHT_CHOICES, clamp_step
+from weightlapse.viewer.analysis.spacing import DEFAULT_SPACING, SPACINGS
 from weightlapse.viewer.analysis.stats import STATISTICS
 
-MODES = {"Replay": "replay", "Step vs step": "step-diff", "Run vs run": "run-diff", "Statistics": "statistics",
-         "Compare runs": "compare"}
+MODES = {"Replay": "replay", "Side by side": "side-by-side", "Step vs step": "step-diff", "Run vs run": "run-diff",
+         "Statistics": "statistics", "Compare runs": "compare"}
 SCALES = {"Whole run": "run", "This step": "step", "Per class": "class"}
 WEIGHTS = dict(zip(("Raw", "Centred"), WEIGHT_CHOICES))
 URL_KEYS = ("run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale", "weights", "follow", "runs",
-            "pixel", "class")
+            "pixel", "class", "side", "spacing")
 PIXEL_VALUE = re.compile(r"(\d{1,2}),(\d{1,2})")  # the inspector's pixel in a URL: "row,column"
+LIST_KEYS = ("runs", "side")   # URL values that are lists of runs
+MAX_BESIDE = 3                 # runs shown beside the selected one in Side by side
 # Longest URL value read: a list of runs may be long; one value is not.
 MAX_VALUE = 300
 MAX_RUNS_VALUE = 20_000
@@ -36,6 +39,7 @@ class ViewState(param.Parameterized):
     run = param.String(default="", doc="the run shown")
     compare = param.String(default="", doc="the run compared with in Run vs run ('' for none)")
     compare_runs = param.List(default=[], item_type=str, doc="the runs of Compare runs, the reference first")
+    side_runs = param.List(default=[], item_type=str, doc="the runs shown beside the run in Side by side (up to 3)")
     mode = param.Selector(objects=MODES, default="replay")
     step = param.Integer(default=0, bounds=(0, None))
     from_step = param.Integer(default=0, bounds=(0, None), doc="the earlier step of Step vs step")
@@ -46,6 +50,8 @@ class ViewState(param.Parameterized):
     scale = param.Selector(objects=SCALES, default="run", doc="colour scale: whole run, this step, or per class")
     weights = param.Selector(objects=WEIGHTS, default="raw",
                              doc="raw weights, or centred: the class-mean removed (the part that changes predictions)")
+    spacing = param.Selector(objects={label: name for name, (label, _) in SPACINGS.items()}, default=DEFAULT_SPACING,
+                             doc="which steps an animation shows: logarithmic, even, or by distance travelled")
     follow = param.Boolean(default=False, doc="keep showing the newest step of a run being written")
     playing = param.Boolean(default=False, doc="the player is playing")
     revision = param.Integer(default=0, doc="bumped when the data shown changed on disk (new steps, a new store)")
@@ -60,7 +66,11 @@ class ViewState(param.Parameterized):
                 "stat": self.statistic, "scale": self.scale, "weights": self.weights, "follow": "1" if self.follow else "0",
                 "runs": ",".join(self.compare_runs),
                 "pixel": "" if self.pixel is None else f"{self.pixel // IMAGE_SIDE},{self.pixel % IMAGE_SIDE}",
-                "class": str(self.pixel_class)}
+                "class": str(self.pixel_class), "side": ",".join(self.side_runs), "spacing": self.spacing}
+
+    def shown_runs(self) -> list[str]:
+        """The runs Side by side shows: the run, then those beside it (each once, at most four)."""
+        return list(dict.fromkeys(name for name in (self.run, *self.side_runs) if name))[:MAX_BESIDE + 1]
 
 
 def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callable[[str], int],
@@ -72,7 +82,7 @@ def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callabl
     pass are returned (the run always); a step past the run's end is clamped to it.
     """
     values, problems = {}, []
-    query = {key: str(value)[:MAX_RUNS_VALUE if key == "runs" else MAX_VALUE] for key, value in query.items()}
+    query = {key: str(value)[:MAX_RUNS_VALUE if key in LIST_KEYS else MAX_VALUE] for key, value in query.items()}
     for key, what in (("run", "run"), ("compare", "run to compare with")):
         name = query.get(key)
         if name:
@@ -83,7 +93,8 @@ def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callabl
     for key, name, allowed, what in (("mode", "mode", MODES.values(), "mode"),
                                      ("stat", "statistic", STATISTICS, "statistic"),
                                      ("scale", "scale", SCALES.values(), "colour scale"),
-                                     ("weights", "weights", WEIGHTS.values(), "weights choice")):
+                                     ("weights", "weights", WEIGHTS.values(), "weights choice"),
+                                     ("spacing", "spacing", SPACINGS, "frame spacing")):
         if key in query:
             if query[key] in allowed:
                 values[name] = query[key]
@@ -106,6 +117,16 @@ def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callabl
         if unknown:
             problems.append(f"no readable run named {unknown[0][:80]!r} to compare")
         values["compare_runs"] = list(dict.fromkeys(name for name in chosen if name in names))
+    if query.get("side"):
+        chosen = [name for name in query["side"].split(",") if name]
+        unknown = [name for name in chosen if name not in names]
+        if unknown:
+            problems.append(f"no readable run named {unknown[0][:80]!r} to show side by side")
+        beside = [name for name in dict.fromkeys(chosen) if name in names and name != run]
+        if len(beside) > MAX_BESIDE:
+            problems.append(f"side by side shows up to {MAX_BESIDE} runs beside the run, not {len(beside)}; "
+                            f"showing the first {MAX_BESIDE}")
+        values["side_runs"] = beside[:MAX_BESIDE]
     return values, problems
 
 

@@ -13,9 +13,14 @@ import io
 import panel as pn
 import param
 
-from weightlapse.viewer.analysis.export import animation_steps, png_bytes, write_animation
+import numpy as np
+
+from weightlapse.viewer.analysis.export import animation_steps, png_bytes, side_by_side, write_animation
 from weightlapse.viewer.analysis.frames import centred, colour_map
+from weightlapse.viewer.analysis.spacing import combined
 from weightlapse.viewer.data import DataStore
+from weightlapse.viewer.plots import TileView, tile_picture
+from weightlapse.viewer.side_by_side import side_by_side_view
 from weightlapse.viewer.state import ViewState
 from weightlapse.viewer.tiles import READ_ERRORS, tile_view, with_document_lock
 
@@ -75,7 +80,8 @@ class StatisticsPanel(pn.viewable.Viewer):
 
 
 class ExportPanel(pn.viewable.Viewer):
-    """A PNG of the grid as shown (same colour scale), and an animation of the step range."""
+    """A PNG of the grid as shown (same colour scale), and an animation of the step range; of
+    every run shown in Side by side, in one picture on one colour scale."""
 
     state = param.ClassSelector(class_=ViewState)
     store = param.ClassSelector(class_=DataStore)
@@ -85,6 +91,8 @@ class ExportPanel(pn.viewable.Viewer):
         self.png_download = pn.widgets.FileDownload(callback=self.png_file, filename="weightlapse.png",
                                                     label="Download PNG of this view", sizing_mode="stretch_width")
         self.animation_format = pn.widgets.RadioButtonGroup(options=["gif", "mp4"], value="gif", width=100)
+        self.spacing = pn.widgets.Select.from_param(self.state.param.spacing, label="Frame spacing",
+                                                    sizing_mode="stretch_width")
         self.animation_button = pn.widgets.Button(label="Render animation of the step range",
                                                   sizing_mode="stretch_width")
         self.progress = pn.indicators.Progress(value=0, max=100, visible=False, sizing_mode="stretch_width")
@@ -92,13 +100,13 @@ class ExportPanel(pn.viewable.Viewer):
                                                           label="Download animation", sizing_mode="stretch_width")
         self.outcome = pn.pane.HTML("", css_classes=["wl-outcome"])
         self.animation_button.on_click(self.render_animation)
-        self.state.param.watch(lambda *events: self._forget(), ["run", "range_start", "range_stop", "scale",
-                                                                      "weights"])
-        self.state.param.watch(lambda *events: self._show_png(), ["run", "mode", "revision", "compare"])
+        self.state.param.watch(lambda *events: self._forget(), ["run", "range_start", "range_stop", "scale", "spacing",
+                                                              "mode", "side_runs", "weights"])
+        self.state.param.watch(lambda *events: self._show_png(), ["run", "mode", "revision", "compare", "side_runs"])
         self._show_png()
 
     def __panel__(self):
-        return pn.Column(self.png_download, "Animation of the step range:", self.animation_format,
+        return pn.Column(self.png_download, "Animation of the step range:", self.animation_format, self.spacing,
                          self.animation_button, self.progress, self.animation_download, self.outcome,
                          sizing_mode="stretch_width")
 
@@ -106,55 +114,76 @@ class ExportPanel(pn.viewable.Viewer):
         self.animation_download.visible = False
         self.outcome.object = ""
 
-    def _show_png(self) -> None:
-        view = tile_view(self.state, self.store)
-        # Compare runs draws charts: each has its own save tool; nothing here would be truthful.
-        self.png_download.disabled = isinstance(view, str)
-        self.png_download.label = ("Download PNG of this view" if not isinstance(view, str)
-                                   else "PNG: nothing to export in this view")
-
-    def png_file(self) -> io.BytesIO | None:
+    def _view(self) -> tuple[TileView, list[str], list[str]] | None:
+        """(the tiles shown, one run's after another's; their class names; the runs' titles), or None."""
+        if self.state.mode == "side-by-side":
+            shown = side_by_side_view(self.state, self.store)
+            if isinstance(shown, str):
+                return None
+            first = shown.views[0]
+            tiles = np.concatenate([view.tiles for view in shown.views])
+            return (TileView(tiles, first.label, first.diverging, first.per_class, f"step {self.state.step:,}",
+                             first.limit), list(shown.class_names[0]), [view.title for view in shown.views])
         view = tile_view(self.state, self.store)
         if isinstance(view, str):
             return None
-        from weightlapse.viewer.plots import tile_picture
+        return view, self.store.open(self.state.run).class_names, [""]
 
-        run = self.store.open(self.state.run)
-        clim = tile_picture(view).clim
+    def _show_png(self) -> None:
+        view = self._view()
+        # Compare runs draws charts: each has its own save tool; nothing here would be truthful.
+        self.png_download.disabled = view is None
+        self.png_download.label = ("Download PNG of this view" if view is not None
+                                   else "PNG: nothing to export in this view")
+
+    def png_file(self) -> io.BytesIO | None:
+        shown = self._view()
+        if shown is None:
+            return None
+        view, class_names, groups = shown
+        clim = tile_picture(view).clim   # the page's colour range (Side by side: all grids share it)
         self.png_download.filename = f"weightlapse-{self.state.mode}-{self.state.step}.png"
-        return io.BytesIO(png_bytes(view.tiles, tile_titles=run.class_names, title=view.title,
+        return io.BytesIO(png_bytes(view.tiles, tile_titles=class_names, title=view.title if len(groups) == 1 else "",
                                     per_class=view.per_class, colorbar_label=view.label,
-                                    cmap=colour_map(diverging=view.diverging), clim=clim))
+                                    cmap=colour_map(diverging=view.diverging), clim=clim, groups=groups))
 
     async def render_animation(self, event=None) -> None:
         state = self.state
         if not state.run:
             return
-        fmt = state_format = self.animation_format.value
+        fmt = self.animation_format.value
+        names = state.shown_runs() if state.mode == "side-by-side" else [state.run]
         buffer = io.BytesIO()
         try:
-            run = self.store.open(state.run)
-            start, stop = state.range_start, min(state.range_stop, run.last_step)
-            steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES)
-            centre = state.weights == "centred"
-            limit = self.store.colour_limit(run, centre=centre) if state.scale == "run" else None
+            runs = [self.store.open(name) for name in names]
+            start, stop = state.range_start, min(state.range_stop, max(run.last_step for run in runs))
+            steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES, spacing=state.spacing,
+                                    travelled=lambda: combined([self.store.travelled(run, start, stop)
+                                                                for run in runs]))
+            centre = state.weights == "centred"  # the choice made when the button was pressed
+            limit = max(self.store.colour_limit(run, centre=centre) for run in runs) if state.scale == "run" else None
             what = "centred weights, " if centre else ""
+            if len(runs) == 1:
+                run = runs[0]
 
-            def frame_at(step: int):  # the choice made when the button was pressed, whatever happens since
-                weights = run.weights_at(step)
-                return centred(weights) if centre else weights
+                def frame_at(step: int):
+                    weights = run.weights_at(step)
+                    return centred(weights) if centre else weights
+                groups, title = None, lambda step: f"{run.name}: {what}step {step:,}"
+            else:
+                (frame_at, groups), title = side_by_side(runs, centre=centre), lambda step: f"{what}step {step:,}"
 
             def render(report) -> None:
-                write_animation(buffer, steps, frame_at, fmt=fmt,
-                                class_names=run.class_names, title=lambda step: f"{run.name}: {what}step {step:,}",
-                                fps=10, progress=report, limit=limit)
+                write_animation(buffer, steps, frame_at, fmt=fmt, class_names=runs[0].class_names, title=title,
+                                fps=10, progress=report, limit=limit, groups=groups)
 
             await in_worker(self.animation_button, self.progress, render)
         except READ_ERRORS as error:
             self.outcome.object = f"<span class='wl-error'>Animation failed: {html.escape(str(error))}</span>"
             return
         buffer.seek(0)
-        self.animation_download.filename = f"weightlapse-{start}-{stop}.{state_format}"
+        self.animation_download.filename = f"weightlapse-{start}-{stop}.{fmt}"
         self.animation_download.file = buffer
         self.animation_download.visible = True
-        self.outcome.object = f"{len(steps)} frames (steps {start:,}..{stop:,}) ready to download."
+        self.outcome.object = (f"{len(steps)} frames (steps {start:,}..{stop:,}, {html.escape(state.spacing)} "
+                               "spacing) ready to download.")

@@ -64,6 +64,8 @@ def tile_view(state: ViewState, store: DataStore) -> TileView | str:
     """What the grid shows for ``state``, or why it shows nothing."""
     if state.mode == "compare":
         return "Compare runs shows charts, not tiles."
+    if state.mode == "side-by-side":
+        return "Side by side shows a grid per run (viewer/side_by_side.py)."
     run = open_run(store, state.run)
     if isinstance(run, str):
         return run
@@ -218,7 +220,10 @@ class TileGrid(pn.viewable.Viewer):
         self._plots.clear()
 
     def render(self) -> None:
-        self._layout.visible = self.state.mode != "compare"  # Compare runs draws its own charts
+        # Compare runs draws its own charts, Side by side its own grids: nothing to draw here
+        self._layout.visible = self.state.mode not in ("compare", "side-by-side")
+        if not self._layout.visible:
+            return
         view = tile_view(self.state, self.store)
         if isinstance(view, str):
             self.notice.object, self.notice.visible = html.escape(view), True
@@ -245,23 +250,30 @@ class TileGrid(pn.viewable.Viewer):
         self.summary.object = summary_html(self.state, self.store)
 
     def _draw(self, view: TileView) -> None:
-        if not self._plots:  # not drawn in a page yet: the page's first draw starts from this view
-            self._tiles_pipe.send(view)
-            return
-        # Swap the data, colours and titles of the drawn plots in place: HoloViews' full
-        # re-render costs ~40 ms, and loses the responsive grid's height in a template.
-        drawn = tile_picture(view)
-        flipped = np.flipud(drawn.picture)  # Bokeh draws row 0 at the bottom
-        palette = process_cmap(drawn.cmap, ncolors=256)
-        for plot in self._plots.values():
-            source = plot.handles["source"]
-            source.data = {**source.data, "image": [flipped]}
-            mapper = plot.handles["color_mapper"]
-            mapper.update(low=drawn.clim[0], high=drawn.clim[1])
-            if list(mapper.palette) != palette:
-                mapper.palette = palette
-            plot.handles["plot"].title.text = view.title
-            colorbar = plot.handles.get("colorbar")
-            if colorbar is not None and colorbar.title != drawn.label:
-                colorbar.title = drawn.label
-        self._tiles_pipe.update(data=view)  # a later full redraw starts from this view
+        draw_in_place(self._plots, self._tiles_pipe, view)
+
+
+def draw_in_place(plots: dict[int, Any], pipe: hv.streams.Pipe, view: TileView) -> None:
+    """Show ``view`` in the tile images drawn in each page (``plots``, captured by a hook).
+
+    Swaps the data, colours and titles of the drawn plots in place: HoloViews' full re-render
+    of ``pipe``'s DynamicMap costs ~40 ms, and loses the responsive grid's height in a template.
+    """
+    if not plots:  # not drawn in a page yet: the page's first draw starts from this view
+        pipe.send(view)
+        return
+    drawn = tile_picture(view)
+    flipped = np.flipud(drawn.picture)  # Bokeh draws row 0 at the bottom
+    palette = process_cmap(drawn.cmap, ncolors=256)
+    for plot in plots.values():
+        source = plot.handles["source"]
+        source.data = {**source.data, "image": [flipped]}
+        mapper = plot.handles["color_mapper"]
+        mapper.update(low=drawn.clim[0], high=drawn.clim[1])
+        if list(mapper.palette) != palette:
+            mapper.palette = palette
+        plot.handles["plot"].title.text = view.title
+        colorbar = plot.handles.get("colorbar")
+        if colorbar is not None and colorbar.title != drawn.label:
+            colorbar.title = drawn.label
+    pipe.update(data=view)  # a later full redraw starts from this view
