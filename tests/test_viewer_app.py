@@ -425,3 +425,22 @@ def test_compare_mode_compares_runs_of_two_datasets_in_weight_space(tmp_path):
     # predictions are compared on one dataset's held-out images: the page says why not here
     asyncio.run(panel.predictions.compute())
     assert "choose runs of one dataset" in html.unescape(panel.predictions.notice.object)
+
+
+def test_playback_moves_only_the_picture_and_the_rest_catches_up_on_pause(runs_dir, monkeypatch):
+    from weightlapse.viewer import tiles
+
+    monkeypatch.setattr(tiles, "PLAYING_MARKER_S", 60.0)  # however slow this machine, no second move
+    viewer, root = viewer_on(runs_dir, run="alpha", step="10")
+    expected = training_like(300, seed=0)
+    viewer.state.playing = True
+    for step in range(11, 40):
+        viewer.state.step = step
+        np.testing.assert_array_equal(shown(root), mosaic(expected[step], header=HEADER))  # every frame drawn
+    player = viewer.player
+    assert player.slider.value == player.step_input.value == 10       # not a layout per frame
+    assert {span.location for span in root.select({"type": Span})} == {11}  # markers: at most every PLAYING_MARKER_S
+    viewer.state.playing = False
+    assert player.slider.value == player.step_input.value == player.keys.step == 39
+    assert {span.location for span in root.select({"type": Span})} == {39}
+    assert type(player.player)._debounce == 0  # a frame from the browser is handled at once, not 50 ms later

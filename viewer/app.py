@@ -100,10 +100,11 @@ class WeightViewer(pn.viewable.Viewer):
         self._shown: dict[str, tuple] = {}
         self._loaded = False
         self.state.param.watch(lambda event: self._on_run(), "run")
-        self.state.param.watch(self._sync_url, list(URL_PARAMS))
+        self.state.param.watch(self._sync_url, [*URL_PARAMS, "playing"])
         self.open(query if query is not None else session_query())
         self._main = pn.Column(self.message, self.picker.problem, self.mode_buttons, self.player, self.statistics,
-                               self.tiles, self.side, self.inspector, self.curves, self.comparison, pn.pane.HTML("<b>Runs</b>"),
+                               self.tiles, self.side, self.inspector, self.curves, self.comparison,
+                               pn.pane.HTML("<b>Runs</b>"),
                                self.picker.table, sizing_mode="stretch_width")
         if pn.state.curdoc is not None:
             pn.state.onload(self._on_load)
@@ -172,6 +173,8 @@ class WeightViewer(pn.viewable.Viewer):
         self._poller = pn.state.add_periodic_callback(weakly(self.poll), period=POLL_MS)
 
     def _sync_url(self, *events) -> None:
+        if self.state.playing and all(event.name == "step" for event in events):
+            return  # written when playback pauses: a URL update per frame costs the browser a frame
         if events and self.message.visible:
             self.say("")  # the link the message was about is gone
         if self._loaded and pn.state.location is not None:

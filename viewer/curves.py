@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import holoviews as hv
 import numpy as np
 import panel as pn
@@ -12,7 +10,7 @@ import param
 from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.plots import history_band, history_curve, step_marker
 from weightlapse.viewer.state import ViewState
-from weightlapse.viewer.tiles import READ_ERRORS, weakly, with_document_lock
+from weightlapse.viewer.tiles import READ_ERRORS, StepMarkers, weakly, with_document_lock
 
 EMPTY = (np.zeros(1), np.full(1, np.nan))
 
@@ -24,13 +22,12 @@ class Curves(pn.viewable.Viewer):
     def __init__(self, **params) -> None:
         super().__init__(**params)
         self._data = {"loss": EMPTY, "accuracy": EMPTY}
-        self._markers: dict[int, Any] = {}
+        self._markers = StepMarkers(self.state)
         self._taps: list = []
         self._panes = {key: pn.pane.HoloViews(None, linked_axes=False, sizing_mode="stretch_width",
                                               css_classes=[f"wl-{key}-curve"]) for key in self._data}
         self._layout = pn.Row(*self._panes.values(), sizing_mode="stretch_width")
         self.state.param.watch(lambda *events: self.render(), ["run", "revision", "mode"])
-        self.state.param.watch(lambda event: self._move_markers(), "step")
         self.render()
 
     def __panel__(self):
@@ -70,17 +67,9 @@ class Curves(pn.viewable.Viewer):
             tap = hv.streams.Tap(source=curve)
             tap.add_subscriber(weakly(self._tapped))
             self._taps.append(tap)
-            marker = step_marker(self.state.step, hooks=(weakly(self._capture_marker),))
+            marker = step_marker(self.state.step, hooks=(weakly(self._markers.capture),))
             self._panes[key].object = history_band(steps, values, label=label) * curve * marker
-        self._move_markers()  # redrawing the curves redraws their markers at step 0
-
-    def _capture_marker(self, plot, element) -> None:
-        self._markers[id(plot)] = plot
-        plot.handles["glyph"].location = self.state.step
-
-    def _move_markers(self) -> None:
-        for plot in self._markers.values():
-            plot.handles["glyph"].location = self.state.step
+        self._markers.move()  # redrawing the curves redraws their markers at step 0
 
     def _tapped(self, x=None, y=None) -> None:
         if x is None or not self.state.run:

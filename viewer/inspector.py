@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import time
-from typing import Any
 
 import holoviews as hv
 import panel as pn
@@ -22,7 +21,7 @@ from weightlapse.viewer.analysis.frames import centred, grid_shape, mosaic_pixel
 from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.plots import HEADER, PIXEL_POINTS, pixel_curves, step_marker
 from weightlapse.viewer.state import ViewState
-from weightlapse.viewer.tiles import READ_ERRORS, open_run, weakly, with_document_lock
+from weightlapse.viewer.tiles import READ_ERRORS, StepMarkers, open_run, weakly, with_document_lock
 
 HINT = "Click a pixel of a class image to follow that weight over all steps."
 # Without a pixel history, steps read from the store at most for one curve (about 0.5 s here);
@@ -49,7 +48,7 @@ class PixelInspector(pn.viewable.Viewer):
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
-        self._markers: dict[int, Any] = {}
+        self._markers = StepMarkers(self.state)
         self._drawn: tuple | None = None
         self._tap = hv.streams.Tap(source=self.tiles)
         self._tap.add_subscriber(weakly(self._clicked))
@@ -67,7 +66,6 @@ class PixelInspector(pn.viewable.Viewer):
                                  self.plot_box, self.caption, sizing_mode="stretch_width")
         self.state.param.watch(lambda *events: self.render(), ["run", "revision", "pixel", "pixel_class", "mode",
                                                              "weights"])
-        self.state.param.watch(lambda event: self._move_markers(), "step")
         self.render()
 
     def __panel__(self):
@@ -100,7 +98,7 @@ class PixelInspector(pn.viewable.Viewer):
         values = centred(trace.values) if centre else trace.values  # (class, step): the mean over classes
         self._markers.clear()
         self._curve_taps.clear()
-        marker = step_marker(self.state.step, hooks=(weakly(self._capture_marker),))
+        marker = step_marker(self.state.step, hooks=(weakly(self._markers.capture),))
         curves = pixel_curves(trace.steps, values, names, chosen, title=title, marker=marker)
         tap = hv.streams.Tap(source=curves)
         tap.add_subscriber(weakly(self._curve_clicked))
@@ -142,14 +140,6 @@ class PixelInspector(pn.viewable.Viewer):
     def _show(self, message: str) -> None:
         self.notice.object, self.notice.visible = html.escape(message), True
         self.plot_box.visible, self.caption.object, self._drawn = False, "", None
-
-    def _capture_marker(self, plot, element) -> None:
-        self._markers[id(plot)] = plot
-        plot.handles["glyph"].location = self.state.step
-
-    def _move_markers(self) -> None:
-        for plot in self._markers.values():
-            plot.handles["glyph"].location = self.state.step
 
     def _clicked(self, x=None, y=None) -> None:
         if x is None or y is None or not self.state.run:

@@ -8,6 +8,7 @@ missing (then no picture is shown, never the previous one).
 from __future__ import annotations
 
 import html
+import time
 import weakref
 from typing import Any
 
@@ -26,6 +27,35 @@ from weightlapse.viewer.plots import TileView, class_labels, pixel_map, tile_ima
 from weightlapse.viewer.state import ViewState
 
 READ_ERRORS = (TrajectoryError, OSError, ValueError, IndexError)
+# While playing, a chart's step marker moves at most this often: each move repaints a chart
+# of thousands of points in the browser, which took playback from 30 to 18 frames a second.
+PLAYING_MARKER_S = 0.5
+
+
+class StepMarkers:
+    """Step markers drawn in each page (captured by a hook), moved to the state's step: at once
+    when paused, at most every PLAYING_MARKER_S while playing (and where playback stops)."""
+
+    def __init__(self, state: ViewState) -> None:
+        self.state = state
+        self.plots: dict[int, Any] = {}
+        self._moved_at = -float("inf")
+        state.param.watch(lambda event: self.move(), ["step", "playing"])
+
+    def capture(self, plot, element) -> None:
+        self.plots[id(plot)] = plot
+        plot.handles["glyph"].location = self.state.step
+
+    def move(self) -> None:
+        now = time.monotonic()
+        if self.state.playing and now - self._moved_at < PLAYING_MARKER_S:
+            return
+        self._moved_at = now
+        for plot in self.plots.values():
+            plot.handles["glyph"].location = self.state.step
+
+    def clear(self) -> None:
+        self.plots.clear()
 
 
 def weakly(method):
