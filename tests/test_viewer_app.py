@@ -439,7 +439,7 @@ def test_playback_moves_only_the_picture_and_the_rest_catches_up_on_pause(runs_d
         np.testing.assert_array_equal(shown(root), mosaic(expected[step], header=HEADER))  # every frame drawn
     player = viewer.player
     assert player.slider.value == player.step_input.value == 10       # not a layout per frame
-    assert {span.location for span in root.select({"type": Span})} == {11}  # markers: at most every PLAYING_MARKER_S
+    assert {span.location for span in root.select({"type": Span})} == {10}  # markers: at most every PLAYING_MARKER_S
     viewer.state.playing = False
     assert player.slider.value == player.step_input.value == player.keys.step == 39
     assert {span.location for span in root.select({"type": Span})} == {39}
