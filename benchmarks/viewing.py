@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--no-browser", action="store_true", help="skip the Chromium measurements")
     parser.add_argument("--no-statistics", action="store_true", help="skip the statistics measurements")
+    parser.add_argument("--no-inspector", action="store_true",
+                        help="skip the pixel inspector (builds the run's pixel history: ~100 s and ~7 GB more)")
     args = parser.parse_args(argv)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="weightlapse-bench-"))
@@ -199,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_statistics:
             results["statistics_3000"] = window_statistics(run_dir, args.steps)
             results["statistics_whole"] = whole_statistics(run_dir)
+        if not args.no_inspector:
+            from inspector import inspector_latency
+
+            results["pixel_inspector"] = inspector_latency(run_dir, without_copy=False)
         results["benchmark_process_peak_rss_mb"] = peak_rss_mb()
         if not args.no_browser:
             from browser_viewing import measure
@@ -217,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"statistics over 3,000 steps: {window['seconds_median']:.2f} s median (target <= 1)")
         print(f"statistics over all {args.steps:,} steps: {whole['seconds']:.0f} s, peak memory "
               f"{whole['peak_rss_mb']:.0f} MB for a {results['raw_gb']:.1f} GB trajectory")
+    if "pixel_inspector" in results:
+        pixel = results["pixel_inspector"]
+        print(f"pixel inspector: {pixel['copy_cold_s']:.2f} s cold, {pixel['copy_warm_s_median']:.2f} s warm median "
+              "(target <= 1)")
     if "browser" in results:
         browser = results["browser"]
         for played in browser["playback"] + browser["side_by_side_playback"]:
