@@ -117,3 +117,4 @@ def test_centred_weights_side_by_side_are_each_runs_own_centred_weights(runs_dir
         rows = ROWS[name][80]
         np.testing.assert_allclose(shown(grids[index]), mosaic(rows - rows.mean(axis=0), header=HEADER), atol=1e-6)
     assert viewer.side.slots[0].tiles_pipe.data.title == "adam: centred weights, step 80"
+    assert not viewer.inspector._layout.visible  # its clicks come from the Replay grid, not these

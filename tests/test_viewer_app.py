@@ -371,7 +371,8 @@ def test_names_with_format_and_math_characters_draw_and_export_as_written(tmp_pa
 def test_the_state_holds_only_parameters():
     assert set(ViewState.param) - {"name"} == {
         "run", "compare", "compare_runs", "mode", "step", "from_step", "range_start", "range_stop", "statistic",
-        "scale", "weights", "follow", "playing", "revision", "pixel", "pixel_class", "side_runs", "spacing"}
+        "scale", "weights", "follow", "playing", "revision", "pixel", "pixel_class", "side_runs", "spacing",
+        "window_width"}
 
 
 def test_compare_mode_compares_predictions_on_the_held_out_images(tmp_path, generated_data):
@@ -444,3 +445,21 @@ def test_playback_moves_only_the_picture_and_the_rest_catches_up_on_pause(runs_d
     assert player.slider.value == player.step_input.value == player.keys.step == 39
     assert {span.location for span in root.select({"type": Span})} == {39}
     assert type(player.player)._debounce == 0  # a frame from the browser is handled at once, not 50 ms later
+
+
+def test_the_grid_grows_with_the_window_keeping_its_tiles_square(runs_dir):
+    from bokeh.models import Plot
+
+    from weightlapse.viewer.plots import MAX_TILE_PX, grid_tile_px
+
+    viewer, root = viewer_on(runs_dir, run="alpha")
+    grid = grid_renderer(root)
+    figure = next(plot for plot in root.select({"type": Plot}) if grid in plot.renderers)
+    ratio = figure.frame_height / figure.frame_width
+    widths = {}
+    for window in (1280, 1920, 3840):
+        viewer.player.keys.window_width = window  # what the page reports on load and after a resize
+        widths[window] = figure.frame_width
+        assert figure.frame_width == 5 * grid_tile_px(window)
+        assert figure.frame_height / figure.frame_width == pytest.approx(ratio, rel=0.01)
+    assert widths[1280] < widths[1920] <= widths[3840] == 5 * MAX_TILE_PX

@@ -79,7 +79,8 @@ class PixelInspector(pn.viewable.Viewer):
         return self._drawn[1] if self._drawn else None
 
     def render(self) -> None:
-        self._layout.visible = self.state.mode != "compare"  # Compare runs shows no tiles to click
+        # Compare runs draws charts, Side by side grids of its own: clicks there choose no pixel.
+        self._layout.visible = self.state.mode not in ("compare", "side-by-side")
         message, trace, seconds = self._trace()
         if message:
             self._show(message)

@@ -20,11 +20,13 @@ JUMP = 100  # steps moved by shift + arrow
 class KeyControl(ReactiveHTML):
     """Keys anywhere on the page (outside text boxes): space plays or pauses, left/right step
     one, shift+left/right jump 100, Home/End go to the first/last step. Also opens the page
-    in the dark theme when the browser prefers it and the link names no theme."""
+    in the dark theme when the browser prefers it and the link names no theme, and reports
+    the window's width (the tile grid grows with it)."""
 
     step = param.Integer(default=0)
     last = param.Integer(default=0)
     playing = param.Boolean(default=False)
+    window_width = param.Integer(default=0, doc="the browser window's width, sent on load and after a resize")
 
     _template = '<div id="keys" style="display:none"></div>'
     _scripts = {
@@ -57,8 +59,17 @@ class KeyControl(ReactiveHTML):
               data.step = Math.max(0, Math.min(data.last, step));
             }};
             document.addEventListener('keydown', state.handler);
+            data.window_width = window.innerWidth;
+            state.resized = () => {{
+              clearTimeout(state.timer);
+              state.timer = setTimeout(() => {{ data.window_width = window.innerWidth; }}, 250);
+            }};
+            window.addEventListener('resize', state.resized);
         """,
-        "remove": "document.removeEventListener('keydown', state.handler);",
+        "remove": """
+            document.removeEventListener('keydown', state.handler);
+            window.removeEventListener('resize', state.resized);
+        """,
     }
 
 
@@ -101,6 +112,7 @@ class Player(pn.viewable.Viewer):
         self.step_input.param.watch(lambda event: self._set_step(event.new), "value")
         self.keys.param.watch(lambda event: self._set_step(event.new), "step")
         self.keys.param.watch(lambda event: setattr(state, "playing", event.new), "playing")
+        self.keys.param.watch(lambda event: setattr(state, "window_width", max(int(event.new), 0)), "window_width")
         self.speed.param.watch(lambda event: setattr(self.player, "step", event.new), "value")
         self.frame_rate.param.watch(lambda event: setattr(self.player, "interval", event.new), "value")
         state.param.watch(lambda event: self._show_step(), "step")

@@ -26,7 +26,9 @@ from weightlapse.viewer.analysis.frames import (
     tile_origin,
 )
 
-TILE_PX = 128  # screen pixels per 28-pixel tile
+TILE_PX = 128  # screen pixels per 28-pixel tile, until the page knows its window's width
+MIN_TILE_PX, MAX_TILE_PX = 96, 200
+SIDEBAR_PX, PAGE_MARGINS_PX, COLOURBAR_PX = 320, 90, 130  # the template's sidebar, paddings; the colour bar
 HEADER = 5    # blank image rows above each row of tiles, where the class names go
 CURVE_POINTS = 600  # bins of a long curve on screen: its mean line and min-max band
 PIXEL_POINTS = 2000  # samples of a pixel's curve on screen: each bin's lowest and highest (frames.extreme_points)
@@ -85,6 +87,17 @@ def literal(title: str) -> str:
     """``title`` as HoloViews shows it: it formats titles (``{label}``), so a run named ``{x}``
     would fail to draw, or lose its braces, unless they are doubled."""
     return str(title).replace("{", "{{").replace("}", "}}")
+
+
+def grid_tile_px(window_width: int) -> int:
+    """Screen pixels per tile of the page's grid for a browser window ``window_width`` CSS
+    pixels wide (0: not known yet): the grid and its colour bar fill the main column beside
+    the sidebar, between a size that still shows single weights and one that fits a screen's
+    height."""
+    if window_width <= 0:
+        return TILE_PX
+    main = window_width - SIDEBAR_PX - PAGE_MARGINS_PX - COLOURBAR_PX
+    return int(min(max(main // 5, MIN_TILE_PX), MAX_TILE_PX))
 
 
 def tile_image(view: TileView, *, hooks: tuple = (), tile_px: int = TILE_PX) -> hv.Image:
@@ -165,8 +178,11 @@ def pixel_curves(steps: np.ndarray, values: np.ndarray, class_names: list[str], 
     # The marker inside the overlay: multiplying an overlay makes a new one, without these options.
     return hv.Overlay(curves + ([marker] if marker is not None else [])).opts(
         hv.opts.Curve(responsive=True, height=300, framewise=True),
-        hv.opts.Overlay(title=literal(title), legend_position="right", legend_opts={"click_policy": "hide"},
-                        toolbar="above", responsive=True, height=300, show_grid=True))
+        # The legend below the chart, in rows: beside a chart that stretches, Bokeh drew it over
+        # the chart's right end and its toolbar.
+        hv.opts.Overlay(title=literal(title), legend_position="bottom", legend_cols=5,
+                        legend_opts={"click_policy": "hide"}, toolbar="above", responsive=True, height=360,
+                        show_grid=True))
 
 
 # -- cross-run comparisons (viewer/analysis/compare.py's results) ------------------------------------------

@@ -54,6 +54,8 @@ class ViewState(param.Parameterized):
                              doc="which steps an animation shows: logarithmic, even, or by distance travelled")
     follow = param.Boolean(default=False, doc="keep showing the newest step of a run being written")
     playing = param.Boolean(default=False, doc="the player is playing")
+    window_width = param.Integer(default=0, bounds=(0, None),
+                                 doc="the browser window's width in CSS pixels (0: not known yet); the grid grows with it")
     revision = param.Integer(default=0, doc="bumped when the data shown changed on disk (new steps, a new store)")
     pixel = param.Integer(default=None, allow_None=True, bounds=(0, N_PIXELS - 1),
                           doc="the pixel the inspector follows over all steps (row * 28 + column); None: none chosen")

@@ -23,7 +23,7 @@ from weightlapse.viewer.analysis.frames import centred, diff_summary
 from weightlapse.viewer.analysis.run import Run
 from weightlapse.viewer.analysis.stats import STATISTICS, top_pixels
 from weightlapse.viewer.data import DataStore
-from weightlapse.viewer.plots import TileView, class_labels, pixel_map, tile_image, tile_picture
+from weightlapse.viewer.plots import TileView, grid_tile_px, class_labels, pixel_map, tile_image, tile_picture
 from weightlapse.viewer.state import ViewState
 
 READ_ERRORS = (TrajectoryError, OSError, ValueError, IndexError)
@@ -212,7 +212,8 @@ class TileGrid(pn.viewable.Viewer):
         # Plots as drawn in each browser page, captured by a hook, so a new step swaps their
         # image data in place: HoloViews' full re-render costs ~40 ms.
         self._plots: dict[int, Any] = {}
-        tiles = hv.DynamicMap(lambda data: tile_image(data, hooks=(weakly(self._capture),)),
+        self._tile_px = grid_tile_px(self.state.window_width)
+        tiles = hv.DynamicMap(lambda data: tile_image(data, hooks=(weakly(self._capture),), tile_px=self._tile_px),
                               streams=[self._tiles_pipe])
         labels = hv.DynamicMap(lambda data: class_labels(data), streams=[self._labels_pipe])
         self.tiles_map = tiles  # the image a click on chooses the pixel inspector's pixel (viewer/inspector.py)
@@ -237,6 +238,7 @@ class TileGrid(pn.viewable.Viewer):
         self.state.param.watch(lambda *events: self.render(), ["run", "compare", "mode", "step", "from_step",
                                                              "range_start", "range_stop", "statistic", "scale",
                                                              "weights", "revision"])
+        self.state.param.watch(lambda event: self._resize(), "window_width")
         self.render()
 
     def __panel__(self):
@@ -245,6 +247,17 @@ class TileGrid(pn.viewable.Viewer):
     def _capture(self, plot, element) -> None:
         self._plots[id(plot)] = plot
         label_colorbar(plot, element)
+
+    def _resize(self) -> None:
+        """The window's width changed: the drawn grids take the tile size for it, in place."""
+        tile_px = grid_tile_px(self.state.window_width)
+        if tile_px == self._tile_px:
+            return
+        self._tile_px = tile_px
+        for plot in self._plots.values():
+            figure = plot.handles["plot"]
+            ratio = figure.frame_height / figure.frame_width  # the mosaic's shape, kept
+            figure.update(frame_width=5 * tile_px, frame_height=round(5 * tile_px * ratio))
 
     def release(self) -> None:
         self._plots.clear()
