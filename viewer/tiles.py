@@ -273,7 +273,9 @@ class TileGrid(pn.viewable.Viewer):
             # A blank grid, not a hidden one: nothing stale is shown, and the responsive plot
             # keeps its size (one shown again after hiding is drawn zero pixels high).
             blank = np.full((len(self._labels_pipe.data), 784), np.nan, np.float32)
-            self._draw(TileView(blank, "weight", True, False, ""))
+            # A title all the same: a plot first drawn with an empty title leaves it no room, and
+            # the browser then never shows the titles that follow.
+            self._draw(TileView(blank, "weight", True, False, "Nothing to show in this view yet"))
             self.map_box.visible = False
             self.summary.object = ""
             return
