@@ -81,8 +81,9 @@ class RunRecording:
     Opens them into ``open_files`` (an ExitStack), which closes them; ``sources`` are the
     engine's ``weight_now``, ``bias_now`` and ``gradient_now``; ``scoring``, the held-out
     scorer's thread if shared (a stack's runs share one). The engine calls
-    :meth:`on_step` after every step (or :meth:`on_block` after a block of them); after the
-    last, :meth:`finish_training` writes the rest, and :meth:`summary` gives the metrics.
+    :meth:`on_step` after every step (or :meth:`on_block` after a block of them, which it
+    may have written into ``writer.rows_to_fill``'s rows); after the last,
+    :meth:`finish_training` writes the rest, and :meth:`summary` gives the metrics.
     """
 
     def __init__(self, open_files: contextlib.ExitStack, plan: RunPlan, dataset: Dataset, device: torch.device,
@@ -150,8 +151,9 @@ class RunRecording:
             self._record_evaluations()
 
     def on_block(self, first: int, rows: dict[str, np.ndarray]) -> None:
-        """A block of steps at once (the cuda-graph engine): the same records as on_step's,
-        with one copy per block instead of one per step, which the GPU path is fast enough to need."""
+        """A block of steps at once (the cuda-graph engine, the numpy engine): the same records
+        as on_step's, with one copy per block, or none for rows the engine wrote in place, and
+        no Python per step, which engines this fast need."""
         losses = rows["loss"]
         finite = np.isfinite(losses)
         if first == 0:
