@@ -113,7 +113,7 @@ def project_loop(images: np.ndarray, labels: np.ndarray, *, epochs: int, device:
         steps[0] = step
 
     split = Split(images, labels)
-    dataset = RunData("benchmark", split, split, {})
+    dataset = RunData("benchmark", split, split, {}, tuple(str(label) for label in range(10)))
     if engine != "torch":  # the engine the train stage drives, as it drives it
         model = ENGINES[engine].build(TrainParams(epochs=epochs, device=device.type), dataset, device, 512)
         started = time.perf_counter()

@@ -23,11 +23,11 @@ import torch
 
 from weightlapse.pipeline.closed_form import ClosedFormEngine
 from weightlapse.pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
-from weightlapse.pipeline.graph_engine import BlockCallback, CudaGraphEngine
+from weightlapse.pipeline.graph_engine import CudaGraphEngine
 from weightlapse.pipeline.optimizers import OPTIMIZERS, OptimizerSpec, closed_form_names, get_optimizer
 from weightlapse.pipeline.params import ParamsError, TrainParams
 from weightlapse.pipeline.torch_engine import TorchEngine
-from weightlapse.pipeline.trainer import StepCallback
+from weightlapse.pipeline.trainer import BlockCallback, RowsToFill, StepCallback
 
 
 @runtime_checkable
@@ -38,6 +38,9 @@ class Engine(Protocol):
     ``bias_now()``, ``gradient_now()``) give the current parameters as numpy arrays, which
     the caller copies. An engine that has its rows a block at a time hands them to
     ``on_block(first_step, rows)`` when given one, and calls ``on_step`` for step 0 only.
+    Given ``rows_to_fill`` too, an engine may instead write its steps straight into the
+    rows ``rows_to_fill(first_step)`` lends (the writer's own buffer) and hand those to
+    ``on_block`` when full (the numpy engine does).
 
     For resuming a run, ``optimizer_state()`` gives the optimizer's state as one float32
     vector (the arrays of its ``state_keys`` in pipeline.optimizers, key by key, parameter
@@ -56,7 +59,8 @@ class Engine(Protocol):
 
     def restore(self, weight: np.ndarray, bias: np.ndarray | None, state: np.ndarray, steps: int) -> None: ...
 
-    def train(self, on_step: StepCallback, start_step: int = 0, on_block: BlockCallback | None = None) -> None: ...
+    def train(self, on_step: StepCallback, start_step: int = 0, on_block: BlockCallback | None = None,
+              rows_to_fill: RowsToFill | None = None) -> None: ...
 
 
 class EngineError(ParamsError):

@@ -22,8 +22,6 @@ decides where it applies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,10 +29,7 @@ import torch.nn.functional as F
 from weightlapse.pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
 from weightlapse.pipeline.params import TrainParams
 from weightlapse.pipeline.torch_engine import TorchEngine
-from weightlapse.pipeline.trainer import StepCallback, remaining_batches
-
-# on_block(first_step, {"weight": (n, class, pixel), "loss": (n,), ...}): a block of recorded rows
-BlockCallback = Callable[[int, dict[str, np.ndarray]], None]
+from weightlapse.pipeline.trainer import BlockCallback, RowsToFill, StepCallback, remaining_batches
 
 # Eager steps before the graph is captured: CUDA needs its libraries' work areas and the
 # optimizer its state allocated before capture (PyTorch's documented warm-up).
@@ -109,8 +104,10 @@ class CudaGraphEngine(TorchEngine):
                     self.optimizer.state[p]["step"] = self.optimizer.state[p]["step"].to(self.device)
 
     # -- training -------------------------------------------------------------------------------
-    def train(self, on_step: StepCallback, start_step: int = 0, on_block: BlockCallback | None = None) -> None:
-        """As the other engines' ``train``; with ``on_block``, each block's rows after step 0
+    def train(self, on_step: StepCallback, start_step: int = 0, on_block: BlockCallback | None = None,
+              rows_to_fill: RowsToFill | None = None) -> None:
+        """As the other engines' ``train`` (``rows_to_fill`` is not used: the rows are copied
+        from the device's ring, a block at a time); with ``on_block``, each block's rows after step 0
         go to ``on_block(first_step, rows)`` at once instead of ``on_step`` row by row:
         ``rows`` maps "weight", "loss" (and "bias", "gradient") to arrays of the block's
         steps, valid during the call. During it, :meth:`optimizer_state` is the state after

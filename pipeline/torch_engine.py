@@ -74,8 +74,8 @@ class TorchEngine:
             if states[p]:
                 self.optimizer.state[p] = states[p]
 
-    def train(self, on_step: StepCallback, start_step: int = 0, on_block=None) -> None:
-        """``on_block`` is not used: this engine hands over its rows one step at a time."""
+    def train(self, on_step: StepCallback, start_step: int = 0, on_block=None, rows_to_fill=None) -> None:
+        """``on_block`` and ``rows_to_fill`` are not used: this engine hands over its rows one step at a time."""
         config = self.config
         train(self.model, self.optimizer, self.images, self.labels, batch_size=config.batch_size,
               epochs=config.epochs, seed=config.seed, max_steps=config.max_steps, on_step=on_step,

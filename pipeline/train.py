@@ -98,7 +98,8 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, devi
                                  checkpoint=model.optimizer_state, overwrite=overwrite, point=point,
                                  progress=progress)
         loop_started = time.perf_counter()
-        model.train(recording.on_step, start_step=point.step if point else 0, on_block=recording.on_block)
+        model.train(recording.on_step, start_step=point.step if point else 0, on_block=recording.on_block,
+                    rows_to_fill=recording.writer.rows_to_fill)
         recording.finish_training()
     return recording.summary(engine, time.perf_counter() - loop_started)
 

@@ -133,6 +133,10 @@ def evaluate(weight: np.ndarray, bias: np.ndarray | None, images: torch.Tensor,
 
 
 StepCallback = Callable[[int, float], None]
+# on_block(first_step, {"weight": (n, class, pixel), "loss": (n,), ...}): a block of recorded rows
+BlockCallback = Callable[[int, dict[str, np.ndarray]], None]
+# rows_to_fill(first_step): rows like a block's, lent for an engine to write the steps from first_step on into
+RowsToFill = Callable[[int], dict[str, np.ndarray]]
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,

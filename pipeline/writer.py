@@ -44,9 +44,11 @@ class TrajectoryWriter:
     # marker about 20 times a second.
     BLOCK_BYTES = 16 * 2**20
     # Inside a block, rows go to the store writer every this many bytes of weights (whole
-    # chunks), so that it compresses while training goes on and little is left to write
-    # after the last step: a message costs the training thread about 20 microseconds.
-    HANDOFF_BYTES = 2 * 2**20
+    # chunks: 256 steps of 64-step chunks), so that it compresses while training goes on and
+    # little is left to write after the last step. A message, which wakes the store writer,
+    # costs the training thread about 100 microseconds of CPU on a 2-core VM: at 2 MiB
+    # (64 steps) that was 3 microseconds a step (docs/benchmarks.md).
+    HANDOFF_BYTES = 8 * 2**20
 
     def __init__(self, path: str | Path, layout: StoreLayout, metadata: RunMetadata, *,
                  overwrite: bool = False, block_steps: int | None = None,
@@ -77,7 +79,7 @@ class TrajectoryWriter:
             self.group = zarr.open_group(self.path, mode="r+")
         in_process = WriterProcess.available()
         # Block buffers ("slots") are reused: the store writer frees each once it is written.
-        self._slots = shared_buffers(self._block_shapes(), self.N_SLOTS, shared=in_process)
+        self._slots = shared_buffers(_block_shapes(layout, self.block_steps), self.N_SLOTS, shared=in_process)
         self._store_writer = StoreWriter(self.group, layout, self._slots, resume_from)
         name = f"trajectory-writer:{self.path.name}"
         self._worker = WriterProcess(self._store_writer.handle, name) if in_process \
@@ -112,19 +114,6 @@ class TrajectoryWriter:
         run_chunks = -(-(layout.n_steps + 1) // layout.chunk_steps)
         return layout.chunk_steps * min(run_chunks, max(1, cls.BLOCK_BYTES // chunk_bytes))
 
-    # Only the rows recorded in a block are ever written, so block buffers need no filling.
-    def _block_shapes(self) -> dict[str, tuple[int, ...]]:
-        layout, rows = self.layout, self.block_steps
-        shapes: dict[str, tuple[int, ...]] = {"weights": (rows, layout.n_classes, layout.n_pixels),
-                                              "loss": (rows,)}
-        if layout.bias:
-            shapes["bias"] = (rows, layout.n_classes)
-        if layout.gradients:
-            shapes["gradients"] = (rows, layout.n_classes, layout.n_pixels)
-        if layout.resume_size:
-            shapes["resume_state"] = (layout.resume_size,)
-        return shapes
-
     # -- recording -------------------------------------------------------------------
     def record_step(self, step: int, weights: np.ndarray, loss: float = float("nan"), *,
                     bias: np.ndarray | None = None, gradient: np.ndarray | None = None) -> None:
@@ -144,11 +133,23 @@ class TrajectoryWriter:
         if row + 1 == self._next_handoff:
             self._hand_off_rows()
 
+    def rows_to_fill(self, first_step: int) -> dict[str, np.ndarray]:
+        """The block buffer's rows for steps ``first_step ..`` up to the next hand-off, for an
+        engine to write its steps into: "weight" (n, class, pixel), "loss" (n,), and "bias",
+        "gradient" where the layout has them; then :meth:`record_steps` records them without
+        copying them again, so no Python runs per step (docs/benchmarks.md)."""
+        if first_step != self._next_step or first_step > self.layout.n_steps:
+            self._refuse_steps(first_step, first_step)
+        row = first_step - self._block_start
+        rows = slice(row, min(self._next_handoff, row + self.layout.n_steps + 1 - first_step))
+        return {name: self._buffers[array][rows] for name, array in _ROW_ARRAYS.items() if array in self._buffers}
+
     def record_steps(self, first_step: int, weights: np.ndarray, losses: np.ndarray, *,
                      biases: np.ndarray | None = None, gradients: np.ndarray | None = None) -> None:
         """Record consecutive steps ``first_step ..`` at once: ``weights`` (n, class, pixel),
         ``losses`` (n,), and (n, class) ``biases`` / (n, class, pixel) ``gradients`` where the
-        layout has them. The same rows as n calls of :meth:`record_step`, with one copy per block."""
+        layout has them. The same rows as n calls of :meth:`record_step`, with one copy per
+        block, or none for rows written in place (:meth:`rows_to_fill`)."""
         n_rows = len(weights)
         if first_step != self._next_step or first_step + n_rows - 1 > self.layout.n_steps:
             self._refuse_steps(first_step, first_step + n_rows - 1)
@@ -157,12 +158,12 @@ class TrajectoryWriter:
             row = self._next_step - self._block_start
             take = min(n_rows - done, self._next_handoff - row)
             rows, given = slice(row, row + take), slice(done, done + take)
-            self._buffers["weights"][rows] = weights[given]
-            self._buffers["loss"][rows] = losses[given]
+            _put(self._buffers["weights"][rows], weights[given])
+            _put(self._buffers["loss"][rows], losses[given])
             if self.layout.bias:
-                self._buffers["bias"][rows] = biases[given]
+                _put(self._buffers["bias"][rows], biases[given])
             if self.layout.gradients:
-                self._buffers["gradients"][rows] = gradients[given]
+                _put(self._buffers["gradients"][rows], gradients[given])
                 if self._next_step == 0:  # step 0 has no gradient: NaN, like a row never written
                     self._buffers["gradients"][row] = np.nan
             self._next_step += take
@@ -238,7 +239,9 @@ class TrajectoryWriter:
         if n_rows == self.block_steps:
             self._hand_over()
             return
-        self._channel.take_arrived()
+        # Replies are taken once a block (_hand_over), not here: each look at the pipe is a
+        # system call, and on a VM a hand-off's calls cost the training thread about 100
+        # microseconds each. A failure is still raised within a block.
         self._channel.raise_failure()
         self._channel.send(WriteRows(self._slot, self._block_start, self._rows_handed, n_rows - self._rows_handed))
         self._rows_handed = n_rows
@@ -333,6 +336,29 @@ class _Channel:
             self.failure = self.failure or reply.reason
             return
         self.steps_done, self.finished = reply.steps_done, reply.finished
+
+
+# The rows an engine hands over (pipeline.trainer.BlockCallback), by the block buffers' (the arrays') names.
+_ROW_ARRAYS = {"weight": "weights", "loss": "loss", "bias": "bias", "gradient": "gradients"}
+
+
+# Only the rows recorded in a block are ever written, so block buffers need no filling.
+def _block_shapes(layout: StoreLayout, rows: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"weights": (rows, layout.n_classes, layout.n_pixels), "loss": (rows,)}
+    if layout.bias:
+        shapes["bias"] = (rows, layout.n_classes)
+    if layout.gradients:
+        shapes["gradients"] = (rows, layout.n_classes, layout.n_pixels)
+    if layout.resume_size:
+        shapes["resume_state"] = (layout.resume_size,)
+    return shapes
+
+
+def _put(target: np.ndarray, rows: np.ndarray) -> None:
+    """Copy ``rows`` into ``target``, unless they are already there (written in place)."""
+    if rows.__array_interface__["data"][0] != target.__array_interface__["data"][0] or rows.shape != target.shape \
+            or rows.strides != target.strides:
+        target[...] = rows
 
 
 def _prepare_target(path: Path, *, overwrite: bool) -> None:

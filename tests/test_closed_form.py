@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from weightlapse.pipeline.closed_form import ClosedFormSoftmaxRegression, flush_denormals, train_closed_form
-from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS
+from weightlapse.pipeline.closed_form import ClosedFormEngine, ClosedFormSoftmaxRegression, flush_denormals, train_closed_form
+from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS, Dataset, Split
+from weightlapse.pipeline.params import TrainParams
 from weightlapse.pipeline.idx import read_idx_file
 from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, train
 
@@ -135,3 +136,42 @@ def test_subnormals_are_flushed_only_while_the_engine_trains():
         assert (tiny * 1).item() == 0.0
     assert (tiny * 1).item() != 0.0  # the rest of the process keeps IEEE behaviour
 
+
+
+def test_the_engine_writing_rows_in_place_hands_over_the_rows_it_hands_step_by_step():
+    # With rows_to_fill (the train stage's), each step is written straight into lent rows
+    # and handed over a block at a time: the same rows, bit for bit, as step by step.
+    images, labels = digits_like(700)
+    config = TrainParams(optimizer="adam", lr=0.01, bias=True, epochs=2, batch_size=20)
+    dataset = Dataset("digits", Split(images, labels), Split(images, labels), {}, tuple("0123456789"))
+    by_step = {"weight": [], "loss": [], "bias": [], "gradient": []}
+    engine = ClosedFormEngine(config, dataset)
+
+    def on_step(step, loss):
+        for name, value in (("weight", engine.weight_now()), ("bias", engine.bias_now()),
+                            ("gradient", engine.gradient_now())):
+            by_step[name].append(value.copy())
+        by_step["loss"].append(np.float32(loss))
+
+    engine.train(on_step)
+    # the rows lent: 16 steps at a time, reused, as the writer's block buffers are
+    lent = [np.full((16, *shape), np.nan, np.float32) for shape in ((10, 784), (), (10,), (10, 784))]
+    blocks, in_place = [], {name: [] for name in by_step}
+    engine = ClosedFormEngine(config, dataset)
+
+    def rows_to_fill(first):
+        size = min(16, len(by_step["loss"]) - first)  # as the writer's rows stop at the run's end
+        return dict(zip(("weight", "loss", "bias", "gradient"), (values[:size] for values in lent)))
+
+    def on_block(first, rows):
+        blocks.append((first, len(rows["loss"])))
+        for name, values in rows.items():
+            in_place[name].extend(values.copy())
+
+    stepped = []
+    engine.train(lambda step, loss: stepped.append(step), on_block=on_block, rows_to_fill=rows_to_fill)
+    assert stepped == [0]  # only step 0 goes to on_step
+    assert [first for first, _ in blocks] == list(range(1, len(by_step["loss"]), 16))
+    for name in ("weight", "loss", "bias", "gradient"):
+        np.testing.assert_array_equal(np.stack(in_place[name]).view(np.int32), np.stack(by_step[name][1:]).view(np.int32),
+                                      err_msg=name)

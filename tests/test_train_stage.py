@@ -224,18 +224,26 @@ def test_only_runs_that_differ_in_seed_and_lr_stack(tmp_path, generated_data):
 
 @contextlib.contextmanager
 def crash_when_recording(*, step, monkeypatch):
-    """Training inside the block fails when it records ``step`` (as a bug or a full disk would)."""
-    original = TrajectoryWriter.record_step
+    """Training inside the block fails when it records ``step`` (as a bug or a full disk would),
+    whether the engine records it alone or with the rows around it (the numpy engine)."""
+    one, several = TrajectoryWriter.record_step, TrajectoryWriter.record_steps
 
-    def crashing(self, at, *args, **kwargs):
+    def crashing_one(self, at, *args, **kwargs):
         if at == step:
             raise RuntimeError("simulated crash")
-        return original(self, at, *args, **kwargs)
+        return one(self, at, *args, **kwargs)
 
-    monkeypatch.setattr(TrajectoryWriter, "record_step", crashing)
+    def crashing_several(self, first, weights, *args, **kwargs):
+        if first <= step < first + len(weights):
+            raise RuntimeError("simulated crash")
+        return several(self, first, weights, *args, **kwargs)
+
+    monkeypatch.setattr(TrajectoryWriter, "record_step", crashing_one)
+    monkeypatch.setattr(TrajectoryWriter, "record_steps", crashing_several)
     with pytest.raises(RuntimeError, match="simulated crash"):
         yield
-    monkeypatch.setattr(TrajectoryWriter, "record_step", original)
+    monkeypatch.setattr(TrajectoryWriter, "record_step", one)
+    monkeypatch.setattr(TrajectoryWriter, "record_steps", several)
 
 
 def test_a_sweep_task_stacks_new_runs_and_resumes_an_interrupted_one_alone(tmp_path, generated_data, monkeypatch,

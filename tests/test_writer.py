@@ -159,3 +159,39 @@ def test_recording_steps_a_block_at_a_time_writes_the_same_store(tmp_path):
     for name in ("weights", "loss", "bias", "gradients"):
         np.testing.assert_array_equal(one[name].values, blocks[name].values, err_msg=name)
     assert np.isnan(blocks.gradients.values[0]).all()
+
+
+def test_rows_an_engine_writes_in_place_are_the_rows_recorded(tmp_path):
+    # The numpy engine writes each step straight into the rows rows_to_fill lends, up to
+    # the next hand-off, then records them: the store is the one record_step writes.
+    rng = np.random.default_rng(4)
+    n = 100
+    weights = rng.standard_normal((n + 1, 10, 784)).astype(np.float32)
+    losses = rng.random(n + 1).astype(np.float32)
+    biases = rng.standard_normal((n + 1, 10)).astype(np.float32)
+    gradients = rng.standard_normal((n + 1, 10, 784)).astype(np.float32)
+    layout = StoreLayout(n_steps=n, eval_steps=(0, n), chunk_steps=8, bias=True, gradients=True)
+    with TrajectoryWriter(tmp_path / "one.zarr", layout, RunMetadata(run="x"), block_steps=32) as writer:
+        for step in range(n + 1):
+            writer.record_step(step, weights[step], losses[step], bias=biases[step],
+                               gradient=gradients[step] if step else None)
+    lent = []
+    with TrajectoryWriter(tmp_path / "in-place.zarr", layout, RunMetadata(run="x"), block_steps=32) as writer:
+        writer.record_step(0, weights[0], losses[0], bias=biases[0])
+        first = 1
+        while first <= n:
+            rows = writer.rows_to_fill(first)
+            size = len(rows["loss"])
+            lent.append((first, size))
+            given = slice(first, first + size)
+            for name, values in (("weight", weights), ("loss", losses), ("bias", biases), ("gradient", gradients)):
+                rows[name][:] = values[given]
+            writer.record_steps(first, rows["weight"], rows["loss"], biases=rows["bias"], gradients=rows["gradient"])
+            first += size
+        with pytest.raises(ValueError, match="past the planned"):
+            writer.rows_to_fill(n + 1)
+    # up to each hand-off (here the block's end: 32 rows), and no further than the run
+    assert lent == [(1, 31), (32, 32), (64, 32), (96, 5)]
+    one, in_place = open_run(tmp_path / "one.zarr"), open_run(tmp_path / "in-place.zarr")
+    for name in ("weights", "loss", "bias", "gradients"):
+        np.testing.assert_array_equal(one[name].values, in_place[name].values, err_msg=name)
