@@ -220,18 +220,22 @@ class DataStore:
                 self._travelled.put(key, cached)
         return cached
 
+    def _computed(self, cache: _Bounded, names: list[str], every: int, centre: bool):
+        """What ``cache`` holds for these runs as they are now, or None (also when one is gone)."""
+        try:
+            key = self._comparison_key(names, every, centre)
+        except (ValueError, OSError):
+            return None
+        with self._lock:
+            return cache.get(key)
+
     def _comparison_key(self, names: list[str], every: int, centre: bool) -> tuple:
         return (tuple((name, self.open(name).identity) for name in names), every, centre)
 
     def comparison(self, names: list[str], every: int, *, centre: bool = False):
         """The comparison of ``names`` (every ``every``-th step; of the centred weights with
         ``centre``) if computed, else None."""
-        try:
-            key = self._comparison_key(names, every, centre)
-        except (ValueError, OSError):
-            return None
-        with self._lock:
-            return self._comparisons.get(key)
+        return self._computed(self._comparisons, names, every, centre)
 
     def compute_comparison(self, names: list[str], every: int, *, centre: bool = False, progress=None):
         key = self._comparison_key(names, every, centre)
@@ -278,12 +282,7 @@ class DataStore:
     def predictions(self, names: list[str], every: int):
         """The comparison of the predictions of ``names`` (function_space.agreement_over_steps)
         if computed, else None."""
-        try:
-            key = self._comparison_key(names, every, False)
-        except (ValueError, OSError):
-            return None
-        with self._lock:
-            return self._predictions.get(key)
+        return self._computed(self._predictions, names, every, False)
 
     def compute_predictions(self, names: list[str], every: int, *, progress=None):
         key = self._comparison_key(names, every, False)
