@@ -269,7 +269,7 @@ def test_another_schema_version_is_named(tmp_path):
     write_store(path, random_rows(3))
     group = zarr.open_group(path, mode="r+")
     group.attrs["weightlapse"] = {**group.attrs["weightlapse"], "schema_version": 0}
-    with pytest.raises(TrajectoryError, match="schema version 0, this weightlapse reads version 1"):
+    with pytest.raises(TrajectoryError, match="schema version 0, this weightlapse reads versions 1 and 2"):
         open_store(path)
 
 
