@@ -41,6 +41,12 @@ from weightlapse.pipeline.store import STORE_NAME, RunMetadata
 from weightlapse.pipeline.store.network import NetworkLayout, ParameterSpec
 
 
+def stages_on_device(device: torch.device) -> bool:
+    """Whether rows go through a block on the device first: everywhere but the CPU, where a
+    step's copy goes straight into the host block."""
+    return device.type != "cpu"
+
+
 def recorded_tensors(model: torch.nn.Module) -> list[tuple[ParameterSpec, dict, str]]:
     """What a recorder records of ``model``, in its order: each parameter, then each float32
     buffer, as (spec, the owning module's ``_parameters`` or ``_buffers`` dict, key). The
@@ -89,13 +95,13 @@ class Recorder:
             self._exit.enter_context(exclusive_writer(self.run_dir))
             self._device_rows = self._device_block = None
             self.writer = NetworkWriter(self.run_dir / STORE_NAME, self.layout, metadata, overwrite=overwrite,
-                                        before_send=self._copy_rows if self.device.type != "cpu" else None)
+                                        before_send=self._copy_rows if stages_on_device(self.device) else None)
             self._exit.callback(self.writer.close, error="the recorder was not closed")
             # The block buffers, as tensors: row copies go through torch (no numpy round trip).
             self._host = [[torch.from_numpy(slot[spec.name]) for spec in self.layout.parameters]
                           for slot in self.writer.slots]
             self._host_loss = [torch.from_numpy(slot["loss"]) for slot in self.writer.slots]
-            if self.device.type != "cpu":
+            if stages_on_device(self.device):
                 rows = self.writer.block_steps
                 self._device_block = [torch.empty((rows, *spec.shape), dtype=torch.float32, device=self.device)
                                       for spec in self.layout.parameters]

@@ -143,35 +143,39 @@ def test_a_loop_that_fails_leaves_its_steps_readable_and_the_run_marked_failed(t
 
 
 def test_a_killed_process_keeps_every_committed_row_exactly(tmp_path):
-    # 350 steps of a 784-32-10 MLP: blocks of 160 steps, so two blocks are committed (the
-    # arrays grew past their first block) and the rest is lost with the process.
+    # Two blocks and a part of a third of a 784-32-10 MLP: the first two are committed (the
+    # arrays grew past their first block on the way), the rest is lost with the process.
+    store = tmp_path / "runs" / "killed" / STORE_NAME
     script = textwrap.dedent(f"""
         import json, os, pathlib, time, numpy as np, torch
         from weightlapse import Recorder
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(784, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        rec = Recorder({str(tmp_path / "runs" / "killed")!r}, model)
-        for t in range(1, 351):
+        rec = Recorder({str(store.parent)!r}, model)
+        last = 2 * rec.writer.block_steps - 1
+        for t in range(1, last + 31):
             opt.zero_grad(); torch.nn.functional.cross_entropy(model(torch.rand(20, 784)),
                                                                torch.randint(0, 10, (20,))).backward(); opt.step()
             rec.step()
-            if t == 319:
-                np.save({str(tmp_path / "row319.npy")!r}, model[0].weight.detach().numpy())
-        marker = pathlib.Path({str(tmp_path / "runs" / "killed" / "trajectory.zarr" / "zarr.json")!r})
+            if t == last:
+                np.save({str(tmp_path / "last.npy")!r}, model[0].weight.detach().numpy())
         deadline = time.monotonic() + 60  # until the writer has committed the blocks handed over
-        while json.loads(marker.read_text())["attributes"]["progress"]["steps_done"] < 319 \
+        marker = pathlib.Path({str(store / "zarr.json")!r})
+        while json.loads(marker.read_text())["attributes"]["progress"]["steps_done"] < last \\
                 and time.monotonic() < deadline:
             time.sleep(0.05)
+        print(last)
         os._exit(0)  # no close: as if killed
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-    checked = check_store(tmp_path / "runs" / "killed")
-    assert (checked.progress.steps_done, checked.progress.finished) == (319, False)
-    assert checked.array("0.weight").shape[0] >= 320  # grown, never cut: the run did not end
-    ds = open_run(tmp_path / "runs" / "killed")
-    assert ds.sizes["step"] == 320
-    assert ds["0.weight"][319].values.tobytes() == np.load(tmp_path / "row319.npy").tobytes()
+    last = int(subprocess.run([sys.executable, "-c", script], check=True, timeout=120, capture_output=True,
+                              text=True).stdout)
+    checked = check_store(store.parent)
+    assert (checked.progress.steps_done, checked.progress.finished) == (last, False)
+    assert checked.array("0.weight").shape[0] >= last + 1  # two blocks: grown past the one it was made with
+    ds = open_run(store.parent)
+    assert ds.sizes["step"] == last + 1
+    assert ds["0.weight"][last].values.tobytes() == np.load(tmp_path / "last.npy").tobytes()
     assert RunCatalog(tmp_path / "runs").describe("killed").state == "unfinished"
 
 
@@ -211,3 +215,66 @@ def test_the_viewer_says_it_does_not_replay_networks_yet(tmp_path):
                                               "softmax-regression runs so far"):
         catalog.open("mlp")
     assert weightlapse.Recorder is RecorderClass
+
+
+def record_mlp(run_dir, steps, *, device="cpu"):
+    """A 784-32-10 MLP trained ``steps`` steps with a recorder; the model's state at each step, on the host."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    states = {}
+    with Recorder(run_dir, model) as rec:
+        states[0] = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        for t in range(1, steps + 1):
+            x, y = torch.rand(20, 784, device=device), torch.randint(0, 10, (20,), device=device)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+            states[t] = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return {t: {name: tensor.cpu().numpy() for name, tensor in state.items()} for t, state in states.items()}
+
+
+def test_rows_staged_in_a_device_block_reach_the_store_exactly(tmp_path, monkeypatch):
+    # The GPU path (a device block, copied to the host once per hand-off), run on the CPU:
+    # every row, across hand-offs, blocks and the arrays' growth, bit for bit.
+    import weightlapse.pipeline.recorder as recorder
+
+    monkeypatch.setattr(recorder, "stages_on_device", lambda device: True)
+    states = record_mlp(tmp_path / "staged", 170)
+    ds = open_run(tmp_path / "staged").load()
+    for name in states[0]:
+        expected = np.stack([states[row][name] for row in range(171)])
+        assert ds[name].values.view(np.uint32).tobytes() == expected.view(np.uint32).tobytes(), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch here")
+def test_on_a_gpu_a_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    import weightlapse.pipeline.recorder as recorder
+
+    copy_rows = recorder.Recorder._copy_rows
+
+    def allowed_to_wait(self, *args):  # the once-per-hand-off copy to the host is the one wait
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            copy_rows(self, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    monkeypatch.setattr(recorder.Recorder, "_copy_rows", allowed_to_wait)
+    step = recorder.Recorder.step
+
+    def checked_step(self, loss=None):
+        torch.cuda.set_sync_debug_mode("error")  # a synchronising call in the step raises
+        try:
+            step(self, loss)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(recorder.Recorder, "step", checked_step)
+    states = record_mlp(tmp_path / "gpu", 200, device="cuda")
+    ds = open_run(tmp_path / "gpu")
+    for row in (0, 1, 200):
+        assert_row_is(ds, row, states[row])

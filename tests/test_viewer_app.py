@@ -409,3 +409,21 @@ def test_compare_mode_compares_predictions_on_the_held_out_images(tmp_path, gene
     viewer.state.compare_runs = ["adam-1", "adam-0"]
     asyncio.run(panel.compute())
     assert "missing" in panel.notice.object and panel.notice.alert_type == "danger"
+
+
+def test_a_recorded_network_is_listed_and_opening_it_says_what_the_viewer_shows(runs_dir):
+    import torch
+
+    from weightlapse import Recorder
+
+    with Recorder(runs_dir / "my-mlp", torch.nn.Sequential(torch.nn.Linear(784, 8), torch.nn.Linear(8, 10)),
+                  params={"lr": 0.01}) as rec:
+        rec.step(loss=1.0)
+    viewer, _ = viewer_on(runs_dir, run="my-mlp")
+    assert "my-mlp" in viewer.picker.run_select.options and "my-mlp" in viewer.picker.table.object
+    notice = html.unescape(viewer.tiles.notice.object)
+    assert "records a network (layers 0.weight (8, 784)" in notice
+    assert "the viewer shows softmax-regression runs so far" in notice and "Traceback" not in notice
+    viewer.state.run = "alpha"  # the other runs replay as before
+    assert "records a network" not in html.unescape(viewer.tiles.notice.object)
+    assert not blank(viewer_on(runs_dir, run="alpha")[1])

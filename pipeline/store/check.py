@@ -256,9 +256,9 @@ def _check_network(location: Location, group: zarr.Group, where: str) -> Checked
                                   f"{array.metadata.dimension_names}, expected Zarr v3 {dtype} {dims}: the store is "
                                   "not weightlapse's or is damaged: record the run again")
         if tuple(array.shape[1:]) != shape or not rows <= array.shape[0] <= MAX_STEPS + 1:
-            raise TrajectoryError(f"{where}: array {name!r} has shape {array.shape}, expected (steps, *{shape}) "
-                                  f"with at least the {rows:,} rows its progress marker commits: the store is "
-                                  "damaged: record the run again")
+            raise TrajectoryError(f"{where}: array {name!r} has shape {array.shape}, expected at least the {rows:,} "
+                                  f"rows its progress marker commits (at most {MAX_STEPS + 1:,}), each of shape "
+                                  f"{shape}: the store is damaged: record the run again")
         _check_encoding(array, name, where)
     _check_chunks_present(location, arrays, {name: (0, rows) for name in arrays}, where)
     return CheckedStore(location, group, RunMetadata.parse(meta), progress, (location.url, "store", store_id),

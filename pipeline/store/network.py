@@ -46,7 +46,9 @@ MAX_PARAMETER_NDIM = 8
 MAX_PARAMETER_VALUES = MAX_CHUNK_BYTES // 4
 # Steps per chunk: as many as make about CHUNK_BYTES, a power of two, at most
 # MAX_CHUNK_STEPS (a small parameter's chunk is rewritten whole with each block until full).
-CHUNK_BYTES = 2 * 2**20
+# Longer chunks cost the store writer less per step (a transpose across more steps
+# compresses better, and fewer files are written): docs/benchmarks.md.
+CHUNK_BYTES = 8 * 2**20
 MAX_CHUNK_STEPS = 256
 # The axes a parameter's dimensions are named after, by its number of axes (a Linear weight
 # is (out, in), a convolution's (out, in, kh, kw)); other shapes get dim0, dim1, ...
