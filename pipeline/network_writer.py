@@ -23,9 +23,14 @@ import zarr
 
 from weightlapse.pipeline.chunkwriter import ChunkWriter
 from weightlapse.pipeline.handoff import WriterProcess, WriterThread, shared_buffers
-from weightlapse.pipeline.store import Progress, RunMetadata, marker_time
-from weightlapse.pipeline.store.create import consolidate, create_network_store
-from weightlapse.pipeline.store.network import NetworkLayout
+from weightlapse.pipeline.store import (
+    NetworkLayout,
+    Progress,
+    RunMetadata,
+    consolidate,
+    create_network_store,
+    marker_time,
+)
 
 # The v1 writer's channel and target preparation, shared as they are: one protocol, one rule
 # for what may be written over.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import platform
 import sys
@@ -37,8 +38,9 @@ import torch
 from weightlapse import __version__
 from weightlapse.pipeline.network_writer import NetworkWriter
 from weightlapse.pipeline.runlock import exclusive_writer
-from weightlapse.pipeline.store import STORE_NAME, RunMetadata
-from weightlapse.pipeline.store.network import NetworkLayout, ParameterSpec
+from weightlapse.pipeline.store import STORE_NAME, NetworkLayout, ParameterSpec, RunMetadata
+
+log = logging.getLogger(__name__)
 
 
 def stages_on_device(device: torch.device) -> bool:
@@ -141,8 +143,10 @@ class Recorder:
         if exc is None:
             self.close()
             return
-        with contextlib.suppress(Exception):  # the loop's own exception is the one to report
+        try:
             self.close(error=f"{exc_type.__name__}: {exc}")
+        except Exception as error:  # noqa: BLE001 - the loop's own exception is the one to report
+            log.warning("%s: the failure could not be recorded in the store either (%s)", self.run_dir, error)
 
     def _tensor(self, index: int) -> torch.Tensor:
         _, owner, key = self._tensors[index]

@@ -214,6 +214,8 @@ def test_the_viewer_says_it_does_not_replay_networks_yet(tmp_path):
     with pytest.raises(TrajectoryError, match=r"records a network \(layers 0.weight \(8, 784\), .*the viewer shows "
                                               "softmax-regression runs so far"):
         catalog.open("mlp")
+    with pytest.raises(TrajectoryError, match="weightlapse compact compacts softmax-regression runs so far"):
+        weightlapse.compact_run(tmp_path / "runs" / "mlp")
     assert weightlapse.Recorder is RecorderClass
 
 

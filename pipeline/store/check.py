@@ -82,10 +82,11 @@ class CheckedStore:
 
     def require_matrix(self, reader: str) -> None:
         """Raise a :class:`TrajectoryError` if this store records a network, which ``reader``
-        (a softmax-regression reader: its (step, class, pixel) weights) cannot show."""
+        (a reader of softmax-regression runs' (step, class, pixel) weights, with its verb:
+        "the viewer shows") cannot read."""
         if self.network is not None:
             raise TrajectoryError(f"{self.location}: this run records a network (layers {self.network.describe()}); "
-                                  f"{reader} shows softmax-regression runs so far: read it with "
+                                  f"{reader} softmax-regression runs so far: read it with "
                                   "weightlapse.open_run, which gives every parameter's steps")
 
 

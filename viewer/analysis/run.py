@@ -50,7 +50,7 @@ class Run:
         self._load(check_store(self.store))
 
     def _load(self, checked: CheckedStore) -> None:
-        checked.require_matrix("the viewer")
+        checked.require_matrix("the viewer shows")
         weights = checked.array("weights")
         with self._lock:
             self._checked = checked
