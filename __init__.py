@@ -9,6 +9,8 @@ so ``import weightlapse`` stays light::
     ds = weightlapse.open_run("runs/original")              # lazy xarray Dataset of the valid steps
     catalog = weightlapse.RunCatalog("runs")                 # the runs index, runs opened by name
     stats = weightlapse.change_statistics(ds.weights)        # per-pixel change statistics (dask)
+    with weightlapse.Recorder("runs/my-mlp", model) as rec:  # record your own PyTorch loop
+        ...
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _PUBLIC = {
     "TrajectoryNotFoundError": "weightlapse.pipeline.store",
     "publish_run": "weightlapse.pipeline.locations",
     "compact_run": "weightlapse.pipeline.compact",
+    "Recorder": "weightlapse.pipeline.recorder",
     "RunCatalog": "weightlapse.viewer.analysis.runs",
     "RunNotFoundError": "weightlapse.viewer.analysis.runs",
     "change_statistics": "weightlapse.viewer.analysis.stats",

@@ -66,6 +66,7 @@ def compact_run(run_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
     try:
         with exclusive_writer(run_dir):
             checked = check_store(store)
+            checked.require_matrix("weightlapse compact compacts")
             if not checked.progress.finished:
                 raise TrajectoryError(f"{store}: the run is not finished (steps done {checked.progress.steps_done:,} of "
                                       f"{checked.progress.n_steps:,}); finish or resume it (`dvc repro`), then compact it")

@@ -40,6 +40,7 @@ TESTED_ELSEWHERE = {
     "pipeline/numpy_optimizers.py": "test_optimizers.py: each against torch's optimizer, step by step",
     "pipeline/writer_messages.py": "test_store_writer.py: the messages as the store writer carries them out",
     "pipeline/handoff.py": "test_store_writer.py and test_crash_safety.py: the transport under a killed trainer",
+    "pipeline/network_writer.py": "test_recorder.py: the network store written through the Recorder, killed too",
     "pipeline/chunkwriter.py": "test_store_writer.py and test_faults.py: atomic chunks, full disks, bad files",
     "pipeline/params_values.py": "test_params.py: each check through the params.yaml a user writes",
     "pipeline/safe_yaml.py": "test_params.py: the YAML guard through the params a user writes",

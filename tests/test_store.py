@@ -269,7 +269,7 @@ def test_another_schema_version_is_named(tmp_path):
     write_store(path, random_rows(3))
     group = zarr.open_group(path, mode="r+")
     group.attrs["weightlapse"] = {**group.attrs["weightlapse"], "schema_version": 0}
-    with pytest.raises(TrajectoryError, match="schema version 0, this weightlapse reads version 1"):
+    with pytest.raises(TrajectoryError, match="schema version 0, this weightlapse reads versions 1 and 2"):
         open_store(path)
 
 
@@ -361,3 +361,86 @@ def test_the_writer_takes_typed_metadata_only(tmp_path):
     with pytest.raises(TypeError, match="a store's metadata is a RunMetadata, got dict"):
         TrajectoryWriter(tmp_path / STORE_NAME, StoreLayout(n_steps=3, eval_steps=(0,)), {"run": "x"})
     assert not (tmp_path / STORE_NAME).exists()
+
+
+# -- schema version 2: a network store (pipeline/store/network.py), as weightlapse.Recorder writes it
+
+
+@pytest.fixture
+def network_run(tmp_path):
+    import torch
+
+    from weightlapse import Recorder
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
+    with Recorder(tmp_path / "runs" / "net", model) as rec:
+        for _ in range(5):
+            with torch.no_grad():
+                model[0].weight.mul_(0.5)
+            rec.step(loss=0.25)
+    return tmp_path / "runs" / "net"
+
+
+def edit_parameters(run, change) -> None:
+    edit_json(run / STORE_NAME / "zarr.json", lambda doc: change(doc["attributes"]["weightlapse"]["parameters"]))
+
+
+def rename_first(name):
+    def change(parameters):
+        parameters[0]["name"] = name
+        parameters[0]["dims"] = ["step", f"{name}.out", f"{name}.in"]
+    return change
+
+
+NETWORK_ATTACKS = {
+    "parameter list not a list": lambda run: edit_parameters(run, lambda ps: ps.clear() or ps.append("x")),
+    "parameter list missing": lambda run: edit_json(run / STORE_NAME / "zarr.json", lambda doc: doc["attributes"][
+        "weightlapse"].pop("parameters")),
+    "empty parameter list": lambda run: edit_parameters(run, lambda ps: ps.clear()),
+    "entry without dims": lambda run: edit_parameters(run, lambda ps: ps[0].pop("dims")),
+    "name with a slash": lambda run: edit_parameters(run, rename_first("0/weight")),
+    "name going up": lambda run: edit_parameters(run, rename_first("../../etc")),
+    "zarr's reserved name": lambda run: edit_parameters(run, rename_first("__weight")),
+    "name of the loss array": lambda run: edit_parameters(run, rename_first("loss")),
+    "name used twice": lambda run: edit_parameters(run, lambda ps: ps.__setitem__(1, dict(ps[0]))),
+    "huge shape": lambda run: edit_parameters(run, lambda ps: ps[0].update(shape=[10**9, 10**9])),
+    "shape of floats": lambda run: edit_parameters(run, lambda ps: ps[0].update(shape=[4.0, 6.0])),
+    "many axes": lambda run: edit_parameters(run, lambda ps: ps[0].update(shape=[1] * 40)),
+    "unknown role": lambda run: edit_parameters(run, lambda ps: ps[0].update(role="exec")),
+    "wrong dims": lambda run: edit_parameters(run, lambda ps: ps[0].update(dims=["step", "a", "b"])),
+    "array shape not as listed": lambda run: edit_array(run, "0.weight", lambda doc: doc.update(shape=[6, 4, 7])),
+    "fewer rows than committed": lambda run: edit_array(run, "0.weight", lambda doc: doc.update(shape=[3, 4, 6])),
+    "absurd rows": lambda run: edit_array(run, "loss", lambda doc: doc.update(shape=[10**12])),
+    "parameter array missing": lambda run: shutil.rmtree(run / STORE_NAME / "1.bias"),
+    "committed chunk missing": lambda run: shutil.rmtree(run / STORE_NAME / "0.weight" / "c"),
+    "foreign codec": lambda run: edit_array(run, "1.weight", lambda doc: doc["codecs"].append(
+        {"name": "evil.exec", "configuration": {}})),
+    "no store id": lambda run: edit_json(run / STORE_NAME / "zarr.json", lambda doc: doc["attributes"][
+        "weightlapse"].pop("store_id")),
+}
+
+
+def test_a_network_store_opens_through_the_same_api(network_run):
+    checked = check_store(network_run)
+    assert [spec.name for spec in checked.network.parameters] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert check_store(network_run).identity == checked.identity  # the same store
+    ds = open_run(network_run)
+    assert ds["0.weight"].dims == ("step", "0.weight.out", "0.weight.in") and ds.sizes["step"] == 6
+    assert np.array_equal(ds["0.weight"][5].values, ds["0.weight"][0].values / 32)
+    assert read_progress(network_run) == {"steps_done": 5, "n_steps": 5, "evals_done": 0, "finished": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = xr.open_zarr(network_run / STORE_NAME)
+    assert plain["0.weight"].dims == ds["0.weight"].dims and np.array_equal(plain.loss[1:].values, [0.25] * 5)
+
+
+@pytest.mark.parametrize("attack", sorted(NETWORK_ATTACKS))
+def test_a_hostile_network_store_is_refused_with_the_projects_error(network_run, attack):
+    NETWORK_ATTACKS[attack](network_run)
+    for read in (check_store, open_run):
+        with pytest.raises(TrajectoryError) as caught:
+            read(network_run)
+        message = str(caught.value)
+        assert str(network_run) in message and len(message) < 800, message
+    assert RunCatalog(network_run.parent).describe("net").state == "broken"

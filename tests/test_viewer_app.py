@@ -463,3 +463,21 @@ def test_the_grid_grows_with_the_window_keeping_its_tiles_square(runs_dir):
         assert figure.frame_width == 5 * grid_tile_px(window)
         assert figure.frame_height / figure.frame_width == pytest.approx(ratio, rel=0.01)
     assert widths[1280] < widths[1920] <= widths[3840] == 5 * MAX_TILE_PX
+
+
+def test_a_recorded_network_is_listed_and_opening_it_says_what_the_viewer_shows(runs_dir):
+    import torch
+
+    from weightlapse import Recorder
+
+    with Recorder(runs_dir / "my-mlp", torch.nn.Sequential(torch.nn.Linear(784, 8), torch.nn.Linear(8, 10)),
+                  params={"lr": 0.01}) as rec:
+        rec.step(loss=1.0)
+    viewer, _ = viewer_on(runs_dir, run="my-mlp")
+    assert "my-mlp" in viewer.picker.run_select.options and "my-mlp" in viewer.picker.table.object
+    notice = html.unescape(viewer.tiles.notice.object)
+    assert "records a network (layers 0.weight (8, 784)" in notice
+    assert "the viewer shows softmax-regression runs so far" in notice and "Traceback" not in notice
+    viewer.state.run = "alpha"  # the other runs replay as before
+    assert "records a network" not in html.unescape(viewer.tiles.notice.object)
+    assert not blank(viewer_on(runs_dir, run="alpha")[1])

@@ -4,7 +4,8 @@ the validating reader. Everything a reader (or the writer) needs is imported fro
     from weightlapse.pipeline.store import check_store, open_run
 
 Inside, one job per module: :mod:`.format` (names, arrays, codecs, limits, errors, the
-:class:`StoreLayout`), :mod:`.attributes` (the typed :class:`Progress` and
+:class:`StoreLayout`), :mod:`.network` (schema version 2: a network's parameters, one array
+each), :mod:`.attributes` (the typed :class:`Progress` and
 :class:`RunMetadata`), :mod:`.create` (creating a store), :mod:`.links` (never reading
 through a symbolic link), :mod:`.check` (the validating reader, :func:`check_store`) and
 :mod:`.dataset` (:func:`open_run` and dask arrays over a checked store) and :mod:`.history`
@@ -23,7 +24,7 @@ from weightlapse.pipeline.store.check import (
     recheck_store,
     store_location,
 )
-from weightlapse.pipeline.store.create import create_store
+from weightlapse.pipeline.store.create import consolidate, create_network_store, create_store
 from weightlapse.pipeline.store.dataset import DASK_BLOCK_STEPS, dask_steps, open_run, pixel_coords, read_progress
 from weightlapse.pipeline.store.history import (
     HISTORY_NAME,
@@ -56,12 +57,21 @@ from weightlapse.pipeline.store.format import (
     step_series_codecs,
 )
 from weightlapse.pipeline.store.links import refuse_link_out, refuse_links
+from weightlapse.pipeline.store.network import (
+    NETWORK_SCHEMA_VERSION,
+    NetworkLayout,
+    ParameterSpec,
+    parse_parameters,
+)
 
 __all__ = [
-    "ALLOWED_CODECS", "ARRAYS", "CODECS", "DASK_BLOCK_STEPS", "HISTORY_NAME", "IMAGE_SIDE", "MAX_CHUNK_BYTES", "MAX_METADATA_BYTES",
-    "MAX_STEPS", "N_CLASSES", "N_PIXELS", "REQUIRED_ARRAYS", "SCALAR_CHUNK", "SCHEMA", "SCHEMA_VERSION",
-    "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore", "PixelHistory", "Progress", "RunMetadata", "StoreBeingCreatedError",
-    "StaleHistoryError", "StoreLayout", "TrajectoryError", "TrajectoryNotFoundError", "check_store", "codec_chain_problem", "create_store", "damaged",
-    "dask_steps", "marker_time", "open_history", "open_run", "open_store", "pixel_coords", "quiet_numcodecs", "read_identity", "read_progress",
+    "ALLOWED_CODECS", "ARRAYS", "CODECS", "DASK_BLOCK_STEPS", "HISTORY_NAME", "IMAGE_SIDE", "MAX_CHUNK_BYTES",
+    "MAX_METADATA_BYTES", "MAX_STEPS", "NETWORK_SCHEMA_VERSION", "N_CLASSES", "N_PIXELS", "REQUIRED_ARRAYS",
+    "SCALAR_CHUNK", "SCHEMA", "SCHEMA_VERSION", "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore",
+    "NetworkLayout", "ParameterSpec", "PixelHistory", "Progress", "RunMetadata", "StaleHistoryError",
+    "StoreBeingCreatedError", "StoreLayout", "TrajectoryError", "TrajectoryNotFoundError", "check_store",
+    "codec_chain_problem", "consolidate", "create_network_store", "create_store", "damaged", "dask_steps",
+    "marker_time", "open_history", "open_run", "open_store", "parse_parameters", "pixel_coords", "quiet_numcodecs",
+    "read_identity", "read_progress",
     "recheck_store", "refuse_link_out", "refuse_links", "step_series_codecs", "store_location",
 ]

@@ -11,7 +11,9 @@ publishing) reads it through :func:`check_store`, which checks, before any chunk
   by 784 pixels today), a chunking that bounds one chunk to ``MAX_CHUNK_BYTES``, and one of
   the codec chains weightlapse writes (``format.codec_chain_problem``);
 - every chunk holding a committed row is a file in the store (a missing one would read as
-  NaN rows), and no path that is read goes through a symbolic link.
+  NaN rows), and no path that is read goes through a symbolic link;
+- a network store (schema version 2) has a valid parameter list (names, shapes, roles,
+  dims, bounded sizes: ``network.parse_parameters``) and one array per parameter as listed.
 
 Each array is read from its own ``zarr.json``, never from the consolidated copy in the
 group's (kept for plain ``xarray.open_zarr``), so what is checked is what is read.
@@ -38,6 +40,7 @@ from weightlapse.pipeline.store.format import (
     ARRAYS,
     MAX_CHUNK_BYTES,
     MAX_METADATA_BYTES,
+    MAX_STEPS,
     N_CLASSES,
     N_PIXELS,
     REQUIRED_ARRAYS,
@@ -52,6 +55,7 @@ from weightlapse.pipeline.store.format import (
     shown,
 )
 from weightlapse.pipeline.store.links import refuse_links
+from weightlapse.pipeline.store.network import NETWORK_SCHEMA_VERSION, NetworkLayout, parse_parameters
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class CheckedStore:
     # Changes whenever the store is created anew (a retrained run), never while it is
     # written: caches of its chunks are keyed by it.
     identity: tuple
+    # A network store's parameters (schema version 2); None for a softmax-regression run (version 1).
+    network: NetworkLayout | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -73,6 +79,15 @@ class CheckedStore:
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
+
+    def require_matrix(self, reader: str) -> None:
+        """Raise a :class:`TrajectoryError` if this store records a network, which ``reader``
+        (a reader of softmax-regression runs' (step, class, pixel) weights, with its verb:
+        "the viewer shows") cannot read."""
+        if self.network is not None:
+            raise TrajectoryError(f"{self.location}: this run records a network (layers {self.network.describe()}); "
+                                  f"{reader} softmax-regression runs so far: read it with "
+                                  "weightlapse.open_run, which gives every parameter's steps")
 
 
 def store_location(path: str | os.PathLike | Location, storage_options: dict[str, Any] | None = None) -> Location:
@@ -107,10 +122,11 @@ def open_store(path: str | os.PathLike | Location, storage_options: dict[str, An
             f"{location}: a Zarr store, but not a weightlapse trajectory (schema {shown(schema)}); "
             "point at a runs/<run>/trajectory.zarr written by `dvc repro`"
         )
-    if version != SCHEMA_VERSION:
+    if version not in (SCHEMA_VERSION, NETWORK_SCHEMA_VERSION) or isinstance(version, bool):
         raise TrajectoryError(
-            f"{location}: written with store schema version {shown(version)}, this weightlapse reads version "
-            f"{SCHEMA_VERSION}; retrain the run (`dvc repro`) or use the weightlapse version that wrote it"
+            f"{location}: written with store schema version {shown(version)}, this weightlapse reads versions "
+            f"{SCHEMA_VERSION} and {NETWORK_SCHEMA_VERSION}; retrain the run (`dvc repro`) or use the weightlapse "
+            "version that wrote it"
         )
     return group
 
@@ -121,6 +137,8 @@ def check_store(path: str | os.PathLike | Location, storage_options: dict[str, A
     location = store_location(path, storage_options)
     group = open_store(location)
     where = str(location)
+    if group.attrs["weightlapse"].get("schema_version") == NETWORK_SCHEMA_VERSION:
+        return _check_network(location, group, where)
     progress = Progress.parse(group.attrs.get("progress"), where)
     arrays = {}
     for name in ARRAYS:
@@ -144,7 +162,7 @@ def recheck_store(previous: CheckedStore) -> CheckedStore:
     marker and the chunks of the steps committed since ``previous`` are checked; a store
     created anew since is checked whole."""
     location, where = previous.location, str(previous.location)
-    if read_identity(location) != previous.identity:
+    if previous.network is not None or read_identity(location) != previous.identity:
         return check_store(location)
     group = open_store(location)
     arrays = {name: group[name] for name in ARRAYS if name in previous.group}
@@ -217,13 +235,46 @@ def _check_array(array: zarr.Array, name: str, rows: int, n_evals: int, where: s
     elif array.shape != expected:
         raise TrajectoryError(f"{where}: array {name!r} has shape {array.shape}, expected {expected} for the "
                               f"{rows - 1:,} steps its progress marker plans: the store is damaged: retrain the run")
+    _check_encoding(array, name, where, steps_only=name != "resume_state")
+
+
+def _check_network(location: Location, group: zarr.Group, where: str) -> CheckedStore:
+    """:func:`check_store` for a network store (schema version 2, pipeline/store/network.py)."""
+    meta = dict(group.attrs["weightlapse"])
+    network = parse_parameters(meta.get("parameters"), where)
+    store_id = meta.get("store_id")
+    if not isinstance(store_id, str) or not 0 < len(store_id) <= 64:
+        raise TrajectoryError(f"{where}: the store's store_id is {shown(store_id)}, not an id: the store was not "
+                              "written by weightlapse")
+    progress = Progress.parse(group.attrs.get("progress"), where)
+    rows, arrays = progress.steps_done + 1, {}
+    expected = [(spec.name, "float32", spec.dims, spec.shape) for spec in network.parameters]
+    for name, dtype, dims, shape in [*expected, ("loss", "float32", ("step",), ()), ("step", "int64", ("step",), ())]:
+        array = arrays[name] = _open_array(group, name, where, being_created=rows == 0)
+        if getattr(array.metadata, "zarr_format", None) != 3 or str(array.dtype) != dtype \
+                or tuple(array.metadata.dimension_names or ()) != dims:
+            raise TrajectoryError(f"{where}: array {name!r} is {array.dtype} with dimensions "
+                                  f"{array.metadata.dimension_names}, expected Zarr v3 {dtype} {dims}: the store is "
+                                  "not weightlapse's or is damaged: record the run again")
+        if tuple(array.shape[1:]) != shape or not rows <= array.shape[0] <= MAX_STEPS + 1:
+            raise TrajectoryError(f"{where}: array {name!r} has shape {array.shape}, expected at least the {rows:,} "
+                                  f"rows its progress marker commits (at most {MAX_STEPS + 1:,}), each of shape "
+                                  f"{shape}: the store is damaged: record the run again")
+        _check_encoding(array, name, where)
+    _check_chunks_present(location, arrays, {name: (0, rows) for name in arrays}, where)
+    return CheckedStore(location, group, RunMetadata.parse(meta), progress, (location.url, "store", store_id),
+                        network=network)
+
+
+def _check_encoding(array: zarr.Array, name: str, where: str, *, steps_only: bool = True) -> None:
+    """Chunked along steps only (``steps_only``), a bounded chunk, a codec chain weightlapse writes."""
     chunks = tuple(array.chunks)
-    if any(c < 1 for c in chunks) or chunks[1:] != tuple(array.shape[1:]) and name != "resume_state":
+    if any(c < 1 for c in chunks) or chunks[1:] != tuple(array.shape[1:]) and steps_only:
         raise TrajectoryError(f"{where}: array {name!r} is chunked {chunks}; weightlapse chunks along steps only")
     if math.prod(chunks) * array.dtype.itemsize > MAX_CHUNK_BYTES:
         raise TrajectoryError(f"{where}: array {name!r} has chunks of {chunks} ({math.prod(chunks) * 4:,} bytes), "
                               f"over the {MAX_CHUNK_BYTES:,}-byte limit: the store is not weightlapse's")
-    problem = codec_chain_problem(tuple(metadata.codecs))
+    problem = codec_chain_problem(tuple(array.metadata.codecs))
     if problem:
         raise TrajectoryError(f"{where}: array {name!r} uses {problem}; weightlapse reads only the codec chains it "
                               "writes (a transpose, then bytes with Zarr v3 core codecs or Blosc, or numcodecs.pcodec "

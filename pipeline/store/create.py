@@ -17,6 +17,7 @@ import numpy as np
 import zarr
 
 from weightlapse.pipeline.store.attributes import Progress, RunMetadata, marker_time
+from weightlapse.pipeline.store.network import NETWORK_SCHEMA_VERSION, NetworkLayout
 from weightlapse.pipeline.store.format import (
     SCALAR_CHUNK,
     SCHEMA,
@@ -68,6 +69,36 @@ def create_store(path: str | Path, layout: StoreLayout, metadata: RunMetadata) -
     eval_step = group.create_array("eval_step", shape=(n_evals,), chunks=(max(n_evals, 1),), dtype="int64",
                                    fill_value=-1, dimension_names=("eval_step",))
     eval_step[:] = np.asarray(layout.eval_steps, dtype=np.int64)
+    return consolidate(group)
+
+
+def create_network_store(path: str | Path, layout: NetworkLayout, metadata: RunMetadata, *, rows: int,
+                         store_id: str) -> zarr.Group:
+    """Create a network store (schema version 2) at ``path`` (which must not exist), its arrays
+    ``rows`` long to begin with, no step committed yet. ``store_id`` tells this store from one
+    created in its place later (its arrays' metadata changes as they grow, unlike version 1's)."""
+    if not isinstance(metadata, RunMetadata):
+        raise TypeError(f"a store's metadata is a RunMetadata, got {type(metadata).__name__}")
+    group = zarr.open_group(path, mode="w-", zarr_format=3, attributes={
+        "weightlapse": {"schema": SCHEMA, "schema_version": NETWORK_SCHEMA_VERSION, "store_id": store_id,
+                        "parameters": [spec.as_dict() for spec in layout.parameters], **metadata.to_attributes()},
+        "progress": Progress(steps_done=-1, n_steps=0, evals_done=0, finished=False, updated=marker_time()).as_dict(),
+    })
+    with quiet_numcodecs():
+        for spec in layout.parameters:
+            group.create_array(spec.name, shape=(rows, *spec.shape), chunks=(spec.chunk_steps, *spec.shape),
+                               dtype="float32", fill_value=np.nan, dimension_names=spec.dims,
+                               **step_series_codecs(len(spec.shape) + 1))
+        group.create_array("loss", shape=(rows,), chunks=(SCALAR_CHUNK,), dtype="float32", fill_value=np.nan,
+                           dimension_names=("step",), **step_series_codecs(1))
+    step = group.create_array("step", shape=(rows,), chunks=(SCALAR_CHUNK,), dtype="int64", fill_value=-1,
+                              dimension_names=("step",))
+    step[:] = np.arange(rows, dtype=np.int64)
+    return consolidate(group)
+
+
+def consolidate(group: zarr.Group) -> zarr.Group:
+    """Copy the arrays' metadata into the group's zarr.json (one atomic rewrite); the group as it is now."""
     with warnings.catch_warnings():
         # zarr notes that consolidated metadata is not in the Zarr v3 spec yet; xarray and zarr-python
         # read it, and a reader that ignores it reads each array's own zarr.json.

@@ -15,7 +15,7 @@ import zarr
 
 from weightlapse.pipeline.locations import Location
 from weightlapse.pipeline.store.attributes import Progress
-from weightlapse.pipeline.store.check import CheckedSteps, check_store, open_store, store_location
+from weightlapse.pipeline.store.check import CheckedSteps, CheckedStore, check_store, open_store, store_location
 from weightlapse.pipeline.store.format import IMAGE_SIDE, TrajectoryError, quiet_numcodecs
 
 # Steps per dask task when reading weights for analysis (16 MB of float32 weights).
@@ -38,9 +38,13 @@ def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None
     The store is checked first (:func:`~weightlapse.pipeline.store.check_store`); only steps up to the
     progress marker are included, so a run still being written reads as the shorter run it
     is so far. Weights are read only when computed; a damaged chunk raises TrajectoryError
-    for its steps.
+    for its steps. A network run (schema version 2, recorded by ``Recorder``) has one
+    variable per parameter (``fc1.weight`` with dims ``(step, fc1.weight.out, fc1.weight.in)``)
+    and ``loss``, in the model's order.
     """
     checked = check_store(path, storage_options)
+    if checked.network is not None:
+        return _open_network(checked)
     group, progress = checked.group, checked.progress
     try:
         with quiet_numcodecs():
@@ -55,6 +59,21 @@ def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None
                                                      where=str(checked.location), finite=name == "weights"))
     ds.attrs["progress"] = progress.as_dict()
     return ds.assign_coords({"class": np.arange(ds.sizes["class"]), **pixel_coords(ds.sizes["pixel"])})
+
+
+def _open_network(checked: CheckedStore) -> xr.Dataset:
+    """A network store (schema version 2) as a Dataset: one variable per parameter, each with
+    its own dimensions, and the loss, over its committed steps. Built from each array's own
+    metadata (an array may be longer than the committed rows while the run grows)."""
+    rows, where = checked.progress.steps_done + 1, str(checked.location)
+    # A parameter may legitimately hold NaN (a diverged loop): only undecodable chunks are damage.
+    variables = {spec.name: (spec.dims, dask_steps(checked.array(spec.name), n_rows=rows, where=where, finite=False))
+                 for spec in checked.network.parameters}
+    variables["loss"] = (("step",), dask_steps(checked.array("loss"), n_rows=rows, where=where, finite=False))
+    ds = xr.Dataset(variables, coords={"step": np.arange(rows, dtype=np.int64)})
+    ds.attrs["weightlapse"] = checked.meta
+    ds.attrs["progress"] = checked.progress.as_dict()
+    return ds
 
 
 def dask_steps(array: zarr.Array, *, n_rows: int | None = None, where: str | None = None,

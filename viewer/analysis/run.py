@@ -69,6 +69,7 @@ class Run:
         self._load(check_store(self.store))
 
     def _load(self, checked: CheckedStore) -> None:
+        checked.require_matrix("the viewer shows")
         weights = checked.array("weights")
         with self._lock:
             self._checked = checked
