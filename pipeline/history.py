@@ -81,6 +81,7 @@ def build_history_locked(run_dir: Path, *, shard_steps: int = HISTORY_SHARD_STEP
     started = time.perf_counter()
     _refuse_links(run_dir)
     checked = check_store(run_dir / STORE_NAME)
+    checked.require_matrix("the pixel history covers")
     steps = covered_steps(checked)
     if steps < 1:
         return None

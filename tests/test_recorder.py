@@ -217,6 +217,21 @@ def test_the_viewer_says_it_does_not_replay_networks_yet(tmp_path):
     with pytest.raises(TrajectoryError, match="weightlapse compact compacts softmax-regression runs so far"):
         weightlapse.compact_run(tmp_path / "runs" / "mlp")
     assert weightlapse.Recorder is RecorderClass
+    # the commands for softmax-regression runs say so too, in one line, without a traceback
+    from weightlapse.pipeline import history
+    from weightlapse.viewer.analysis import compare, function_space, stats
+
+    runs = tmp_path / "runs"
+    for main, argv, reader in ((stats.main, [str(runs / "mlp"), "--out", str(tmp_path / "s.zarr")],
+                                "per-pixel statistics cover"),
+                               (compare.main, [str(runs), "--runs", "mlp", "mlp", "--out", str(tmp_path / "c.zarr")],
+                                "comparisons cover"),
+                               (function_space.main, [str(runs), "--runs", "mlp", "mlp", "--out",
+                                                      str(tmp_path / "f.zarr")], "comparisons of predictions cover"),
+                               (history.main, [str(runs / "mlp")], "the pixel history covers")):
+        assert main(argv) == 1
+    with pytest.raises(TrajectoryError, match=f"records a network .*{reader} softmax-regression runs so far"):
+        history.build_history(runs / "mlp")
 
 
 def record_mlp(run_dir, steps, *, device="cpu"):

@@ -30,7 +30,8 @@ def read_progress(path: str | Path | Location, storage_options: dict[str, Any] |
     return Progress.parse(open_store(location).attrs.get("progress"), str(location)).as_dict()
 
 
-def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None = None, *,
+             matrix_for: str | None = None) -> xr.Dataset:
     """Open a run's trajectory as a lazy (dask-backed) xarray Dataset of its valid steps.
 
     ``path`` is a run directory (``runs/<run>``) or its ``trajectory.zarr``, as a local
@@ -40,9 +41,13 @@ def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None
     is so far. Weights are read only when computed; a damaged chunk raises TrajectoryError
     for its steps. A network run (schema version 2, recorded by ``Recorder``) has one
     variable per parameter (``fc1.weight`` with dims ``(step, fc1.weight.out, fc1.weight.in)``)
-    and ``loss``, in the model's order.
+    and ``loss``, in the model's order. ``matrix_for``: a reader of softmax-regression runs
+    only, with its verb ("per-pixel statistics cover"): a network run is then refused with a
+    TrajectoryError saying so.
     """
     checked = check_store(path, storage_options)
+    if matrix_for is not None:
+        checked.require_matrix(matrix_for)
     if checked.network is not None:
         return _open_network(checked)
     group, progress = checked.group, checked.progress

@@ -76,7 +76,7 @@ Progress = Callable[[float], None] | None
 
 def open_trajectories(catalog, names: Iterable[str]) -> dict[str, xr.DataArray]:
     """The weights of the listed runs ``names`` of ``catalog`` (a RunCatalog), lazily, by name."""
-    return {name: open_run(catalog.location(name)).weights for name in names}
+    return {name: open_run(catalog.location(name), matrix_for="comparisons cover").weights for name in names}
 
 
 def _check_runs(runs: Mapping[str, xr.DataArray], least: int) -> tuple[list[str], int]:

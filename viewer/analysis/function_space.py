@@ -109,7 +109,7 @@ def check_trained_on(models: Mapping[str, xr.Dataset], heldout: HeldOut) -> None
 
 def open_models(catalog, names: Iterable[str]) -> dict[str, xr.Dataset]:
     """The listed runs of ``catalog`` (a RunCatalog) as lazy Datasets with their weights (and bias)."""
-    return {name: open_run(catalog.location(name)) for name in names}
+    return {name: open_run(catalog.location(name), matrix_for="comparisons of predictions cover") for name in names}
 
 
 def _shared_steps(models: Mapping[str, xr.Dataset], every: int, least: int) -> np.ndarray:

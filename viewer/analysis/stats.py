@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_output_target(args.out, inputs=[args.run], kind="change-statistics")
-        ds = open_run(args.run)
+        ds = open_run(args.run, matrix_for="per-pixel statistics cover")
         last = ds.sizes["step"] - 1
         stop = last if args.stop is None else args.stop
         if not 0 <= args.start <= stop <= last:
