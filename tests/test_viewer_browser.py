@@ -103,10 +103,14 @@ class Server:
         """Log lines of exceptions raised in the server, in the app or in Panel and Bokeh.
 
         Less Tornado's report of a message to a tab that closed as it was sent (a page's
-        update racing its tab closing), which Tornado logs as an unretrieved task exception."""
+        update racing its tab closing), which Tornado logs as an unretrieved task exception,
+        and Bokeh's refusal of the bare WebSocket handshake that the origin test makes from
+        the viewer's own origin (it sends no "bokeh" subprotocol, so Bokeh raises)."""
         log = self.log_path.read_text()
         log = re.sub(r"[^\n]*Task exception was never retrieved\nfuture: <Task finished [^\n]*WebSocketClosedError\(\)>\n"
                      r"(?:(?!\d{4}-\d\d-\d\d )[^\n]*\n)*", "", log)
+        log = re.sub(r"[^\n]*Uncaught exception GET /viewer/ws [^\n]*\n(?:(?!\d{4}-\d\d-\d\d )[^\n]*\n)*?"
+                     r"bokeh\.protocol\.exceptions\.ProtocolError: Subprotocol header is not 'bokeh'\n", "", log)
         return [line for line in log.splitlines()
                 if "Traceback" in line or "Exception" in line or re.search(r"\b(ERROR|CRITICAL)\b", line)]
 
