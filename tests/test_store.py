@@ -444,3 +444,16 @@ def test_a_hostile_network_store_is_refused_with_the_projects_error(network_run,
         message = str(caught.value)
         assert str(network_run) in message and len(message) < 800, message
     assert RunCatalog(network_run.parent).describe("net").state == "broken"
+
+
+def test_a_store_killed_as_its_directory_was_made_reads_as_being_created(tmp_path):
+    from weightlapse.pipeline.store import StoreBeingCreatedError, open_run, read_progress
+
+    store = tmp_path / "run" / "trajectory.zarr"
+    store.mkdir(parents=True)  # the train stage killed between making the directory and writing zarr.json
+    for read in (read_progress, open_run):
+        with pytest.raises(StoreBeingCreatedError, match="still being created .* or its creation was interrupted"):
+            read(store)
+    (store / "notes.txt").write_text("a user's file")  # anything else there is not a store being made
+    with pytest.raises(TrajectoryError, match="not a Zarr group"):
+        open_run(store)

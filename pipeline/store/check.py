@@ -106,6 +106,7 @@ def open_store(path: str | os.PathLike | Location, storage_options: dict[str, An
             raise TrajectoryNotFoundError(f"{location}: no trajectory store here")
         if location.local:
             refuse_links(location.local_path, "zarr.json")
+            _refuse_unmade(location)
         _check_metadata_size(location, "zarr.json")
         group = zarr.open_group(location.zarr_store(), mode="r", use_consolidated=False)
     except TrajectoryError:
@@ -312,6 +313,16 @@ def _check_chunks_present(location: Location, arrays: dict[str, zarr.Array], com
     if missing:
         raise TrajectoryError(f"{where}: chunk {missing[0]} of a committed step is missing: the store was not "
                               "completely copied or is damaged: publish or retrain the run again")
+
+
+def _refuse_unmade(location: Location) -> None:
+    """A store directory with nothing in it yet (or only a file being written) is a store whose
+    creation had only begun: the train stage is creating it, or was killed doing so."""
+    path = location.local_path
+    if path.is_dir() and not (path / "zarr.json").exists() and \
+            all(entry.name.endswith(".partial") for entry in path.iterdir()):
+        raise StoreBeingCreatedError(f"{location}: the store is still being created (try again in a moment), or its "
+                                     "creation was interrupted: retrain the run")
 
 
 def _check_metadata_size(location: Location, key: str) -> None:
