@@ -178,7 +178,8 @@ class WeightViewer(pn.viewable.Viewer):
         if events and self.message.visible:
             self.say("")  # the link the message was about is gone
         if self._loaded and pn.state.location is not None:
-            pn.state.location.update_query(**self.state.query())
+            self._linked = self.state.query()
+            pn.state.location.update_query(**self._linked)
 
     # -- live -------------------------------------------------------------------------------------
     def _remember_shown(self) -> bool:
@@ -217,6 +218,8 @@ class WeightViewer(pn.viewable.Viewer):
         last = self._last_step(self.state.run)
         if self.state.follow and last >= 0 and self.state.step != last:
             self.state.step = last
+        if getattr(self, "_linked", None) != self.state.query():
+            self._sync_url()  # while playing, the link follows once a poll
 
     def close(self) -> None:
         """Let go of what this page held: its tab is gone."""

@@ -316,11 +316,9 @@ def _check_chunks_present(location: Location, arrays: dict[str, zarr.Array], com
 
 
 def _refuse_unmade(location: Location) -> None:
-    """A store directory with nothing in it yet (or only a file being written) is a store whose
-    creation had only begun: the train stage is creating it, or was killed doing so."""
+    """A store directory holding nothing yet (or a file being written): its creation had only begun."""
     path = location.local_path
-    if path.is_dir() and not (path / "zarr.json").exists() and \
-            all(entry.name.endswith(".partial") for entry in path.iterdir()):
+    if path.is_dir() and all(entry.name.endswith(".partial") for entry in path.iterdir()):
         raise StoreBeingCreatedError(f"{location}: the store is still being created (try again in a moment), or its "
                                      "creation was interrupted: retrain the run")
 
