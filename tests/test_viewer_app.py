@@ -372,7 +372,7 @@ def test_the_state_holds_only_parameters():
     assert set(ViewState.param) - {"name"} == {
         "run", "compare", "compare_runs", "mode", "step", "from_step", "range_start", "range_stop", "statistic",
         "scale", "weights", "follow", "playing", "revision", "pixel", "pixel_class", "side_runs", "spacing",
-        "window_width"}
+        "window_width", "layer", "weight_index"}
 
 
 def test_compare_mode_compares_predictions_on_the_held_out_images(tmp_path, generated_data):
@@ -465,7 +465,7 @@ def test_the_grid_grows_with_the_window_keeping_its_tiles_square(runs_dir):
     assert widths[1280] < widths[1920] <= widths[3840] == 5 * MAX_TILE_PX
 
 
-def test_a_recorded_network_is_listed_and_opening_it_says_what_the_viewer_shows(runs_dir):
+def test_a_recorded_network_is_listed_and_replayed_by_the_network_view_not_the_grid(runs_dir):
     import torch
 
     from weightlapse import Recorder
@@ -475,9 +475,11 @@ def test_a_recorded_network_is_listed_and_opening_it_says_what_the_viewer_shows(
         rec.step(loss=1.0)
     viewer, _ = viewer_on(runs_dir, run="my-mlp")
     assert "my-mlp" in viewer.picker.run_select.options and "my-mlp" in viewer.picker.table.object
-    notice = html.unescape(viewer.tiles.notice.object)
-    assert "records a network (layers 0.weight (8, 784)" in notice
-    assert "the viewer shows softmax-regression runs so far" in notice and "Traceback" not in notice
+    assert not viewer.tiles._layout.visible and not viewer.inspector._layout.visible
+    assert viewer.network.shown.title == "my-mlp: 0.weight (8, 784) after step 1"
+    viewer.state.mode = "side-by-side"  # softmax-regression views say so in one line
+    assert "my-mlp records a network" in html.unescape(viewer.side.notice.object)
+    viewer.state.mode = "replay"
     viewer.state.run = "alpha"  # the other runs replay as before
-    assert "records a network" not in html.unescape(viewer.tiles.notice.object)
+    assert viewer.tiles._layout.visible and not viewer.network._layout.visible
     assert not blank(viewer_on(runs_dir, run="alpha")[1])

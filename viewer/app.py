@@ -24,6 +24,8 @@ from weightlapse.viewer.comparison import Comparison
 from weightlapse.viewer.curves import Curves
 from weightlapse.viewer.data import DataStore, preferred_runs, shared_store
 from weightlapse.viewer.inspector import PixelInspector
+from weightlapse.viewer.network_inspector import NetworkInspector
+from weightlapse.viewer.network_view import NetworkView
 from weightlapse.viewer.picker import RunPicker, escape, runs_table_html
 from weightlapse.viewer.player import Player
 from weightlapse.viewer.side_by_side import SideBySide
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 1000   # how often a page looks for new runs, new steps and new stores
 URL_PARAMS = ("run", "compare", "mode", "step", "from_step", "range_start", "range_stop", "statistic", "scale",
-              "weights", "follow", "compare_runs", "pixel", "pixel_class", "side_runs", "spacing")
+              "weights", "follow", "compare_runs", "pixel", "pixel_class", "side_runs", "spacing", "layer",
+              "weight_index")
 HELP = """
 **Keys**: space plays or pauses; ← → step one; shift + ← → jump 100 steps; Home / End: first / last step.
 
@@ -55,6 +58,12 @@ with the same pixel of every other class (thin); hover for a value.
 
 **Frame spacing** of animations: *Logarithmic* (every step at first, then further apart), *Even*,
 or *By distance travelled* (a frame per equal change of the weights).
+
+**Network runs** (recorded with `weightlapse.Recorder`): choose a *Layer*. A layer whose inputs
+are the 784 pixels shows one 28x28 image per unit; other matrices a heatmap (units down, inputs
+across); biases a strip; convolutions their kernels. Replay, Step vs step, Run vs run (another
+network of the same layers; with every layer's distance) and Statistics work on the layer
+shown; click a weight to follow it over all steps. *Per class* scales each unit on its own.
 
 Click a curve to jump to its step. The link in the address bar restores this view.
 """
@@ -86,6 +95,8 @@ class WeightViewer(pn.viewable.Viewer):
         self.player = Player(**components)
         self.tiles = TileGrid(**components)
         self.inspector = PixelInspector(tiles=self.tiles.tiles_map, **components)
+        self.network = NetworkView(**components)
+        self.network_inspector = NetworkInspector(**components)
         self.side = SideBySide(**components)
         self.curves = Curves(**components)
         self.statistics = StatisticsPanel(**components)
@@ -103,7 +114,8 @@ class WeightViewer(pn.viewable.Viewer):
         self.state.param.watch(self._sync_url, [*URL_PARAMS, "playing"])
         self.open(query if query is not None else session_query())
         self._main = pn.Column(self.message, self.picker.problem, self.mode_buttons, self.player, self.statistics,
-                               self.tiles, self.side, self.inspector, self.curves, self.comparison,
+                               self.tiles, self.network, self.side, self.inspector, self.network_inspector,
+                               self.curves, self.comparison,
                                pn.pane.HTML("<b>Runs</b>"),
                                self.picker.table, sizing_mode="stretch_width")
         if pn.state.curdoc is not None:
@@ -132,7 +144,8 @@ class WeightViewer(pn.viewable.Viewer):
         newest), at its last step."""
         readable = self.store.readable()
         values, problems = read_query(query, names=readable, last_step=self._last_step,
-                                      default_run=self.store.default_run(preferred_runs(self.store.runs_dir)))
+                                      default_run=self.store.default_run(preferred_runs(self.store.runs_dir)),
+                                      parameters=self.store.networks.parameter_sizes)
         last = self._last_step(values["run"])
         if "step" not in values or values.get("follow"):
             values["step"] = max(last, 0)
@@ -228,6 +241,7 @@ class WeightViewer(pn.viewable.Viewer):
             poller.stop()
         self.tiles.release()
         self.inspector.release()
+        self.network_inspector.release()
         self.side.release()
         self.curves.release()
 

@@ -10,7 +10,7 @@ import param
 from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.plots import history_band, history_curve, step_marker
 from weightlapse.viewer.state import ViewState
-from weightlapse.viewer.tiles import READ_ERRORS, StepMarkers, weakly, with_document_lock
+from weightlapse.viewer.tiles import READ_ERRORS, StepMarkers, is_network, weakly, with_document_lock
 
 EMPTY = (np.zeros(1), np.full(1, np.nan))
 
@@ -26,7 +26,9 @@ class Curves(pn.viewable.Viewer):
         self._taps: list = []
         self._panes = {key: pn.pane.HoloViews(None, linked_axes=False, sizing_mode="stretch_width",
                                               css_classes=[f"wl-{key}-curve"]) for key in self._data}
-        self._layout = pn.Row(*self._panes.values(), sizing_mode="stretch_width")
+        # Shown and hidden through boxes, as tiles.py does: a HoloViews pane's own `visible` fails in a template.
+        self._boxes = {key: pn.Column(pane, sizing_mode="stretch_width", margin=0) for key, pane in self._panes.items()}
+        self._layout = pn.Row(*self._boxes.values(), sizing_mode="stretch_width")
         self.state.param.watch(lambda *events: self.render(), ["run", "revision", "mode"])
         self.render()
 
@@ -51,6 +53,9 @@ class Curves(pn.viewable.Viewer):
         accuracy = ((curves.eval_steps, curves.accuracy) if curves is not None and len(curves.eval_steps)
                     else EMPTY)
         self._layout.visible = curves is not None and self.state.mode != "compare"
+        # A recorded network has no held-out evaluations unless the pipeline trained it: no empty chart.
+        self._boxes["accuracy"].visible = bool(curves is not None and len(curves.eval_steps)
+                                               or not is_network(self.store, self.state.run))
         unchanged = all(np.array_equal(new, old, equal_nan=True) for pair_new, pair_old in
                         ((loss, self._data["loss"]), (accuracy, self._data["accuracy"]))
                         for new, old in zip(pair_new, pair_old, strict=True))

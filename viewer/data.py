@@ -27,6 +27,7 @@ from weightlapse.viewer.analysis.run import PixelTrace, Run
 from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
 from weightlapse.viewer.analysis.spacing import Travelled, travelled_by
 from weightlapse.viewer.analysis.stats import change_statistics
+from weightlapse.viewer.network_data import NetworkData
 
 # How long a listing of the runs is reused by every page: pages poll every 2 s.
 LISTING_S = {True: 1.5, False: 10.0}      # local runs directory, object storage
@@ -87,6 +88,7 @@ class DataStore:
         self._pixels = _Bounded(PIXEL_CACHE_SIZE)
         self._travelled = _Bounded()
         self._runs: dict[str, Run] = {}
+        self.networks = NetworkData(self)  # what the network view draws from network runs
 
     # -- listing ---------------------------------------------------------------------------
     @property

@@ -21,7 +21,7 @@ from weightlapse.viewer.analysis.frames import centred, grid_shape, mosaic_pixel
 from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.plots import HEADER, PIXEL_POINTS, pixel_curves, step_marker
 from weightlapse.viewer.state import ViewState
-from weightlapse.viewer.tiles import READ_ERRORS, StepMarkers, open_run, weakly, with_document_lock
+from weightlapse.viewer.tiles import READ_ERRORS, StepMarkers, is_network, open_run, weakly, with_document_lock
 
 HINT = "Click a pixel of a class image to follow that weight over all steps."
 # Without a pixel history, steps read from the store at most for one curve (about 0.5 s here);
@@ -79,8 +79,10 @@ class PixelInspector(pn.viewable.Viewer):
         return self._drawn[1] if self._drawn else None
 
     def render(self) -> None:
-        # Compare runs draws charts, Side by side grids of its own: clicks there choose no pixel.
-        self._layout.visible = self.state.mode not in ("compare", "side-by-side")
+        # Compare runs draws charts, Side by side grids of its own: clicks there choose no pixel;
+        # a network run has its own inspector (viewer/network_view.py).
+        self._layout.visible = (self.state.mode not in ("compare", "side-by-side")
+                                and not is_network(self.store, self.state.run))
         message, trace, seconds = self._trace()
         if message:
             self._show(message)

@@ -24,7 +24,7 @@ MODES = {"Replay": "replay", "Side by side": "side-by-side", "Step vs step": "st
 SCALES = {"Whole run": "run", "This step": "step", "Per class": "class"}
 WEIGHTS = dict(zip(("Raw", "Centred"), WEIGHT_CHOICES))
 URL_KEYS = ("run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale", "weights", "follow", "runs",
-            "pixel", "class", "side", "spacing")
+            "pixel", "class", "side", "spacing", "layer", "at")
 PIXEL_VALUE = re.compile(r"(\d{1,2}),(\d{1,2})")  # the inspector's pixel in a URL: "row,column"
 LIST_KEYS = ("runs", "side")   # URL values that are lists of runs
 MAX_BESIDE = 3                 # runs shown beside the selected one in Side by side
@@ -60,6 +60,9 @@ class ViewState(param.Parameterized):
     pixel = param.Integer(default=None, allow_None=True, bounds=(0, N_PIXELS - 1),
                           doc="the pixel the inspector follows over all steps (row * 28 + column); None: none chosen")
     pixel_class = param.Integer(default=0, bounds=(0, N_CLASSES - 1), doc="the class whose weight it highlights")
+    layer = param.String(default="", doc="the parameter of a network run shown ('' for its first)")
+    weight_index = param.Integer(default=None, allow_None=True, bounds=(0, None),
+                                 doc="the weight of the layer the network inspector follows (flat index); None: none")
 
     def query(self) -> dict[str, str]:
         """The bookmarkable part, as URL query values."""
@@ -68,7 +71,10 @@ class ViewState(param.Parameterized):
                 "stat": self.statistic, "scale": self.scale, "weights": self.weights, "follow": "1" if self.follow else "0",
                 "runs": ",".join(self.compare_runs),
                 "pixel": "" if self.pixel is None else f"{self.pixel // IMAGE_SIDE},{self.pixel % IMAGE_SIDE}",
-                "class": str(self.pixel_class), "side": ",".join(self.side_runs), "spacing": self.spacing}
+                "class": str(self.pixel_class), "side": ",".join(self.side_runs), "spacing": self.spacing,
+                # A network run's layer and weight, only when chosen: a softmax-regression run's link is as before.
+                **({"layer": self.layer} if self.layer else {}),
+                **({"at": str(self.weight_index)} if self.weight_index is not None else {})}
 
     def shown_runs(self) -> list[str]:
         """The runs Side by side shows: the run, then those beside it (each once, at most four)."""
@@ -76,12 +82,13 @@ class ViewState(param.Parameterized):
 
 
 def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callable[[str], int],
-               default_run: str = "") -> tuple[dict, list]:
+               default_run: str = "", parameters: Callable[[str], dict[str, int]] | None = None) -> tuple[dict, list]:
     """Checked state values from URL query values, and what could not be used, in words.
 
     ``names``: the readable runs; ``last_step(name)``: a run's newest step; ``default_run``:
-    the run shown when the query names none (or none that can be read). Only values that
-    pass are returned (the run always); a step past the run's end is clamped to it.
+    the run shown when the query names none (or none that can be read); ``parameters(name)``:
+    a network run's parameters and their sizes ({} for other runs). Only values that pass are
+    returned (the run always); a step past the run's end is clamped to it.
     """
     values, problems = {}, []
     query = {key: str(value)[:MAX_RUNS_VALUE if key in LIST_KEYS else MAX_VALUE] for key, value in query.items()}
@@ -129,7 +136,26 @@ def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callabl
             problems.append(f"side by side shows up to {MAX_BESIDE} runs beside the run, not {len(beside)}; "
                             f"showing the first {MAX_BESIDE}")
         values["side_runs"] = beside[:MAX_BESIDE]
+    _read_layer(query, values, problems, parameters(run) if parameters is not None and run else {})
     return values, problems
+
+
+def _read_layer(query: Mapping[str, str], values: dict, problems: list, sizes: dict[str, int]) -> None:
+    """A network run's layer (one of its parameters) and the weight followed in it (a flat index)."""
+    layer = query.get("layer")
+    if layer:
+        if layer in sizes:
+            values["layer"] = layer
+        else:
+            problems.append(f"this run has no layer named {layer[:80]!r}" if sizes
+                            else "layer: this run records no network")
+    at = query.get("at")
+    if at:
+        size = sizes.get(values.get("layer") or next(iter(sizes), ""), 0)
+        if at.isascii() and at.isdigit() and int(at) < size:
+            values["weight_index"] = int(at)
+        else:
+            problems.append(f"weight {at[:40]!r} is not one of the layer's {size:,} weights")
 
 
 def _read_pixel(query: Mapping[str, str], values: dict, problems: list) -> None:

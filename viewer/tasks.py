@@ -18,11 +18,13 @@ import numpy as np
 from weightlapse.viewer.analysis.export import animation_steps, png_bytes, side_by_side, write_animation
 from weightlapse.viewer.analysis.frames import centred, colour_map
 from weightlapse.viewer.analysis.spacing import combined
+from weightlapse.viewer.analysis.network import NetworkRun
 from weightlapse.viewer.data import DataStore
+from weightlapse.viewer.network_view import chosen_layer
 from weightlapse.viewer.plots import TileView, tile_picture
 from weightlapse.viewer.side_by_side import side_by_side_view
 from weightlapse.viewer.state import ViewState
-from weightlapse.viewer.tiles import READ_ERRORS, tile_view, with_document_lock
+from weightlapse.viewer.tiles import READ_ERRORS, is_network, tile_view, with_document_lock
 
 ANIMATION_MAX_FRAMES = 300     # frames in a page export; the headless API allows more
 DEFAULT_RANGE_STEPS = 3000     # a run's default step range: its first 3,000 steps
@@ -55,7 +57,7 @@ class StatisticsPanel(pn.viewable.Viewer):
         self.outcome = pn.pane.HTML("", css_classes=["wl-outcome"])
         self.compute_button.on_click(self.compute)
         self.state.param.watch(lambda *events: setattr(self.outcome, "object", ""),
-                               ["run", "range_start", "range_stop", "weights", "revision"])
+                               ["run", "range_start", "range_stop", "weights", "revision", "layer"])
         self._layout = pn.Row(self.statistic, self.compute_button, self.progress, self.outcome,
                               visible=self.state.mode == "statistics")
         self.state.param.watch(lambda event: setattr(self._layout, "visible", event.new == "statistics"), "mode")
@@ -70,9 +72,15 @@ class StatisticsPanel(pn.viewable.Viewer):
             return
         try:
             run = self.store.open(name)
-            await in_worker(self.compute_button, self.progress,
-                            lambda report: self.store.compute_statistics(run, start, stop, centre=centre,
-                                                                         progress=report))
+            if isinstance(run, NetworkRun):  # the statistics of the layer shown
+                layer = chosen_layer(state, run)
+
+                def work(report):
+                    return self.store.networks.compute_statistics(run, layer, start, stop, progress=report)
+            else:
+                def work(report):
+                    return self.store.compute_statistics(run, start, stop, centre=centre, progress=report)
+            await in_worker(self.compute_button, self.progress, work)
         except READ_ERRORS as error:
             self.outcome.object = f"<span class='wl-error'>Statistics failed: {html.escape(str(error))}</span>"
             return
@@ -156,6 +164,9 @@ class ExportPanel(pn.viewable.Viewer):
         buffer = io.BytesIO()
         try:
             runs = [self.store.open(name) for name in names]
+            if any(is_network(self.store, name) for name in names):
+                raise ValueError("animations are of softmax-regression runs so far; a network run's layer can be "
+                                 "saved as a PNG with the picture's save tool")
             start, stop = state.range_start, min(state.range_stop, max(run.last_step for run in runs))
             steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES, spacing=state.spacing,
                                     travelled=lambda: combined([self.store.travelled(run, start, stop)

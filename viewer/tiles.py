@@ -20,6 +20,7 @@ from holoviews.plotting.util import process_cmap
 
 from weightlapse.pipeline.store import TrajectoryError
 from weightlapse.viewer.analysis.frames import centred, diff_summary
+from weightlapse.viewer.analysis.network import NetworkRun
 from weightlapse.viewer.analysis.run import Run
 from weightlapse.viewer.analysis.stats import STATISTICS, top_pixels
 from weightlapse.viewer.data import DataStore
@@ -82,12 +83,26 @@ def with_document_lock(callback) -> None:
 
 
 def open_run(store: DataStore, name: str) -> Run | str:
+    """The softmax-regression run ``name``, or why there is none to draw here (a network run
+    is drawn by viewer/network_view.py)."""
     if not name:
         return "Choose a run (left)."
     try:
-        return store.open(name)
+        run = store.open(name)
     except READ_ERRORS as error:
         return f"Cannot open run {name}: {error}"
+    if isinstance(run, NetworkRun):
+        return (f"{name} records a network: its layers are shown in Replay, Step vs step, Run vs run and "
+                "Statistics; this view shows softmax-regression runs.")
+    return run
+
+
+def is_network(store: DataStore, name: str) -> bool:
+    """Whether ``name`` is a network run (drawn by the network view, not the tile grid)."""
+    try:
+        return bool(name) and isinstance(store.open(name), NetworkRun)
+    except READ_ERRORS:
+        return False
 
 
 def tile_view(state: ViewState, store: DataStore) -> TileView | str:
@@ -263,8 +278,9 @@ class TileGrid(pn.viewable.Viewer):
         self._plots.clear()
 
     def render(self) -> None:
-        # Compare runs draws its own charts, Side by side its own grids: nothing to draw here
-        self._layout.visible = self.state.mode not in ("compare", "side-by-side")
+        # Compare runs draws its own charts, Side by side its own grids, the network view a network's layers
+        self._layout.visible = (self.state.mode not in ("compare", "side-by-side")
+                                and not is_network(self.store, self.state.run))
         if not self._layout.visible:
             return
         view = tile_view(self.state, self.store)

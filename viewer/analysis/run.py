@@ -61,12 +61,13 @@ class Run:
     a view can tell that what it shows is gone.
     """
 
-    def __init__(self, name: str, store: str | Path | Location) -> None:
+    def __init__(self, name: str, store: str | Path | Location, *, checked: CheckedStore | None = None) -> None:
+        """``checked``: the store as just checked (check_store), so it is not checked twice."""
         self.name = name
         self.store = as_location(store)
         self._lock = threading.Lock()
         self.generation = 0
-        self._load(check_store(self.store))
+        self._load(checked if checked is not None else check_store(self.store))
 
     def _load(self, checked: CheckedStore) -> None:
         checked.require_matrix("the viewer shows")

@@ -35,6 +35,7 @@ from weightlapse.pipeline.store import (
     check_store,
     refuse_link_out,
 )
+from weightlapse.viewer.analysis.network import NetworkRun
 from weightlapse.viewer.analysis.run import Run
 
 log = logging.getLogger(__name__)
@@ -210,17 +211,29 @@ class RunCatalog:
             raise ValueError(f"group {group!r} has {len(names)} run(s); groups: {'; '.join(groups)}")
         return names
 
-    def open(self, name: str) -> Run:
-        """The run called ``name``, opened once and shared (its chunk cache too); a run whose
-        store was created anew since (retrained) is read afresh."""
+    def open(self, name: str) -> Run | NetworkRun:
+        """The run called ``name``, opened once and shared (its chunk cache too): a
+        :class:`Run` of softmax regression, or a :class:`NetworkRun` of a recorded network
+        (schema version 2). A run whose store was created anew since (retrained) is read afresh,
+        and one that became the other kind is opened as that kind."""
         path = self.location(name) / STORE_NAME
         with self._lock:
             run = self._open.get(name)
             if run is None:
-                run = Run(name, path)
+                checked = check_store(path)
+                kind = Run if checked.network is None else NetworkRun
+                run = kind(name, path, checked=checked)
                 self._open[name] = run
                 return run
-        run.refresh()
+        try:
+            run.refresh()
+        except TrajectoryError:
+            checked = check_store(path)
+            if (checked.network is None) == isinstance(run, Run):
+                raise
+            with self._lock:
+                self._open.pop(name, None)
+            return self.open(name)
         return run
 
 

@@ -1,0 +1,136 @@
+"""The network view without a browser (viewer/network_view.py): a Recorder-made run opens on its
+first layer, the layer selector and the link choose a parameter (a bad one falls back), the
+player replays it on one colour scale, and Step vs step, Run vs run and Statistics work per layer."""
+
+import asyncio
+import html
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import pytest
+from bokeh.models import ColorBar, GlyphRenderer, Image
+from network_runs import mlp, record
+from viewer_runs import training_like, write_run
+
+from weightlapse.viewer.app import WeightViewer
+from weightlapse.viewer.network_plots import layer_layout
+
+hv.extension("bokeh")
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("network-view") / "runs"
+    seen = {"mlp": record(runs / "mlp", mlp(seed=0)), "mlp-seed1": record(runs / "mlp-seed1", mlp(seed=1))}
+    record(runs / "wide", mlp(hidden=20), steps=3)
+    write_run(runs / "softmax", training_like(20, seed=0), name="softmax")
+    return runs, seen
+
+
+def viewer_on(runs, /, **query):
+    viewer = WeightViewer(runs, query=query)
+    return viewer, pn.panel(viewer).get_root()
+
+
+def drawn(root, shape) -> GlyphRenderer:
+    """The network picture's image renderer (of ``shape``, as Bokeh holds it: row 0 at the bottom)."""
+    for renderer in root.select({"type": GlyphRenderer}):
+        if isinstance(renderer.glyph, Image) and np.asarray(renderer.data_source.data["image"][0]).shape == shape:
+            return renderer
+    raise AssertionError(f"no picture of shape {shape} on the page")
+
+
+def network_picture(viewer, root) -> np.ndarray:
+    """What the browser receives for the network picture, in picture orientation (row 0 on top)."""
+    layout = viewer.network.shown.layout
+    image = np.asarray(drawn(root, layout.index.shape).data_source.data["image"][0])
+    return image if layout.axes else np.flipud(image)
+
+
+def test_a_network_run_opens_on_its_first_layer_one_image_per_unit_and_the_player_moves_it(recorded):
+    runs, seen = recorded
+    viewer, root = viewer_on(runs, run="mlp", step="3")
+    assert list(viewer.network.layer_select.options.values()) == ["hidden1.weight", "hidden1.bias", "output.weight",
+                                                                  "output.bias"]
+    assert viewer.network.layer_select.value == "hidden1.weight" and viewer.state.layer == ""
+    layout = layer_layout((16, 784))
+    np.testing.assert_array_equal(network_picture(viewer, root), layout.picture(seen["mlp"][3]["hidden1.weight"]))
+    mapper = drawn(root, layout.index.shape).glyph.color_mapper
+    limits = (mapper.low, mapper.high)
+    viewer.state.step = 12  # the player's step: the same plot, new values, the run's one colour scale
+    np.testing.assert_array_equal(network_picture(viewer, root), layout.picture(seen["mlp"][12]["hidden1.weight"]))
+    whole_run = max(np.abs(seen["mlp"][step]["hidden1.weight"]).max() for step in (0, 12))
+    assert (mapper.low, mapper.high) == limits and limits[1] == -limits[0] >= whole_run * (1 - 1e-6)
+    assert "16 units, each one's 784 input weights as a 28x28 image" in html.unescape(viewer.network.description.object)
+    assert not viewer.tiles._layout.visible and not viewer.inspector._layout.visible
+    assert "records a network" not in viewer.message.object
+
+
+def test_the_layer_selector_switches_to_the_output_heatmap_and_the_link_keeps_it(recorded):
+    runs, seen = recorded
+    viewer, root = viewer_on(runs, run="mlp", step="5")
+    viewer.network.layer_select.value = "output.weight"  # what choosing it in the page does
+    assert viewer.state.layer == "output.weight" and viewer.state.query()["layer"] == "output.weight"
+    np.testing.assert_array_equal(network_picture(viewer, root), seen["mlp"][5]["output.weight"])
+    assert viewer.network.shown.title == "mlp: output.weight (10, 16) after step 5"
+    titles = [bar.title for bar in root.select({"type": ColorBar})]
+    assert "weight" in titles
+    reopened, _ = viewer_on(runs, **viewer.state.query())
+    assert reopened.network.shown.title == viewer.network.shown.title and not reopened.message.visible
+
+
+def test_a_bad_layer_or_weight_in_the_link_falls_back_and_says_so(recorded):
+    runs, _ = recorded
+    viewer, _ = viewer_on(runs, run="mlp", layer="<b>fc9</b>.weight", at="99999999")
+    assert viewer.network.shown.title.startswith("mlp: hidden1.weight")
+    message = html.unescape(viewer.message.object)
+    assert "no layer named '<b>fc9</b>.weight'" in message and "weight '99999999' is not one of" in message
+    assert "<b>fc9" not in viewer.message.object  # escaped
+    viewer, _ = viewer_on(runs, run="softmax", layer="hidden1.weight")
+    assert "layer: this run records no network" in viewer.message.object
+    assert set(viewer.state.query()) == {"run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale",
+                                         "weights", "follow", "runs", "pixel", "class", "side", "spacing"}
+
+
+def test_every_shape_has_its_picture(recorded):
+    runs, seen = recorded
+    viewer, root = viewer_on(runs, run="mlp", step="2", layer="output.bias")
+    assert viewer.network.shown.layout.kind == "vector"
+    np.testing.assert_array_equal(network_picture(viewer, root), seen["mlp"][2]["output.bias"][None, :])
+    viewer.state.scale = "class"  # each unit on its own scale: the largest |value| of every unit is 1
+    viewer.state.layer = "output.weight"
+    assert np.abs(viewer.network.shown.values).max(axis=1) == pytest.approx(np.ones(10))
+
+
+def test_step_vs_step_and_run_vs_run_per_layer_and_different_models_are_refused(recorded):
+    runs, seen = recorded
+    viewer, root = viewer_on(runs, run="mlp", step="9", mode="step-diff", layer="output.weight")
+    viewer.state.from_step = 4
+    np.testing.assert_allclose(network_picture(viewer, root),
+                               seen["mlp"][9]["output.weight"] - seen["mlp"][4]["output.weight"])
+    viewer.state.param.update(mode="run-diff", compare="mlp-seed1")
+    np.testing.assert_allclose(network_picture(viewer, root),
+                               seen["mlp-seed1"][9]["output.weight"] - seen["mlp"][9]["output.weight"])
+    distance = np.linalg.norm(seen["mlp-seed1"][9]["hidden1.bias"].astype(np.float64)
+                              - seen["mlp"][9]["hidden1.bias"])
+    assert f"<td>hidden1.bias</td><td>{distance:.4g}</td>" in viewer.network.summary.object
+    viewer.network.compute_distances()
+    assert viewer.network.distances.sel(parameter="hidden1.bias", step=9).item() == pytest.approx(distance)
+    viewer.state.compare = "wide"
+    assert html.unescape(viewer.network.notice.object) == (
+        "mlp and wide cannot be compared: hidden1.weight is (16, 784) in mlp but (20, 784) in wide: the runs "
+        "record different models.")
+    viewer.state.compare = "softmax"
+    assert "softmax is not a network run" in viewer.network.notice.object
+
+
+def test_statistics_of_the_layer_shown_in_its_own_shape(recorded):
+    runs, seen = recorded
+    viewer, root = viewer_on(runs, run="mlp", mode="statistics", layer="hidden1.weight", start="0", stop="12")
+    assert "Press “Compute statistics” for hidden1.weight, steps 0..12 of mlp" in viewer.network.notice.object
+    asyncio.run(viewer.statistics.compute())
+    rows = np.stack([seen["mlp"][step]["hidden1.weight"] for step in range(13)]).astype(np.float64)
+    expected = layer_layout((16, 784)).picture(np.abs(np.diff(rows, axis=0)).sum(axis=0))
+    np.testing.assert_allclose(network_picture(viewer, root), expected, rtol=1e-5)
+    assert viewer.network.shown.label == "path length" and not viewer.network.shown.diverging

@@ -1,0 +1,261 @@
+"""A network run (schema version 2, recorded by ``weightlapse.Recorder``), read lazily per parameter.
+
+Headless use, for research scripts::
+
+    from weightlapse.viewer.analysis.runs import RunCatalog
+    from weightlapse.viewer.analysis.network import layer_statistics, layer_distances
+    run = RunCatalog("runs").open("my-mlp")                  # a NetworkRun
+    run.values_at("0.weight", 300)                           # (32, 784) float32, as stored
+    steps, values = run.weight_history("0.weight", (5, 400))  # one weight over every step
+    layer_statistics(run, "0.weight", 0, 300).path_length   # (32, 784), per weight
+    layer_distances(run, RunCatalog("runs").open("my-mlp-seed1"))  # (parameter, step) L2 distances
+
+Every parameter is its own array with its own chunks (pipeline/store/network.py); a step of
+one parameter costs one chunk decompression at most, and a weight over every step reads
+one column of each chunk through dask, never the whole run. Caches belong to the store's
+identity (its ``store_id``), never to the run's name.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from weightlapse.pipeline.cluster import compute
+from weightlapse.pipeline.locations import Location, as_location
+from weightlapse.pipeline.store import (
+    CheckedStore,
+    CheckedSteps,
+    ParameterSpec,
+    Progress,
+    TrajectoryError,
+    check_store,
+    damaged,
+    dask_steps,
+    read_identity,
+    recheck_store,
+)
+from weightlapse.viewer.analysis.stats import change_statistics
+
+# Decoded chunks kept per open run, over all its parameters: enough to replay one layer
+# forwards and backwards and to switch between two without decompressing again.
+CHUNK_CACHE_SIZE = 8
+
+
+class NetworkRun:
+    """One network store, read lazily: ``values_at`` serves a parameter's step from a small
+    chunk cache; ``values`` and ``weight_history`` read through dask.
+
+    Only steps up to the progress marker are ever read. :meth:`refresh` re-reads the marker,
+    and the whole store when it was created anew (a run recorded again): ``generation``
+    counts those reloads.
+    """
+
+    def __init__(self, name: str, store: str | Location, *, checked: CheckedStore | None = None) -> None:
+        self.name = name
+        self.store = as_location(store)
+        self._lock = threading.Lock()
+        self.generation = 0
+        self._load(checked if checked is not None else check_store(self.store))
+
+    def _load(self, checked: CheckedStore) -> None:
+        if checked.network is None:
+            raise TrajectoryError(f"{checked.location}: this is a softmax-regression run, not a network run: "
+                                  "open it with the catalog (RunCatalog.open), which gives a Run")
+        with self._lock:
+            self._checked = checked
+            self.identity = checked.identity
+            self.metadata = checked.metadata
+            self.progress: Progress = checked.progress
+            self.parameters: tuple[ParameterSpec, ...] = checked.network.parameters
+            self._specs = {spec.name: spec for spec in self.parameters}
+            self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    def refresh(self) -> bool:
+        """Re-read the progress marker (and the whole store if it was created anew); True when
+        what the run holds changed."""
+        checked = recheck_store(self._checked)
+        if checked.identity != self.identity:
+            self._load(checked)
+            self.generation += 1
+            return True
+        before = self.progress
+        self._checked, self.progress = checked, checked.progress
+        return checked.progress != before
+
+    def _check_current(self) -> None:
+        if self.store.local and read_identity(self.store) != self.identity:
+            self.refresh()
+
+    @property
+    def last_step(self) -> int:
+        return self.progress.steps_done
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.finished
+
+    @property
+    def names(self) -> list[str]:
+        """The parameters' names in the model's order."""
+        return [spec.name for spec in self.parameters]
+
+    def spec(self, name: str) -> ParameterSpec:
+        spec = self._specs.get(name)
+        if spec is None:
+            raise ValueError(f"{self.name} has no parameter {name[:80]!r}; it has {', '.join(self.names[:8])}"
+                             + (" ..." if len(self.names) > 8 else ""))
+        return spec
+
+    def chunk_steps(self, name: str) -> int:
+        return int(self._checked.array(self.spec(name).name).chunks[0])
+
+    def check_step(self, step: int) -> int:
+        if not 0 <= step <= self.last_step:
+            raise IndexError(f"step {step} is outside this run's valid steps 0..{self.last_step}")
+        return step
+
+    # -- data ---------------------------------------------------------------------------
+    def values_at(self, name: str, step: int) -> np.ndarray:
+        """Parameter ``name`` after ``step`` optimizer steps, in its own shape, exactly as stored."""
+        self._check_current()
+        spec = self.spec(name)
+        self.check_step(step)
+        per_chunk = self.chunk_steps(name)
+        chunk, row = divmod(step, per_chunk)
+        return self._chunk(spec.name, chunk, per_chunk)[row]
+
+    def _chunk(self, name: str, chunk: int, per_chunk: int) -> np.ndarray:
+        key = (name, chunk)
+        with self._lock:
+            block = self._chunks.get(key)
+            if block is not None:
+                self._chunks.move_to_end(key)
+                return block
+            array, cache = self._checked.array(name), self._chunks
+        start = chunk * per_chunk
+        stop = min(start + per_chunk, self.last_step + 1)
+        block = CheckedSteps(array, f"{self.store} ({name})", n_rows=stop, finite=False)[start:stop]
+        if stop - start == per_chunk:  # the chunk at the frontier of a growing run still changes
+            with self._lock:
+                if cache is self._chunks:
+                    cache[key] = block
+                    while len(cache) > CHUNK_CACHE_SIZE:
+                        cache.popitem(last=False)
+        return block
+
+    def abs_max(self, name: str, step: int) -> float:
+        """The largest finite |value| of parameter ``name`` at ``step``, read past the chunk cache."""
+        self.check_step(step)
+        array = self._checked.array(self.spec(name).name)
+        row = np.asarray(CheckedSteps(array, f"{self.store} ({name})", n_rows=step + 1, finite=False)[step:step + 1])
+        finite = np.abs(row[np.isfinite(row)])
+        return float(finite.max()) if finite.size else 0.0
+
+    def values(self, name: str, start: int = 0, stop: int | None = None) -> da.Array:
+        """Parameter ``name`` over steps ``start..stop`` (inclusive): a lazy dask array (step, *shape)."""
+        stop = self.last_step if stop is None else stop
+        self.check_step(start)
+        self.check_step(stop)
+        if stop < start:
+            raise ValueError(f"step range {start}..{stop} is empty: the first step must not be after the last")
+        array = self._checked.array(self.spec(name).name)
+        return dask_steps(array, n_rows=self.last_step + 1, where=f"{self.store} ({name})", finite=False)[start:stop + 1]
+
+    def weight_history(self, name: str, index: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one weight of parameter ``name`` (``index`` into its shape) over
+        every valid step: one column of each chunk, read through dask."""
+        spec = self.spec(name)
+        index = tuple(int(i) for i in index)
+        if len(index) != len(spec.shape) or not all(0 <= i < n for i, n in zip(index, spec.shape)):
+            raise IndexError(f"{index} is not an index into {name} of shape {spec.shape}")
+        if self.last_step < 0:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        values = np.asarray(self.values(name)[(slice(None), *index)].compute(scheduler="threads"))
+        return np.arange(self.last_step + 1, dtype=np.int64), values
+
+    def loss(self) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, training loss) over the valid steps; step 0 (before training) is left out."""
+        n = self.last_step + 1
+        if n <= 1:
+            return np.arange(1, 1), np.empty(0, np.float32)
+        values = CheckedSteps(self._checked.array("loss"), f"{self.store} (loss)", n_rows=n, finite=False)[1:n]
+        return np.arange(1, n), np.asarray(values)
+
+    def accuracy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eval steps, held-out accuracy) when the store has evaluations (runs the pipeline trains), else empty."""
+        group, n = self._checked.group, self.progress.evals_done
+        if n <= 0 or "eval_step" not in group or "heldout_accuracy" not in group:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        try:
+            return np.asarray(group["eval_step"][:n]), np.asarray(group["heldout_accuracy"][:n])
+        except Exception as error:  # noqa: BLE001 - codecs raise many kinds for a damaged chunk
+            raise damaged(f"{self.store} (evaluations)", slice(0, n), f"{type(error).__name__}: {str(error)[:200]}")
+
+
+def layout_of(run: NetworkRun) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((spec.name, spec.shape) for spec in run.parameters)
+
+
+def layout_problem(run: NetworkRun, other: NetworkRun) -> str | None:
+    """Why two network runs cannot be compared parameter by parameter, in one line, or None."""
+    if layout_of(run) == layout_of(other):
+        return None
+    mine, theirs = dict(layout_of(run)), dict(layout_of(other))
+    for name, shape in mine.items():
+        if name not in theirs:
+            return f"{other.name} has no parameter {name} ({run.name} has it): the runs record different models"
+        if theirs[name] != shape:
+            return (f"{name} is {shape} in {run.name} but {theirs[name]} in {other.name}: the runs record "
+                    "different models")
+    return f"{other.name} has parameters {run.name} lacks: the runs record different models"
+
+
+def as_matrix(values, shape: tuple[int, ...]):
+    """(step, *shape) values as (step, rows, columns): a parameter's first axis (its units) by
+    the rest, the (step, class, pixel) form the per-weight statistics take."""
+    rows = shape[0] if len(shape) >= 1 else 1
+    columns = int(np.prod(shape[1:])) if len(shape) >= 2 else (1 if not shape else shape[0] // rows)
+    return values.reshape(values.shape[0], rows, columns)
+
+
+def layer_statistics(run: NetworkRun, name: str, start: int, stop: int, *, progress=None,
+                     scheduler=None) -> xr.Dataset:
+    """The per-weight change statistics (viewer/analysis/stats.py) of parameter ``name`` over
+    steps start..stop, computed with dask; each statistic has the parameter's own shape."""
+    spec = run.spec(name)
+    if not 0 <= start < stop <= run.last_step:
+        raise ValueError(f"choose a step range inside 0..{run.last_step:,} with the first step before the last")
+    stats = change_statistics(as_matrix(run.values(name, start, stop), spec.shape), first_step=start,
+                              progress=progress, scheduler=scheduler)
+    dims = spec.dims[1:]
+    shaped = {key: xr.Variable(dims, np.asarray(stats[key].values).reshape(spec.shape), stats[key].attrs)
+              for key in stats.data_vars if not key.endswith("_over_classes")}
+    return xr.Dataset(shaped, attrs={**stats.attrs, "parameter": name})
+
+
+def layer_distances(run: NetworkRun, other: NetworkRun, *, every: int = 1, scheduler=None) -> xr.DataArray:
+    """L2 distance between the two runs' values of each parameter at every ``every``-th shared
+    step: (parameter, step), computed with dask. Runs of different layouts are refused."""
+    problem = layout_problem(run, other)
+    if problem:
+        raise ValueError(problem)
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
+    last = min(run.last_step, other.last_step)
+    if last < 0:
+        raise ValueError(f"{run.name if run.last_step < 0 else other.name} has no step written yet")
+    steps = np.arange(0, last + 1, every)
+    lazy = []
+    for name in run.names:
+        a, b = run.values(name, 0, last)[::every], other.values(name, 0, last)[::every]
+        delta = (a.astype(np.float64) - b.astype(np.float64)).reshape(len(steps), -1)
+        lazy.append(da.sqrt((delta ** 2).sum(axis=1)))
+    distances = compute(lazy, scheduler=scheduler)
+    return xr.DataArray(np.stack(distances), dims=("parameter", "step"),
+                        coords={"parameter": run.names, "step": steps}, name="distance",
+                        attrs={"runs": f"{run.name} vs {other.name}"})

@@ -1,0 +1,119 @@
+"""What the network view draws from network runs, cached by the store's identity.
+
+One :class:`NetworkData` per data store (``DataStore.networks``), shared by every page of a
+runs location: a parameter's colour limit over the whole run, one weight's history, a
+layer's statistics and the per-layer distances between two runs. Every key starts with the
+store's identity (its ``store_id``), so a run recorded again is read afresh.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from weightlapse.viewer.analysis.network import NetworkRun, layer_distances, layer_statistics, layout_problem
+
+# Steps sampled for a parameter's colour limit, as DataStore.colour_limit samples a softmax
+# run: the first step of evenly spaced chunks, and the newest.
+SCALE_SAMPLES = 32
+CACHE_SIZE = 16
+
+
+class _Bounded(OrderedDict):
+    """A small least-recently-stored cache."""
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > CACHE_SIZE:
+            self.popitem(last=False)
+
+
+class NetworkData:
+    """Colour limits, weight histories, statistics and distances of network runs."""
+
+    def __init__(self, store: Any) -> None:
+        """``store``: the viewer's DataStore, which opens runs by name and knows the scheduler."""
+        self.store = store
+        self._lock = threading.Lock()
+        self._limits: dict[tuple, dict[int, float]] = {}
+        self._histories = _Bounded()
+        self._stats = _Bounded()
+        self._distances = _Bounded()
+
+    def network(self, name: str) -> NetworkRun | None:
+        """The listed run ``name`` if it records a network, else None (raises as DataStore.open)."""
+        run = self.store.open(name)
+        return run if isinstance(run, NetworkRun) else None
+
+    def parameter_sizes(self, name: str) -> dict[str, int]:
+        """{parameter: number of values} of a network run, in the model's order; {} for any other run."""
+        try:
+            run = self.network(name)
+        except (OSError, ValueError):
+            return {}
+        return {} if run is None else {spec.name: spec.size for spec in run.parameters}
+
+    def colour_limit(self, run: NetworkRun, name: str) -> float:
+        """The largest |value| of parameter ``name`` over the run, sampled (the first step of
+        evenly spaced chunks, and the newest): one colour scale for every step. A view widens it
+        by the step it shows, so a frame is never clipped."""
+        last = run.last_step
+        if last < 0:
+            return 1.0
+        per_chunk = run.chunk_steps(name)
+        chunks = last // per_chunk + 1
+        stride = max(1, 1 << max(0, (chunks - 1) // SCALE_SAMPLES).bit_length())
+        steps = [chunk * per_chunk for chunk in range(0, chunks, stride)] + [last]
+        with self._lock:
+            known = self._limits.setdefault((run.identity, name), {})
+        for step in steps:
+            if step not in known:
+                known[step] = run.abs_max(name, step)
+        limit = max(known[step] for step in steps)
+        return limit if limit > 0 else 1.0
+
+    def weight_history(self, run: NetworkRun, name: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of weight ``index`` (flat) of parameter ``name`` over every valid step."""
+        key = (run.identity, run.last_step, name, index)
+        with self._lock:
+            cached = self._histories.get(key)
+        if cached is None:
+            spec = run.spec(name)
+            if not 0 <= index < spec.size:
+                raise IndexError(f"weight {index} is outside {name}'s {spec.size:,} weights")
+            cached = run.weight_history(name, np.unravel_index(index, spec.shape) if spec.shape else ())
+            with self._lock:
+                self._histories.put(key, cached)
+        return cached
+
+    def statistics(self, run: NetworkRun, name: str, start: int, stop: int):
+        """The statistics of parameter ``name`` over start..stop if computed, else None."""
+        with self._lock:
+            return self._stats.get((run.identity, name, start, stop))
+
+    def compute_statistics(self, run: NetworkRun, name: str, start: int, stop: int, *, progress=None):
+        stats = layer_statistics(run, name, start, stop, progress=progress, scheduler=self.store.scheduler)
+        with self._lock:
+            self._stats.put((run.identity, name, start, stop), stats)
+        return stats
+
+    def _distance_key(self, run: NetworkRun, other: NetworkRun, every: int) -> tuple:
+        return (run.identity, run.last_step, other.identity, other.last_step, every)
+
+    def distances(self, run: NetworkRun, other: NetworkRun, every: int):
+        """The per-layer distances of ``run`` and ``other`` as they are now if computed, else None."""
+        with self._lock:
+            return self._distances.get(self._distance_key(run, other, every))
+
+    def compute_distances(self, run: NetworkRun, other: NetworkRun, every: int):
+        problem = layout_problem(run, other)
+        if problem:
+            raise ValueError(problem)
+        result = layer_distances(run, other, every=every, scheduler=self.store.scheduler)
+        with self._lock:
+            self._distances.put(self._distance_key(run, other, every), result)
+        return result

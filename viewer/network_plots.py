@@ -1,0 +1,195 @@
+"""How a network's parameter is drawn: arrays in, a picture and HoloViews elements out, no state.
+
+:func:`layer_layout` decides, from a parameter's shape alone, what one step of it looks like:
+
+- ``units``: a 2-d weight whose inputs are the 784 pixels, one 28x28 image per unit (its
+  row), in a grid titled by unit index;
+- ``matrix``: any other 2-d matrix, a heatmap of units (out, down) by inputs (in, across);
+- ``vector``: a 1-d parameter (a bias, a norm's scale) or a scalar, a one-row strip;
+- ``kernels``: a 4-d convolution (out, in, kh, kw), one small image per kernel, units down
+  and input channels across;
+- ``flattened``: any other shape, as a matrix of its first axis by the rest, and says so.
+
+A layout is an index map: each picture pixel holds the flat index of the weight it shows
+(-1 between tiles), so a step's picture is one gather, and a click maps back to a weight.
+Large parameters are cut to their first units and inputs, and the layout says how many
+are shown; the browser is never sent more than about a million values a frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import holoviews as hv
+import holoviews.plotting.bokeh  # noqa: F401 - element options need a plotting backend loaded
+import numpy as np
+
+from weightlapse.viewer.analysis.frames import DIVERGING_CMAP, SEQUENTIAL_CMAP, symmetric_limit
+from weightlapse.viewer.plots import literal
+
+IMAGE_SIDE = 28
+N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+HEADER = 5           # blank rows above each row of unit images, where the unit indices go
+UNIT_COLUMNS = 8     # unit images per row of the grid
+MAX_UNITS = 64       # unit images drawn (the first ones)
+MAX_ROWS, MAX_COLUMNS = 512, 2048   # a heatmap's rows (units) and columns (inputs) drawn
+MAX_KERNEL_UNITS, MAX_KERNEL_INPUTS = 32, 16
+MAX_PICTURE_PX, MAX_HEIGHT_PX, MAX_CELL_PX, MIN_STRIP_PX = 820, 620, 40, 48
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where each weight of a parameter is drawn."""
+
+    kind: str                 # units | matrix | vector | kernels | flattened
+    shape: tuple[int, ...]    # the parameter's
+    index: np.ndarray         # (rows, columns) int64: the flat weight index each picture pixel shows, -1 none
+    labels: tuple[tuple[float, float, str], ...]  # (x, y, text) titles: the unit indices of a grid
+    description: str          # what the picture shows, in words, including how much of it
+    axes: bool                # a heatmap with out/in axes (row 0 on top) rather than an image grid
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def picture(self, values: np.ndarray) -> np.ndarray:
+        """One step's values of the parameter as this layout's picture (row 0 on top, NaN between tiles)."""
+        flat = np.asarray(values, dtype=np.float32).ravel()
+        return np.where(self.index >= 0, flat[np.maximum(self.index, 0)], np.float32(np.nan))
+
+    def weight_at(self, row: int, column: int) -> int | None:
+        """The flat index of the weight drawn at picture ``row``, ``column``; None between tiles."""
+        height, width = self.index.shape
+        if not (0 <= row < height and 0 <= column < width):
+            return None
+        flat = int(self.index[row, column])
+        return flat if flat >= 0 else None
+
+    def clicked(self, x: float, y: float) -> int | None:
+        """The weight under a click at (x, y) of :func:`layer_image` (x across, y up from the bottom)."""
+        height = self.index.shape[0]
+        if self.axes:  # cells centred on their indices (layer_image)
+            return self.weight_at(math.floor(y + 0.5), math.floor(x + 0.5))
+        return self.weight_at(int(height - y), int(x))
+
+
+def layer_layout(shape: tuple[int, ...]) -> LayerLayout:
+    """How a parameter of ``shape`` (one step's) is drawn (the module docstring lists the kinds)."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 2 and shape[1] == N_PIXELS:
+        return _units(shape)
+    if len(shape) == 4:
+        return _kernels(shape)
+    if len(shape) <= 1:
+        size = shape[0] if shape else 1
+        shown = min(size, MAX_COLUMNS)
+        return LayerLayout("vector", shape, np.arange(shown, dtype=np.int64)[None, :], (),
+                           f"{size:,} values" + _cut(shown, size, "values"), True)
+    rows, columns = shape[0], math.prod(shape[1:])
+    kind = "matrix" if len(shape) == 2 else "flattened"
+    shown_rows, shown_columns = min(rows, MAX_ROWS), min(columns, MAX_COLUMNS)
+    index = np.arange(shown_rows, dtype=np.int64)[:, None] * columns + np.arange(shown_columns, dtype=np.int64)
+    what = (f"{rows:,} units (out, down) by {columns:,} inputs (in, across)" if kind == "matrix" else
+            f"shape {shape} flattened to {rows:,} rows (first axis) by {columns:,} columns (the other axes)")
+    return LayerLayout(kind, shape, index, (), what + _cut(shown_rows, rows, "rows")
+                       + _cut(shown_columns, columns, "columns"), True)
+
+
+def _cut(shown: int, total: int, what: str) -> str:
+    return f"; the first {shown:,} of {total:,} {what} shown" if shown < total else ""
+
+
+def _units(shape: tuple[int, ...]) -> LayerLayout:
+    units = shape[0]
+    shown = min(units, MAX_UNITS)
+    columns = min(shown, UNIT_COLUMNS)
+    grid_rows = -(-shown // columns)
+    pitch_rows, pitch_columns = IMAGE_SIDE + HEADER, IMAGE_SIDE + 1
+    index = np.full((grid_rows * pitch_rows, columns * pitch_columns - 1), -1, np.int64)
+    pixels = np.arange(N_PIXELS, dtype=np.int64).reshape(IMAGE_SIDE, IMAGE_SIDE)
+    height, labels = index.shape[0], []
+    for unit in range(shown):
+        grid_row, grid_column = divmod(unit, columns)
+        top, left = grid_row * pitch_rows + HEADER, grid_column * pitch_columns
+        index[top:top + IMAGE_SIDE, left:left + IMAGE_SIDE] = unit * N_PIXELS + pixels
+        labels.append((left + IMAGE_SIDE / 2, height - top + HEADER / 2, f"unit {unit}"))
+    return LayerLayout("units", shape, index, tuple(labels),
+                       f"{units:,} units, each one's 784 input weights as a 28x28 image" + _cut(shown, units, "units"),
+                       False)
+
+
+def _kernels(shape: tuple[int, ...]) -> LayerLayout:
+    units, inputs, kh, kw = shape
+    shown_units, shown_inputs = min(units, MAX_KERNEL_UNITS), min(inputs, MAX_KERNEL_INPUTS)
+    index = np.full((shown_units * (kh + 1) - 1, shown_inputs * (kw + 1) - 1), -1, np.int64)
+    kernel = np.arange(kh * kw, dtype=np.int64).reshape(kh, kw)
+    for unit in range(shown_units):
+        for channel in range(shown_inputs):
+            top, left = unit * (kh + 1), channel * (kw + 1)
+            index[top:top + kh, left:left + kw] = (unit * inputs + channel) * kh * kw + kernel
+    return LayerLayout("kernels", shape, index, (),
+                       f"{units:,} units (down) by {inputs:,} input channels (across), each kernel {kh}x{kw}"
+                       + _cut(shown_units, units, "units") + _cut(shown_inputs, inputs, "input channels"), False)
+
+
+def picture_size(layout: LayerLayout, max_width: int = MAX_PICTURE_PX) -> tuple[int, int]:
+    """(frame width, frame height) in screen pixels: square cells, at most ``max_width`` wide and
+    MAX_HEIGHT_PX high, at most MAX_CELL_PX a cell (a strip at least MIN_STRIP_PX high)."""
+    height, width = layout.index.shape
+    cell = min(max_width / width, MAX_HEIGHT_PX / height, MAX_CELL_PX)
+    return max(1, round(width * cell)), max(MIN_STRIP_PX, round(height * cell))
+
+
+def colour_limits(picture: np.ndarray, *, diverging: bool, limit: float | None = None) -> tuple[tuple[float, float], str]:
+    """(colour limits, colour map): diverging values centred on zero (±``limit`` when given,
+    widened if the picture goes past it, so nothing is clipped); sequential ones their range."""
+    if diverging:
+        own = symmetric_limit(picture)
+        bound = own if limit is None else max(limit, own)
+        return (-bound, bound), DIVERGING_CMAP
+    finite = picture[np.isfinite(picture)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    return (low, high if high > low else low + 1), SEQUENTIAL_CMAP
+
+
+def layer_image(layout: LayerLayout, picture: np.ndarray, *, label: str, title: str, clim: tuple[float, float],
+                cmap: str, max_width: int = MAX_PICTURE_PX) -> hv.Image:
+    """The picture as an image: a grid of tiles (x across, y up, no axes) or a heatmap with its
+    out (down, row 0 on top) and in (across) axes; a colour bar titled ``label``."""
+    height, width = picture.shape
+    frame_width, frame_height = picture_size(layout, max_width)
+    dimension = hv.Dimension("value", label=label)
+    if layout.axes:
+        # Rows counted down from the top, as a matrix is written: flipped here, the y axis inverted;
+        # each cell centred on its index, so the ticks and the hover name rows and columns.
+        image = hv.Image(np.flipud(picture), bounds=(-0.5, -0.5, width - 0.5, height - 0.5), kdims=["in", "out"],
+                         vdims=[dimension])
+        vector = layout.kind == "vector"
+        options = {"invert_yaxis": True, "xlabel": "index" if vector else "in (input)", "ylabel": "out (unit)",
+                   "yaxis": None if vector else "left",
+                   # a strip's colour bar below it: beside a strip it would be too short to read
+                   "colorbar_position": "bottom" if vector else "right"}
+    else:
+        image = hv.Image(picture, bounds=(0, 0, width, height), kdims=["x", "y"], vdims=[dimension])
+        options = {"xaxis": None, "yaxis": None}
+    return image.opts(cmap=cmap, clim=clim, colorbar=True, title=literal(title), tools=["hover", "tap"],
+                      frame_width=frame_width, frame_height=frame_height, toolbar="above",
+                      clipping_colors={"NaN": "#ffffff"}, framewise=True, **options)
+
+
+def unit_labels(layout: LayerLayout) -> hv.Labels:
+    """Each unit's index just above its image (empty for layouts without a grid of units)."""
+    return hv.Labels(list(layout.labels), kdims=["x", "y"], vdims=["text"]).opts(
+        text_font_size="8pt", text_color="#222222", text_baseline="middle")
+
+
+def distance_lines(distances, *, title: str) -> hv.Overlay:
+    """One line per parameter: the L2 distance between two runs' values over the shared steps."""
+    curves = [hv.Curve((distances.step.values, distances.sel(parameter=name).values), "step",
+                       hv.Dimension("distance", label="L2 distance"), label=str(name)[:40])
+              for name in distances.parameter.values]
+    return hv.Overlay(curves).opts(
+        hv.opts.Curve(line_width=1.5, tools=["hover"]),
+        hv.opts.Overlay(title=literal(title), legend_position="right", responsive=True, height=300,
+                        show_legend=len(curves) <= 16, toolbar="above"))

@@ -1,0 +1,284 @@
+"""The network view: a network run's layers, one parameter at a time, replayed by the player.
+
+:func:`layer_view` is the whole decision, a function of the state and the data store: a
+:class:`LayerView` to draw (the chosen parameter at the state's step, a change, a
+difference from another run, or a statistic), or a sentence saying what is missing. How
+each shape is drawn (unit images, heatmaps, strips, kernels) is viewer/network_plots.py;
+the weight inspector below the picture is viewer/network_inspector.py.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import param
+
+from weightlapse.viewer.analysis.network import NetworkRun, layout_problem
+from weightlapse.viewer.analysis.stats import STATISTICS
+from weightlapse.viewer.data import DataStore
+from weightlapse.viewer.network_plots import (
+    LayerLayout,
+    colour_limits,
+    distance_lines,
+    layer_image,
+    layer_layout,
+    unit_labels,
+)
+from weightlapse.viewer.plots import COLOURBAR_PX, PAGE_MARGINS_PX, SIDEBAR_PX
+from weightlapse.viewer.state import ViewState
+from weightlapse.viewer.tiles import READ_ERRORS, weakly, with_document_lock
+
+NETWORK_MODES = ("replay", "step-diff", "run-diff", "statistics")
+# Every how many steps the per-layer distances between two runs are computed.
+DISTANCE_POINTS = 2000
+
+
+def chosen_layer(state: ViewState, run: NetworkRun) -> str:
+    """The state's layer if the run has it, else the run's first parameter (the model's order)."""
+    return state.layer if state.layer in run.names else run.names[0]
+
+
+def network_run(store: DataStore, name: str) -> NetworkRun | None:
+    try:
+        return store.networks.network(name) if name else None
+    except READ_ERRORS:
+        return None
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What the network view draws: one parameter's values (its own shape) and how to colour them."""
+
+    layout: LayerLayout
+    values: np.ndarray
+    label: str                   # what a value is, for the colour bar
+    diverging: bool = True
+    title: str = ""
+    limit: float | None = None   # a diverging scale's ±limit (the run's largest |value|); None: these values'
+    summary: str = ""            # plain text below the picture
+
+
+def layer_view(state: ViewState, store: DataStore) -> LayerView | str:
+    """What the network view shows for ``state``, or why it shows nothing."""
+    run = network_run(store, state.run)
+    if run is None:
+        return "Choose a network run (left)."
+    if state.mode not in NETWORK_MODES:
+        return f"{run.name} records a network: choose Replay, Step vs step, Run vs run or Statistics."
+    if run.last_step < 0:
+        return f"{run.name} has no step written yet."
+    layer = chosen_layer(state, run)
+    spec = run.spec(layer)
+    layout = layer_layout(spec.shape)
+    step = min(state.step, run.last_step)
+    what = f"{layer} {spec.shape}"
+    try:
+        if state.mode == "replay":
+            values = run.values_at(layer, step)
+            if state.scale == "class":
+                values, label, limit = per_unit(values), f"{spec.role} / unit max |{spec.role}|", 1.0
+            else:
+                label = spec.role
+                limit = store.networks.colour_limit(run, layer) if state.scale == "run" else None
+            return LayerView(layout, values, label, True, f"{run.name}: {what} after step {step:,}", limit,
+                             norms_text(values if state.scale != "class" else run.values_at(layer, step)))
+        if state.mode == "step-diff":
+            earlier = min(state.from_step, run.last_step)
+            change = run.values_at(layer, step) - run.values_at(layer, earlier)
+            return LayerView(layout, change, "change", True, f"{run.name}: {what}, step {step:,} minus step {earlier:,}",
+                             summary=f"L2 norm of the change: {np.linalg.norm(change):.4g}")
+        if state.mode == "run-diff":
+            other = diff_network(state, store, run)
+            if isinstance(other, str):
+                return other
+            difference = other.values_at(layer, step) - run.values_at(layer, step)
+            return LayerView(layout, difference, "difference", True,
+                             f"{other.name} minus {run.name}: {what}, step {step:,}",
+                             summary=f"L2 distance of {layer}: {np.linalg.norm(difference):.4g}")
+        stats = store.networks.statistics(run, layer, state.range_start, state.range_stop)
+        if stats is None:
+            return (f"Press “Compute statistics” for {layer}, steps {state.range_start:,}..{state.range_stop:,} "
+                    f"of {run.name}.")
+        statistic = STATISTICS[state.statistic]
+        label = statistic.title(stats.attrs["settle_fraction"])
+        return LayerView(layout, stats[state.statistic].values.astype(np.float32), label, statistic.diverging,
+                         f"{run.name}: {what}, {label}, steps {stats.attrs['first_step']:,}..{stats.attrs['last_step']:,}")
+    except READ_ERRORS as error:
+        return f"{run.name}: {error}"
+
+
+def per_unit(values: np.ndarray) -> np.ndarray:
+    """Each unit (first axis) divided by its own largest |value|: every unit spans [-1, 1]."""
+    values = np.asarray(values, dtype=np.float32)
+    rows = values.reshape(values.shape[0], -1) if values.ndim >= 2 else values.reshape(1, -1)
+    limits = np.abs(np.where(np.isfinite(rows), rows, 0)).max(axis=1, keepdims=True)
+    return (rows / np.where(limits > 0, limits, 1)).reshape(values.shape)
+
+
+def norms_text(values: np.ndarray) -> str:
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return "No finite values at this step."
+    return (f"L2 norm {np.linalg.norm(finite):.4g}; values from {finite.min():.4g} to {finite.max():.4g}, "
+            f"mean |value| {np.abs(finite).mean():.4g}")
+
+
+def diff_network(state: ViewState, store: DataStore, run: NetworkRun) -> NetworkRun | str:
+    """The network run of Run vs run, or why there is none, in one line."""
+    if not state.compare:
+        return "Run vs run: choose a network run to compare with (left)."
+    other = network_run(store, state.compare)
+    if other is None:
+        return f"{state.compare} is not a network run: a network run is compared with another network run."
+    problem = layout_problem(run, other)
+    if problem:
+        return f"{run.name} and {other.name} cannot be compared: {problem}."
+    if min(state.step, run.last_step) > other.last_step:
+        return f"{other.name} has only {other.last_step + 1:,} steps; pick a step up to {other.last_step:,}."
+    return other
+
+
+def layer_distances_now(run: NetworkRun, other: NetworkRun, step: int) -> list[tuple[str, float]]:
+    """(parameter, L2 distance between the two runs) at ``step``, every parameter in the model's order."""
+    return [(name, float(np.linalg.norm(other.values_at(name, step).astype(np.float64)
+                                        - run.values_at(name, step).astype(np.float64)))) for name in run.names]
+
+
+def picture_width(window_width: int) -> int:
+    """Screen pixels the picture may take beside the sidebar and its colour bar."""
+    if window_width <= 0:
+        return 820
+    return int(min(max(window_width - SIDEBAR_PX - PAGE_MARGINS_PX - COLOURBAR_PX, 480), 1400))
+
+
+class NetworkView(pn.viewable.Viewer):
+    """The layer selector, the chosen parameter's picture, its numbers and, in Run vs run, the
+    distances of every layer between the two runs."""
+
+    state = param.ClassSelector(class_=ViewState)
+    store = param.ClassSelector(class_=DataStore)
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        self.layer_select = pn.widgets.Select(label="Layer", options={}, width=360, css_classes=["wl-layer"])
+        self.layer_select.param.watch(self._picked, "value")
+        self.notice = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wl-network-notice"],
+                                    sizing_mode="stretch_width")
+        self.description = pn.pane.HTML("", css_classes=["wl-layer-description"], margin=(0, 10))
+        self._pipe = hv.streams.Pipe(data=None)
+        self.image_map: hv.DynamicMap | None = None  # the picture a click on chooses the inspected weight
+        self.tap = None
+        self.pane = pn.pane.HoloViews(None, linked_axes=False, css_classes=["wl-network"])
+        self.picture_box = pn.Column(self.pane, visible=False, margin=0)
+        self.summary = pn.pane.HTML("", css_classes=["wl-network-summary"], sizing_mode="stretch_width")
+        self.distance_button = pn.widgets.Button(label="Distances of every layer over all steps", width=320)
+        self.distance_button.on_click(lambda event: self.compute_distances())
+        self.distance_pane = pn.pane.HoloViews(None, linked_axes=False, sizing_mode="stretch_width",
+                                               css_classes=["wl-layer-distances"])
+        self.comparison_box = pn.Column(self.distance_button, self.distance_pane, visible=False,
+                                        sizing_mode="stretch_width")
+        self._drawn_key: tuple | None = None
+        self.shown: LayerView | None = None
+        self._layout = pn.Column(self.layer_select, self.notice, self.description, self.picture_box, self.summary,
+                                 self.comparison_box, sizing_mode="stretch_width", visible=False)
+        self.state.param.watch(lambda *events: self.render(), ["run", "compare", "mode", "step", "from_step",
+                                                             "range_start", "range_stop", "statistic", "scale",
+                                                             "layer", "revision", "window_width"])
+        self.render()
+
+    def __panel__(self):
+        return self._layout
+
+    def _picked(self, event) -> None:
+        run = network_run(self.store, self.state.run)
+        if run is not None and event.new and event.new != chosen_layer(self.state, run):  # not the one shown
+            # A weight index belongs to its layer: the same number in another layer is another weight.
+            self.state.param.update(layer=event.new, weight_index=None)
+
+    def _sync_layers(self, run: NetworkRun) -> None:
+        options = {f"{spec.name}  {spec.shape}  {spec.role}": spec.name for spec in run.parameters}
+        value = chosen_layer(self.state, run)
+        if self.layer_select.options != options:
+            self.layer_select.param.update(options=options, value=value)
+        elif self.layer_select.value != value:
+            self.layer_select.value = value
+
+    def render(self) -> None:
+        run = network_run(self.store, self.state.run)
+        self._layout.visible = run is not None and self.state.mode in NETWORK_MODES
+        if not self._layout.visible:
+            self.shown = None
+            return
+        self._sync_layers(run)
+        view = layer_view(self.state, self.store)
+        self.comparison_box.visible = self.state.mode == "run-diff" and not isinstance(view, str)
+        if isinstance(view, str):
+            self.notice.object, self.notice.visible = html.escape(view), True
+            self.picture_box.visible, self.summary.object, self.description.object = False, "", ""
+            self.shown = None
+            return
+        self.notice.visible = False
+        self.shown = view
+        self.description.object = f"<small>{html.escape(view.layout.description)}</small>"
+        self._draw(view)
+        self.picture_box.visible = True
+        self.summary.object = self._summary_html(run, view)
+
+    def _draw(self, view: LayerView) -> None:
+        picture = view.layout.picture(view.values)
+        clim, cmap = colour_limits(picture, diverging=view.diverging, limit=view.limit)
+        width = picture_width(self.state.window_width)
+        key = (view.layout.shape, view.layout.kind, clim, cmap, view.label, width)
+        data = (picture, view.title)
+        if key == self._drawn_key:
+            self._pipe.send(data)  # the same picture's shape and colours: only its values move
+            return
+        # A new layer, shape or colour scale: a new plot (a DynamicMap keeps its first frame's size).
+        layout, label = view.layout, view.label
+        self._pipe = hv.streams.Pipe(data=data)
+        self.image_map = hv.DynamicMap(lambda data: layer_image(layout, data[0], label=label, title=data[1],
+                                                                clim=clim, cmap=cmap, max_width=width),
+                                       streams=[self._pipe])
+        self.tap = hv.streams.Tap(source=self.image_map)
+        self.tap.add_subscriber(weakly(self._clicked))
+        shown = self.image_map * unit_labels(layout) if layout.labels else self.image_map
+        self.pane.object = shown
+        self._drawn_key = key
+
+    def _clicked(self, x=None, y=None) -> None:
+        view = self.shown
+        if x is None or y is None or view is None:
+            return
+        index = view.layout.clicked(x, y)
+        if index is not None:
+            with_document_lock(lambda: setattr(self.state, "weight_index", index))
+
+    def _summary_html(self, run: NetworkRun, view: LayerView) -> str:
+        text = html.escape(view.summary)
+        if self.state.mode != "run-diff":
+            return f"<small>{text}</small>"
+        other = self.store.networks.network(self.state.compare)
+        step = min(self.state.step, run.last_step)
+        rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{distance:.4g}</td></tr>"
+                       for name, distance in layer_distances_now(run, other, step))
+        return (f"<small>{text}</small><br><b>Distance of every layer at step {step:,}</b>"
+                f"<table class='wl-layer-table'><tr><th>parameter</th><th>L2 distance</th></tr>{rows}</table>")
+
+    def compute_distances(self) -> None:
+        """The per-layer distances of the two runs over their shared steps, drawn below."""
+        run, other = network_run(self.store, self.state.run), network_run(self.store, self.state.compare)
+        if run is None or other is None:
+            return
+        every = max(1, -(-(min(run.last_step, other.last_step) + 1) // DISTANCE_POINTS))
+        try:
+            distances = self.store.networks.compute_distances(run, other, every)
+        except READ_ERRORS as error:
+            self.distance_pane.object = None
+            self.notice.object, self.notice.visible = html.escape(str(error)), True
+            return
+        self.distance_pane.object = distance_lines(distances, title=f"{other.name} vs {run.name}: L2 distance per layer")
+        self.distances = distances
