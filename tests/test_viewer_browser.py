@@ -653,3 +653,95 @@ def test_clicking_a_pixel_plots_its_stored_weights_over_every_step(browser, serv
     tab.page.wait_for_function(f"() => /weight:\\s*-?\\d\\.\\d{{7}}/.test(({DEEP_TEXT})())", timeout=10_000)
     assert tab.errors == [] and tab.dialogs == []
     tab.close()
+
+
+# -- a network recorded with Recorder, served by the README's command -----------------------------------
+def readme_view_command() -> list[str]:
+    """The command the README's Recorder section gives for opening the run in the viewer."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Record your own training loop"):]
+    line = re.search(r"```sh\n(weightlapse view [^\n#]*?)\s*(#[^\n]*)?\n```", section).group(1)
+    return line.split()
+
+
+class ReadmeServer(Server):
+    """The README's `weightlapse view runs/` (plus a free port), run where the example ran."""
+
+    def __init__(self, cwd: Path, log_path: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/viewer"
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - open while the server runs
+        command = readme_view_command()
+        assert command[:2] == ["weightlapse", "view"]
+        self.process = subprocess.Popen([sys.executable, "-m", "weightlapse.cli", *command[1:], "--port",
+                                         str(self.port)], cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def network_served(tmp_path_factory):
+    from network_runs import mlp, record
+
+    where = tmp_path_factory.mktemp("readme-network")
+    seen = record(where / "runs" / "my-mlp", mlp(hidden=16), steps=6)
+    server = ReadmeServer(where, where / "panel.log")
+    server.wait_ready()
+    yield server, seen
+    server.stop()
+
+
+def network_image(tab: Page, shape: tuple[int, int]):
+    """The network picture of ``shape`` as the browser holds it (row 0 at the bottom), or None."""
+    data = tab.page.evaluate("""([rows, columns]) => {
+        for (const model of Bokeh.documents[0].all_models) {
+            if (model.type === 'GlyphRenderer' && model.glyph.type === 'Image') {
+                const image = model.data_source.data.image[0];
+                if (image.shape && image.shape[0] === rows && image.shape[1] === columns) return Array.from(image);
+            }
+        }
+        return null;
+    }""", list(shape))
+    return None if data is None else np.array(data, dtype=np.float32).reshape(shape)
+
+
+def wait_for_image(tab: Page, shape: tuple[int, int], expected: np.ndarray, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not np.array_equal(network_image(tab, shape), expected, equal_nan=True):
+        assert time.monotonic() < deadline, f"the page does not show {what}"
+        tab.wait_idle(250)
+
+
+def test_a_recorded_mlp_opens_with_the_readmes_command_and_replays_its_layers(browser, network_served):
+    from weightlapse.viewer.network_plots import layer_layout
+
+    server, seen = network_served
+    tab = Page(browser, server.url + "?run=my-mlp")
+    units = layer_layout((16, 784))
+    shape = units.index.shape
+    # 16 unit images of real numbers (NaN between them), the newest step, titled by unit index
+    wait_for_image(tab, shape, np.flipud(units.picture(seen[6]["hidden1.weight"])), "the hidden layer at step 6")
+    assert np.isfinite(network_image(tab, shape)).sum() == 16 * 784
+    drawn_text = tab.page.evaluate("""() => {
+        const texts = [];
+        for (const model of Bokeh.documents[0].all_models) {
+            if (model.type === 'Title') texts.push(model.text);
+            if (model.type === 'GlyphRenderer' && model.glyph.type === 'Text') texts.push(...model.data_source.data.text);
+        }
+        return texts;
+    }""")
+    assert {f"unit {unit}" for unit in range(16)} <= set(drawn_text)
+    assert "my-mlp: hidden1.weight (16, 784) after step 6" in drawn_text
+    tab.page.locator(".wl-layer select").select_option(index=2)  # output.weight, the third in the model's order
+    wait_for_image(tab, (10, 16), seen[6]["output.weight"], "the output layer's heatmap")
+    tab.page.wait_for_function("() => location.search.includes('layer=output.weight')", timeout=10_000)
+    tab.page.locator("body").press("Home")  # the player goes to step 0
+    wait_for_image(tab, (10, 16), seen[0]["output.weight"], "the output layer at step 0")
+    tab.page.locator("body").press("ArrowRight")
+    wait_for_image(tab, (10, 16), seen[1]["output.weight"], "the output layer at step 1")
+    if os.environ.get("WEIGHTLAPSE_SAVE_SHOTS"):
+        tab.page.screenshot(path=os.environ["WEIGHTLAPSE_SAVE_SHOTS"].replace(".png", "-network-output.png"))
+    assert tab.errors == [] and tab.dialogs == []
+    tab.close()
+    assert server.errors() == [], "\n".join(server.errors())
