@@ -476,10 +476,18 @@ def test_a_recorded_network_is_listed_and_replayed_by_the_network_view_not_the_g
     viewer, _ = viewer_on(runs_dir, run="my-mlp")
     assert "my-mlp" in viewer.picker.run_select.options and "my-mlp" in viewer.picker.table.object
     assert not viewer.tiles._layout.visible and not viewer.inspector._layout.visible
-    assert viewer.network.shown.title == "my-mlp: 0.weight (8, 784) after step 1"
+    assert viewer.network.shown.title == "my-mlp: 0.weight after step 1"
     viewer.state.mode = "side-by-side"  # softmax-regression views say so in one line
     assert "my-mlp records a network" in html.unescape(viewer.side.notice.object)
     viewer.state.mode = "replay"
     viewer.state.run = "alpha"  # the other runs replay as before
     assert viewer.tiles._layout.visible and not viewer.network._layout.visible
     assert not blank(viewer_on(runs_dir, run="alpha")[1])
+
+
+def test_compare_runs_is_hidden_outside_its_mode_for_a_run_in_no_group(tmp_path):
+    write_run(tmp_path / "runs" / "alone", training_like(20, seed=0), name="alone")
+    viewer, _ = viewer_on(tmp_path / "runs", run="alone")
+    assert viewer.state.mode == "replay" and not viewer.comparison._layout.visible
+    viewer.state.mode = "compare"
+    assert viewer.comparison._layout.visible

@@ -732,7 +732,7 @@ def test_a_recorded_mlp_opens_with_the_readmes_command_and_replays_its_layers(br
         return texts;
     }""")
     assert {f"unit {unit}" for unit in range(16)} <= set(drawn_text)
-    assert "my-mlp: hidden1.weight (16, 784) after step 6" in drawn_text
+    assert "my-mlp: hidden1.weight after step 6" in drawn_text
     tab.page.locator(".wl-layer select").select_option(index=2)  # output.weight, the third in the model's order
     wait_for_image(tab, (10, 16), seen[6]["output.weight"], "the output layer's heatmap")
     tab.page.wait_for_function("() => location.search.includes('layer=output.weight')", timeout=10_000)

@@ -71,7 +71,9 @@ class Comparison(pn.viewable.Viewer):
         self._layout = pn.Column(
             pn.Row(self.group_select, self.every_input), self.runs_choice,
             pn.pane.HTML("<h3>Weights</h3>"), pn.Row(self.compare_button, self.progress),
-            self.notice, self.gauge, self.plots, self.caveat, self.predictions, sizing_mode="stretch_width")
+            self.notice, self.gauge, self.plots, self.caveat, self.predictions, sizing_mode="stretch_width",
+            # hidden from the start outside Compare runs: a run in no group changes nothing that would render it
+            visible=self.state.mode == "compare")
         self.refresh(self.store.runs())
 
     def __panel__(self):

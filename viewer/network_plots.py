@@ -35,7 +35,7 @@ UNIT_COLUMNS = 8     # unit images per row of the grid
 MAX_UNITS = 64       # unit images drawn (the first ones)
 MAX_ROWS, MAX_COLUMNS = 512, 2048   # a heatmap's rows (units) and columns (inputs) drawn
 MAX_KERNEL_UNITS, MAX_KERNEL_INPUTS = 32, 16
-MAX_PICTURE_PX, MAX_HEIGHT_PX, MAX_CELL_PX, MIN_STRIP_PX = 820, 620, 40, 48
+MAX_PICTURE_PX, MAX_HEIGHT_PX, MAX_CELL_PX, MIN_STRIP_PX, MIN_WIDTH_PX = 820, 620, 40, 48, 420
 
 
 @dataclass(frozen=True)
@@ -120,17 +120,26 @@ def _units(shape: tuple[int, ...]) -> LayerLayout:
 
 
 def _kernels(shape: tuple[int, ...]) -> LayerLayout:
+    """Each unit's kernels side by side (one per input channel), the units in a grid: a row of
+    units when they have few inputs (a first layer's one or three channels), else one a row."""
     units, inputs, kh, kw = shape
     shown_units, shown_inputs = min(units, MAX_KERNEL_UNITS), min(inputs, MAX_KERNEL_INPUTS)
-    index = np.full((shown_units * (kh + 1) - 1, shown_inputs * (kw + 1) - 1), -1, np.int64)
+    block_columns = max(1, min(shown_units, UNIT_COLUMNS // shown_inputs))
+    block_rows = -(-shown_units // block_columns)
+    block_width = shown_inputs * (kw + 1) + 1  # a wider gap between units than between their kernels
+    index = np.full((block_rows * (kh + 1) - 1, block_columns * block_width - 2), -1, np.int64)
     kernel = np.arange(kh * kw, dtype=np.int64).reshape(kh, kw)
     for unit in range(shown_units):
+        block_row, block_column = divmod(unit, block_columns)
         for channel in range(shown_inputs):
-            top, left = unit * (kh + 1), channel * (kw + 1)
+            top, left = block_row * (kh + 1), block_column * block_width + channel * (kw + 1)
             index[top:top + kh, left:left + kw] = (unit * inputs + channel) * kh * kw + kernel
+    arrangement = ("units across" if block_rows == 1 else
+                   "units down" if block_columns == 1 else f"units {block_columns} a row")
     return LayerLayout("kernels", shape, index, (),
-                       f"{units:,} units (down) by {inputs:,} input channels (across), each kernel {kh}x{kw}"
-                       + _cut(shown_units, units, "units") + _cut(shown_inputs, inputs, "input channels"), False)
+                       f"{units:,} units ({arrangement}), each with its {inputs:,} input channels' {kh}x{kw} kernels "
+                       "side by side" + _cut(shown_units, units, "units") + _cut(shown_inputs, inputs, "input channels"),
+                       False)
 
 
 def picture_size(layout: LayerLayout, max_width: int = MAX_PICTURE_PX) -> tuple[int, int]:
@@ -138,7 +147,8 @@ def picture_size(layout: LayerLayout, max_width: int = MAX_PICTURE_PX) -> tuple[
     MAX_HEIGHT_PX high, at most MAX_CELL_PX a cell (a strip at least MIN_STRIP_PX high)."""
     height, width = layout.index.shape
     cell = min(max_width / width, MAX_HEIGHT_PX / height, MAX_CELL_PX)
-    return max(1, round(width * cell)), max(MIN_STRIP_PX, round(height * cell))
+    # At least MIN_WIDTH_PX wide, so the title fits: a tiny parameter's cells are then wider than high.
+    return max(MIN_WIDTH_PX, round(width * cell)), max(MIN_STRIP_PX, round(height * cell))
 
 
 def colour_limits(picture: np.ndarray, *, diverging: bool, limit: float | None = None) -> tuple[tuple[float, float], str]:
@@ -173,7 +183,9 @@ def layer_image(layout: LayerLayout, picture: np.ndarray, *, label: str, title: 
     else:
         image = hv.Image(picture, bounds=(0, 0, width, height), kdims=["x", "y"], vdims=[dimension])
         options = {"xaxis": None, "yaxis": None}
+    # Few tools (zoom, reset, save): the full toolbar above the picture would run into a long title.
     return image.opts(cmap=cmap, clim=clim, colorbar=True, title=literal(title), tools=["hover", "tap"],
+                      default_tools=["box_zoom", "reset", "save"],
                       frame_width=frame_width, frame_height=frame_height, toolbar="above",
                       clipping_colors={"NaN": "#ffffff"}, framewise=True, **options)
 

@@ -75,7 +75,7 @@ def layer_view(state: ViewState, store: DataStore) -> LayerView | str:
     spec = run.spec(layer)
     layout = layer_layout(spec.shape)
     step = min(state.step, run.last_step)
-    what = f"{layer} {spec.shape}"
+    what = layer  # its shape is in the layer selector and the description: a long title runs into the toolbar
     try:
         if state.mode == "replay":
             values = run.values_at(layer, step)
