@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import holoviews as hv
 import holoviews.plotting.bokeh  # noqa: F401 - element options need a plotting backend loaded
 import numpy as np
+from bokeh.models import HoverTool
 
 from weightlapse.viewer.analysis.frames import DIVERGING_CMAP, SEQUENTIAL_CMAP, symmetric_limit
 from weightlapse.viewer.plots import literal
@@ -184,7 +185,12 @@ def layer_image(layout: LayerLayout, picture: np.ndarray, *, label: str, title: 
         image = hv.Image(picture, bounds=(0, 0, width, height), kdims=["x", "y"], vdims=[dimension])
         options = {"xaxis": None, "yaxis": None}
     # Few tools (zoom, reset, save): the full toolbar above the picture would run into a long title.
-    return image.opts(cmap=cmap, clim=clim, colorbar=True, title=literal(title), tools=["hover", "tap"],
+    # The hover names the cell of a heatmap (cells are centred on their indices); on an image grid its
+    # coordinates would be the mosaic's, not a weight's, so it shows the value only.
+    where = [("out", "$y{0}"), ("in", "$x{0}")] if layout.axes and layout.kind != "vector" else \
+        [("index", "$x{0}")] if layout.axes else []
+    hover = HoverTool(tooltips=[*where, (str(label)[:60], "@image{0.0000000}")])
+    return image.opts(cmap=cmap, clim=clim, colorbar=True, title=literal(title), tools=[hover, "tap"],
                       default_tools=["box_zoom", "reset", "save"],
                       frame_width=frame_width, frame_height=frame_height, toolbar="above",
                       clipping_colors={"NaN": "#ffffff"}, framewise=True, **options)
@@ -193,7 +199,7 @@ def layer_image(layout: LayerLayout, picture: np.ndarray, *, label: str, title: 
 def unit_labels(layout: LayerLayout) -> hv.Labels:
     """Each unit's index just above its image (empty for layouts without a grid of units)."""
     return hv.Labels(list(layout.labels), kdims=["x", "y"], vdims=["text"]).opts(
-        text_font_size="8pt", text_color="#222222", text_baseline="middle")
+        text_font_size="8pt", text_color="#222222", text_baseline="middle", default_tools=["box_zoom", "reset", "save"])
 
 
 def distance_lines(distances, *, title: str) -> hv.Overlay:
