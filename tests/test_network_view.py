@@ -115,7 +115,8 @@ def test_step_vs_step_and_run_vs_run_per_layer_and_different_models_are_refused(
     distance = np.linalg.norm(seen["mlp-seed1"][9]["hidden1.bias"].astype(np.float64)
                               - seen["mlp"][9]["hidden1.bias"])
     assert f"<td>hidden1.bias</td><td>{distance:.4g}</td>" in viewer.network.summary.object
-    viewer.network.compute_distances()
+    asyncio.run(viewer.network.compute_distances())
+    assert viewer.network.distance_pane.object is not None
     assert viewer.network.distances.sel(parameter="hidden1.bias", step=9).item() == pytest.approx(distance)
     viewer.state.compare = "wide"
     assert html.unescape(viewer.network.notice.object) == (
@@ -134,3 +135,12 @@ def test_statistics_of_the_layer_shown_in_its_own_shape(recorded):
     expected = layer_layout((16, 784)).picture(np.abs(np.diff(rows, axis=0)).sum(axis=0))
     np.testing.assert_allclose(network_picture(viewer, root), expected, rtol=1e-5)
     assert viewer.network.shown.label == "path length" and not viewer.network.shown.diverging
+
+
+def test_another_run_forgets_a_layer_and_a_weight_it_does_not_have(recorded):
+    runs, _ = recorded
+    viewer, _ = viewer_on(runs, run="mlp", layer="output.weight", at="150")
+    viewer.state.run = "wide"  # has output.weight, of 200 weights: both kept
+    assert (viewer.state.layer, viewer.state.weight_index) == ("output.weight", 150)
+    viewer.state.run = "softmax"
+    assert (viewer.state.layer, viewer.state.weight_index) == ("", None) and "layer" not in viewer.state.query()

@@ -9,6 +9,7 @@ the weight inspector below the picture is viewer/network_inspector.py.
 
 from __future__ import annotations
 
+import asyncio
 import html
 from dataclasses import dataclass
 
@@ -176,7 +177,7 @@ class NetworkView(pn.viewable.Viewer):
         self.picture_box = pn.Column(self.pane, visible=False, margin=0)
         self.summary = pn.pane.HTML("", css_classes=["wl-network-summary"], sizing_mode="stretch_width")
         self.distance_button = pn.widgets.Button(label="Distances of every layer over all steps", width=320)
-        self.distance_button.on_click(lambda event: self.compute_distances())
+        self.distance_button.on_click(self.compute_distances)
         self.distance_pane = pn.pane.HoloViews(None, linked_axes=False, sizing_mode="stretch_width",
                                                css_classes=["wl-layer-distances"])
         self.comparison_box = pn.Column(self.distance_button, self.distance_pane, visible=False,
@@ -185,6 +186,7 @@ class NetworkView(pn.viewable.Viewer):
         self.shown: LayerView | None = None
         self._layout = pn.Column(self.layer_select, self.notice, self.description, self.picture_box, self.summary,
                                  self.comparison_box, sizing_mode="stretch_width", visible=False)
+        self.state.param.watch(lambda event: self._forget_layer(), "run")
         self.state.param.watch(lambda *events: self.render(), ["run", "compare", "mode", "step", "from_step",
                                                              "range_start", "range_stop", "statistic", "scale",
                                                              "layer", "revision", "window_width"])
@@ -198,6 +200,17 @@ class NetworkView(pn.viewable.Viewer):
         if run is not None and event.new and event.new != chosen_layer(self.state, run):  # not the one shown
             # A weight index belongs to its layer: the same number in another layer is another weight.
             self.state.param.update(layer=event.new, weight_index=None)
+
+    def _forget_layer(self) -> None:
+        """Another run: a layer it lacks, or a weight past the layer's end, leaves the state (and the link)."""
+        run = network_run(self.store, self.state.run)
+        names = run.names if run is not None else []
+        layer = self.state.layer if self.state.layer in names else ""
+        index = self.state.weight_index
+        if index is not None and (run is None or index >= run.spec(layer or names[0]).size):
+            index = None
+        if (layer, index) != (self.state.layer, self.state.weight_index):
+            self.state.param.update(layer=layer, weight_index=index)
 
     def _sync_layers(self, run: NetworkRun) -> None:
         options = {f"{spec.name}  {spec.shape}  {spec.role}": spec.name for spec in run.parameters}
@@ -268,17 +281,23 @@ class NetworkView(pn.viewable.Viewer):
         return (f"<small>{text}</small><br><b>Distance of every layer at step {step:,}</b>"
                 f"<table class='wl-layer-table'><tr><th>parameter</th><th>L2 distance</th></tr>{rows}</table>")
 
-    def compute_distances(self) -> None:
-        """The per-layer distances of the two runs over their shared steps, drawn below."""
+    async def compute_distances(self, event=None) -> None:
+        """The per-layer distances of the two runs over their shared steps, computed on a worker
+        thread (the page stays live), drawn below."""
         run, other = network_run(self.store, self.state.run), network_run(self.store, self.state.compare)
         if run is None or other is None:
             return
         every = max(1, -(-(min(run.last_step, other.last_step) + 1) // DISTANCE_POINTS))
+        self.distance_button.disabled = True
         try:
-            distances = self.store.networks.compute_distances(run, other, every)
+            distances = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.store.networks.compute_distances(run, other, every))
         except READ_ERRORS as error:
-            self.distance_pane.object = None
-            self.notice.object, self.notice.visible = html.escape(str(error)), True
+            message = html.escape(f"Distances failed: {error}")
+            with_document_lock(lambda: self.notice.param.update(object=message, visible=True))
             return
-        self.distance_pane.object = distance_lines(distances, title=f"{other.name} vs {run.name}: L2 distance per layer")
+        finally:
+            self.distance_button.disabled = False
         self.distances = distances
+        chart = distance_lines(distances, title=f"{other.name} vs {run.name}: L2 distance per layer")
+        with_document_lock(lambda: setattr(self.distance_pane, "object", chart))
