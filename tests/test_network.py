@@ -87,3 +87,15 @@ def test_a_run_recorded_again_is_read_afresh(tmp_path):
     run = catalog.open("again")
     assert run.last_step == 4 and run.generation == 1
     assert run.values_at("output.bias", 2).tobytes() == seen[2]["output.bias"].tobytes() != before.tobytes()
+
+
+def test_one_weight_of_a_layer_too_large_to_read_whole_is_read_from_evenly_spaced_chunks(tmp_path):
+    seen = record(tmp_path / "runs" / "wide", mlp(hidden=256), steps=40)  # 800 KB a step: 8 steps a chunk
+    run = RunCatalog(tmp_path / "runs").open("wide")
+    per_chunk = run.chunk_steps("hidden1.weight")
+    assert per_chunk == 8
+    steps, values = run.weight_history("hidden1.weight", (200, 300), max_bytes=2 * per_chunk * 256 * 784 * 4)
+    # six chunks, at most two chunks' bytes: every third chunk, and the newest
+    np.testing.assert_array_equal(steps, [*range(0, 8), *range(24, 32), *range(40, 41)])
+    np.testing.assert_array_equal(values, [seen[step]["hidden1.weight"][200, 300] for step in steps])
+    assert run.weight_history("hidden1.weight", (200, 300))[0].size == 41  # under the default bound: every step

@@ -242,6 +242,7 @@ class WeightViewer(pn.viewable.Viewer):
         self.tiles.release()
         self.inspector.release()
         self.network_inspector.release()
+        self.network.release()
         self.side.release()
         self.curves.release()
 

@@ -98,8 +98,12 @@ class NetworkInspector(pn.viewable.Viewer):
         self.pane.object = curves
         self._drawn = (key, (steps, values))
         binned = steps.size > PIXEL_POINTS
+        total = run.last_step + 1
+        sampled = (f"{steps.size:,} of its {total:,} steps (a weight's steps are stored with its whole layer's, so "
+                   "only evenly spaced blocks of steps are read, and the newest), " if steps.size < total
+                   else f"{steps.size:,} steps, ")
         self.notice.object = html.escape(
-            f"{steps.size:,} steps, read from the store. "
+            f"{sampled}read from the store. "
             + ("The line passes through the lowest and the highest stored value of every "
                f"{-(-steps.size // (PIXEL_POINTS // 2)):,} steps, so no spike is hidden. " if binned else "")
             + "Hover for a step's value; click the curve to go to that step.")

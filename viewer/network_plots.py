@@ -165,7 +165,7 @@ def colour_limits(picture: np.ndarray, *, diverging: bool, limit: float | None =
 
 
 def layer_image(layout: LayerLayout, picture: np.ndarray, *, label: str, title: str, clim: tuple[float, float],
-                cmap: str, max_width: int = MAX_PICTURE_PX) -> hv.Image:
+                cmap: str, max_width: int = MAX_PICTURE_PX, hooks: tuple = ()) -> hv.Image:
     """The picture as an image: a grid of tiles (x across, y up, no axes) or a heatmap with its
     out (down, row 0 on top) and in (across) axes; a colour bar titled ``label``."""
     height, width = picture.shape
@@ -193,7 +193,12 @@ def layer_image(layout: LayerLayout, picture: np.ndarray, *, label: str, title: 
     return image.opts(cmap=cmap, clim=clim, colorbar=True, title=literal(title), tools=[hover, "tap"],
                       default_tools=["box_zoom", "reset", "save"],
                       frame_width=frame_width, frame_height=frame_height, toolbar="above",
-                      clipping_colors={"NaN": "#ffffff"}, framewise=True, **options)
+                      clipping_colors={"NaN": "#ffffff"}, framewise=True, hooks=list(hooks), **options)
+
+
+def bokeh_image(layout: LayerLayout, picture: np.ndarray) -> np.ndarray:
+    """The array Bokeh holds for :func:`layer_image`'s picture (its row 0 drawn at the lowest y)."""
+    return picture if layout.axes else np.flipud(picture)
 
 
 def unit_labels(layout: LayerLayout) -> hv.Labels:

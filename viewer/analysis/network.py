@@ -19,6 +19,7 @@ identity (its ``store_id``), never to the run's name.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 
 import dask.array as da
@@ -36,7 +37,6 @@ from weightlapse.pipeline.store import (
     check_store,
     damaged,
     dask_steps,
-    read_identity,
     recheck_store,
 )
 from weightlapse.viewer.analysis.stats import change_statistics
@@ -44,6 +44,12 @@ from weightlapse.viewer.analysis.stats import change_statistics
 # Decoded chunks kept per open run, over all its parameters: enough to replay one layer
 # forwards and backwards and to switch between two without decompressing again.
 CHUNK_CACHE_SIZE = 8
+# How often serving a step from memory checks the store again (the viewer also refreshes its
+# runs every second).
+RECHECK_S = 1.0
+# Chunks decompressed at most to follow one weight over the steps (a chunk holds whole steps of
+# its parameter): past it, evenly spaced chunks are read.
+HISTORY_BYTES = 256 * 2**20
 
 
 class NetworkRun:
@@ -73,7 +79,10 @@ class NetworkRun:
             self.progress: Progress = checked.progress
             self.parameters: tuple[ParameterSpec, ...] = checked.network.parameters
             self._specs = {spec.name: spec for spec in self.parameters}
+            # Each parameter's array, opened once per store (a group lookup costs about a millisecond).
+            self._arrays = {spec.name: checked.array(spec.name) for spec in self.parameters}
             self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+            self._checked_at = time.monotonic()
 
     def refresh(self) -> bool:
         """Re-read the progress marker (and the whole store if it was created anew); True when
@@ -88,7 +97,12 @@ class NetworkRun:
         return checked.progress != before
 
     def _check_current(self) -> None:
-        if self.store.local and read_identity(self.store) != self.identity:
+        """Before serving a step from memory: a store replaced since is read afresh. A network
+        store has no file written once at creation (its arrays grow), so this is the full
+        check, at most every RECHECK_S: per frame it took playback from 4 to 25 ms."""
+        now = time.monotonic()
+        if self.store.local and now - self._checked_at > RECHECK_S:
+            self._checked_at = now
             self.refresh()
 
     @property
@@ -112,7 +126,10 @@ class NetworkRun:
         return spec
 
     def chunk_steps(self, name: str) -> int:
-        return int(self._checked.array(self.spec(name).name).chunks[0])
+        return int(self._array(name).chunks[0])
+
+    def _array(self, name: str):
+        return self._arrays[self.spec(name).name]
 
     def check_step(self, step: int) -> int:
         if not 0 <= step <= self.last_step:
@@ -136,7 +153,7 @@ class NetworkRun:
             if block is not None:
                 self._chunks.move_to_end(key)
                 return block
-            array, cache = self._checked.array(name), self._chunks
+            array, cache = self._arrays[name], self._chunks
         start = chunk * per_chunk
         stop = min(start + per_chunk, self.last_step + 1)
         block = CheckedSteps(array, f"{self.store} ({name})", n_rows=stop, finite=False)[start:stop]
@@ -151,7 +168,7 @@ class NetworkRun:
     def abs_max(self, name: str, step: int) -> float:
         """The largest finite |value| of parameter ``name`` at ``step``, read past the chunk cache."""
         self.check_step(step)
-        array = self._checked.array(self.spec(name).name)
+        array = self._array(name)
         row = np.asarray(CheckedSteps(array, f"{self.store} ({name})", n_rows=step + 1, finite=False)[step:step + 1])
         finite = np.abs(row[np.isfinite(row)])
         return float(finite.max()) if finite.size else 0.0
@@ -163,20 +180,34 @@ class NetworkRun:
         self.check_step(stop)
         if stop < start:
             raise ValueError(f"step range {start}..{stop} is empty: the first step must not be after the last")
-        array = self._checked.array(self.spec(name).name)
+        array = self._array(name)
         return dask_steps(array, n_rows=self.last_step + 1, where=f"{self.store} ({name})", finite=False)[start:stop + 1]
 
-    def weight_history(self, name: str, index: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def weight_history(self, name: str, index: tuple[int, ...], *,
+                       max_bytes: int = HISTORY_BYTES) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one weight of parameter ``name`` (``index`` into its shape) over
-        every valid step: one column of each chunk, read through dask."""
+        the valid steps, through dask. A chunk holds whole steps of the parameter, so reading one
+        weight decompresses its chunks whole: beyond ``max_bytes`` of them, only the steps of
+        evenly spaced chunks are read (every step of each), and ``steps`` says which."""
         spec = self.spec(name)
         index = tuple(int(i) for i in index)
         if len(index) != len(spec.shape) or not all(0 <= i < n for i, n in zip(index, spec.shape)):
             raise IndexError(f"{index} is not an index into {name} of shape {spec.shape}")
         if self.last_step < 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        values = np.asarray(self.values(name)[(slice(None), *index)].compute(scheduler="threads"))
-        return np.arange(self.last_step + 1, dtype=np.int64), values
+        rows, per_chunk = self.last_step + 1, self.chunk_steps(name)
+        chunks = -(-rows // per_chunk)
+        every = max(1, -(-chunks * per_chunk * spec.size * 4 // max_bytes))
+        if every == 1:
+            values = np.asarray(self.values(name)[(slice(None), *index)].compute(scheduler="threads"))
+            return np.arange(rows, dtype=np.int64), values
+        picked = sorted({*range(0, chunks, every), chunks - 1})  # the newest steps always
+        steps = np.concatenate([np.arange(chunk * per_chunk, min((chunk + 1) * per_chunk, rows)) for chunk in picked])
+        lazy = self.values(name)
+        values = np.concatenate([np.asarray(lazy[chunk * per_chunk:min((chunk + 1) * per_chunk, rows)][(slice(None),
+                                                                                                      *index)])
+                                 for chunk in picked])
+        return steps.astype(np.int64), values
 
     def loss(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps, training loss) over the valid steps; step 0 (before training) is left out."""
