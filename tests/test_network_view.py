@@ -98,6 +98,8 @@ def test_every_shape_has_its_picture(recorded):
     viewer, root = viewer_on(runs, run="mlp", step="2", layer="output.bias")
     assert viewer.network.shown.layout.kind == "vector"
     np.testing.assert_array_equal(network_picture(viewer, root), seen["mlp"][2]["output.bias"][None, :])
+    viewer.state.weights = "centred"  # a softmax regression's choice: said, not silently ignored
+    assert "a network's values are shown as stored" in viewer.network.summary.object
     viewer.state.scale = "class"  # each unit on its own scale: the largest |value| of every unit is 1
     viewer.state.layer = "output.weight"
     assert np.abs(viewer.network.shown.values).max(axis=1) == pytest.approx(np.ones(10))

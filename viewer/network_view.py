@@ -193,7 +193,7 @@ class NetworkView(pn.viewable.Viewer):
         self.state.param.watch(lambda event: self._forget_layer(), "run")
         self.state.param.watch(lambda *events: self.render(), ["run", "compare", "mode", "step", "from_step",
                                                              "range_start", "range_stop", "statistic", "scale",
-                                                             "layer", "revision", "window_width"])
+                                                             "layer", "revision", "window_width", "weights"])
         self.render()
 
     def __panel__(self):
@@ -294,6 +294,8 @@ class NetworkView(pn.viewable.Viewer):
 
     def _summary_html(self, run: NetworkRun, view: LayerView) -> str:
         text = html.escape(view.summary)
+        if self.state.weights == "centred":  # the class-mean is a softmax regression's; a layer has none
+            text += " (Centred weights are a softmax-regression run's; a network's values are shown as stored.)"
         if self.state.mode != "run-diff":
             return f"<small>{text}</small>"
         other = self.store.networks.network(self.state.compare)
