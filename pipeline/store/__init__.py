@@ -59,6 +59,7 @@ from weightlapse.pipeline.store.format import (
 from weightlapse.pipeline.store.links import refuse_link_out, refuse_links
 from weightlapse.pipeline.store.network import (
     NETWORK_SCHEMA_VERSION,
+    RUN_ARRAYS,
     NetworkLayout,
     ParameterSpec,
     parse_parameters,
@@ -67,7 +68,7 @@ from weightlapse.pipeline.store.network import (
 __all__ = [
     "ALLOWED_CODECS", "ARRAYS", "CODECS", "DASK_BLOCK_STEPS", "HISTORY_NAME", "IMAGE_SIDE", "MAX_CHUNK_BYTES",
     "MAX_METADATA_BYTES", "MAX_STEPS", "NETWORK_SCHEMA_VERSION", "N_CLASSES", "N_PIXELS", "REQUIRED_ARRAYS",
-    "SCALAR_CHUNK", "SCHEMA", "SCHEMA_VERSION", "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore",
+    "RUN_ARRAYS", "SCALAR_CHUNK", "SCHEMA", "SCHEMA_VERSION", "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore",
     "NetworkLayout", "ParameterSpec", "PixelHistory", "Progress", "RunMetadata", "StaleHistoryError",
     "StoreBeingCreatedError", "StoreLayout", "TrajectoryError", "TrajectoryNotFoundError", "check_store",
     "codec_chain_problem", "consolidate", "create_network_store", "create_store", "damaged", "dask_steps",

@@ -13,7 +13,8 @@ publishing) reads it through :func:`check_store`, which checks, before any chunk
 - every chunk holding a committed row is a file in the store (a missing one would read as
   NaN rows), and no path that is read goes through a symbolic link;
 - a network store (schema version 2) has a valid parameter list (names, shapes, roles,
-  dims, bounded sizes: ``network.parse_parameters``) and one array per parameter as listed.
+  dims, bounded sizes: ``network.parse_parameters``) and one array per parameter as listed,
+  and a planned one (the train stage's) version 1's held-out scores and checkpoints.
 
 Each array is read from its own ``zarr.json``, never from the consolidated copy in the
 group's (kept for plain ``xarray.open_zarr``), so what is checked is what is read.
@@ -31,7 +32,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import zarr
 
 from weightlapse.pipeline.locations import Location, as_location
@@ -55,7 +55,8 @@ from weightlapse.pipeline.store.format import (
     shown,
 )
 from weightlapse.pipeline.store.links import refuse_links
-from weightlapse.pipeline.store.network import NETWORK_SCHEMA_VERSION, NetworkLayout, parse_parameters
+from weightlapse.pipeline.store.network import NETWORK_SCHEMA_VERSION, RUN_ARRAYS, NetworkLayout, parse_parameters
+from weightlapse.pipeline.store.steps import CheckedSteps, damaged  # noqa: F401 - read through this module too
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,15 @@ def _check_network(location: Location, group: zarr.Group, where: str) -> Checked
     if not isinstance(store_id, str) or not 0 < len(store_id) <= 64:
         raise TrajectoryError(f"{where}: the store's store_id is {shown(store_id)}, not an id: the store was not "
                               "written by weightlapse")
-    progress = Progress.parse(group.attrs.get("progress"), where)
+    # A planned run (the train stage's) also has version 1's held-out scores and checkpoints.
+    being_created = Progress.parse(group.attrs.get("progress"), where).steps_done < 0
+    planned = any(_has_member(group, name) for name in RUN_ARRAYS)
+    runs = {name: _open_array(group, name, where, being_created=being_created) for name in RUN_ARRAYS
+            if (planned and name != "resume_state") or _has_member(group, name)}
+    n_evals = runs["eval_step"].shape[0] if planned else 0
+    progress = Progress.parse(group.attrs.get("progress"), where, n_evals=n_evals)
+    for name, array in runs.items():
+        _check_array(array, name, 0, n_evals, where)
     rows, arrays = progress.steps_done + 1, {}
     expected = [(spec.name, "float32", spec.dims, spec.shape) for spec in network.parameters]
     for name, dtype, dims, shape in [*expected, ("loss", "float32", ("step",), ()), ("step", "int64", ("step",), ())]:
@@ -262,7 +271,10 @@ def _check_network(location: Location, group: zarr.Group, where: str) -> Checked
                                   f"rows its progress marker commits (at most {MAX_STEPS + 1:,}), each of shape "
                                   f"{shape}: the store is damaged: record the run again")
         _check_encoding(array, name, where)
-    _check_chunks_present(location, arrays, {name: (0, rows) for name in arrays}, where)
+    committed = {name: (0, rows) for name in arrays} | {"eval_step": (0, n_evals),
+                                                         "heldout_accuracy": (0, progress.evals_done),
+                                                         "heldout_loss": (0, progress.evals_done)}
+    _check_chunks_present(location, {**arrays, **runs}, committed, where)
     return CheckedStore(location, group, RunMetadata.parse(meta), progress, (location.url, "store", store_id),
                         network=network)
 
@@ -354,47 +366,3 @@ def read_identity(location: Location) -> tuple | None:
         return _identity(location, str(location))
     except TrajectoryError:
         return None
-
-
-class CheckedSteps:
-    """A (step, ...) store array whose reads raise :class:`TrajectoryError` for a damaged chunk.
-
-    It stands in for the zarr array under dask (``da.from_array``): a chunk that cannot be
-    decoded, or (with ``finite``) holds NaN or infinite values, names its steps and the
-    store instead of surfacing a codec's own error or NaN rows as data.
-    """
-
-    def __init__(self, array: zarr.Array, where: str, *, n_rows: int | None = None, finite: bool = True) -> None:
-        self.array, self.where, self.finite = array, where, finite
-        rows = array.shape[0] if n_rows is None else min(n_rows, array.shape[0])
-        self.shape, self.dtype, self.ndim = (rows, *array.shape[1:]), array.dtype, array.ndim
-
-    def __getitem__(self, key):
-        try:
-            block = self.array[key]
-        except Exception:  # noqa: BLE001 - codecs and stores raise many kinds for a damaged chunk
-            raise self._locate(key) from None
-        if self.finite and block.size and not np.isfinite(block).all():
-            raise self._locate(key)
-        return block
-
-    def _locate(self, key) -> TrajectoryError:
-        """The error for the first damaged store chunk among the steps of ``key``."""
-        steps = key[0] if isinstance(key, tuple) else key
-        first, stop, _ = steps.indices(self.shape[0]) if isinstance(steps, slice) else (steps, steps + 1, 1)
-        per_chunk = self.array.chunks[0]
-        for start in range(first - first % per_chunk, stop, per_chunk):
-            rows = slice(max(start, first), min(start + per_chunk, stop))
-            try:
-                block = self.array[rows]
-            except Exception as error:  # noqa: BLE001
-                return damaged(self.where, rows, f"{type(error).__name__}: {str(error)[:200]}")
-            if self.finite and not np.isfinite(block).all():
-                return damaged(self.where, rows, "it holds values that are not finite (NaN or infinite)")
-        return damaged(self.where, steps, "reading failed")
-
-
-def damaged(where: str, steps: Any, reason: str) -> TrajectoryError:
-    span = f"steps {steps.start}..{steps.stop - 1}" if isinstance(steps, slice) else f"step {steps}"
-    return TrajectoryError(f"{where}: {span} cannot be read ({reason}); that part of the store is damaged: "
-                           "retrain the run (`dvc repro`); other steps can still be read")
