@@ -69,9 +69,9 @@ def find_resume_point(path: str | Path, layout: StoreLayout | NetworkLayout, met
         return f"it is not a readable trajectory ({error})"
     if progress.finished:
         return "it is finished"
-    for name, fields in RESUME_MUST_MATCH.items():
-        if any(_as_json(getattr(stored, field)) != _as_json(getattr(metadata, field)) for field in fields):
-            return f"it was started with other {name}"
+    differing = differs(stored, metadata)
+    if differing:
+        return f"it was started with other {differing}"
     if progress.resume is None:
         return "it has no checkpoint yet"
     step, row = progress.resume["step"], progress.resume["row"]
@@ -93,6 +93,14 @@ def find_resume_point(path: str | Path, layout: StoreLayout | NetworkLayout, met
         return "its checkpoint holds values that are not finite"
     return ResumePoint(step=step, parameters=parameters, optimizer_state=state, row=row, losses=losses,
                        heldout=heldout)
+
+
+def differs(stored: RunMetadata, metadata: RunMetadata) -> str | None:
+    """What of :data:`RESUME_MUST_MATCH` differs between a store's metadata and a run's, or None."""
+    for name, fields in RESUME_MUST_MATCH.items():
+        if any(_as_json(getattr(stored, field)) != _as_json(getattr(metadata, field)) for field in fields):
+            return name
+    return None
 
 
 def remove_partial_files(path: Path) -> None:

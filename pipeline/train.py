@@ -41,7 +41,7 @@ from weightlapse.pipeline.recording import RunPlan, RunRecording, RunSummary, Tr
 from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer
 from weightlapse.pipeline.scoring import scoring_thread
 from weightlapse.pipeline.trainer import DeviceError, select_device
-from weightlapse.pipeline.resume import RESUME_MUST_MATCH, find_resume_point
+from weightlapse.pipeline.resume import differs, find_resume_point
 from weightlapse.pipeline.store import STORE_NAME, Progress, RunMetadata, TrajectoryError, open_store
 from weightlapse.pipeline.summary import write_manifest
 
@@ -189,8 +189,7 @@ def kept_run(out_dir: Path, metadata: RunMetadata) -> RunSummary | None:
         metrics = json.loads((out_dir / "metrics.json").read_text())
     except (TrajectoryError, KeyError, TypeError, ValueError, OSError):
         return None
-    same = all(getattr(stored, name) == getattr(metadata, name) for names in RESUME_MUST_MATCH.values()
-               for name in names)
+    same = differs(stored, metadata) is None  # as JSON: a network's hidden widths read back as a list
     code = stored.versions.get(CODE_VERSION)
     if not (finished and same and code == metadata.versions[CODE_VERSION]
             and all((out_dir / name).is_file() for name in ("loss.csv", "accuracy.csv"))):
