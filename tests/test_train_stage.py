@@ -418,3 +418,26 @@ def test_a_diverging_hidden_layer_run_stops_at_the_step_and_keeps_the_steps_befo
     assert ds.sizes["step"] == progress["steps_done"] + 1 >= 1
     for name in ("hidden1.weight", "output.weight"):
         assert np.isfinite(ds[name].values).all()  # no row that overflowed is committed
+
+
+def test_a_sweep_of_hidden_layer_runs_trains_them_one_by_one(tmp_path, generated_data, monkeypatch):
+    from weightlapse.pipeline.params import parse_params
+    from weightlapse.pipeline.sweep import dispatch, plan_tasks, sweep_runs
+
+    data_dir, _ = generated_data
+    params = parse_params({"train": {"hidden": [5], "device": "cpu", "eval_every": 4},
+                           "runs": {"one": {"seed": 9}},
+                           "sweep": {"optimizer": ["adam"], "lr": [0.001, 0.01], "batch_size": [20], "seed": [0, 1]}})
+    runs = sweep_runs(params)
+    assert all(config.hidden == (5,) for config in runs.values())
+    assert plan_tasks(runs, 1) == [{name: config} for name, config in runs.items()]  # no stacks
+    monkeypatch.setattr("weightlapse.pipeline.train.train_stack", lambda *args, **kwargs: pytest.fail("stacked"))
+    result = dispatch(runs, data_dir=data_dir, dataset_name="mnist", out=tmp_path / "runs", scheduler=None)
+    assert sorted(result.metrics) == sorted(runs)
+    dataset = load_dataset(data_dir, "mnist")
+    for name, config in runs.items():
+        run_training(config, dataset, tmp_path / "alone" / name, run_name=name, progress=False)
+        swept, alone = open_run(tmp_path / "runs" / name), open_run(tmp_path / "alone" / name)
+        assert swept.attrs["progress"]["finished"] and swept.attrs["weightlapse"]["params"]["lr"] == config.lr
+        for variable in ("hidden1.weight", "output.weight", "loss", "heldout_accuracy"):
+            assert swept[variable].values.tobytes() == alone[variable].values.tobytes(), (name, variable)
