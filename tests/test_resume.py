@@ -109,3 +109,16 @@ def test_a_run_stopped_with_ctrl_c_resumes_to_exactly_the_uninterrupted_result(p
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming after step {stopped['resume']['step']} of {3000 if run == 'mlp' else 4000}" in result.stderr
     assert tree_digest(resumed / "run") == tree_digest(clean / "run")
+
+
+def test_a_hidden_layer_run_stopped_mid_block_resumes_every_array_exactly(tmp_path, monkeypatch):
+    from interrupted_runs import clean_and_resumed_network
+
+    from weightlapse.pipeline.params import TrainParams
+
+    config = TrainParams(device="cpu", epochs=3, eval_every=40, hidden=(16,), optimizer="rmsprop", momentum=0.5)
+    clean, resumed, stopped = clean_and_resumed_network(config, tmp_path, monkeypatch)
+    assert stopped["resume"]["step"] == 255 and not stopped["finished"] and "simulated crash" in stopped["error"]
+    assert sorted(resumed.data_vars) == sorted(clean.data_vars)
+    for name in clean.data_vars:
+        assert clean[name].values.tobytes() == resumed[name].values.tobytes(), name

@@ -446,6 +446,54 @@ def test_a_hostile_network_store_is_refused_with_the_projects_error(network_run,
     assert RunCatalog(network_run.parent).describe("net").state == "broken"
 
 
+# -- a planned network store: the train stage's run with hidden layers, its held-out scores and checkpoints
+
+
+@pytest.fixture
+def planned_network_run(tmp_path, generated_data):
+    from weightlapse.pipeline.datasets import load_dataset
+    from weightlapse.pipeline.params import TrainParams
+    from weightlapse.pipeline.train import run_training
+
+    run = tmp_path / "runs" / "mlp"
+    run_training(TrainParams(device="cpu", hidden=(3,), bias=True, eval_every=4), load_dataset(generated_data[0], "mnist"),
+                 run, run_name="mlp", progress=False)
+    return run
+
+
+def test_a_planned_network_store_has_version_1s_scores_and_checkpoints(planned_network_run):
+    checked = check_store(planned_network_run)
+    assert checked.network.names == ("hidden1.weight", "hidden1.bias", "output.weight", "output.bias")
+    assert checked.progress.as_dict() == {"steps_done": 10, "n_steps": 10, "evals_done": 4, "finished": True,
+                                          "resume": {"step": 10, "row": 0}}
+    ds = open_run(planned_network_run)
+    assert ds.eval_step.values.tolist() == [0, 4, 8, 10] and ds.heldout_accuracy.dims == ("eval_step",)
+    assert np.isfinite(ds.heldout_loss.values).all() and "resume_state" not in ds
+    assert checked.group["resume_state"].shape == (2, 2 * (3 * 784 + 3 + 10 * 3 + 10))  # Adam: two moments
+    assert RunCatalog(planned_network_run.parent).describe("mlp").state == "finished"
+
+
+PLANNED_NETWORK_ATTACKS = {
+    "held-out scores of another length": lambda run: edit_array(run, "heldout_accuracy",
+                                                                lambda doc: doc.update(shape=[3])),
+    "held-out loss missing": lambda run: shutil.rmtree(run / STORE_NAME / "heldout_loss"),
+    "eval steps as floats": lambda run: edit_array(run, "eval_step", lambda doc: doc.update(data_type="float32")),
+    "more evaluations done than planned": lambda run: edit_json(run / STORE_NAME / "zarr.json", lambda doc: doc[
+        "attributes"]["progress"].update(evals_done=5)),
+    "checkpoints of one row": lambda run: edit_array(run, "resume_state", lambda doc: doc.update(shape=[1, 4])),
+    "committed score chunk missing": lambda run: shutil.rmtree(run / STORE_NAME / "heldout_accuracy" / "c"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(PLANNED_NETWORK_ATTACKS))
+def test_a_damaged_planned_network_store_is_refused_with_the_projects_error(planned_network_run, attack):
+    PLANNED_NETWORK_ATTACKS[attack](planned_network_run)
+    for read in (check_store, open_run):
+        with pytest.raises(TrajectoryError) as caught:
+            read(planned_network_run)
+        assert str(planned_network_run) in str(caught.value) and len(str(caught.value)) < 800, str(caught.value)
+
+
 def test_a_store_killed_as_its_directory_was_made_reads_as_being_created(tmp_path):
     from weightlapse.pipeline.store import StoreBeingCreatedError, open_run, read_progress
 
