@@ -95,6 +95,8 @@ class RunRecording:
     :meth:`on_step` after every step (or :meth:`on_block` after a block of them, which it
     may have written into ``writer.rows_to_fill``'s rows); after the last,
     :meth:`finish_training` writes the rest, and :meth:`summary` gives the metrics.
+    A network run's recording (pipeline.network_recording) is this class with another writer,
+    sources and score (``_open_writer``, ``_set_sources``, ``_recorded_parameters``, ``_score``).
     """
 
     def __init__(self, open_files: contextlib.ExitStack, plan: RunPlan, dataset: Dataset, device: torch.device,
