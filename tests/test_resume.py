@@ -93,7 +93,7 @@ def test_resume_replaces_a_store_it_cannot_carry_on(project, tmp_path):
     assert tree_digest(replaced / "run") == tree_digest(tmp_path / "clean" / "run")
 
 
-@pytest.mark.parametrize("run", ["numpy", "mlp"])
+@pytest.mark.parametrize("run", ["numpy"])  # a network run stopped by an exception: the mid-block test below
 def test_a_run_stopped_with_ctrl_c_resumes_to_exactly_the_uninterrupted_result(project, run, tmp_path):
     # Ctrl-C lands anywhere in the training loop, often between a step and its recording
     # or inside the optimizer's update: the model's state then is no checkpoint, and the
