@@ -31,8 +31,8 @@ class NetworkRecording(RunRecording):
     ``sources`` are its live parameters (``TorchEngine.parameters_now``), in the model's order.
 
     A step copies each parameter into the writer's block (pipeline.recorder.ParameterRows), on
-    the training thread: on a GPU too, since the loop waits for each step's loss anyway
-    (pipeline.trainer.train). Held-out scoring runs on a copy of the parameters, on the scorer's thread.
+    a GPU into a device block that goes to the host once per hand-off, as a recorder's does.
+    Held-out scoring runs on a copy of the parameters, on the scorer's thread.
     """
 
     def __init__(self, open_files: contextlib.ExitStack, plan: RunPlan, dataset: Dataset, device: torch.device,
@@ -44,9 +44,9 @@ class NetworkRecording(RunRecording):
     def _open_writer(self, path: Path, plan: RunPlan, metadata: RunMetadata, *, overwrite: bool,
                      checkpoint: Callable[[], np.ndarray | None], point: ResumePoint | None) -> NetworkWriter:
         layout = plan.layout
-        self._rows = ParameterRows(layout, self._device, staged=False)
-        writer = NetworkWriter(path, layout, metadata, overwrite=overwrite, store_id=network_store_id(metadata, layout),
-                               checkpoint=checkpoint, resume_from=point)
+        self._rows = ParameterRows(layout, self._device)
+        writer = NetworkWriter(path, layout, metadata, overwrite=overwrite, before_send=self._rows.before_send,
+                               store_id=network_store_id(metadata, layout), checkpoint=checkpoint, resume_from=point)
         self._rows.attach(writer)
         return writer
 
@@ -65,6 +65,10 @@ class NetworkRecording(RunRecording):
             self._diverged(step, loss)
         self._rows.record(self._parameters, loss)
         self._after_step(step, loss, *self._parameters)
+
+    def _diverged(self, step: int, loss: float) -> None:
+        self._rows.to_host()  # the writer looks at the last row for values that overflowed
+        super()._diverged(step, loss)
 
     def on_block(self, first: int, rows: dict[str, np.ndarray]) -> None:
         raise TypeError("a network run is recorded a step at a time (on_step); no engine hands it blocks")

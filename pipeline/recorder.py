@@ -192,6 +192,12 @@ class ParameterRows:
             loss_target[row].fill_(math.nan if loss is None else float(loss))
         writer.commit_row()
 
+    def to_host(self) -> None:
+        """The current block's rows on the device into its host block now (one wait), so that
+        the writer can look at them (a diverged run's last row)."""
+        if self.staged and self.writer.row:
+            self._copy_rows(self.writer.slot, 0, self.writer.row)
+
     def _copy_rows(self, slot: int, first: int, stop: int) -> None:
         """The device block's rows ``first .. stop - 1`` into the host block ``slot``: one wait
         for the device per hand-off, never per step."""

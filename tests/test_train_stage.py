@@ -441,3 +441,20 @@ def test_a_sweep_of_hidden_layer_runs_trains_them_one_by_one(tmp_path, generated
         assert swept.attrs["progress"]["finished"] and swept.attrs["weightlapse"]["params"]["lr"] == config.lr
         for variable in ("hidden1.weight", "output.weight", "loss", "heldout_accuracy"):
             assert swept[variable].values.tobytes() == alone[variable].values.tobytes(), (name, variable)
+
+
+@pytest.mark.parametrize("run", ["mlp", "mlp-diverging"])
+def test_rows_staged_on_the_device_give_the_host_path_s_run_exactly(tmp_path, params_file, generated_data, monkeypatch,
+                                                                  run):
+    # The GPU path (a device block, copied to the host once per hand-off), run on the CPU.
+    import weightlapse.pipeline.recorder as recorder
+
+    data_dir, _ = generated_data
+    expected = 1 if run == "mlp-diverging" else 0
+    assert train_run(params_file, data_dir, tmp_path / "host", run) == expected
+    monkeypatch.setattr(recorder, "stages_on_device", lambda device: True)
+    assert train_run(params_file, data_dir, tmp_path / "staged", run) == expected
+    host, staged = open_run(tmp_path / "host"), open_run(tmp_path / "staged")
+    assert sorted(staged.data_vars) == sorted(host.data_vars) and staged.sizes == host.sizes
+    for name in host.data_vars:
+        assert staged[name].values.tobytes() == host[name].values.tobytes(), name
