@@ -21,7 +21,7 @@ group's (kept for plain ``xarray.open_zarr``), so what is checked is what is rea
 Anything else is a :class:`TrajectoryError` (a ``ValueError``) that names the store, what
 is wrong and what to do. A chunk that passes these checks but cannot be decoded, or holds
 values that are not finite, raises the same error when its steps are read
-(:class:`CheckedSteps`), and the rest of the run stays readable.
+(``steps.CheckedSteps``), and the rest of the run stays readable.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import zarr
 
 from weightlapse.pipeline.locations import Location, as_location
@@ -138,13 +137,38 @@ def check_store(path: str | os.PathLike | Location, storage_options: dict[str, A
     location = store_location(path, storage_options)
     group = open_store(location)
     where = str(location)
-    if group.attrs["weightlapse"].get("schema_version") == NETWORK_SCHEMA_VERSION:
-        return _check_network(location, group, where)
+    check = _check_network if group.attrs["weightlapse"].get("schema_version") == NETWORK_SCHEMA_VERSION \
+        else _check_softmax
+    try:
+        return check(location, group, where)
+    except StoreBeingCreatedError:
+        raise
+    except TrajectoryError as error:
+        # The writer creates the arrays one by one (and some of their chunks) before it
+        # commits a step: until then an incomplete store is one being created, or one whose
+        # creation was killed, never one to call damaged.
+        if not _nothing_committed(group, where):
+            raise
+        raise StoreBeingCreatedError(f"{where}: no step is committed yet and the store is incomplete "
+                                     f"({str(error).removeprefix(where + ': ')}): it is still being created (try "
+                                     "again in a moment), or its creation was interrupted: retrain the run") from None
+
+
+def _nothing_committed(group: zarr.Group, where: str) -> bool:
+    try:
+        progress = Progress.parse(group.attrs.get("progress"), where)
+    except TrajectoryError:
+        return False
+    return progress.steps_done < 0 and not progress.finished
+
+
+def _check_softmax(location: Location, group: zarr.Group, where: str) -> CheckedStore:
+    """:func:`check_store` for a softmax-regression store (schema version 1)."""
     progress = Progress.parse(group.attrs.get("progress"), where)
     arrays = {}
     for name in ARRAYS:
         if name in REQUIRED_ARRAYS or _has_member(group, name):
-            arrays[name] = _open_array(group, name, where, being_created=progress.steps_done < 0)
+            arrays[name] = _open_array(group, name, where)
     n_evals = arrays["eval_step"].shape[0]
     progress = Progress.parse(group.attrs.get("progress"), where, n_evals=n_evals)
     rows = progress.n_steps + 1
@@ -185,7 +209,7 @@ def _has_member(group: zarr.Group, name: str) -> bool:
         return False
 
 
-def _open_array(group: zarr.Group, name: str, where: str, *, being_created: bool) -> zarr.Array:
+def _open_array(group: zarr.Group, name: str, where: str) -> zarr.Array:
     location = where
     try:
         if isinstance(group.store, zarr.storage.LocalStore):
@@ -201,12 +225,8 @@ def _open_array(group: zarr.Group, name: str, where: str, *, being_created: bool
     except TrajectoryError:
         raise
     except KeyError:
-        if being_created:
-            raise StoreBeingCreatedError(f"{location}: array {name!r} is missing: the store is still being created "
-                                         "(try again in a moment), or its creation was interrupted: retrain the run"
-                                         ) from None
-        raise TrajectoryError(f"{location}: array {name!r} is missing, though steps are committed: the store is "
-                              "damaged: retrain the run (`dvc repro`)") from None
+        raise TrajectoryError(f"{location}: array {name!r} is missing: the store is damaged: retrain the run "
+                              "(`dvc repro`)") from None
     except Exception as error:  # noqa: BLE001
         raise TrajectoryError(f"{location}: array {name!r} is unreadable ({type(error).__name__}: "
                               f"{str(error)[:200]}): the store is damaged: retrain the run") from None
@@ -251,7 +271,7 @@ def _check_network(location: Location, group: zarr.Group, where: str) -> Checked
     rows, arrays = progress.steps_done + 1, {}
     expected = [(spec.name, "float32", spec.dims, spec.shape) for spec in network.parameters]
     for name, dtype, dims, shape in [*expected, ("loss", "float32", ("step",), ()), ("step", "int64", ("step",), ())]:
-        array = arrays[name] = _open_array(group, name, where, being_created=rows == 0)
+        array = arrays[name] = _open_array(group, name, where)
         if getattr(array.metadata, "zarr_format", None) != 3 or str(array.dtype) != dtype \
                 or tuple(array.metadata.dimension_names or ()) != dims:
             raise TrajectoryError(f"{where}: array {name!r} is {array.dtype} with dimensions "
@@ -354,47 +374,3 @@ def read_identity(location: Location) -> tuple | None:
         return _identity(location, str(location))
     except TrajectoryError:
         return None
-
-
-class CheckedSteps:
-    """A (step, ...) store array whose reads raise :class:`TrajectoryError` for a damaged chunk.
-
-    It stands in for the zarr array under dask (``da.from_array``): a chunk that cannot be
-    decoded, or (with ``finite``) holds NaN or infinite values, names its steps and the
-    store instead of surfacing a codec's own error or NaN rows as data.
-    """
-
-    def __init__(self, array: zarr.Array, where: str, *, n_rows: int | None = None, finite: bool = True) -> None:
-        self.array, self.where, self.finite = array, where, finite
-        rows = array.shape[0] if n_rows is None else min(n_rows, array.shape[0])
-        self.shape, self.dtype, self.ndim = (rows, *array.shape[1:]), array.dtype, array.ndim
-
-    def __getitem__(self, key):
-        try:
-            block = self.array[key]
-        except Exception:  # noqa: BLE001 - codecs and stores raise many kinds for a damaged chunk
-            raise self._locate(key) from None
-        if self.finite and block.size and not np.isfinite(block).all():
-            raise self._locate(key)
-        return block
-
-    def _locate(self, key) -> TrajectoryError:
-        """The error for the first damaged store chunk among the steps of ``key``."""
-        steps = key[0] if isinstance(key, tuple) else key
-        first, stop, _ = steps.indices(self.shape[0]) if isinstance(steps, slice) else (steps, steps + 1, 1)
-        per_chunk = self.array.chunks[0]
-        for start in range(first - first % per_chunk, stop, per_chunk):
-            rows = slice(max(start, first), min(start + per_chunk, stop))
-            try:
-                block = self.array[rows]
-            except Exception as error:  # noqa: BLE001
-                return damaged(self.where, rows, f"{type(error).__name__}: {str(error)[:200]}")
-            if self.finite and not np.isfinite(block).all():
-                return damaged(self.where, rows, "it holds values that are not finite (NaN or infinite)")
-        return damaged(self.where, steps, "reading failed")
-
-
-def damaged(where: str, steps: Any, reason: str) -> TrajectoryError:
-    span = f"steps {steps.start}..{steps.stop - 1}" if isinstance(steps, slice) else f"step {steps}"
-    return TrajectoryError(f"{where}: {span} cannot be read ({reason}); that part of the store is damaged: "
-                           "retrain the run (`dvc repro`); other steps can still be read")
