@@ -505,3 +505,37 @@ def test_a_store_killed_as_its_directory_was_made_reads_as_being_created(tmp_pat
     (store / "notes.txt").write_text("a user's file")  # anything else there is not a store being made
     with pytest.raises(TrajectoryError, match="not a Zarr group"):
         open_run(store)
+
+
+# What a train stage killed part way through creating its store leaves: every array before
+# the kill, none after, and the one being written half there.
+CREATION_KILLS = {
+    "before the evaluation steps are written": lambda store: (store / "eval_step" / "c" / "0").unlink(),
+    "while an array's metadata is written": lambda store: (store / "heldout_loss" / "zarr.json").write_text('{"shape"'),
+    "before the last arrays are made": lambda store: [shutil.rmtree(store / name) for name in ("step", "eval_step")],
+}
+
+
+@pytest.mark.parametrize("kill", sorted(CREATION_KILLS))
+def test_a_store_killed_while_it_was_created_reads_as_being_created(tmp_path, kill):
+    from weightlapse.pipeline.store import StoreBeingCreatedError, create_store
+
+    store = tmp_path / "runs" / "new" / STORE_NAME
+    layout = StoreLayout(n_steps=100, eval_steps=(0, 50, 100), n_classes=10, n_pixels=784, chunk_steps=64,
+                         bias=False, gradients=False, resume_size=0, codec="fast")
+    create_store(store, layout, full_metadata())
+    CREATION_KILLS[kill](store)
+    for read in (check_store, open_run):
+        with pytest.raises(StoreBeingCreatedError, match="no step is committed yet .* its creation was interrupted"):
+            read(store)
+    assert RunCatalog(tmp_path / "runs").describe("new").state != "broken"
+
+
+def test_a_committed_store_missing_a_chunk_is_still_damaged(run_dir):
+    from weightlapse.pipeline.store import StoreBeingCreatedError
+
+    (run_dir / STORE_NAME / "eval_step" / "c" / "0").unlink()
+    with pytest.raises(TrajectoryError, match="is missing") as caught:
+        check_store(run_dir)
+    assert not isinstance(caught.value, StoreBeingCreatedError)
+    assert RunCatalog(run_dir.parent).describe("good").state == "broken"

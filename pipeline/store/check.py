@@ -22,7 +22,7 @@ group's (kept for plain ``xarray.open_zarr``), so what is checked is what is rea
 Anything else is a :class:`TrajectoryError` (a ``ValueError``) that names the store, what
 is wrong and what to do. A chunk that passes these checks but cannot be decoded, or holds
 values that are not finite, raises the same error when its steps are read
-(:class:`CheckedSteps`), and the rest of the run stays readable.
+(``steps.CheckedSteps``), and the rest of the run stays readable.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ from weightlapse.pipeline.store.format import (
 )
 from weightlapse.pipeline.store.links import refuse_links
 from weightlapse.pipeline.store.network import NETWORK_SCHEMA_VERSION, RUN_ARRAYS, NetworkLayout, parse_parameters
-from weightlapse.pipeline.store.steps import CheckedSteps, damaged  # noqa: F401 - read through this module too
 
 
 @dataclass(frozen=True)
@@ -139,13 +138,38 @@ def check_store(path: str | os.PathLike | Location, storage_options: dict[str, A
     location = store_location(path, storage_options)
     group = open_store(location)
     where = str(location)
-    if group.attrs["weightlapse"].get("schema_version") == NETWORK_SCHEMA_VERSION:
-        return _check_network(location, group, where)
+    check = _check_network if group.attrs["weightlapse"].get("schema_version") == NETWORK_SCHEMA_VERSION \
+        else _check_softmax
+    try:
+        return check(location, group, where)
+    except StoreBeingCreatedError:
+        raise
+    except TrajectoryError as error:
+        # The writer creates the arrays one by one (and some of their chunks) before it
+        # commits a step: until then an incomplete store is one being created, or one whose
+        # creation was killed, never one to call damaged.
+        if not _nothing_committed(group, where):
+            raise
+        raise StoreBeingCreatedError(f"{where}: no step is committed yet and the store is incomplete "
+                                     f"({str(error).removeprefix(where + ': ')}): it is still being created (try "
+                                     "again in a moment), or its creation was interrupted: retrain the run") from None
+
+
+def _nothing_committed(group: zarr.Group, where: str) -> bool:
+    try:
+        progress = Progress.parse(group.attrs.get("progress"), where)
+    except TrajectoryError:
+        return False
+    return progress.steps_done < 0 and not progress.finished
+
+
+def _check_softmax(location: Location, group: zarr.Group, where: str) -> CheckedStore:
+    """:func:`check_store` for a softmax-regression store (schema version 1)."""
     progress = Progress.parse(group.attrs.get("progress"), where)
     arrays = {}
     for name in ARRAYS:
         if name in REQUIRED_ARRAYS or _has_member(group, name):
-            arrays[name] = _open_array(group, name, where, being_created=progress.steps_done < 0)
+            arrays[name] = _open_array(group, name, where)
     n_evals = arrays["eval_step"].shape[0]
     progress = Progress.parse(group.attrs.get("progress"), where, n_evals=n_evals)
     rows = progress.n_steps + 1
@@ -186,7 +210,7 @@ def _has_member(group: zarr.Group, name: str) -> bool:
         return False
 
 
-def _open_array(group: zarr.Group, name: str, where: str, *, being_created: bool) -> zarr.Array:
+def _open_array(group: zarr.Group, name: str, where: str) -> zarr.Array:
     location = where
     try:
         if isinstance(group.store, zarr.storage.LocalStore):
@@ -202,12 +226,8 @@ def _open_array(group: zarr.Group, name: str, where: str, *, being_created: bool
     except TrajectoryError:
         raise
     except KeyError:
-        if being_created:
-            raise StoreBeingCreatedError(f"{location}: array {name!r} is missing: the store is still being created "
-                                         "(try again in a moment), or its creation was interrupted: retrain the run"
-                                         ) from None
-        raise TrajectoryError(f"{location}: array {name!r} is missing, though steps are committed: the store is "
-                              "damaged: retrain the run (`dvc repro`)") from None
+        raise TrajectoryError(f"{location}: array {name!r} is missing: the store is damaged: retrain the run "
+                              "(`dvc repro`)") from None
     except Exception as error:  # noqa: BLE001
         raise TrajectoryError(f"{location}: array {name!r} is unreadable ({type(error).__name__}: "
                               f"{str(error)[:200]}): the store is damaged: retrain the run") from None
@@ -249,9 +269,8 @@ def _check_network(location: Location, group: zarr.Group, where: str) -> Checked
         raise TrajectoryError(f"{where}: the store's store_id is {shown(store_id)}, not an id: the store was not "
                               "written by weightlapse")
     # A planned run (the train stage's) also has version 1's held-out scores and checkpoints.
-    being_created = Progress.parse(group.attrs.get("progress"), where).steps_done < 0
     planned = any(_has_member(group, name) for name in RUN_ARRAYS)
-    runs = {name: _open_array(group, name, where, being_created=being_created) for name in RUN_ARRAYS
+    runs = {name: _open_array(group, name, where) for name in RUN_ARRAYS
             if (planned and name != "resume_state") or _has_member(group, name)}
     n_evals = runs["eval_step"].shape[0] if planned else 0
     progress = Progress.parse(group.attrs.get("progress"), where, n_evals=n_evals)
@@ -260,7 +279,7 @@ def _check_network(location: Location, group: zarr.Group, where: str) -> Checked
     rows, arrays = progress.steps_done + 1, {}
     expected = [(spec.name, "float32", spec.dims, spec.shape) for spec in network.parameters]
     for name, dtype, dims, shape in [*expected, ("loss", "float32", ("step",), ()), ("step", "int64", ("step",), ())]:
-        array = arrays[name] = _open_array(group, name, where, being_created=rows == 0)
+        array = arrays[name] = _open_array(group, name, where)
         if getattr(array.metadata, "zarr_format", None) != 3 or str(array.dtype) != dtype \
                 or tuple(array.metadata.dimension_names or ()) != dims:
             raise TrajectoryError(f"{where}: array {name!r} is {array.dtype} with dimensions "

@@ -15,7 +15,8 @@ import zarr
 
 from weightlapse.pipeline.locations import Location
 from weightlapse.pipeline.store.attributes import Progress
-from weightlapse.pipeline.store.check import CheckedSteps, CheckedStore, check_store, open_store, store_location
+from weightlapse.pipeline.store.check import CheckedStore, check_store, open_store, store_location
+from weightlapse.pipeline.store.steps import CheckedSteps
 from weightlapse.pipeline.store.format import IMAGE_SIDE, TrajectoryError, quiet_numcodecs
 
 # Steps per dask task when reading weights for analysis (16 MB of float32 weights).

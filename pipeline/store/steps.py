@@ -1,5 +1,9 @@
-"""Reading a checked store's (step, ...) arrays so that damage is an error that names it:
-:class:`CheckedSteps`, and :func:`damaged`, the error for steps that cannot be read."""
+"""Reading a checked store's committed steps: a damaged chunk is an error naming its steps.
+
+:func:`~weightlapse.pipeline.store.check_store` checks what can be checked without reading
+chunks; :class:`CheckedSteps` checks each chunk as it is read, so the rest of a run stays
+readable when one chunk is damaged.
+"""
 
 from __future__ import annotations
 
