@@ -5,7 +5,8 @@ trains a run (:func:`select_engine`).
   optimizers with a numpy implementation (pipeline.optimizers);
 - "cuda-graph" (pipeline.graph_engine): autograd, each step replayed as a CUDA graph, on a
   CUDA GPU, when every batch has the same size (a graph replays one shape);
-- "torch" (pipeline.torch_engine): autograd, on any device, with any optimizer.
+- "torch" (pipeline.torch_engine): autograd, on any device, with any optimizer, and the
+  only one that trains hidden layers (``train.hidden``).
 
 "auto" takes the first of these, in this order, that can train the run. Every engine
 starts from the same seeded initialisation, takes the same batches and implements
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 
 from weightlapse.pipeline.closed_form import ClosedFormEngine
-from weightlapse.pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
+from weightlapse.pipeline.datasets import Dataset
 from weightlapse.pipeline.graph_engine import CudaGraphEngine
+from weightlapse.pipeline.layers import parameter_count
 from weightlapse.pipeline.optimizers import OPTIMIZERS, OptimizerSpec, closed_form_names, get_optimizer
 from weightlapse.pipeline.params import ParamsError, TrainParams
 from weightlapse.pipeline.torch_engine import TorchEngine
@@ -84,9 +86,13 @@ class EngineSpec:
     needs_capturable_optimizer: bool  # the optimizer's step must be capturable in a CUDA graph
     needs_even_batches: bool  # every batch of the run the same size
     build: EngineBuilder
+    trains_hidden_layers: bool = False  # an MLP (train.hidden), not only softmax regression
 
-    def refusal(self, optimizer: OptimizerSpec, device: torch.device, *, even_batches: bool) -> str | None:
-        """Why this engine cannot train ``optimizer`` on ``device``; None if it can."""
+    def refusal(self, optimizer: OptimizerSpec, device: torch.device, *, even_batches: bool,
+                hidden: tuple[int, ...] = ()) -> str | None:
+        """Why this engine cannot train ``optimizer`` on ``device`` (with ``hidden`` layers); None if it can."""
+        if hidden and not self.trains_hidden_layers:
+            return f"trains softmax regression only, and this run has hidden layers (hidden: {list(hidden)})"
         if self.device_type is not None and device.type != self.device_type:
             return f"runs on {_DEVICE_NAMES[self.device_type]} only, and this run trains on {device}"
         if self.needs_numpy_optimizer and optimizer.numpy_factory is None:
@@ -118,7 +124,7 @@ ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
     EngineSpec("cuda-graph", device_type="cuda", needs_numpy_optimizer=False, needs_capturable_optimizer=True,
                needs_even_batches=True, build=_cuda_graph),
     EngineSpec("torch", device_type=None, needs_numpy_optimizer=False, needs_capturable_optimizer=False,
-               needs_even_batches=False, build=_torch),
+               needs_even_batches=False, build=_torch, trains_hidden_layers=True),
 )}
 
 
@@ -129,21 +135,20 @@ def select_engine(config: TrainParams, device: torch.device, *, even_batches: bo
 
     Raises EngineError, saying why and what would train it, if the named engine cannot."""
     optimizer = get_optimizer(config.optimizer)
+    usable = [name for name, spec in ENGINES.items()
+              if spec.refusal(optimizer, device, even_batches=even_batches, hidden=config.hidden) is None]
     if config.engine == "auto":
-        return next(name for name, spec in ENGINES.items()
-                    if spec.refusal(optimizer, device, even_batches=even_batches) is None)
+        return usable[0]
     spec = ENGINES.get(config.engine)
     if spec is None:
         raise EngineError(f"engine: unknown engine {config.engine!r}; choose auto or one of {', '.join(ENGINES)}")
-    reason = spec.refusal(optimizer, device, even_batches=even_batches)
+    reason = spec.refusal(optimizer, device, even_batches=even_batches, hidden=config.hidden)
     if reason is None:
         return spec.name
-    usable = [name for name, other in ENGINES.items()
-              if other.refusal(optimizer, device, even_batches=even_batches) is None]
     raise EngineError(f"engine: {spec.name} {reason}; use engine: {' or '.join(usable)} (or auto)")
 
 
 def optimizer_state_size(config: TrainParams) -> int:
     """Length of a run's optimizer state vector, its checkpoint (0 for plain SGD, which keeps none)."""
-    n_parameters = N_CLASSES * N_PIXELS + (N_CLASSES if config.bias else 0)
+    n_parameters = parameter_count(config.hidden, bias=config.bias)  # softmax regression's 7,840 (+10) for hidden: []
     return OPTIMIZERS[config.optimizer].state_size(n_parameters, config.momentum)

@@ -28,9 +28,11 @@ from weightlapse.pipeline.datasets import (
     DATASETS, MAX_DECLARED_SAMPLES, N_CLASSES, N_PIXELS, DatasetError, DatasetSpec, check_dataset_name,
     declared_dataset,
 )
+from weightlapse.pipeline.layers import hidden_problem, parameter_count
 from weightlapse.pipeline.optimizers import OPTIMIZERS
 from weightlapse.pipeline.params_values import (
-    ParamsError, check_positive, check_run_name, coerce, deep_merge, listed, reject_unknown, require_mapping,
+    ParamsError, check_positive, check_run_name, coerce, deep_merge, listed, refuse_twins, reject_unknown,
+    require_mapping,
 )
 from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
 from weightlapse.pipeline.safe_yaml import shown as _shown
@@ -99,7 +101,11 @@ class CaptureParams:
 class TrainParams:
     """One run's training setup. Defaults reproduce the original study."""
 
-    bias: bool = False
+    bias: bool = False  # every layer's
+    # Widths of the hidden layers: [] is softmax regression (784 -> 10), [32] an MLP 784 -> 32 -> 10
+    # (pipeline.layers), recorded as a network store, one array per parameter.
+    hidden: tuple[int, ...] = ()
+    activation: str = "relu"  # after each hidden layer: relu | tanh (pipeline.layers.ACTIVATIONS)
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.0
@@ -138,6 +144,12 @@ class TrainParams:
             check_positive("max_steps", self.max_steps)
         if self.seed < 0:
             raise ParamsError(f"seed: must be >= 0, got {self.seed}")
+        problem = hidden_problem(self.hidden, self.activation)
+        if problem:
+            raise ParamsError(problem)
+        if self.hidden and (self.capture.gradients or self.capture.codec != "fast"):
+            raise ParamsError("capture: a network store (hidden layers) records parameters with the fast codec, without "
+                              "gradients; set capture.gradients: false and capture.codec: fast, or hidden: []")
         self._check_size()
 
     @property
@@ -154,6 +166,10 @@ class TrainParams:
             raise ParamsError(f"max_steps: {self.max_steps:,} is more than the limit of {MAX_STEPS:,} steps "
                               f"({STEP_BYTES:,} bytes of weights each); lower it")
         n_steps = self.max_n_steps
+        step_bytes = parameter_count(self.hidden, bias=self.bias) * 4
+        if self.hidden and n_steps * step_bytes > MAX_STEPS * STEP_BYTES:
+            raise ParamsError(f"hidden: {n_steps:,} steps of {step_bytes:,} bytes of parameters is more than the limit of "
+                              f"{MAX_STEPS * STEP_BYTES >> 30:,} GiB a run; use narrower layers or set max_steps")
         if n_steps > MAX_STEPS:
             raise ParamsError(f"epochs: {self.epochs:,} epochs of {math.ceil(MAX_TRAIN_SAMPLES / self.batch_size):,} "
                               f"steps ({MAX_TRAIN_SAMPLES:,} images at batch_size {self.batch_size}) is {n_steps:,} "
@@ -171,7 +187,12 @@ class TrainParams:
                               f"{max(n_steps + 1, DEFAULT_CHUNK_STEPS):,} (the default is {DEFAULT_CHUNK_STEPS})")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The params as stores and manifests record them; a softmax-regression run's (``hidden: []``)
+        leave out hidden and activation (which it ignores), as they were before networks."""
+        values = dataclasses.asdict(self)
+        if not self.hidden:
+            del values["hidden"], values["activation"]
+        return values
 
 
 @dataclass(frozen=True)
@@ -290,33 +311,6 @@ def _check_dataset(name: Any, declared: dict[str, DatasetSpec] | None, where: st
                else "declare it under datasets in params.yaml")
         raise ParamsError(f"{where}: unknown dataset {_shown(name)}; choose one of {', '.join(sorted(known))}, or {fix}")
     return name
-
-
-def refuse_twins(params: Params) -> None:
-    """Refuse two runs that would train the same trajectory under two names.
-
-    Everything but the name decides a run's trajectory (every training param and the
-    dataset), so two such runs cost twice the training and storage for one result, and
-    count twice in a seed group's spread and similarity.
-    """
-    seen: dict[tuple, str] = {}
-    for name, config in params.all_runs.items():
-        identity = (params.run_datasets[name], config)
-        twin = seen.setdefault(identity, name)
-        if twin != name:
-            raise ParamsError(f"{_describe(params, twin)} and {_describe(params, name)} have the same params and "
-                              f"dataset, so they would train the same run twice; {_twin_fix(params, twin, name)}")
-
-
-def _describe(params: Params, name: str) -> str:
-    return f"runs.{name}" if name in params.runs else f"sweep point {name}"
-
-
-def _twin_fix(params: Params, first: str, second: str) -> str:
-    listed = [name for name in (first, second) if name in params.runs]
-    if len(listed) == 1:
-        return f"remove runs.{listed[0]} (the sweep trains it as {({first, second} - set(listed)).pop()}) or change one of its params"
-    return "remove one of them or change one of its params"
 
 
 def sweep_run_name(point: dict[str, Any], *, with_dataset: bool = False) -> str:

@@ -2,7 +2,8 @@
 that name the key, what was found, and how to write it.
 
 params.yaml is read through :mod:`weightlapse.pipeline.safe_yaml` first; these checks
-then turn its plain values into the typed params of :mod:`weightlapse.pipeline.params`.
+then turn its plain values into the typed params of :mod:`weightlapse.pipeline.params`, and
+:func:`refuse_twins` refuses two runs of those params that would train the same trajectory.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def coerce(value: Any, type_name: str, key: str) -> Any:
             except (ValueError, OverflowError):
                 pass
         raise ParamsError(f"{key}: expected a number, got {shown(value)}")
+    if type_name == "tuple[int, ...]":  # a list of whole numbers, e.g. hidden: [128, 64]
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list of whole numbers, e.g. [32] (or [] for none), got {shown(value)}")
+        return tuple(coerce(item, "int", f"{key}[{index}]") for index, item in enumerate(value))
     if type_name in ("bool", "str"):
         if not isinstance(value, bool if type_name == "bool" else str):
             expected = "true or false" if type_name == "bool" else "a string"
@@ -80,3 +85,31 @@ def deep_merge(base: dict, overrides: dict) -> dict:
 def listed(names, *, limit: int = 10) -> str:
     names = [shown(name, quote=False) for name in itertools.islice(names, limit + 1)]
     return (", ".join(names[:limit]) + (", ..." if len(names) > limit else "")) if names else "(none)"
+
+
+def refuse_twins(params) -> None:
+    """Refuse two runs of ``params`` (a pipeline.params.Params) that would train the same
+    trajectory under two names.
+
+    Everything but the name decides a run's trajectory (every training param and the
+    dataset), so two such runs cost twice the training and storage for one result, and
+    count twice in a seed group's spread and similarity.
+    """
+    seen: dict[tuple, str] = {}
+    for name, config in params.all_runs.items():
+        identity = (params.run_datasets[name], repr(config.to_dict()))  # to_dict: no activation without layers
+        twin = seen.setdefault(identity, name)
+        if twin != name:
+            raise ParamsError(f"{_describe(params, twin)} and {_describe(params, name)} have the same params and "
+                              f"dataset, so they would train the same run twice; {_twin_fix(params, twin, name)}")
+
+
+def _describe(params, name: str) -> str:
+    return f"runs.{name}" if name in params.runs else f"sweep point {name}"
+
+
+def _twin_fix(params, first: str, second: str) -> str:
+    listed = [name for name in (first, second) if name in params.runs]
+    if len(listed) == 1:
+        return f"remove runs.{listed[0]} (the sweep trains it as {({first, second} - set(listed)).pop()}) or change one of its params"
+    return "remove one of them or change one of its params"

@@ -95,19 +95,11 @@ class Recorder:
         self._exit = contextlib.ExitStack()
         try:
             self._exit.enter_context(exclusive_writer(self.run_dir))
-            self._device_rows = self._device_block = None
+            self._rows = ParameterRows(self.layout, self.device)
             self.writer = NetworkWriter(self.run_dir / STORE_NAME, self.layout, metadata, overwrite=overwrite,
-                                        before_send=self._copy_rows if stages_on_device(self.device) else None)
+                                        before_send=self._rows.before_send)
             self._exit.callback(self.writer.close, error="the recorder was not closed")
-            # The block buffers, as tensors: row copies go through torch (no numpy round trip).
-            self._host = [[torch.from_numpy(slot[spec.name]) for spec in self.layout.parameters]
-                          for slot in self.writer.slots]
-            self._host_loss = [torch.from_numpy(slot["loss"]) for slot in self.writer.slots]
-            if stages_on_device(self.device):
-                rows = self.writer.block_steps
-                self._device_block = [torch.empty((rows, *spec.shape), dtype=torch.float32, device=self.device)
-                                      for spec in self.layout.parameters]
-                self._device_loss = torch.empty((rows,), dtype=torch.float32, device=self.device)
+            self._rows.attach(self.writer)
             self._record(None)  # row 0: the model as it starts
         except BaseException:
             self._exit.close()
@@ -152,21 +144,59 @@ class Recorder:
         _, owner, key = self._tensors[index]
         return owner[key]
 
-    @torch.no_grad()
     def _record(self, loss: float | torch.Tensor | None) -> None:
+        self._rows.record([owner[key] for _, owner, key in self._tensors], loss)
+
+
+class ParameterRows:
+    """Copies a model's tensors into a :class:`NetworkWriter`'s rows, one row a step: on the
+    CPU straight into the host block; on a device into a device block, copied to the host
+    block once per hand-off (``before_send``), so that a step never waits for the device.
+
+    Pass :attr:`before_send` to the writer, then :meth:`attach` it (the rows are its buffers).
+    """
+
+    def __init__(self, layout: NetworkLayout, device: torch.device, *, staged: bool | None = None) -> None:
+        """``staged``: through a device block (default: on any device but the CPU)."""
+        self.layout, self.device = layout, device
+        self.staged = stages_on_device(device) if staged is None else staged
+        self.before_send = self._copy_rows if self.staged else None
+        self._device_block: list[torch.Tensor] | None = None
+
+    def attach(self, writer: NetworkWriter) -> None:
+        self.writer = writer
+        # The block buffers, as tensors: row copies go through torch (no numpy round trip).
+        self._host = [[torch.from_numpy(slot[spec.name]) for spec in self.layout.parameters] for slot in writer.slots]
+        self._host_loss = [torch.from_numpy(slot["loss"]) for slot in writer.slots]
+        if self.staged:
+            rows = writer.block_steps
+            self._device_block = [torch.empty((rows, *spec.shape), dtype=torch.float32, device=self.device)
+                                  for spec in self.layout.parameters]
+            self._device_loss = torch.empty((rows,), dtype=torch.float32, device=self.device)
+
+    @torch.no_grad()
+    def record(self, tensors: list[torch.Tensor], loss: float | torch.Tensor | None) -> None:
+        """One row: ``tensors`` (the layout's parameters, in order) and the step's ``loss`` (a
+        number, a 0-d tensor on the tensors' device, or None for NaN)."""
         writer = self.writer
         row = writer.row
         if self._device_block is None:
             targets, loss_target = self._host[writer.slot], self._host_loss[writer.slot]
         else:
             targets, loss_target = self._device_block, self._device_loss
-        for (_, owner, key), target in zip(self._tensors, targets):
-            target[row].copy_(owner[key])
+        for tensor, target in zip(tensors, targets):
+            target[row].copy_(tensor)
         if isinstance(loss, torch.Tensor):
             loss_target[row].copy_(loss.detach().reshape(()))  # same device: no wait
         else:
             loss_target[row].fill_(math.nan if loss is None else float(loss))
         writer.commit_row()
+
+    def to_host(self) -> None:
+        """The current block's rows on the device into its host block now (one wait), so that
+        the writer can look at them (a diverged run's last row)."""
+        if self.staged and self.writer.row:
+            self._copy_rows(self.writer.slot, 0, self.writer.row)
 
     def _copy_rows(self, slot: int, first: int, stop: int) -> None:
         """The device block's rows ``first .. stop - 1`` into the host block ``slot``: one wait

@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 from weightlapse.pipeline.datasets import N_CLASSES, N_PIXELS, Dataset
 from weightlapse.pipeline.engines import optimizer_state_size
+from weightlapse.pipeline.layers import parameter_shapes
 from weightlapse.pipeline.params import TrainParams
 from weightlapse.pipeline.run_files import open_new, write_text_atomic
 from weightlapse.pipeline.scoring import HeldOutScorer
 from weightlapse.pipeline.trainer import Evaluation, plan_evals, plan_steps
 from weightlapse.pipeline.resume import ResumePoint
-from weightlapse.pipeline.store import STORE_NAME, RunMetadata, StoreLayout
+from weightlapse.pipeline.store import STORE_NAME, NetworkLayout, ParameterSpec, RunMetadata, StoreLayout
 from weightlapse.pipeline.writer import TrajectoryWriter
 
 log = logging.getLogger(__name__)
@@ -58,20 +59,30 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What a run's params and data fix before it trains: its steps, evaluations and store layout."""
+    """What a run's params and data fix before it trains: its steps, evaluations and store
+    layout (a network store's, planned, for a run with hidden layers)."""
 
-    layout: StoreLayout
+    layout: StoreLayout | NetworkLayout
     block_steps: int
 
     @classmethod
     def of(cls, config: TrainParams, dataset: Dataset) -> RunPlan:
         n_steps = plan_steps(len(dataset.train.labels), batch_size=config.batch_size, epochs=config.epochs,
                              max_steps=config.max_steps)
+        if config.hidden:  # a network store; its writer sizes its own blocks (block_steps: none)
+            return cls(network_layout(config, n_steps, plan_evals(n_steps, config.eval_every)), 0)
         layout = StoreLayout(n_steps=n_steps, eval_steps=plan_evals(n_steps, config.eval_every), n_classes=N_CLASSES,
                              n_pixels=N_PIXELS, chunk_steps=config.capture.chunk_steps, bias=config.bias,
                              gradients=config.capture.gradients, resume_size=optimizer_state_size(config),
                              codec=config.capture.codec)
         return cls(layout, TrajectoryWriter.default_block_steps(layout))
+
+
+def network_layout(config: TrainParams, n_steps: int, eval_steps: tuple[int, ...]) -> NetworkLayout:
+    """The planned network store of a run with hidden layers: one array per MLP parameter."""
+    specs = tuple(ParameterSpec(name, shape, name.rpartition(".")[2], "Linear")
+                  for name, shape in parameter_shapes(config.hidden, bias=config.bias))
+    return NetworkLayout(specs, n_steps=n_steps, eval_steps=eval_steps, resume_size=optimizer_state_size(config))
 
 
 class RunRecording:
@@ -84,6 +95,8 @@ class RunRecording:
     :meth:`on_step` after every step (or :meth:`on_block` after a block of them, which it
     may have written into ``writer.rows_to_fill``'s rows); after the last,
     :meth:`finish_training` writes the rest, and :meth:`summary` gives the metrics.
+    A network run's recording (pipeline.network_recording) is this class with another writer,
+    sources and score (``_open_writer``, ``_set_sources``, ``_recorded_parameters``, ``_score``).
     """
 
     def __init__(self, open_files: contextlib.ExitStack, plan: RunPlan, dataset: Dataset, device: torch.device,
@@ -97,12 +110,11 @@ class RunRecording:
         self.recent_losses: deque[float] = deque(maxlen=FINAL_LOSS_WINDOW)
         self.last_eval: Evaluation | None = None
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = open_files.enter_context(TrajectoryWriter(
-            out_dir / STORE_NAME, layout, metadata, overwrite=overwrite, block_steps=plan.block_steps,
-            checkpoint=checkpoint, resume_from=point))
+        self.writer = open_files.enter_context(self._open_writer(out_dir / STORE_NAME, plan, metadata, overwrite=overwrite,
+                                                                 checkpoint=checkpoint, point=point))
         self.scorer = open_files.enter_context(HeldOutScorer(torch.from_numpy(dataset.test.images).to(device),
                                                              torch.from_numpy(dataset.test.labels).to(device),
-                                                             thread=scoring))
+                                                             thread=scoring, score=self._score))
         self.loss_file = open_files.enter_context(open_new(out_dir / "loss.csv", newline=""))
         accuracy_file = open_files.enter_context(open_new(out_dir / "accuracy.csv", newline=""))
         self.bar = open_files.enter_context(tqdm(total=layout.n_steps, initial=point.step if point else 0, unit="step",
@@ -117,9 +129,29 @@ class RunRecording:
         self.first_new_step = point.step + 1 if point else 1
         if point is not None:
             self._replay_history(point)
+        self._set_sources(sources, layout)
+
+    # What a softmax-regression run's store and scores are; a network run's (pipeline.network_recording) differ.
+    _score = None  # HeldOutScorer's default: softmax regression's (weight, bias)
+
+    def _open_writer(self, path: Path, plan: RunPlan, metadata: RunMetadata, *, overwrite: bool,
+                     checkpoint: Callable[[], np.ndarray | None], point: ResumePoint | None) -> TrajectoryWriter:
+        return TrajectoryWriter(path, plan.layout, metadata, overwrite=overwrite, block_steps=plan.block_steps,
+                                checkpoint=checkpoint, resume_from=point)
+
+    def block_callbacks(self) -> dict[str, Callable]:
+        """The engine's ``on_block`` and ``rows_to_fill`` (pipeline.engines.Engine.train)."""
+        return {"on_block": self.on_block, "rows_to_fill": self.writer.rows_to_fill}
+
+    def _set_sources(self, sources: tuple, layout: StoreLayout) -> None:
         self._record_step = self.writer.record_step
         self._weight_now, self._bias_now, gradient_now = sources
         self._gradient_now = gradient_now if layout.gradients else lambda: None
+
+    def _recorded_parameters(self, step: int) -> tuple[np.ndarray | None, ...]:
+        """What the scorer scores, for a step already in the store."""
+        group = self.writer.group
+        return group["weights"][step], group["bias"][step] if "bias" in group else None
 
     def _replay_history(self, point: ResumePoint) -> None:
         """The history so far, from the store, as the first run wrote it."""
@@ -130,11 +162,10 @@ class RunRecording:
             self.last_eval = Evaluation(accuracy=accuracy, loss=loss)
             self.accuracy_csv.writerow([step, f"{accuracy:.6f}", f"{loss:.7g}"])
         # evaluations of steps before the checkpoint that were not written: score them again
-        group = self.writer.group
         for step in self.eval_steps[len(point.heldout):]:
             if step > point.step:
                 break
-            self.scorer.submit(step, group["weights"][step], group["bias"][step] if "bias" in group else None)
+            self.scorer.submit(step, *self._recorded_parameters(step))
 
     def on_step(self, step: int, loss: float) -> None:
         # Once per training step: only what must happen now. The rest is batched.
@@ -142,12 +173,16 @@ class RunRecording:
             self._diverged(step, loss)
         weight, bias = self._weight_now(), self._bias_now()
         self._record_step(step, weight, loss, bias=bias, gradient=self._gradient_now() if step else None)
+        self._after_step(step, loss, weight, bias)
+
+    def _after_step(self, step: int, loss: float, *parameters: np.ndarray | torch.Tensor | None) -> None:
+        """The loss history, and a held-out scoring of ``parameters`` when the step is an evaluation's."""
         if step:
             self.new_losses.append(loss)
             if len(self.new_losses) == LOSS_HISTORY_BATCH:
                 self._write_loss_history()
         if step in self._eval_set:
-            self.scorer.submit(step, weight, bias)
+            self.scorer.submit(step, *parameters)
             self._record_evaluations()
 
     def on_block(self, first: int, rows: dict[str, np.ndarray]) -> None:

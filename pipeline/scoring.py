@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -26,19 +26,24 @@ class HeldOutScorer:
     Scoring 10,000 test images takes milliseconds, as long as dozens of training steps; on
     the worker thread (torch releases the GIL in its kernels) it overlaps training instead.
     A stack's runs share one ``thread`` (:func:`scoring_thread`, closed by its creator): one
-    thread each took turns on the training core with it.
+    thread each took turns on the training core with it. ``score(parameters, images,
+    labels)`` scores any model from its parameters (numpy arrays or tensors, None for a
+    missing bias); by default softmax regression's (weight, bias).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, thread: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, thread: ThreadPoolExecutor | None = None,
+                 score: Callable[[Sequence, torch.Tensor, torch.Tensor], Evaluation] | None = None) -> None:
         self.images, self.labels = images, labels
+        self._score = score or _score_softmax_regression
         self._owns_thread = thread is None
         self._executor = scoring_thread() if thread is None else thread
         self._pending: deque[tuple[int, Future]] = deque()
 
-    def submit(self, step: int, weight: np.ndarray, bias: np.ndarray | None) -> None:
-        # Copies: the training thread goes on updating the arrays it passed in.
-        self._pending.append((step, self._executor.submit(
-            evaluate, weight.copy(), None if bias is None else bias.copy(), self.images, self.labels)))
+    def submit(self, step: int, *parameters: np.ndarray | torch.Tensor | None) -> None:
+        # Copies: the training thread goes on updating the arrays (or tensors) it passed in.
+        copies = tuple(None if value is None else value.copy() if isinstance(value, np.ndarray)
+                       else value.detach().clone() for value in parameters)
+        self._pending.append((step, self._executor.submit(self._score, copies, self.images, self.labels)))
 
     def scored(self, *, wait: bool = False) -> Iterator[tuple[int, Evaluation]]:
         """(step, evaluation) of the scorings finished so far (all of them, with ``wait``), in step order."""
@@ -55,3 +60,8 @@ class HeldOutScorer:
         else:  # the thread goes on for the other runs; this run's scorings are not wanted any more
             for _, future in self._pending:
                 future.cancel()
+
+
+def _score_softmax_regression(parameters: Sequence, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+    weight, bias = parameters
+    return evaluate(weight, bias, images, labels)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
+from weightlapse.pipeline.checkpoints import ExtrasWriter
 from weightlapse.pipeline.chunkwriter import ChunkWriter
 from weightlapse.pipeline.resume import ResumePoint
 from weightlapse.pipeline.store import Progress, StoreLayout, marker_time
@@ -28,11 +29,7 @@ class StoreWriter:
         self.step_arrays = [name for name in ("weights", "gradients") if name in slots[0]]
         self.scalar_arrays = [name for name in ("loss", "bias") if name in slots[0]]
         self.steps_done = -1 if resume_from is None else resume_from.step
-        self.evals_written = 0 if resume_from is None else len(resume_from.heldout)
-        # The checkpoint the marker names, and the resume_state row the next one goes to:
-        # never the row the marker names, so a crash mid-write leaves that one intact.
-        self.resume = None if resume_from is None else {"step": resume_from.step, "row": resume_from.row}
-        self.next_checkpoint_row = 0 if resume_from is None else 1 - resume_from.row
+        self.extras = ExtrasWriter(layout.resume_size, resume_from)
         self.finished = False
 
     def handle(self, messages: list[Message]) -> list[Written]:
@@ -79,23 +76,13 @@ class StoreWriter:
             for name in self.scalar_arrays:
                 self.arrays[name][start:start + n_rows] = buffers[name][:n_rows]
             self.steps_done = start + n_rows - 1
-        if block.evals:
-            done = slice(block.first_eval, block.first_eval + len(block.evals))
-            values = np.asarray(block.evals, dtype=np.float32)
-            self.arrays["heldout_accuracy"][done] = values[:, 0]
-            self.arrays["heldout_loss"][done] = values[:, 1]
-            self.evals_written = block.first_eval + len(block.evals)
-        if block.has_checkpoint:
-            row = self.next_checkpoint_row
-            if self.layout.resume_size:  # plain SGD keeps no optimizer state: the weights are all it needs
-                self.arrays["resume_state"][row] = self.slots[block.slot]["resume_state"]
-            self.resume = {"step": self.steps_done, "row": row}
-            self.next_checkpoint_row = 1 - row
+        self.extras.write(self.arrays, block, None if block.slot is None else self.slots[block.slot], self.steps_done)
 
     def _write_progress(self, *, error: str | None = None) -> None:
         # Only for telling a live run from a stale one; a finished store carries no
         # timestamp, so a resumed run ends byte for byte as an uninterrupted one.
         updated = None if self.finished else marker_time()
-        progress = Progress(steps_done=self.steps_done, n_steps=self.layout.n_steps, evals_done=self.evals_written,
-                            finished=self.finished, updated=updated, error=error or None, resume=self.resume)
+        progress = Progress(steps_done=self.steps_done, n_steps=self.layout.n_steps,
+                            evals_done=self.extras.evals_written, finished=self.finished, updated=updated,
+                            error=error or None, resume=self.extras.resume)
         self.group.attrs["progress"] = progress.as_dict()

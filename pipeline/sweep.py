@@ -73,12 +73,13 @@ def train_and_publish(runs: dict[str, TrainParams], data_dir: str, dataset_name:
     A run whose local destination holds a finished store of the same run made by the same
     code is kept (pipeline.train.kept_run); an unfinished one is carried on from its
     checkpoint, alone; any other is trained again. On a worker with a GPU, where
-    ``device: auto`` trains on it, every run trains alone. ``spec``: a declared dataset's.
+    ``device: auto`` trains on it, every run trains alone, as does every run that no stack
+    can train (hidden layers, an optimizer the numpy engine lacks). ``spec``: a declared dataset's.
     """
     import torch
 
     from weightlapse.pipeline.engines import select_engine
-    from weightlapse.pipeline.train import kept_run, run_metadata, run_training, train_stack
+    from weightlapse.pipeline.train import kept_run, run_metadata, run_training, stack_key, train_stack
     from weightlapse.pipeline.trainer import select_device
 
     torch.set_num_threads(1)  # one run per worker thread; the model's ops are tiny
@@ -96,8 +97,11 @@ def train_and_publish(runs: dict[str, TrainParams], data_dir: str, dataset_name:
                 if kept is not None:
                     metrics[name] = kept.metrics
             runs = {name: config for name, config in runs.items() if name not in metrics}
+        # Alone: an unfinished run (it resumes), one on a GPU, one no stack can train (hidden layers, an optimizer
+        # without a numpy implementation: pipeline.train.stack_key).
         alone = {name: config for name, config in runs.items()
-                 if _unfinished_store(directories[name]) or select_device(config.device).type != "cpu"}
+                 if _unfinished_store(directories[name]) or select_device(config.device).type != "cpu"
+                 or stack_key(config) is None}
         stacked = {name: (config, directories[name]) for name, config in runs.items() if name not in alone}
         if len(stacked) > 1:
             results = train_stack(stacked, dataset, overwrite=True)  # replacing finished stores, as run_training does

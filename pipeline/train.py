@@ -35,12 +35,13 @@ from weightlapse.pipeline.closed_form import closed_form_stack, train_closed_for
 from weightlapse.pipeline.datasets import Dataset, DatasetError, load_dataset
 from weightlapse.pipeline.engines import ENGINES, EngineError, select_engine
 from weightlapse.pipeline.history import index_trained_run
+from weightlapse.pipeline.network_recording import NetworkRecording
 from weightlapse.pipeline.params import ParamsError, TrainParams, load_params
 from weightlapse.pipeline.recording import RunPlan, RunRecording, RunSummary, TrainingDiverged
 from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer
 from weightlapse.pipeline.scoring import scoring_thread
 from weightlapse.pipeline.trainer import DeviceError, select_device
-from weightlapse.pipeline.resume import RESUME_MUST_MATCH, find_resume_point
+from weightlapse.pipeline.resume import differs, find_resume_point
 from weightlapse.pipeline.store import STORE_NAME, Progress, RunMetadata, TrajectoryError, open_store
 from weightlapse.pipeline.summary import write_manifest
 
@@ -66,13 +67,20 @@ def run_training(config: TrainParams, dataset: Dataset, out_dir: Path, *, run_na
     if resume:
         kept = kept_run(out_dir, run_metadata(run_name, config, dataset, device, engine))
         if kept is not None:
-            index_trained_run(out_dir, locked=False)  # none yet, or one of an older store: built now
+            _index(out_dir, config, locked=False)  # none yet, or one of an older store: built now
             return kept
     with exclusive_writer(out_dir):
         summary = _train_and_record(config, dataset, out_dir, device, engine, run_name=run_name,
                                     overwrite=overwrite, resume=resume, progress=progress)
-        index_trained_run(out_dir, locked=True)
+        _index(out_dir, config, locked=True)
         return summary
+
+
+def _index(out_dir: Path, config: TrainParams, *, locked: bool) -> None:
+    """The pixel history, a copy of a softmax-regression run's (class, pixel) weights; a network
+    run (hidden layers) has no such matrix, and its readers read the store."""
+    if not config.hidden:
+        index_trained_run(out_dir, locked=locked)
 
 
 def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, device: torch.device, engine: str, *,
@@ -89,17 +97,23 @@ def _train_and_record(config: TrainParams, dataset: Dataset, out_dir: Path, devi
             overwrite = True
         else:
             point = found
-            model.restore(point.weight, point.bias, point.optimizer_state, point.step)
+            if config.hidden:
+                model.restore_parameters(list(point.parameters), point.optimizer_state, point.step)
+            else:
+                model.restore(point.weight, point.bias, point.optimizer_state, point.step)
             log.info("%s: resuming after step %d of %d", run_name, point.step, plan.layout.n_steps)
 
     with contextlib.ExitStack() as open_files:
-        recording = RunRecording(open_files, plan, dataset, device, out_dir, metadata, run_name=run_name,
-                                 sources=(model.weight_now, model.bias_now, model.gradient_now),
-                                 checkpoint=model.optimizer_state, overwrite=overwrite, point=point,
-                                 progress=progress)
+        common = {"run_name": run_name, "checkpoint": model.optimizer_state, "overwrite": overwrite, "point": point,
+                  "progress": progress}
+        if config.hidden:  # an MLP, recorded parameter by parameter into a network store
+            recording = NetworkRecording(open_files, plan, dataset, device, out_dir, metadata,
+                                         sources=model.parameters_now(), activation=config.activation, **common)
+        else:
+            recording = RunRecording(open_files, plan, dataset, device, out_dir, metadata,
+                                     sources=(model.weight_now, model.bias_now, model.gradient_now), **common)
         loop_started = time.perf_counter()
-        model.train(recording.on_step, start_step=point.step if point else 0, on_block=recording.on_block,
-                    rows_to_fill=recording.writer.rows_to_fill)
+        model.train(recording.on_step, start_step=point.step if point else 0, **recording.block_callbacks())
         recording.finish_training()
     return recording.summary(engine, time.perf_counter() - loop_started)
 
@@ -175,8 +189,7 @@ def kept_run(out_dir: Path, metadata: RunMetadata) -> RunSummary | None:
         metrics = json.loads((out_dir / "metrics.json").read_text())
     except (TrajectoryError, KeyError, TypeError, ValueError, OSError):
         return None
-    same = all(getattr(stored, name) == getattr(metadata, name) for names in RESUME_MUST_MATCH.values()
-               for name in names)
+    same = differs(stored, metadata) is None  # as JSON: a network's hidden widths read back as a list
     code = stored.versions.get(CODE_VERSION)
     if not (finished and same and code == metadata.versions[CODE_VERSION]
             and all((out_dir / name).is_file() for name in ("loss.csv", "accuracy.csv"))):
@@ -225,7 +238,7 @@ def run_metadata(run_name: str, config: TrainParams, dataset: Dataset, device: t
     return RunMetadata(
         run=run_name,
         params=config.to_dict(),
-        model="softmax-regression",
+        model="mlp" if config.hidden else "softmax-regression",  # an MLP's layers: params' hidden, activation
         dataset=dataset.name,
         dataset_files=dataset.file_checksums,
         class_names=tuple(dataset.class_names),

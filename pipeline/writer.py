@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from weightlapse.pipeline.checkpoints import BlockExtras
 from weightlapse.pipeline.handoff import WriterFailed, WriterProcess, WriterThread, shared_buffers
 from weightlapse.pipeline.resume import ResumePoint, remove_partial_files
 from weightlapse.pipeline.store import RunMetadata, StoreLayout, TrajectoryError, create_store, open_store
 from weightlapse.pipeline.store_writer import StoreWriter
-from weightlapse.pipeline.writer_messages import Finish, Message, WriteBlock, WriteRows, Written
+from weightlapse.pipeline.writer_messages import Finish, Message, WriteRows, Written
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ class TrajectoryWriter:
         """
         self.path = Path(path)
         self.layout = layout
-        self._checkpoint = checkpoint
         self.block_steps = block_steps or self.default_block_steps(layout)
         if self.block_steps % layout.chunk_steps:
             raise ValueError(f"block_steps ({self.block_steps}) must be a multiple of chunk_steps "
@@ -94,8 +94,8 @@ class TrajectoryWriter:
         self._next_step = first
         self._rows_handed = 0  # rows of this block already sent to the store writer
         self._next_handoff = self._handoff_steps  # buffer row count at which rows go next
-        self._evals: list[tuple[float, float]] = []
-        self._evals_handed = 0 if resume_from is None else len(resume_from.heldout)
+        self._extras = BlockExtras(layout.eval_steps, checkpoint, resume_from)
+        self.record_eval = self._extras.record_eval
         self._closed = False
 
     @property
@@ -177,13 +177,6 @@ class TrajectoryWriter:
             raise ValueError(f"steps must be recorded in order: expected {self._next_step}, got {first}")
         raise ValueError(f"step {last} is past the planned {self.layout.n_steps} steps")
 
-    def record_eval(self, step: int, accuracy: float, loss: float) -> None:
-        index = self._evals_handed + len(self._evals)
-        planned = self.layout.eval_steps
-        if index >= len(planned) or planned[index] != step:
-            raise ValueError(f"evaluation at step {step} was not planned (planned: {planned[index:index + 3]}...)")
-        self._evals.append((accuracy, loss))
-
     def drop_last_step_unless_finite(self) -> None:
         """Forget the last recorded step if its weights are not finite and it is not handed over
         as part of a finished block yet (training diverged: it must not become a committed row)."""
@@ -254,20 +247,11 @@ class TrajectoryWriter:
         if check:
             self._channel.raise_failure()
         n_rows = self._next_step - self._block_start
-        if not n_rows and not self._evals:
+        if not n_rows and not self._extras.pending:
             return
         slot = self._slot if n_rows else None
-        has_state = False
-        if n_rows and checkpoint and self._checkpoint:
-            state = self._checkpoint()
-            if state is not None:
-                if len(state):
-                    self._buffers["resume_state"][:] = state
-                has_state = True
-        self._channel.send(WriteBlock(slot, self._block_start, self._rows_handed, n_rows, self._evals_handed,
-                                      tuple(self._evals), has_state), frees_slot=slot)
-        self._evals_handed += len(self._evals)
-        self._evals.clear()
+        self._channel.send(self._extras.block(slot, self._block_start, self._rows_handed, n_rows, self._buffers,
+                                              checkpoint=checkpoint), frees_slot=slot)
         if n_rows:
             self._slot = self._channel.free_slot()
             self._buffers = self._slots[self._slot]

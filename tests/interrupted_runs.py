@@ -35,3 +35,27 @@ def clean_and_resumed(config, root, monkeypatch):
     monkeypatch.setattr(TrajectoryWriter, "record_steps", original)
     run_training(config, dataset, root / "resumed", run_name="r", resume=True, progress=False)
     return open_run(root / "clean"), open_run(root / "resumed"), stopped
+
+
+def clean_and_resumed_network(config, root, monkeypatch, *, crash_step=280):
+    """:func:`clean_and_resumed` for a run with hidden layers (300 steps; its writer's blocks
+    of 256 steps for a 16-unit layer): stopped by an error as step ``crash_step`` is recorded."""
+    from weightlapse.pipeline.network_recording import NetworkRecording
+
+    write_dataset(root / "data", n_train=2000, n_test=50)
+    dataset = load_dataset(root / "data", "mnist")
+    run_training(config, dataset, root / "clean", run_name="r", progress=False)
+    original = NetworkRecording.on_step
+
+    def failing(self, step, loss):
+        if step == crash_step:
+            raise RuntimeError("simulated crash")
+        return original(self, step, loss)
+
+    monkeypatch.setattr(NetworkRecording, "on_step", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(config, dataset, root / "resumed", run_name="r", progress=False)
+    stopped = read_progress(root / "resumed" / "trajectory.zarr")
+    monkeypatch.setattr(NetworkRecording, "on_step", original)
+    run_training(config, dataset, root / "resumed", run_name="r", resume=True, progress=False)
+    return open_run(root / "clean"), open_run(root / "resumed"), stopped

@@ -57,3 +57,28 @@ def test_the_graph_engine_runs_on_cuda_and_resumes_bit_for_bit(tmp_path, monkeyp
     run_training(TrainParams(device="cpu", engine="torch", epochs=3, eval_every=40),
                  load_dataset(tmp_path / "data", "mnist"), tmp_path / "cpu", run_name="r", progress=False)
     np.testing.assert_allclose(clean.weights.values, open_run(tmp_path / "cpu").weights.values, rtol=0, atol=1e-5)
+
+
+def test_a_hidden_layer_run_trains_on_cuda_repeatably_and_as_on_the_cpu(tmp_path, generated_data):
+    dataset = load_dataset(generated_data[0], "mnist")
+    for name, device in (("a", "cuda"), ("b", "cuda"), ("cpu", "cpu")):
+        run_training(TrainParams(device=device, hidden=(16, 8), bias=True, eval_every=5), dataset, tmp_path / name,
+                     run_name=name, progress=False)
+    a, b, cpu = (open_run(tmp_path / name) for name in ("a", "b", "cpu"))
+    assert a.attrs["weightlapse"]["engine"] == "torch" and a.attrs["weightlapse"]["device"].startswith("cuda")
+    assert a.attrs["progress"]["finished"] and a.sizes["step"] == cpu.sizes["step"] == 11
+    for name in ("hidden1.weight", "hidden2.bias", "output.weight", "loss"):
+        assert a[name].values.tobytes() == b[name].values.tobytes(), name  # bitwise repeatable
+        np.testing.assert_allclose(a[name].values[1:], cpu[name].values[1:], rtol=0, atol=1e-4, err_msg=name)
+    np.testing.assert_array_equal(a["hidden1.weight"].values[0], cpu["hidden1.weight"].values[0])  # same init
+    np.testing.assert_allclose(a.heldout_loss.values, cpu.heldout_loss.values, rtol=1e-4)
+
+
+def test_a_hidden_layer_run_resumes_on_cuda_bit_for_bit(tmp_path, monkeypatch):
+    from interrupted_runs import clean_and_resumed_network
+
+    config = TrainParams(device="cuda", epochs=3, eval_every=40, hidden=(16,))
+    clean, resumed, stopped = clean_and_resumed_network(config, tmp_path, monkeypatch)
+    assert stopped["resume"]["step"] == 255
+    for name in clean.data_vars:
+        assert clean[name].values.tobytes() == resumed[name].values.tobytes(), name

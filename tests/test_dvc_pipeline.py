@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow  # real dvc repro runs
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ["__init__.py", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".gitignore"]
-RUNS = ("sgd-momentum",)
+RUNS = ("mlp-32", "sgd-momentum")
 # Most tests shrink the sweep to one dataset, optimizer and lr (one stage of three seeds).
 SMALL_SWEEP = {"dataset": ["mnist"], "optimizer": ["adam"], "lr": [0.001], "batch_size": [20], "seed": [0, 1, 2]}
 SMALL_POINTS = [f"adam-lr0.001-b20-seed{seed}" for seed in (0, 1, 2)]
@@ -115,7 +115,7 @@ def test_dvc_repro_trains_a_sweep_over_two_datasets_offline(tmp_path, debian_fas
     sweep = load_params(project / "params.yaml").sweep_runs
     assert sorted(sweep) == sorted(f"{dataset}-adam-lr0.001-b20-seed{seed}"
                                    for dataset in ("fashion-mnist", "zalando") for seed in (0, 1))
-    assert stages_run(output) == sorted(["download@fashion-mnist", "download@zalando", "train@sgd-momentum",
+    assert stages_run(output) == sorted(["download@fashion-mnist", "download@zalando", *(f"train@{run}" for run in RUNS),
                                          "sweep@fashion-mnist-adam-20", "sweep@zalando-adam-20", "summary"])
     for run in [*RUNS, *sweep]:
         ds = open_run(project / "runs" / run)
@@ -172,6 +172,9 @@ def test_every_run_is_trained_then_only_what_is_new(generated_project):
     first, second = open_run(project / "runs" / SMALL_POINTS[0]), open_run(project / "runs" / SMALL_POINTS[1])
     assert first.sizes["step"] == 11  # 200 generated samples, batch 20
     assert not first.weights.equals(second.weights)
+    mlp = open_run(project / "runs" / "mlp-32")  # the shipped run with a hidden layer: a network store
+    assert mlp["hidden1.weight"].shape == (11, 32, 784) and mlp["output.weight"].shape == (11, 10, 32)
+    assert mlp.attrs["progress"]["finished"] and mlp.eval_step.values.tolist() == [0, 5, 10]
     manifest = json.loads((project / "manifests" / "sweep-mnist-adam-b20.json").read_text())
     assert sorted(manifest) == SMALL_POINTS and manifest[SMALL_POINTS[2]]["seed"] == 2
     assert manifest[SMALL_POINTS[0]]["heldout_accuracy"] == json.loads(

@@ -39,6 +39,45 @@ def test_auto_takes_the_fastest_engine_that_can_train_the_run(optimizer, device,
     assert set(OPTIMIZERS) == {case[0] for case in AUTO}  # every optimizer is in the table
 
 
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_auto_trains_hidden_layers_with_the_torch_engine(optimizer, device):
+    assert select_engine(TrainParams(optimizer=optimizer, hidden=(8,)), device, even_batches=True) == "torch"
+
+
+@pytest.mark.parametrize(("engine", "device", "usable"), [("numpy", CPU, "torch"), ("cuda-graph", CUDA, "torch")])
+def test_the_softmax_regression_engines_refuse_hidden_layers(engine, device, usable):
+    with pytest.raises(EngineError, match=rf"^engine: {engine} trains softmax regression only, and this run has "
+                                          rf"hidden layers \(hidden: \[8, 4\]\); use engine: {usable} \(or auto\)$"):
+        select_engine(TrainParams(engine=engine, hidden=(8, 4)), device, even_batches=True)
+
+
+@pytest.mark.parametrize("config", [
+    TrainParams(device="cpu", max_steps=7, hidden=(6,)),
+    TrainParams(device="cpu", max_steps=7, hidden=(6, 3), bias=True, optimizer="sgd", momentum=0.9, lr=0.05),
+    TrainParams(device="cpu", max_steps=7, hidden=(5,), optimizer="rmsprop", activation="tanh"),
+], ids=["adam", "sgd-momentum-bias", "rmsprop-tanh"])
+def test_a_network_checkpoint_restores_the_run_exactly(generated_data, config):
+    """The torch engine's checkpoint of an MLP is optimizer_state_size values, and a model
+    restored from it (and the parameters) after step 3 takes the uninterrupted run's steps 4..7."""
+    torch.set_num_threads(1)
+    dataset = load_dataset(generated_data[0], "mnist")
+    clean = ENGINES["torch"].build(config, dataset, CPU, 4)
+    kept = {}
+    clean.train(lambda step, loss: kept.__setitem__(step, ([p.numpy().copy() for p in clean.parameters_now()],
+                                                           clean.optimizer_state())))
+    assert kept[3][1].shape == (optimizer_state_size(config),)
+    resumed = ENGINES["torch"].build(config, dataset, CPU, 4)
+    resumed.restore_parameters(*kept[3], 3)
+    after = {}
+    resumed.train(lambda step, loss: after.__setitem__(step, [p.numpy().copy() for p in resumed.parameters_now()]),
+                  start_step=3)
+    assert sorted(after) == [4, 5, 6, 7]
+    for step in after:
+        for a, b in zip(after[step], kept[step][0]):
+            assert a.tobytes() == b.tobytes(), step
+
+
 @pytest.mark.parametrize(("engine", "optimizer", "device"), [
     ("torch", "adam", CPU), ("torch", "rmsprop", CUDA), ("numpy", "sgd", CPU), ("cuda-graph", "adam", CUDA)])
 def test_an_engine_named_where_it_can_train_is_kept(engine, optimizer, device):

@@ -294,3 +294,36 @@ def test_a_dataset_the_data_stage_does_not_fetch_is_refused_with_the_fix(raw, me
 def test_the_same_params_on_two_datasets_are_two_runs():
     params = parse_params({"runs": {"a": {}, "b": {"dataset": "fashion-mnist"}}})
     assert params.run("a") == params.run("b") and params.dataset_of("b").name == "fashion-mnist"
+
+
+@pytest.mark.parametrize(("train", "message"), [
+    ({"hidden": 32}, r"train\.hidden: expected a list of whole numbers, e\.g\. \[32\] \(or \[\] for none\), got 32"),
+    ({"hidden": [32, "wide"]}, r"train\.hidden\[1\]: expected a whole number, got 'wide'"),
+    ({"hidden": [0]}, r"train\.hidden: a layer of width 0; each width is 1 to 4,096 units"),
+    ({"hidden": [4097]}, r"train\.hidden: a layer of width 4,097; each width is 1 to 4,096 units"),
+    ({"hidden": [8] * 5}, r"train\.hidden: 5 hidden layers, more than the limit of 4"),
+    ({"hidden": [8], "activation": "gelu"}, r"train\.activation: 'gelu' is not one of relu, tanh"),
+    ({"activation": "sigmoid"}, r"train\.activation: 'sigmoid' is not one of relu, tanh"),  # a typo is one without layers too
+    ({"hidden": [8], "capture": {"gradients": True}}, r"train\.capture: a network store .* without gradients"),
+    ({"hidden": [8], "capture": {"codec": "compact"}}, r"train\.capture: a network store .*fast codec"),
+    ({"hidden": [4096] * 4}, r"train\.hidden: 3,000 steps of 214,335,488 bytes of parameters is more than the limit"),
+])
+def test_bad_hidden_layers_name_the_key_and_the_fix(train, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_params({"train": train, "runs": {"a": {}}})
+
+
+def test_hidden_layers_are_a_run_param_and_softmax_regression_records_as_before():
+    params = parse_params({"train": {"max_steps": 10}, "runs": {
+        "mlp": {"hidden": [32, 16], "activation": "tanh"}, "softmax": {}, "wide": {"hidden": [4096] * 4}}})
+    mlp, softmax = params.run("mlp"), params.run("softmax")
+    assert (mlp.hidden, mlp.activation) == ((32, 16), "tanh") and (softmax.hidden, softmax.activation) == ((), "relu")
+    assert mlp.to_dict()["hidden"] == (32, 16) and mlp.to_dict()["activation"] == "tanh"
+    # hidden: [] (the default) records the params it recorded before networks: no hidden, no activation
+    assert "hidden" not in softmax.to_dict() and "activation" not in softmax.to_dict()
+
+
+def test_an_activation_without_hidden_layers_trains_the_same_run():
+    with pytest.raises(ParamsError, match=r"runs\.a and runs\.b have the same params"):
+        parse_params({"runs": {"a": {}, "b": {"activation": "tanh"}}})
+    parse_params({"runs": {"a": {"hidden": [4]}, "b": {"hidden": [4], "activation": "tanh"}}})  # two networks

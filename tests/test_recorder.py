@@ -268,7 +268,7 @@ def test_rows_staged_in_a_device_block_reach_the_store_exactly(tmp_path, monkeyp
 def test_on_a_gpu_a_step_never_waits_for_the_device(tmp_path, monkeypatch):
     import weightlapse.pipeline.recorder as recorder
 
-    copy_rows = recorder.Recorder._copy_rows
+    copy_rows = recorder.ParameterRows._copy_rows
 
     def allowed_to_wait(self, *args):  # the once-per-hand-off copy to the host is the one wait
         mode = torch.cuda.get_sync_debug_mode()
@@ -278,7 +278,7 @@ def test_on_a_gpu_a_step_never_waits_for_the_device(tmp_path, monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode(mode)
 
-    monkeypatch.setattr(recorder.Recorder, "_copy_rows", allowed_to_wait)
+    monkeypatch.setattr(recorder.ParameterRows, "_copy_rows", allowed_to_wait)
     step = recorder.Recorder.step
 
     def checked_step(self, loss=None):

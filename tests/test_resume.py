@@ -22,6 +22,8 @@ runs:
   numpy: {}
   torch: {engine: torch}
   sgd: {optimizer: sgd, lr: 0.05, momentum: 0.9, bias: true, capture: {gradients: true, chunk_steps: 16}}
+  # a network store: checkpoints every 1,280 steps (its writer's blocks), 3,000 steps
+  mlp: {hidden: [4], activation: tanh, bias: true, max_steps: 3000}
 """
 
 
@@ -61,7 +63,7 @@ def kill_after_step(command, store, step, cwd, signal_number=signal.SIGKILL):
     return read_progress(store)
 
 
-@pytest.mark.parametrize("run", ["numpy", "torch", "sgd"])
+@pytest.mark.parametrize("run", ["numpy", "torch", "sgd", "mlp"])
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(project, run, tmp_path):
     # The same command in two directories, as `dvc repro` runs it: the store records it.
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
@@ -73,7 +75,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(project, run, 
     assert not at_kill["finished"] and at_kill["resume"]["step"] >= 1_200
     result = subprocess.run(command, cwd=resumed, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"resuming after step {at_kill['resume']['step']} of 4000" in result.stderr
+    assert f"resuming after step {at_kill['resume']['step']} of {3000 if run == 'mlp' else 4000}" in result.stderr
     assert tree_digest(resumed / "run") == tree_digest(clean / "run")
 
 
@@ -91,18 +93,32 @@ def test_resume_replaces_a_store_it_cannot_carry_on(project, tmp_path):
     assert tree_digest(replaced / "run") == tree_digest(tmp_path / "clean" / "run")
 
 
-def test_a_run_stopped_with_ctrl_c_resumes_to_exactly_the_uninterrupted_result(project, tmp_path):
+@pytest.mark.parametrize("run", ["numpy"])  # a network run stopped by an exception: the mid-block test below
+def test_a_run_stopped_with_ctrl_c_resumes_to_exactly_the_uninterrupted_result(project, run, tmp_path):
     # Ctrl-C lands anywhere in the training loop, often between a step and its recording
     # or inside the optimizer's update: the model's state then is no checkpoint, and the
     # run must resume from the last block's.
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     clean.mkdir()
     resumed.mkdir()
-    command = train_command(project, "numpy", "run", "--resume")
+    command = train_command(project, run, "run", "--resume")
     subprocess.run(command, check=True, cwd=clean, capture_output=True)
     stopped = kill_after_step(command, resumed / "run" / STORE_NAME, 1_200, cwd=resumed, signal_number=signal.SIGINT)
     assert not stopped["finished"] and stopped["error"]
     result = subprocess.run(command, cwd=resumed, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"resuming after step {stopped['resume']['step']} of 4000" in result.stderr
+    assert f"resuming after step {stopped['resume']['step']} of {3000 if run == 'mlp' else 4000}" in result.stderr
     assert tree_digest(resumed / "run") == tree_digest(clean / "run")
+
+
+def test_a_hidden_layer_run_stopped_mid_block_resumes_every_array_exactly(tmp_path, monkeypatch):
+    from interrupted_runs import clean_and_resumed_network
+
+    from weightlapse.pipeline.params import TrainParams
+
+    config = TrainParams(device="cpu", epochs=3, eval_every=40, hidden=(16,), optimizer="rmsprop", momentum=0.5)
+    clean, resumed, stopped = clean_and_resumed_network(config, tmp_path, monkeypatch)
+    assert stopped["resume"]["step"] == 255 and not stopped["finished"] and "simulated crash" in stopped["error"]
+    assert sorted(resumed.data_vars) == sorted(clean.data_vars)
+    for name in clean.data_vars:
+        assert clean[name].values.tobytes() == resumed[name].values.tobytes(), name

@@ -446,6 +446,54 @@ def test_a_hostile_network_store_is_refused_with_the_projects_error(network_run,
     assert RunCatalog(network_run.parent).describe("net").state == "broken"
 
 
+# -- a planned network store: the train stage's run with hidden layers, its held-out scores and checkpoints
+
+
+@pytest.fixture
+def planned_network_run(tmp_path, generated_data):
+    from weightlapse.pipeline.datasets import load_dataset
+    from weightlapse.pipeline.params import TrainParams
+    from weightlapse.pipeline.train import run_training
+
+    run = tmp_path / "runs" / "mlp"
+    run_training(TrainParams(device="cpu", hidden=(3,), bias=True, eval_every=4), load_dataset(generated_data[0], "mnist"),
+                 run, run_name="mlp", progress=False)
+    return run
+
+
+def test_a_planned_network_store_has_version_1s_scores_and_checkpoints(planned_network_run):
+    checked = check_store(planned_network_run)
+    assert checked.network.names == ("hidden1.weight", "hidden1.bias", "output.weight", "output.bias")
+    assert checked.progress.as_dict() == {"steps_done": 10, "n_steps": 10, "evals_done": 4, "finished": True,
+                                          "resume": {"step": 10, "row": 0}}
+    ds = open_run(planned_network_run)
+    assert ds.eval_step.values.tolist() == [0, 4, 8, 10] and ds.heldout_accuracy.dims == ("eval_step",)
+    assert np.isfinite(ds.heldout_loss.values).all() and "resume_state" not in ds
+    assert checked.group["resume_state"].shape == (2, 2 * (3 * 784 + 3 + 10 * 3 + 10))  # Adam: two moments
+    assert RunCatalog(planned_network_run.parent).describe("mlp").state == "finished"
+
+
+PLANNED_NETWORK_ATTACKS = {
+    "held-out scores of another length": lambda run: edit_array(run, "heldout_accuracy",
+                                                                lambda doc: doc.update(shape=[3])),
+    "held-out loss missing": lambda run: shutil.rmtree(run / STORE_NAME / "heldout_loss"),
+    "eval steps as floats": lambda run: edit_array(run, "eval_step", lambda doc: doc.update(data_type="float32")),
+    "more evaluations done than planned": lambda run: edit_json(run / STORE_NAME / "zarr.json", lambda doc: doc[
+        "attributes"]["progress"].update(evals_done=5)),
+    "checkpoints of one row": lambda run: edit_array(run, "resume_state", lambda doc: doc.update(shape=[1, 4])),
+    "committed score chunk missing": lambda run: shutil.rmtree(run / STORE_NAME / "heldout_accuracy" / "c"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(PLANNED_NETWORK_ATTACKS))
+def test_a_damaged_planned_network_store_is_refused_with_the_projects_error(planned_network_run, attack):
+    PLANNED_NETWORK_ATTACKS[attack](planned_network_run)
+    for read in (check_store, open_run):
+        with pytest.raises(TrajectoryError) as caught:
+            read(planned_network_run)
+        assert str(planned_network_run) in str(caught.value) and len(str(caught.value)) < 800, str(caught.value)
+
+
 def test_a_store_killed_as_its_directory_was_made_reads_as_being_created(tmp_path):
     from weightlapse.pipeline.store import StoreBeingCreatedError, open_run, read_progress
 
@@ -457,3 +505,37 @@ def test_a_store_killed_as_its_directory_was_made_reads_as_being_created(tmp_pat
     (store / "notes.txt").write_text("a user's file")  # anything else there is not a store being made
     with pytest.raises(TrajectoryError, match="not a Zarr group"):
         open_run(store)
+
+
+# What a train stage killed part way through creating its store leaves: every array before
+# the kill, none after, and the one being written half there.
+CREATION_KILLS = {
+    "before the evaluation steps are written": lambda store: (store / "eval_step" / "c" / "0").unlink(),
+    "while an array's metadata is written": lambda store: (store / "heldout_loss" / "zarr.json").write_text('{"shape"'),
+    "before the last arrays are made": lambda store: [shutil.rmtree(store / name) for name in ("step", "eval_step")],
+}
+
+
+@pytest.mark.parametrize("kill", sorted(CREATION_KILLS))
+def test_a_store_killed_while_it_was_created_reads_as_being_created(tmp_path, kill):
+    from weightlapse.pipeline.store import StoreBeingCreatedError, create_store
+
+    store = tmp_path / "runs" / "new" / STORE_NAME
+    layout = StoreLayout(n_steps=100, eval_steps=(0, 50, 100), n_classes=10, n_pixels=784, chunk_steps=64,
+                         bias=False, gradients=False, resume_size=0, codec="fast")
+    create_store(store, layout, full_metadata())
+    CREATION_KILLS[kill](store)
+    for read in (check_store, open_run):
+        with pytest.raises(StoreBeingCreatedError, match="no step is committed yet .* its creation was interrupted"):
+            read(store)
+    assert RunCatalog(tmp_path / "runs").describe("new").state != "broken"
+
+
+def test_a_committed_store_missing_a_chunk_is_still_damaged(run_dir):
+    from weightlapse.pipeline.store import StoreBeingCreatedError
+
+    (run_dir / STORE_NAME / "eval_step" / "c" / "0").unlink()
+    with pytest.raises(TrajectoryError, match="is missing") as caught:
+        check_store(run_dir)
+    assert not isinstance(caught.value, StoreBeingCreatedError)
+    assert RunCatalog(run_dir.parent).describe("good").state == "broken"

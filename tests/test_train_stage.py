@@ -16,7 +16,11 @@ from weightlapse.pipeline.closed_form import ClosedFormSoftmaxRegression, train_
 from weightlapse.pipeline.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, load_dataset
 from weightlapse.pipeline.idx import read_idx_file
 from weightlapse.pipeline.params import CaptureParams, TrainParams
-from weightlapse.pipeline.store import SCHEMA, SCHEMA_VERSION, check_store, open_history, open_run
+from weightlapse.pipeline.layers import parameter_shapes
+from weightlapse.pipeline.mlp import MLP, evaluate_network
+from weightlapse.pipeline.store import (
+    HISTORY_NAME, NETWORK_SCHEMA_VERSION, SCHEMA, SCHEMA_VERSION, check_store, open_history, open_run, read_progress,
+)
 from weightlapse.pipeline.train import main, run_training, stack_key, train_stack
 from weightlapse.pipeline.trainer import SoftmaxRegression, make_optimizer, train
 from weightlapse.pipeline.writer import TrajectoryWriter
@@ -30,6 +34,9 @@ runs:
   original: {seed: 0}
   autograd: {seed: 0, engine: torch}
   sgd: {optimizer: sgd, lr: 0.05, momentum: 0.9, bias: true, capture: {gradients: true}}
+  mlp: {hidden: [6, 4], activation: tanh, bias: true, optimizer: sgd, lr: 0.05, momentum: 0.9}
+  mlp-adam: {hidden: [8]}
+  mlp-diverging: {hidden: [8], optimizer: sgd, lr: 3.0e+38}
 """
 
 
@@ -331,3 +338,125 @@ def test_resume_keeps_a_finished_run_of_the_same_code_and_retrains_after_a_code_
     assert stage() == 0
     assert (out / "trajectory.zarr" / "zarr.json").stat().st_mtime_ns != written
     assert open_run(out).attrs["weightlapse"]["versions"]["weightlapse-code"] == "0" * 64
+
+
+@pytest.mark.parametrize("run", ["mlp", "mlp-adam"])
+def test_a_hidden_layer_run_records_every_parameter_at_every_step(tmp_path, params_file, generated_data, run, caplog):
+    data_dir, _ = generated_data
+    out = tmp_path / "runs" / run
+    with caplog.at_level("WARNING"):
+        assert train_run(params_file, data_dir, out, run) == 0
+    config = TrainParams(**{**yaml.safe_load(PARAMS)["train"], "capture": CaptureParams(chunk_steps=4),
+                            **{key: tuple(value) if key == "hidden" else value
+                               for key, value in yaml.safe_load(PARAMS)["runs"][run].items()}})
+    checked = check_store(out)
+    assert checked.meta["schema_version"] == NETWORK_SCHEMA_VERSION
+    assert [(spec.name, spec.shape) for spec in checked.network.parameters] == list(
+        parameter_shapes(config.hidden, bias=config.bias))
+    meta = checked.meta
+    assert (meta["engine"], meta["model"], meta["params"]["hidden"]) == ("torch", "mlp", list(config.hidden))
+    assert checked.progress.as_dict() == {**checked.progress.as_dict(), "finished": True, "steps_done": 10,
+                                          "n_steps": 10, "evals_done": 4}
+
+    # Every step is exactly what the loop computes for the seeded MLP on the seeded batches.
+    dataset = load_dataset(data_dir, "mnist")
+    model = MLP(config.hidden, activation=config.activation, bias=config.bias, seed=config.seed)
+    optimizer = make_optimizer(model.parameters(), name=config.optimizer, lr=config.lr, momentum=config.momentum)
+    expected = []
+    train(model, optimizer, torch.from_numpy(dataset.train.images), torch.from_numpy(dataset.train.labels),
+          batch_size=20, epochs=1, seed=0, on_step=lambda step, loss: expected.append(
+              [p.detach().numpy().copy() for p in model.parameters()]))
+    ds = open_run(out)
+    for index, (name, _) in enumerate(parameter_shapes(config.hidden, bias=config.bias)):
+        assert ds[name].values.tobytes() == np.stack([row[index] for row in expected]).tobytes(), name
+
+    # held-out scores at steps 0, 4, 8, 10, of the parameters recorded there, in the store and accuracy.csv
+    assert ds.eval_step.values.tolist() == [0, 4, 8, 10]
+    images, labels = torch.from_numpy(dataset.test.images), torch.from_numpy(dataset.test.labels)
+    for at, step in enumerate([0, 4, 8, 10]):
+        scored = evaluate_network(expected[step], images, labels, activation=config.activation, bias=config.bias)
+        assert float(ds.heldout_accuracy[at]) == pytest.approx(scored.accuracy)
+        assert float(ds.heldout_loss[at]) == pytest.approx(scored.loss, rel=1e-6)
+    with open(out / "accuracy.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 4, 8, 10]
+    with open(out / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    assert float(rows[2]["loss"]) == pytest.approx(float(ds.loss.sel(step=3)), rel=1e-6)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["heldout_accuracy"] == pytest.approx(float(ds.heldout_accuracy[-1]))
+    # No pixel history (a (class, pixel) matrix copy), and no warning that there is none.
+    assert not (out / HISTORY_NAME).exists() and not caplog.records
+
+
+def test_a_hidden_layer_run_is_bitwise_repeatable_and_kept_when_trained_again(tmp_path, params_file, generated_data,
+                                                                              caplog):
+    data_dir, _ = generated_data
+    for name in ("a", "b"):
+        assert train_run(params_file, data_dir, tmp_path / name, "mlp") == 0
+
+    def files(directory):
+        return {path.relative_to(directory): path.read_bytes() for path in sorted(directory.rglob("*"))
+                if path.is_file() and path.name != ".writer.lock"}
+    assert files(tmp_path / "a") == files(tmp_path / "b")  # every array and attribute, byte for byte
+    written = (tmp_path / "a" / "trajectory.zarr" / "zarr.json").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="weightlapse.pipeline.train"):
+        assert train_run(params_file, data_dir, tmp_path / "a", "mlp", "--resume") == 0
+    assert "mlp: finished in" in caplog.text
+    assert (tmp_path / "a" / "trajectory.zarr" / "zarr.json").stat().st_mtime_ns == written
+
+
+def test_a_diverging_hidden_layer_run_stops_at_the_step_and_keeps_the_steps_before(tmp_path, params_file,
+                                                                                   generated_data, caplog):
+    data_dir, _ = generated_data
+    out = tmp_path / "diverging"
+    assert train_run(params_file, data_dir, out, "mlp-diverging") == 1
+    assert "training diverged at step" in caplog.text and "Lower the learning rate" in caplog.text
+    progress = read_progress(out)
+    assert not progress["finished"] and "diverged" in progress["error"]
+    ds = open_run(out)
+    assert ds.sizes["step"] == progress["steps_done"] + 1 >= 1
+    for name in ("hidden1.weight", "output.weight"):
+        assert np.isfinite(ds[name].values).all()  # no row that overflowed is committed
+
+
+def test_a_sweep_of_hidden_layer_runs_trains_them_one_by_one(tmp_path, generated_data, monkeypatch):
+    from weightlapse.pipeline.params import parse_params
+    from weightlapse.pipeline.sweep import dispatch, plan_tasks, sweep_runs
+
+    data_dir, _ = generated_data
+    params = parse_params({"train": {"hidden": [5], "device": "cpu", "eval_every": 4},
+                           "runs": {"one": {"seed": 9}},
+                           "sweep": {"optimizer": ["adam"], "lr": [0.001, 0.01], "batch_size": [20], "seed": [0, 1]}})
+    runs = sweep_runs(params)
+    assert all(config.hidden == (5,) for config in runs.values())
+    assert plan_tasks(runs, 1) == [{name: config} for name, config in runs.items()]  # no stacks
+    monkeypatch.setattr("weightlapse.pipeline.train.train_stack", lambda *args, **kwargs: pytest.fail("stacked"))
+    result = dispatch(runs, data_dir=data_dir, dataset_name="mnist", out=tmp_path / "runs", scheduler=None)
+    assert sorted(result.metrics) == sorted(runs)
+    dataset = load_dataset(data_dir, "mnist")
+    for name, config in runs.items():
+        run_training(config, dataset, tmp_path / "alone" / name, run_name=name, progress=False)
+        swept, alone = open_run(tmp_path / "runs" / name), open_run(tmp_path / "alone" / name)
+        assert swept.attrs["progress"]["finished"] and swept.attrs["weightlapse"]["params"]["lr"] == config.lr
+        for variable in ("hidden1.weight", "output.weight", "loss", "heldout_accuracy"):
+            assert swept[variable].values.tobytes() == alone[variable].values.tobytes(), (name, variable)
+
+
+@pytest.mark.parametrize("run", ["mlp", "mlp-diverging"])
+def test_rows_staged_on_the_device_give_the_host_path_s_run_exactly(tmp_path, params_file, generated_data, monkeypatch,
+                                                                  run):
+    # The GPU path (a device block, copied to the host once per hand-off), run on the CPU.
+    import weightlapse.pipeline.recorder as recorder
+
+    data_dir, _ = generated_data
+    expected = 1 if run == "mlp-diverging" else 0
+    assert train_run(params_file, data_dir, tmp_path / "host", run) == expected
+    monkeypatch.setattr(recorder, "stages_on_device", lambda device: True)
+    assert train_run(params_file, data_dir, tmp_path / "staged", run) == expected
+    host, staged = open_run(tmp_path / "host"), open_run(tmp_path / "staged")
+    assert sorted(staged.data_vars) == sorted(host.data_vars) and staged.sizes["step"] == host.sizes["step"]
+    # A diverged run's held-out scores are those scored before it stopped: as many as the scorer's thread finished.
+    compared = [name for name in host.data_vars if not (expected and name.startswith("heldout"))]
+    for name in compared:
+        assert staged[name].values.tobytes() == host[name].values.tobytes(), name

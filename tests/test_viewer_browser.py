@@ -372,6 +372,17 @@ def url_step(tab: Page) -> int:
     return int(tab.page.evaluate("() => new URLSearchParams(location.search).get('step')"))
 
 
+def shown_step(tab: Page) -> int:
+    """The step the weight picture's title names."""
+    return int(tab.page.evaluate("""() => {
+        for (const model of Bokeh.documents[0].all_models) {
+            const found = model.type === 'Title' && /weights after step ([0-9,]+)/.exec(model.text);
+            if (found) return found[1].replace(/,/g, '');
+        }
+        return '-1';
+    }"""))
+
+
 def wait_for_step(tab: Page, step: int) -> None:
     tab.page.wait_for_function(f"() => new URLSearchParams(location.search).get('step') === '{step}'",
                                timeout=10_000)
@@ -426,11 +437,19 @@ def test_keyboard_control_moves_the_step(browser, server):
         model.type === 'Title' && Number((/weights after step ([0-9,]+)/.exec(model.text) || ['', '0'])[1]
                                         .replace(/,/g, '')) > 3)""", timeout=10_000)
     body.press(" ")                                           # ... and pause
-    tab.wait_idle(600)
-    paused = url_step(tab)                                    # the link catches up when it pauses
-    assert paused > 3
+    # The link catches up when it pauses, once the frames already on their way are shown
+    # (a loaded machine may take seconds), and then stays put.
+    tab.page.wait_for_function("() => Number(new URLSearchParams(location.search).get('step')) > 3",
+                               timeout=10_000)
+    paused, deadline = url_step(tab), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        tab.wait_idle(500)
+        if url_step(tab) == paused:
+            break
+        paused = url_step(tab)
     tab.wait_idle(800)
     assert url_step(tab) == paused
+    assert shown_step(tab) == paused                          # the picture is the step linked
     assert tab.errors == []
     tab.close()
 

@@ -186,7 +186,7 @@ class WeightViewer(pn.viewable.Viewer):
         self._poller = pn.state.add_periodic_callback(weakly(self.poll), period=POLL_MS)
 
     def _sync_url(self, *events) -> None:
-        if self.state.playing and all(event.name == "step" for event in events):
+        if self.state.playing and events and all(event.name == "step" for event in events):
             return  # written when playback pauses: a URL update per frame costs the browser a frame
         if events and self.message.visible:
             self.say("")  # the link the message was about is gone

@@ -7,7 +7,8 @@ Inside, one job per module: :mod:`.format` (names, arrays, codecs, limits, error
 :class:`StoreLayout`), :mod:`.network` (schema version 2: a network's parameters, one array
 each), :mod:`.attributes` (the typed :class:`Progress` and
 :class:`RunMetadata`), :mod:`.create` (creating a store), :mod:`.links` (never reading
-through a symbolic link), :mod:`.check` (the validating reader, :func:`check_store`) and
+through a symbolic link), :mod:`.check` (the validating reader, :func:`check_store`), :mod:`.steps` (reading
+committed steps, a damaged chunk an error: :class:`CheckedSteps`) and
 :mod:`.dataset` (:func:`open_run` and dask arrays over a checked store) and :mod:`.history`
 (the time-major pixel history beside a store, :func:`open_history`). docs/store.md is
 the format's reference, for readers in other languages too.
@@ -15,15 +16,14 @@ the format's reference, for readers in other languages too.
 
 from weightlapse.pipeline.store.attributes import Progress, RunMetadata, marker_time
 from weightlapse.pipeline.store.check import (
-    CheckedSteps,
     CheckedStore,
     check_store,
-    damaged,
     open_store,
     read_identity,
     recheck_store,
     store_location,
 )
+from weightlapse.pipeline.store.steps import CheckedSteps, damaged
 from weightlapse.pipeline.store.create import consolidate, create_network_store, create_store
 from weightlapse.pipeline.store.dataset import DASK_BLOCK_STEPS, dask_steps, open_run, pixel_coords, read_progress
 from weightlapse.pipeline.store.history import (
@@ -59,6 +59,7 @@ from weightlapse.pipeline.store.format import (
 from weightlapse.pipeline.store.links import refuse_link_out, refuse_links
 from weightlapse.pipeline.store.network import (
     NETWORK_SCHEMA_VERSION,
+    RUN_ARRAYS,
     NetworkLayout,
     ParameterSpec,
     parse_parameters,
@@ -67,7 +68,7 @@ from weightlapse.pipeline.store.network import (
 __all__ = [
     "ALLOWED_CODECS", "ARRAYS", "CODECS", "DASK_BLOCK_STEPS", "HISTORY_NAME", "IMAGE_SIDE", "MAX_CHUNK_BYTES",
     "MAX_METADATA_BYTES", "MAX_STEPS", "NETWORK_SCHEMA_VERSION", "N_CLASSES", "N_PIXELS", "REQUIRED_ARRAYS",
-    "SCALAR_CHUNK", "SCHEMA", "SCHEMA_VERSION", "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore",
+    "RUN_ARRAYS", "SCALAR_CHUNK", "SCHEMA", "SCHEMA_VERSION", "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore",
     "NetworkLayout", "ParameterSpec", "PixelHistory", "Progress", "RunMetadata", "StaleHistoryError",
     "StoreBeingCreatedError", "StoreLayout", "TrajectoryError", "TrajectoryNotFoundError", "check_store",
     "codec_chain_problem", "consolidate", "create_network_store", "create_store", "damaged", "dask_steps",

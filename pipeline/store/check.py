@@ -13,7 +13,8 @@ publishing) reads it through :func:`check_store`, which checks, before any chunk
 - every chunk holding a committed row is a file in the store (a missing one would read as
   NaN rows), and no path that is read goes through a symbolic link;
 - a network store (schema version 2) has a valid parameter list (names, shapes, roles,
-  dims, bounded sizes: ``network.parse_parameters``) and one array per parameter as listed.
+  dims, bounded sizes: ``network.parse_parameters``) and one array per parameter as listed,
+  and a planned one (the train stage's) version 1's held-out scores and checkpoints.
 
 Each array is read from its own ``zarr.json``, never from the consolidated copy in the
 group's (kept for plain ``xarray.open_zarr``), so what is checked is what is read.
@@ -21,7 +22,7 @@ group's (kept for plain ``xarray.open_zarr``), so what is checked is what is rea
 Anything else is a :class:`TrajectoryError` (a ``ValueError``) that names the store, what
 is wrong and what to do. A chunk that passes these checks but cannot be decoded, or holds
 values that are not finite, raises the same error when its steps are read
-(:class:`CheckedSteps`), and the rest of the run stays readable.
+(``steps.CheckedSteps``), and the rest of the run stays readable.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import zarr
 
 from weightlapse.pipeline.locations import Location, as_location
@@ -55,7 +55,7 @@ from weightlapse.pipeline.store.format import (
     shown,
 )
 from weightlapse.pipeline.store.links import refuse_links
-from weightlapse.pipeline.store.network import NETWORK_SCHEMA_VERSION, NetworkLayout, parse_parameters
+from weightlapse.pipeline.store.network import NETWORK_SCHEMA_VERSION, RUN_ARRAYS, NetworkLayout, parse_parameters
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,38 @@ def check_store(path: str | os.PathLike | Location, storage_options: dict[str, A
     location = store_location(path, storage_options)
     group = open_store(location)
     where = str(location)
-    if group.attrs["weightlapse"].get("schema_version") == NETWORK_SCHEMA_VERSION:
-        return _check_network(location, group, where)
+    check = _check_network if group.attrs["weightlapse"].get("schema_version") == NETWORK_SCHEMA_VERSION \
+        else _check_softmax
+    try:
+        return check(location, group, where)
+    except StoreBeingCreatedError:
+        raise
+    except TrajectoryError as error:
+        # The writer creates the arrays one by one (and some of their chunks) before it
+        # commits a step: until then an incomplete store is one being created, or one whose
+        # creation was killed, never one to call damaged.
+        if not _nothing_committed(group, where):
+            raise
+        raise StoreBeingCreatedError(f"{where}: no step is committed yet and the store is incomplete "
+                                     f"({str(error).removeprefix(where + ': ')}): it is still being created (try "
+                                     "again in a moment), or its creation was interrupted: retrain the run") from None
+
+
+def _nothing_committed(group: zarr.Group, where: str) -> bool:
+    try:
+        progress = Progress.parse(group.attrs.get("progress"), where)
+    except TrajectoryError:
+        return False
+    return progress.steps_done < 0 and not progress.finished
+
+
+def _check_softmax(location: Location, group: zarr.Group, where: str) -> CheckedStore:
+    """:func:`check_store` for a softmax-regression store (schema version 1)."""
     progress = Progress.parse(group.attrs.get("progress"), where)
     arrays = {}
     for name in ARRAYS:
         if name in REQUIRED_ARRAYS or _has_member(group, name):
-            arrays[name] = _open_array(group, name, where, being_created=progress.steps_done < 0)
+            arrays[name] = _open_array(group, name, where)
     n_evals = arrays["eval_step"].shape[0]
     progress = Progress.parse(group.attrs.get("progress"), where, n_evals=n_evals)
     rows = progress.n_steps + 1
@@ -185,7 +210,7 @@ def _has_member(group: zarr.Group, name: str) -> bool:
         return False
 
 
-def _open_array(group: zarr.Group, name: str, where: str, *, being_created: bool) -> zarr.Array:
+def _open_array(group: zarr.Group, name: str, where: str) -> zarr.Array:
     location = where
     try:
         if isinstance(group.store, zarr.storage.LocalStore):
@@ -201,12 +226,8 @@ def _open_array(group: zarr.Group, name: str, where: str, *, being_created: bool
     except TrajectoryError:
         raise
     except KeyError:
-        if being_created:
-            raise StoreBeingCreatedError(f"{location}: array {name!r} is missing: the store is still being created "
-                                         "(try again in a moment), or its creation was interrupted: retrain the run"
-                                         ) from None
-        raise TrajectoryError(f"{location}: array {name!r} is missing, though steps are committed: the store is "
-                              "damaged: retrain the run (`dvc repro`)") from None
+        raise TrajectoryError(f"{location}: array {name!r} is missing: the store is damaged: retrain the run "
+                              "(`dvc repro`)") from None
     except Exception as error:  # noqa: BLE001
         raise TrajectoryError(f"{location}: array {name!r} is unreadable ({type(error).__name__}: "
                               f"{str(error)[:200]}): the store is damaged: retrain the run") from None
@@ -247,11 +268,18 @@ def _check_network(location: Location, group: zarr.Group, where: str) -> Checked
     if not isinstance(store_id, str) or not 0 < len(store_id) <= 64:
         raise TrajectoryError(f"{where}: the store's store_id is {shown(store_id)}, not an id: the store was not "
                               "written by weightlapse")
-    progress = Progress.parse(group.attrs.get("progress"), where)
+    # A planned run (the train stage's) also has version 1's held-out scores and checkpoints.
+    planned = any(_has_member(group, name) for name in RUN_ARRAYS)
+    runs = {name: _open_array(group, name, where) for name in RUN_ARRAYS
+            if (planned and name != "resume_state") or _has_member(group, name)}
+    n_evals = runs["eval_step"].shape[0] if planned else 0
+    progress = Progress.parse(group.attrs.get("progress"), where, n_evals=n_evals)
+    for name, array in runs.items():
+        _check_array(array, name, 0, n_evals, where)
     rows, arrays = progress.steps_done + 1, {}
     expected = [(spec.name, "float32", spec.dims, spec.shape) for spec in network.parameters]
     for name, dtype, dims, shape in [*expected, ("loss", "float32", ("step",), ()), ("step", "int64", ("step",), ())]:
-        array = arrays[name] = _open_array(group, name, where, being_created=rows == 0)
+        array = arrays[name] = _open_array(group, name, where)
         if getattr(array.metadata, "zarr_format", None) != 3 or str(array.dtype) != dtype \
                 or tuple(array.metadata.dimension_names or ()) != dims:
             raise TrajectoryError(f"{where}: array {name!r} is {array.dtype} with dimensions "
@@ -262,7 +290,10 @@ def _check_network(location: Location, group: zarr.Group, where: str) -> Checked
                                   f"rows its progress marker commits (at most {MAX_STEPS + 1:,}), each of shape "
                                   f"{shape}: the store is damaged: record the run again")
         _check_encoding(array, name, where)
-    _check_chunks_present(location, arrays, {name: (0, rows) for name in arrays}, where)
+    committed = {name: (0, rows) for name in arrays} | {"eval_step": (0, n_evals),
+                                                         "heldout_accuracy": (0, progress.evals_done),
+                                                         "heldout_loss": (0, progress.evals_done)}
+    _check_chunks_present(location, {**arrays, **runs}, committed, where)
     return CheckedStore(location, group, RunMetadata.parse(meta), progress, (location.url, "store", store_id),
                         network=network)
 
@@ -354,47 +385,3 @@ def read_identity(location: Location) -> tuple | None:
         return _identity(location, str(location))
     except TrajectoryError:
         return None
-
-
-class CheckedSteps:
-    """A (step, ...) store array whose reads raise :class:`TrajectoryError` for a damaged chunk.
-
-    It stands in for the zarr array under dask (``da.from_array``): a chunk that cannot be
-    decoded, or (with ``finite``) holds NaN or infinite values, names its steps and the
-    store instead of surfacing a codec's own error or NaN rows as data.
-    """
-
-    def __init__(self, array: zarr.Array, where: str, *, n_rows: int | None = None, finite: bool = True) -> None:
-        self.array, self.where, self.finite = array, where, finite
-        rows = array.shape[0] if n_rows is None else min(n_rows, array.shape[0])
-        self.shape, self.dtype, self.ndim = (rows, *array.shape[1:]), array.dtype, array.ndim
-
-    def __getitem__(self, key):
-        try:
-            block = self.array[key]
-        except Exception:  # noqa: BLE001 - codecs and stores raise many kinds for a damaged chunk
-            raise self._locate(key) from None
-        if self.finite and block.size and not np.isfinite(block).all():
-            raise self._locate(key)
-        return block
-
-    def _locate(self, key) -> TrajectoryError:
-        """The error for the first damaged store chunk among the steps of ``key``."""
-        steps = key[0] if isinstance(key, tuple) else key
-        first, stop, _ = steps.indices(self.shape[0]) if isinstance(steps, slice) else (steps, steps + 1, 1)
-        per_chunk = self.array.chunks[0]
-        for start in range(first - first % per_chunk, stop, per_chunk):
-            rows = slice(max(start, first), min(start + per_chunk, stop))
-            try:
-                block = self.array[rows]
-            except Exception as error:  # noqa: BLE001
-                return damaged(self.where, rows, f"{type(error).__name__}: {str(error)[:200]}")
-            if self.finite and not np.isfinite(block).all():
-                return damaged(self.where, rows, "it holds values that are not finite (NaN or infinite)")
-        return damaged(self.where, steps, "reading failed")
-
-
-def damaged(where: str, steps: Any, reason: str) -> TrajectoryError:
-    span = f"steps {steps.start}..{steps.stop - 1}" if isinstance(steps, slice) else f"step {steps}"
-    return TrajectoryError(f"{where}: {span} cannot be read ({reason}); that part of the store is damaged: "
-                           "retrain the run (`dvc repro`); other steps can still be read")

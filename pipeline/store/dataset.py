@@ -15,7 +15,8 @@ import zarr
 
 from weightlapse.pipeline.locations import Location
 from weightlapse.pipeline.store.attributes import Progress
-from weightlapse.pipeline.store.check import CheckedSteps, CheckedStore, check_store, open_store, store_location
+from weightlapse.pipeline.store.check import CheckedStore, check_store, open_store, store_location
+from weightlapse.pipeline.store.steps import CheckedSteps
 from weightlapse.pipeline.store.format import IMAGE_SIDE, TrajectoryError, quiet_numcodecs
 
 # Steps per dask task when reading weights for analysis (16 MB of float32 weights).
@@ -41,7 +42,7 @@ def open_run(path: str | Path | Location, storage_options: dict[str, Any] | None
     is so far. Weights are read only when computed; a damaged chunk raises TrajectoryError
     for its steps. A network run (schema version 2, recorded by ``Recorder``) has one
     variable per parameter (``fc1.weight`` with dims ``(step, fc1.weight.out, fc1.weight.in)``)
-    and ``loss``, in the model's order. ``matrix_for``: a reader of softmax-regression runs
+    and ``loss``, in the model's order, and a train stage's network run its held-out scores too. ``matrix_for``: a reader of softmax-regression runs
     only, with its verb ("per-pixel statistics cover"): a network run is then refused with a
     TrajectoryError saying so.
     """
@@ -75,7 +76,13 @@ def _open_network(checked: CheckedStore) -> xr.Dataset:
     variables = {spec.name: (spec.dims, dask_steps(checked.array(spec.name), n_rows=rows, where=where, finite=False))
                  for spec in checked.network.parameters}
     variables["loss"] = (("step",), dask_steps(checked.array("loss"), n_rows=rows, where=where, finite=False))
-    ds = xr.Dataset(variables, coords={"step": np.arange(rows, dtype=np.int64)})
+    coords = {"step": np.arange(rows, dtype=np.int64)}
+    if "eval_step" in checked.group:  # a planned run's (the train stage's) held-out scores: small, read now
+        evals = checked.progress.evals_done
+        coords["eval_step"] = checked.array("eval_step")[:evals]
+        for name in ("heldout_accuracy", "heldout_loss"):
+            variables[name] = (("eval_step",), checked.array(name)[:evals])
+    ds = xr.Dataset(variables, coords=coords)
     ds.attrs["weightlapse"] = checked.meta
     ds.attrs["progress"] = checked.progress.as_dict()
     return ds

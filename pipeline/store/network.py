@@ -20,6 +20,12 @@ past their end, and cuts them to the rows recorded when the run ends. The rule o
 1 holds unchanged: ``progress["steps_done"]`` says which rows are committed, and readers
 never look past it (an array may be longer, never shorter). ``progress["n_steps"]`` is the
 steps recorded so far. docs/store.md describes both versions.
+
+A network trained by the train stage (``train.hidden``) is planned: its arrays have their
+final ``n_steps + 1`` rows from the start, and it also holds version 1's optional arrays,
+with their names and meaning: ``eval_step``, ``heldout_accuracy`` and ``heldout_loss``
+(``progress["evals_done"]`` of them committed) and ``resume_state`` (``progress["resume"]``
+names its checkpoint). :data:`RUN_ARRAYS` lists them; a recorder's store has none.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from typing import Any
 from weightlapse.pipeline.store.format import MAX_CHUNK_BYTES, TrajectoryError, shown
 
 NETWORK_SCHEMA_VERSION = 2
+# The optional arrays of a planned network run (the train stage's), as in version 1.
+RUN_ARRAYS = ("eval_step", "heldout_accuracy", "heldout_loss", "resume_state")
 # Array names of a network store that are not parameters.
-RESERVED_NAMES = ("step", "loss")
+RESERVED_NAMES = ("step", "loss", *RUN_ARRAYS)
 ROLES = ("weight", "bias", "parameter", "buffer")
 # A parameter name is a module path of Python identifiers joined by dots (torch's
 # named_parameters), so it is a safe Zarr node name and file name: never "/", "..", or a
@@ -111,14 +119,23 @@ class ParameterSpec:
 
 @dataclass(frozen=True)
 class NetworkLayout:
-    """The arrays of a network store, in the model's order."""
+    """The arrays of a network store, in the model's order.
+
+    A recorder's run (``n_steps`` None) grows; a planned run (the train stage's, ``n_steps``
+    known) has its arrays at ``n_steps + 1`` rows from the start, and also the version 1 arrays
+    ``eval_step``, ``heldout_accuracy``, ``heldout_loss`` and (with ``resume_size``) ``resume_state``."""
 
     parameters: tuple[ParameterSpec, ...]
+    n_steps: int | None = None      # steps planned; None: as many as are recorded
+    eval_steps: tuple[int, ...] = ()  # steps at which held-out data is scored (a planned run)
+    resume_size: int = 0            # length of the optimizer state saved for resuming (0: none kept)
 
     def __post_init__(self) -> None:
         problem = parameters_problem(self.parameters)
         if problem:
             raise ValueError(f"cannot record this model: {problem}")
+        if self.n_steps is None and (self.eval_steps or self.resume_size):
+            raise ValueError("held-out scores and checkpoints need a planned run (n_steps)")
 
     @property
     def row_bytes(self) -> int:
