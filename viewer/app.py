@@ -59,7 +59,7 @@ with the same pixel of every other class (thin); hover for a value.
 **Frame spacing** of animations: *Logarithmic* (every step at first, then further apart), *Even*,
 or *By distance travelled* (a frame per equal change of the weights).
 
-**Network runs** (recorded with `weightlapse.Recorder`): choose a *Layer*. A layer whose inputs
+**Network runs** (hidden layers from `train.hidden`, or recorded with `weightlapse.Recorder`): choose a *Layer*. A layer whose inputs
 are the 784 pixels shows one 28x28 image per unit; other matrices a heatmap (units down, inputs
 across); biases a strip; convolutions their kernels. Replay, Step vs step, Run vs run (another
 network of the same layers; with every layer's distance) and Statistics work on the layer
