@@ -146,3 +146,23 @@ def test_another_run_forgets_a_layer_and_a_weight_it_does_not_have(recorded):
     assert (viewer.state.layer, viewer.state.weight_index) == ("output.weight", 150)
     viewer.state.run = "softmax"
     assert (viewer.state.layer, viewer.state.weight_index) == ("", None) and "layer" not in viewer.state.query()
+
+
+def test_a_hidden_layer_run_of_the_train_stage_replays_its_units_and_its_held_out_accuracy(generated_data, tmp_path):
+    """What `dvc repro` makes of runs.mlp-32 (here 8 units, 8 steps): the pipeline's planned
+    network store, with its held-out scores, opens in the viewer one image per hidden unit."""
+    import weightlapse
+    from weightlapse.pipeline.datasets import load_dataset
+    from weightlapse.pipeline.params import TrainParams
+    from weightlapse.pipeline.train import run_training
+
+    runs = tmp_path / "runs"
+    config = TrainParams(device="cpu", max_steps=8, hidden=(8,), eval_every=5)
+    run_training(config, load_dataset(generated_data[0], "mnist"), runs / "mlp-8", run_name="mlp-8", progress=False)
+    stored = weightlapse.open_run(runs / "mlp-8")
+    viewer, root = viewer_on(runs, run="mlp-8", step="7")
+    assert list(viewer.network.layer_select.options.values()) == ["hidden1.weight", "output.weight"]
+    layout = layer_layout((8, 784))
+    np.testing.assert_array_equal(network_picture(viewer, root), layout.picture(stored["hidden1.weight"][7].values))
+    steps, accuracy = viewer.store.open("mlp-8").accuracy()
+    assert list(steps) == [0, 5, 8] and np.all((accuracy >= 0) & (accuracy <= 1))
