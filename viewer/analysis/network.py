@@ -18,7 +18,6 @@ identity (its ``store_id``), never to the run's name.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import OrderedDict
 
@@ -27,17 +26,15 @@ import numpy as np
 import xarray as xr
 
 from weightlapse.pipeline.cluster import compute
-from weightlapse.pipeline.locations import Location, as_location
+from weightlapse.viewer.analysis.stored_run import StoredRun
 from weightlapse.pipeline.store import (
     CheckedStore,
     CheckedSteps,
     ParameterSpec,
     Progress,
     TrajectoryError,
-    check_store,
     damaged,
     dask_steps,
-    recheck_store,
 )
 from weightlapse.viewer.analysis.stats import change_statistics
 
@@ -52,21 +49,9 @@ RECHECK_S = 1.0
 HISTORY_BYTES = 256 * 2**20
 
 
-class NetworkRun:
+class NetworkRun(StoredRun):
     """One network store, read lazily: ``values_at`` serves a parameter's step from a small
-    chunk cache; ``values`` and ``weight_history`` read through dask.
-
-    Only steps up to the progress marker are ever read. :meth:`refresh` re-reads the marker,
-    and the whole store when it was created anew (a run recorded again): ``generation``
-    counts those reloads.
-    """
-
-    def __init__(self, name: str, store: str | Location, *, checked: CheckedStore | None = None) -> None:
-        self.name = name
-        self.store = as_location(store)
-        self._lock = threading.Lock()
-        self.generation = 0
-        self._load(checked if checked is not None else check_store(self.store))
+    chunk cache (the store's, :class:`StoredRun`); ``values`` and ``weight_history`` read through dask."""
 
     def _load(self, checked: CheckedStore) -> None:
         if checked.network is None:
@@ -84,18 +69,6 @@ class NetworkRun:
             self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
             self._checked_at = time.monotonic()
 
-    def refresh(self) -> bool:
-        """Re-read the progress marker (and the whole store if it was created anew); True when
-        what the run holds changed."""
-        checked = recheck_store(self._checked)
-        if checked.identity != self.identity:
-            self._load(checked)
-            self.generation += 1
-            return True
-        before = self.progress
-        self._checked, self.progress = checked, checked.progress
-        return checked.progress != before
-
     def _check_current(self) -> None:
         """Before serving a step from memory: a store replaced since is read afresh. A network
         store has no file written once at creation (its arrays grow), so this is the full
@@ -104,14 +77,6 @@ class NetworkRun:
         if self.store.local and now - self._checked_at > RECHECK_S:
             self._checked_at = now
             self.refresh()
-
-    @property
-    def last_step(self) -> int:
-        return self.progress.steps_done
-
-    @property
-    def finished(self) -> bool:
-        return self.progress.finished
 
     @property
     def names(self) -> list[str]:

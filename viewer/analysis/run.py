@@ -7,17 +7,15 @@ every cached chunk belongs to the store it came from (its identity), never to th
 from __future__ import annotations
 
 import os
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
 import numpy as np
 
-from weightlapse.pipeline.locations import Location, as_location
 from weightlapse.viewer.analysis.frames import centred
+from weightlapse.viewer.analysis.stored_run import StoredRun
 from weightlapse.pipeline.store import (
     HISTORY_NAME,
     N_PIXELS,
@@ -26,14 +24,12 @@ from weightlapse.pipeline.store import (
     PixelHistory,
     Progress,
     TrajectoryError,
-    check_store,
     damaged,
     dask_steps,
     StaleHistoryError,
     open_history,
     quiet_numcodecs,
     read_identity,
-    recheck_store,
 )
 
 # Decoded chunks kept per open run (each ~2 MB at 64 steps): enough for smooth playback
@@ -51,23 +47,10 @@ class PixelTrace:
     from_copy: int      # how many of the first steps came from the pixel history (the rest from the store)
 
 
-class Run:
-    """One run's store, read lazily: a step's weights cost one chunk decompression at most.
-
-    Only steps up to the progress marker are ever read. :meth:`refresh` re-reads the marker
-    of a run that is still being written, and reads the whole run afresh when its store was
-    created anew (a retrained run): cached chunks belong to the store they came from
-    (:attr:`identity`), never to the run's name. ``generation`` counts those reloads, so
-    a view can tell that what it shows is gone.
-    """
-
-    def __init__(self, name: str, store: str | Path | Location, *, checked: CheckedStore | None = None) -> None:
-        """``checked``: the store as just checked (check_store), so it is not checked twice."""
-        self.name = name
-        self.store = as_location(store)
-        self._lock = threading.Lock()
-        self.generation = 0
-        self._load(checked if checked is not None else check_store(self.store))
+class Run(StoredRun):
+    """A softmax-regression run's store, read lazily: a step's weights cost one chunk
+    decompression at most, from a chunk cache that belongs to the store it came from
+    (:class:`StoredRun`: a retrained run is read afresh)."""
 
     def _load(self, checked: CheckedStore) -> None:
         checked.require_matrix("the viewer shows")
@@ -88,32 +71,11 @@ class Run:
             self._history: tuple[tuple, PixelHistory | None] | None = None
 
     # -- state --------------------------------------------------------------------------
-    def refresh(self) -> bool:
-        """Re-read the progress marker (and the whole run if its store was created anew);
-        True when what the run holds changed: new steps, or a new store."""
-        checked = recheck_store(self._checked)
-        if checked.identity != self.identity:
-            self._load(checked)
-            self.generation += 1
-            return True
-        before = self.progress
-        self._checked, self.progress = checked, checked.progress
-        return checked.progress != before
-
     def _check_current(self) -> None:
         """Before serving a step from memory: a local store replaced since is read afresh
         (one stat); object storage is checked at :meth:`refresh`."""
         if self.store.local and read_identity(self.store) != self.identity:
             self.refresh()
-
-    @property
-    def last_step(self) -> int:
-        """The newest valid step (-1 when none is written yet)."""
-        return self.progress.steps_done
-
-    @property
-    def finished(self) -> bool:
-        return self.progress.finished
 
     @property
     def class_names(self) -> list[str]:

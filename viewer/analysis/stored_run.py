@@ -1,0 +1,56 @@
+"""What every run the viewer reads shares, whatever its store's schema: its location, the
+store as last checked, and how a refresh tells new steps from a store created anew."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from weightlapse.pipeline.locations import Location, as_location
+from weightlapse.pipeline.store import CheckedStore, Progress, check_store, recheck_store
+
+
+class StoredRun:
+    """A run's store, read lazily. Only steps up to the progress marker are ever read.
+
+    :meth:`refresh` re-reads the marker of a run that is still being written, and reads the
+    whole run afresh (``_load``) when its store was created anew (a run trained or recorded
+    again): what a subclass caches belongs to the store it came from (:attr:`identity`),
+    never to the run's name. ``generation`` counts those reloads, so a view can tell that
+    what it shows is gone.
+    """
+
+    progress: Progress
+
+    def __init__(self, name: str, store: str | Path | Location, *, checked: CheckedStore | None = None) -> None:
+        """``checked``: the store as just checked (check_store), so it is not checked twice."""
+        self.name = name
+        self.store = as_location(store)
+        self._lock = threading.Lock()
+        self.generation = 0
+        self._load(checked if checked is not None else check_store(self.store))
+
+    def _load(self, checked: CheckedStore) -> None:
+        """Take in a store as checked: set ``_checked``, ``identity`` and ``progress``, and drop every cache."""
+        raise NotImplementedError
+
+    def refresh(self) -> bool:
+        """Re-read the progress marker (and the whole run if its store was created anew);
+        True when what the run holds changed: new steps, or a new store."""
+        checked = recheck_store(self._checked)
+        if checked.identity != self.identity:
+            self._load(checked)
+            self.generation += 1
+            return True
+        before = self.progress
+        self._checked, self.progress = checked, checked.progress
+        return checked.progress != before
+
+    @property
+    def last_step(self) -> int:
+        """The newest valid step (-1 when none is written yet)."""
+        return self.progress.steps_done
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.finished
