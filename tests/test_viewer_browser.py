@@ -589,7 +589,7 @@ def test_many_tabs_keep_the_server_memory_bounded(browser, runs_dir, tmp_path):
         Page(browser, server.url + "?run=trained").close()  # the first session loads the libraries
         wait_for_log(server, "viewer page closed (0 open)")
         memory = {"idle": resident_mb(server.process.pid)}
-        for round_ in (1, 2, 3, 4):
+        for round_ in range(1, ROUNDS + 1):
             tabs = [Page(browser, f"{server.url}?run=trained&step={(37 * i) % 300}") for i in range(TABS)]
             assert f"viewer page opened ({TABS} open)" in server.log_path.read_text()
             memory[f"{TABS} tabs, round {round_}"] = resident_mb(server.process.pid)
@@ -604,13 +604,17 @@ def test_many_tabs_keep_the_server_memory_bounded(browser, runs_dir, tmp_path):
     per_tab = (memory[f"{TABS} tabs, round 1"] - memory["idle"]) / TABS
     assert per_tab < 50, f"{per_tab:.0f} MB per open tab"
     # Every page was closed (the log counts them), and closed pages give their memory back:
-    # after the first rounds the server stops growing. (When HoloViews' option cache held
-    # each viewer through its plot hooks, every round of 6 tabs added about 8 MB, so two rounds of 4 about 11.)
-    growth = memory[f"{TABS} tabs, round 4"] - memory[f"{TABS} tabs, round 2"]
-    assert growth < 8, f"{growth:.1f} MB more over rounds 3 and 4 of {TABS} tabs: {memory}"
-
+    # after a warm-up the server stops growing. The warm-up (caches and allocator arenas
+    # filling) ends in round 2 or 3 and adds up to 10 MB in one round, so a round's growth
+    # is judged by the median over rounds 3 to 5: a leak grows every round (when HoloViews'
+    # option cache held each viewer through its plot hooks, each round of 4 tabs added about
+    # 5.5 MB), a warm-up in one of them only.
+    rounds = [memory[f"{TABS} tabs, round {round_}"] for round_ in range(1, ROUNDS + 1)]
+    growth = float(np.median(np.diff(rounds)[1:]))
+    assert growth < 3, f"{growth:.1f} MB more per round of {TABS} tabs after the warm-up: {memory}"
 
 TABS = 4
+ROUNDS = 5
 
 
 def errors_but_panel_cdn_styles(errors: list[str]) -> list[str]:
