@@ -148,6 +148,19 @@ def test_another_run_forgets_a_layer_and_a_weight_it_does_not_have(recorded):
     assert (viewer.state.layer, viewer.state.weight_index) == ("", None) and "layer" not in viewer.state.query()
 
 
+def test_the_sidebar_offers_centring_and_animations_only_where_they_apply(recorded):
+    # Both are a softmax regression's (its mean over ten classes, its tile grid): a network
+    # run's sidebar shows neither, and says where its layer's picture is saved.
+    runs, _ = recorded
+    viewer, _ = viewer_on(runs, run="mlp")
+    assert not viewer.weights_box.visible and not viewer.export.animation_box.visible
+    assert viewer.export.network_note.visible and "save tool" in viewer.export.png_download.label
+    viewer.state.run = "softmax"
+    assert viewer.weights_box.visible and viewer.export.animation_box.visible and not viewer.export.network_note.visible
+    assert viewer.export.png_download.label == "Download PNG of this view"
+    viewer.state.run = "mlp"
+    assert not viewer.weights_box.visible and not viewer.export.animation_box.visible
+
 def test_a_hidden_layer_run_of_the_train_stage_replays_its_units_and_its_held_out_accuracy(generated_data, tmp_path):
     """What `dvc repro` makes of runs.mlp-32 (here 8 units, 8 steps): the pipeline's planned
     network store, with its held-out scores, opens in the viewer one image per hidden unit."""

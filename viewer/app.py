@@ -31,7 +31,7 @@ from weightlapse.viewer.player import Player
 from weightlapse.viewer.side_by_side import SideBySide
 from weightlapse.viewer.state import LIST_KEYS, URL_KEYS, ViewState, read_query
 from weightlapse.viewer.tasks import DEFAULT_RANGE_STEPS, ExportPanel, StatisticsPanel
-from weightlapse.viewer.tiles import READ_ERRORS, TileGrid, weakly
+from weightlapse.viewer.tiles import READ_ERRORS, TileGrid, is_network, weakly
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ class WeightViewer(pn.viewable.Viewer):
                                                                     color="primary", variant="outline")
         self.weights_buttons = pn.widgets.RadioButtonGroup.from_param(self.state.param.weights, label="Weights",
                                                                       color="primary", variant="outline")
+        # Centring removes the mean over a softmax regression's ten classes; a network has no such mean.
+        self.weights_box = pn.Column(pn.pane.HTML("<b>Weights</b>", margin=(10, 10, 0, 10)), self.weights_buttons,
+                                     margin=0)
         self._shown: dict[str, tuple] = {}
         self._loaded = False
         self.state.param.watch(lambda event: self._on_run(), "run")
@@ -126,8 +129,7 @@ class WeightViewer(pn.viewable.Viewer):
 
     def sidebar(self) -> list:
         return [self.picker, pn.pane.HTML("<b>Colour scale</b>", margin=(10, 10, 0, 10)), self.scale_buttons,
-                pn.pane.HTML("<b>Weights</b>", margin=(10, 10, 0, 10)), self.weights_buttons,
-                self.player.follow, pn.layout.Divider(), self.export, pn.layout.Divider(),
+                self.weights_box, self.player.follow, pn.layout.Divider(), self.export, pn.layout.Divider(),
                 pn.pane.Markdown(HELP, disable_math=True, css_classes=["wl-help"]),
                 pn.pane.HTML(f"<small>runs in <code>{escape(self.store.runs_dir)}</code></small>")]
 
@@ -155,6 +157,7 @@ class WeightViewer(pn.viewable.Viewer):
         if chosen is not None:  # after the run, whose group would be chosen otherwise
             self.state.compare_runs = chosen
         self._remember_shown()
+        self._show_run_controls()
         if problems:
             self.say("Some of the link's settings could not be used: " + "; ".join(problems) + ".")
 
@@ -167,7 +170,11 @@ class WeightViewer(pn.viewable.Viewer):
         except READ_ERRORS:
             return -1
 
+    def _show_run_controls(self) -> None:
+        self.weights_box.visible = not is_network(self.store, self.state.run)
+
     def _on_run(self) -> None:
+        self._show_run_controls()
         last = self._last_step(self.state.run)
         if last < 0:
             return

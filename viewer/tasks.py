@@ -107,16 +107,26 @@ class ExportPanel(pn.viewable.Viewer):
         self.animation_download = pn.widgets.FileDownload(file=None, filename="weightlapse.gif", visible=False,
                                                           label="Download animation", sizing_mode="stretch_width")
         self.outcome = pn.pane.HTML("", css_classes=["wl-outcome"])
+        self.animation_box = pn.Column("Animation of the step range:", self.animation_format, self.spacing,
+                                       self.animation_button, self.progress, self.animation_download,
+                                       margin=0, sizing_mode="stretch_width")
+        self.network_note = pn.pane.HTML("<small>Animations are of softmax-regression runs so far.</small>",
+                                         visible=False)
         self.animation_button.on_click(self.render_animation)
+        self.state.param.watch(lambda *events: self._show_animation(), "run")
+        self._show_animation()
         self.state.param.watch(lambda *events: self._forget(), ["run", "range_start", "range_stop", "scale", "spacing",
                                                               "mode", "side_runs", "weights"])
         self.state.param.watch(lambda *events: self._show_png(), ["run", "mode", "revision", "compare", "side_runs"])
         self._show_png()
 
     def __panel__(self):
-        return pn.Column(self.png_download, "Animation of the step range:", self.animation_format, self.spacing,
-                         self.animation_button, self.progress, self.animation_download, self.outcome,
+        return pn.Column(self.png_download, self.animation_box, self.network_note, self.outcome,
                          sizing_mode="stretch_width")
+
+    def _show_animation(self) -> None:
+        network = is_network(self.store, self.state.run)
+        self.animation_box.visible, self.network_note.visible = not network, network
 
     def _forget(self) -> None:
         self.animation_download.visible = False
@@ -141,8 +151,12 @@ class ExportPanel(pn.viewable.Viewer):
         view = self._view()
         # Compare runs draws charts: each has its own save tool; nothing here would be truthful.
         self.png_download.disabled = view is None
-        self.png_download.label = ("Download PNG of this view" if view is not None
-                                   else "PNG: nothing to export in this view")
+        if view is not None:
+            self.png_download.label = "Download PNG of this view"
+        elif is_network(self.store, self.state.run) and self.state.mode not in ("compare", "side-by-side"):
+            self.png_download.label = "PNG: the save tool above the picture"
+        else:
+            self.png_download.label = "PNG: nothing to export in this view"
 
     def png_file(self) -> io.BytesIO | None:
         shown = self._view()
