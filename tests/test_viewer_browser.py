@@ -393,6 +393,8 @@ def test_a_run_retrained_with_another_seed_and_length_is_shown_exactly(browser, 
     shutil.rmtree(runs_dir / "retrained" / "trajectory.zarr")
     write_run(runs_dir / "retrained", new, name="retrained")
     wait_for_grid(tab, mosaic(new[40], header=HEADER))         # an early step, in the open page
+    # The store is written a block (512 steps) at a time: a poll may have seen the first one only.
+    tab.wait_for_text("step 700 of 700 written", timeout=10_000)
     tab.page.locator("body").press("End")                      # the late steps the old run never had
     wait_for_step(tab, 700)
     wait_for_grid(tab, mosaic(new[700], header=HEADER))
