@@ -18,6 +18,7 @@ writer (pipeline.store_writer) must keep pace with a training step every 100 mic
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class ChunkWriter:
         start, stop = rows.start, rows.stop
         chunk = self.chunk_steps
         at = start
+        whole = []
         while at < stop:
             index = at // chunk
             chunk_start = index * chunk
@@ -90,12 +92,26 @@ class ChunkWriter:
             if at == chunk_start and end == chunk_start + chunk:  # a whole chunk: no need to keep it
                 if self._open_index == index:
                     self._open_index = None
-                self._write_chunk(index, given)
+                whole.append((index, given))
             else:
                 buffer = self._open(index, at)
                 buffer[at - chunk_start:end - chunk_start] = given
                 self._write_chunk(index, buffer)
             at = end
+        self._write_whole_chunks(whole)
+
+    def _write_whole_chunks(self, chunks: list[tuple[int, np.ndarray]]) -> None:
+        """Write these chunks, several at once: Blosc and pcodec release the interpreter lock
+        while they encode, and pcodec's encoding is what limits a compact run's steps/s. All
+        are written (or failed) when this returns, so the marker written next covers them."""
+        if len(chunks) < 2 or ENCODING_THREADS < 2:
+            for index, rows in chunks:
+                self._write_chunk(index, rows)
+            return
+        jobs = [_encoding_pool().submit(self._write_chunk, index, rows) for index, rows in chunks]
+        concurrent.futures.wait(jobs)
+        for job in jobs:
+            job.result()  # the first failure, raised once none is still writing
 
     def _open(self, index: int, first_row: int) -> np.ndarray:
         """The rows of chunk ``index`` in memory, the ones before ``first_row`` as the store has them."""
@@ -111,6 +127,32 @@ class ChunkWriter:
         ordered = rows_of_chunk.transpose(self._order) if self._order else rows_of_chunk
         key = self.array.metadata.encode_chunk_key((index, *self._other_chunk_coords))
         _write_atomically(self._directory / key, self._encode(np.ascontiguousarray(ordered)))
+
+
+# Chunks encoded at once by one writer: one per core, up to 4 (a writer shares the machine
+# with the training thread, and with the other runs' writers in a sweep).
+ENCODING_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+_pool_lock = threading.Lock()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _encoding_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's pool of chunk encoders, made when first needed."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(ENCODING_THREADS, thread_name_prefix="chunk-encoder")
+        return _pool
+
+
+def _forget_pool_in_child() -> None:
+    # A forked store writer has none of its parent's threads (and perhaps a lock taken by one).
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def chunk_encoder(codecs: list) -> Callable[[np.ndarray], bytes] | None:

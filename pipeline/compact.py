@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 from zarr.codecs.numcodecs import PCodec
 
-from weightlapse.pipeline.chunkwriter import ChunkWriter
+from weightlapse.pipeline.chunkwriter import ENCODING_THREADS, ChunkWriter
 from weightlapse.pipeline.runlock import RunLockedError, exclusive_writer
 from weightlapse.pipeline.store import (
     STORE_NAME,
@@ -135,9 +135,9 @@ def _write_staged(old: zarr.Array, staging: Path, separator: str) -> zarr.Array:
     writer = ChunkWriter.wrap(new)
     if not isinstance(writer, ChunkWriter):
         raise TrajectoryError(f"{staging}: the compact codec cannot be written here")
-    per_chunk = old.chunks[0]
-    for start in range(0, old.shape[0], per_chunk):
-        rows = slice(start, min(start + per_chunk, old.shape[0]))
+    at_once = old.chunks[0] * ENCODING_THREADS  # whole chunks, encoded side by side
+    for start in range(0, old.shape[0], at_once):
+        rows = slice(start, min(start + at_once, old.shape[0]))
         writer[rows] = old[rows]
     return new
 
