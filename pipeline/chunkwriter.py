@@ -48,8 +48,9 @@ class ChunkWriter:
     """
 
     def __init__(self, array: zarr.Array, directory: Path, encode: Callable[[np.ndarray], bytes], *,
-                 transposed: bool) -> None:
+                 transposed: bool, side_by_side: bool = False) -> None:
         self.array, self._directory, self._encode = array, directory, encode
+        self._side_by_side = side_by_side  # encode a hand-off's whole chunks on the pool
         self.chunk_steps = array.chunks[0]
         self._n_rows = array.shape[0]
         self._order = (*range(1, array.ndim), 0) if transposed else None
@@ -75,7 +76,11 @@ class ChunkWriter:
         encode = chunk_encoder(codecs)
         if encode is None:
             return array
-        return cls(array, directory or Path(array.store.root) / array.path, encode, transposed=transposed)
+        # pcodec is what limits a compact run's steps/s (about 110 microseconds a step on one
+        # core); Blosc already compresses a chunk on several threads of its own, and on the
+        # pool it ran 5% slower (docs/benchmarks.md).
+        return cls(array, directory or Path(array.store.root) / array.path, encode, transposed=transposed,
+                   side_by_side=isinstance(codecs[0], PCodec))
 
     def __setitem__(self, rows: slice | int, values: np.ndarray) -> None:
         if isinstance(rows, int):
@@ -101,10 +106,10 @@ class ChunkWriter:
         self._write_whole_chunks(whole)
 
     def _write_whole_chunks(self, chunks: list[tuple[int, np.ndarray]]) -> None:
-        """Write these chunks, several at once: Blosc and pcodec release the interpreter lock
-        while they encode, and pcodec's encoding is what limits a compact run's steps/s. All
-        are written (or failed) when this returns, so the marker written next covers them."""
-        if len(chunks) < 2 or ENCODING_THREADS < 2:
+        """Write these chunks, with pcodec several at once (it releases the interpreter lock
+        while it encodes). All are written (or failed) when this returns, so the marker
+        written next covers them."""
+        if len(chunks) < 2 or ENCODING_THREADS < 2 or not self._side_by_side:
             for index, rows in chunks:
                 self._write_chunk(index, rows)
             return

@@ -203,3 +203,38 @@ def test_both_codecs_read_back_bit_for_bit_by_fresh_readers(tmp_path, codec, lay
     codecs = [type(c).__name__ for c in zarr.open_array(path / "weights", mode="r").metadata.codecs]
     assert codecs == (["TransposeCodec", "PCodec"] if codec == "compact" else ["TransposeCodec", "BytesCodec",
                                                                                "BloscCodec"])
+
+
+def test_compact_chunks_encoded_side_by_side_are_all_written_and_a_failed_one_is_raised(tmp_path, monkeypatch):
+    # pcodec chunks of a hand-off are encoded on a pool: every one must be on disk when the
+    # write returns (the marker comes next), and a failure must reach the store writer.
+    import warnings
+
+    from weightlapse.pipeline import chunkwriter
+    from weightlapse.pipeline.store import step_series_codecs
+
+    if chunkwriter.ENCODING_THREADS < 2:
+        pytest.skip("one core: chunks are encoded one at a time")
+    rows = np.cumsum(random_rows(8 * 6 - 1), axis=0, dtype=np.float32)  # six whole chunks of 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numcodecs' pcodec is outside the Zarr v3 spec
+        array = zarr.create_array(tmp_path / "weights", shape=rows.shape, chunks=(8, 10, 784), dtype=np.float32,
+                                  fill_value=np.nan, zarr_format=3, **step_series_codecs(3, "compact"))
+        writer = ChunkWriter.wrap(array)
+        assert isinstance(writer, ChunkWriter)
+        writer[0:48] = rows
+        np.testing.assert_array_equal(zarr.open_array(tmp_path / "weights", mode="r")[:], rows)
+
+        real = chunkwriter._write_atomically
+
+        def disk_full_on_chunk_3(path, data):
+            if path.relative_to(tmp_path / "weights").parts[:2] == ("c", "3"):  # chunk key c/3/0/0
+                raise OSError(28, "No space left on device")
+            real(path, data)
+        monkeypatch.setattr(chunkwriter, "_write_atomically", disk_full_on_chunk_3)
+        with pytest.raises(OSError, match="No space left"):
+            writer[0:48] = rows[::-1].copy()
+        written = zarr.open_array(tmp_path / "weights", mode="r")[:]
+    for chunk in (0, 1, 2, 4, 5):  # the others were all written before the failure was raised
+        np.testing.assert_array_equal(written[chunk * 8:chunk * 8 + 8], rows[::-1][chunk * 8:chunk * 8 + 8])
+    np.testing.assert_array_equal(written[24:32], rows[24:32])
