@@ -10,7 +10,8 @@ baseline. For each layer it measures, in this process, the server-side time from
 the viewer's step to the new picture being in the page's Bokeh models (what is then sent to
 the browser): random jumps (a chunk decompressed) and playback (consecutive steps), the
 first draw after choosing the layer, the bytes of one frame's picture, and one weight over
-every step read by the weight inspector. Not a test: the numbers go into docs/benchmarks.md.
+every step read by the weight inspector; and Run vs run of two 12-parameter MLPs played
+back (ms a frame, chunks decompressed a frame). Not a test: the numbers go into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -45,6 +46,53 @@ def record_network(run_dir: Path, steps: int) -> None:
             for parameter in model.parameters():
                 parameter.add_(torch.randn_like(parameter), alpha=1e-3)
             rec.step(loss=1.0)
+
+
+def record_deep(run_dir: Path, steps: int, seed: int) -> None:
+    """A 784-64-64-64-64-64-10 MLP with biases (12 parameters), nudged every step: Run vs run
+    reads every parameter of both runs at each frame."""
+    import torch
+
+    from weightlapse import Recorder
+
+    torch.manual_seed(seed)
+    widths = (784, 64, 64, 64, 64, 64, 10)
+    model = torch.nn.Sequential(*(torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:])))
+    with Recorder(run_dir, model) as rec, torch.no_grad():
+        for _ in range(steps):
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter), alpha=1e-3)
+            rec.step(loss=1.0)
+
+
+def run_vs_run_playback(runs: Path, last: int) -> dict:
+    """Run vs run of two 12-parameter runs, played back over 40 steps: ms a frame, and the
+    chunks decompressed a frame (every layer's distance is computed at each one)."""
+    import panel as pn
+
+    from weightlapse.viewer.analysis import network
+    from weightlapse.viewer.app import WeightViewer
+
+    decoded = [0]
+    original = network.CheckedSteps.__getitem__
+
+    def counted(self, key):
+        decoded[0] += 1
+        return original(self, key)
+
+    viewer = WeightViewer(runs, query={"run": "deep", "compare": "deep-seed1", "mode": "run-diff",
+                                       "step": str(last - 41)})
+    root = pn.panel(viewer).get_root()  # noqa: F841 - the page's models, updated at each frame
+    network.CheckedSteps.__getitem__ = counted
+    try:
+        seconds = []
+        for step in range(last - 40, last):
+            started = time.perf_counter()
+            viewer.state.step = step
+            seconds.append(time.perf_counter() - started)
+    finally:
+        network.CheckedSteps.__getitem__ = original
+    return {"playback_ms": statistics.median(seconds) * 1000, "chunks_decoded_per_frame": decoded[0] / 40}
 
 
 def frame_times(viewer, root, layer: str, last: int, rng) -> dict:
@@ -119,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     root = pn.panel(viewer).get_root()
     for layer in ("hidden.weight", "hidden.bias", "square.weight", "conv.weight"):
         results[layer] = frame_times(viewer, root, layer, args.steps, rng)
+    record_deep(runs / "deep", args.steps, seed=0)
+    record_deep(runs / "deep-seed1", args.steps, seed=1)
+    results["Run vs run, 12 parameters"] = run_vs_run_playback(runs, args.steps)
     for name, numbers in results.items():
         ratio = numbers["playback_ms"] / baseline[1]
         print(f"{name:24s} " + "  ".join(f"{key} {value:.1f}" if isinstance(value, float) else f"{key}: {value}"

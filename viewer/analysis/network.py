@@ -38,9 +38,12 @@ from weightlapse.pipeline.store import (
 )
 from weightlapse.viewer.analysis.stats import change_statistics
 
-# Decoded chunks kept per open run, over all its parameters: enough to replay one layer
-# forwards and backwards and to switch between two without decompressing again.
-CHUNK_CACHE_SIZE = 8
+# Decoded chunks kept per open run, over all its parameters, by their bytes: a chunk is a
+# bias's few kilobytes or a big layer's 8 MiB (pipeline.store.network.CHUNK_BYTES), and Run
+# vs run reads every parameter of both runs at each frame. A count of chunks (8 were kept)
+# left a network of more parameters decompressing some at every frame; 64 MiB keeps a chunk
+# of each of the layers of a model that size, as 8 chunks did of the largest kind.
+CHUNK_CACHE_BYTES = 64 * 2**20
 # How often serving a step from memory checks the store again (the viewer also refreshes its
 # runs every second).
 RECHECK_S = 1.0
@@ -67,6 +70,7 @@ class NetworkRun(StoredRun):
             # Each parameter's array, opened once per store (a group lookup costs about a millisecond).
             self._arrays = {spec.name: checked.array(spec.name) for spec in self.parameters}
             self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+            self._chunk_bytes = 0  # of the chunks kept
             self._checked_at = time.monotonic()
 
     def _check_current(self) -> None:
@@ -113,21 +117,26 @@ class NetworkRun(StoredRun):
 
     def _chunk(self, name: str, chunk: int, per_chunk: int) -> np.ndarray:
         key = (name, chunk)
+        start = chunk * per_chunk
         with self._lock:
+            progress = self.progress  # one marker: the rows there are, and whether more will come
+            stop = min(start + per_chunk, progress.steps_done + 1)
             block = self._chunks.get(key)
-            if block is not None:
+            if block is not None and len(block) >= stop - start:  # a finished run extended has more rows
                 self._chunks.move_to_end(key)
                 return block
             array, cache = self._arrays[name], self._chunks
-        start = chunk * per_chunk
-        stop = min(start + per_chunk, self.last_step + 1)
         block = CheckedSteps(array, f"{self.store} ({name})", n_rows=stop, finite=False)[start:stop]
-        if stop - start == per_chunk:  # the chunk at the frontier of a growing run still changes
+        # The chunk at the frontier of a run being written still changes; a finished run's does not
+        # (a bias's chunk holds 256 steps: a shorter run is all frontier).
+        if stop - start == per_chunk or progress.finished:
             with self._lock:
                 if cache is self._chunks:
+                    self._chunk_bytes -= cache[key].nbytes if key in cache else 0
                     cache[key] = block
-                    while len(cache) > CHUNK_CACHE_SIZE:
-                        cache.popitem(last=False)
+                    self._chunk_bytes += block.nbytes
+                    while self._chunk_bytes > CHUNK_CACHE_BYTES and len(cache) > 1:
+                        self._chunk_bytes -= cache.popitem(last=False)[1].nbytes
         return block
 
     def abs_max(self, name: str, step: int) -> float:
@@ -151,7 +160,7 @@ class NetworkRun(StoredRun):
     def weight_history(self, name: str, index: tuple[int, ...], *,
                        max_bytes: int = HISTORY_BYTES) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one weight of parameter ``name`` (``index`` into its shape) over
-        the valid steps, through dask. A chunk holds whole steps of the parameter, so reading one
+        the valid steps. A chunk holds whole steps of the parameter, so reading one
         weight decompresses its chunks whole: beyond ``max_bytes`` of them, only the steps of
         evenly spaced chunks are read (every step of each), and ``steps`` says which."""
         spec = self.spec(name)
@@ -168,9 +177,10 @@ class NetworkRun(StoredRun):
             return np.arange(rows, dtype=np.int64), values
         picked = sorted({*range(0, chunks, every), chunks - 1})  # the newest steps always
         steps = np.concatenate([np.arange(chunk * per_chunk, min((chunk + 1) * per_chunk, rows)) for chunk in picked])
-        lazy = self.values(name)
-        values = np.concatenate([np.asarray(lazy[chunk * per_chunk:min((chunk + 1) * per_chunk, rows)][(slice(None),
-                                                                                                      *index)])
+        # Chunk by chunk, not through dask: a dask task spans several chunks (DASK_BLOCK_STEPS),
+        # and a slice of one was computed by reading its whole task, 14 times the bytes here.
+        checked = CheckedSteps(self._array(name), f"{self.store} ({name})", n_rows=rows, finite=False)
+        values = np.concatenate([checked[chunk * per_chunk:min((chunk + 1) * per_chunk, rows)][(slice(None), *index)]
                                  for chunk in picked])
         return steps.astype(np.int64), values
 

@@ -96,14 +96,15 @@ class Run(StoredRun):
         return self._chunk(chunk)[row]
 
     def _chunk(self, chunk: int) -> np.ndarray:
+        start = chunk * self.chunk_steps
         with self._lock:
+            progress = self.progress  # one marker: the rows there are, and whether more will come
+            stop = min(start + self.chunk_steps, progress.steps_done + 1)
             block = self._chunks.get(chunk)
-            if block is not None:
+            if block is not None and len(block) >= stop - start:  # a finished run extended has more rows
                 self._chunks.move_to_end(chunk)
                 return block
             identity, weights, cache = self.identity, self._weights, self._chunks
-        start = chunk * self.chunk_steps
-        stop = min(start + self.chunk_steps, self.last_step + 1)
         try:
             block = weights[start:stop]  # (step, class, pixel): one chunk, one decompression
         except Exception as error:  # noqa: BLE001 - zarr/numcodecs raise many kinds for a corrupt chunk
@@ -113,9 +114,8 @@ class Run(StoredRun):
             if self.store.local and read_identity(self.store) != identity:
                 raise TrajectoryError(f"{self.store}: the run was replaced while step {start} was read; read it again")
             raise damaged(str(self.store), slice(start, stop), "it holds values that are not finite (NaN or infinite)")
-        if stop - start == self.chunk_steps:
-            # Only complete chunks are cached: the chunk at the frontier of a run being
-            # written still changes.
+        if stop - start == self.chunk_steps or progress.finished:
+            # The chunk at the frontier of a run being written still changes; a finished run's does not.
             with self._lock:
                 if cache is self._chunks:  # not a chunk of a store replaced meanwhile
                     cache[chunk] = block
