@@ -47,7 +47,8 @@ HELP = """
 the step range; *Compare runs* of a group (e.g. seeds).
 
 **Colour scale**: *Whole run* keeps one scale over all steps, so growth shows; *This step* fits
-each frame; *Per class* fits each tile. Exports use the scale shown.
+each frame; *Per class* fits each tile. Exports use the scale shown. A difference (Step vs step,
+Run vs run) has no whole-run scale yet: each frame is drawn on its own range, zero in the middle.
 
 **Weights**: *Raw* as stored; *Centred* with each pixel's mean over the ten classes removed.
 Adding one vector to every class's weights changes no prediction, so the centred weights are
