@@ -113,8 +113,12 @@ class ChunkWriter:
             for index, rows in chunks:
                 self._write_chunk(index, rows)
             return
-        jobs = [_encoding_pool().submit(self._write_chunk, index, rows) for index, rows in chunks]
-        concurrent.futures.wait(jobs)
+        jobs = []
+        try:
+            for index, rows in chunks:
+                jobs.append(_encoding_pool().submit(self._write_chunk, index, rows))
+        finally:
+            concurrent.futures.wait(jobs)  # none still reads the rows when this returns or raises
         for job in jobs:
             job.result()  # the first failure, raised once none is still writing
 

@@ -89,6 +89,33 @@ def test_a_run_recorded_again_is_read_afresh(tmp_path):
     assert run.values_at("output.bias", 2).tobytes() == seen[2]["output.bias"].tobytes() != before.tobytes()
 
 
+def test_a_store_recreated_under_the_same_identity_is_read_afresh(tmp_path):
+    # The train stage derives a network store's identity from its run, so a rerun recreates it
+    # under the same one: its marker going back tells the reader, which drops what it kept
+    # (a finished run's last chunk, here the only one, is kept once read).
+    from weightlapse.pipeline.network_writer import NetworkWriter
+    from weightlapse.pipeline.store import NetworkLayout, ParameterSpec, RunMetadata
+
+    layout = NetworkLayout((ParameterSpec("output.bias", (3,)),))
+    path = tmp_path / "runs" / "same" / "trajectory.zarr"
+
+    def write(rows, *, error=None):
+        writer = NetworkWriter(path, layout, RunMetadata(), overwrite=True, store_id="the-same")
+        for values in rows:
+            writer.slots[writer.slot]["output.bias"][writer.row] = values
+            writer.commit_row()
+        writer.close(error=error)
+
+    old = np.arange(18, dtype=np.float32).reshape(6, 3)
+    write(old)
+    run = RunCatalog(tmp_path / "runs").open("same")
+    assert run.finished and run.values_at("output.bias", 1).tolist() == old[1].tolist()
+    new = -old[:3]
+    write(new, error="stopped")  # rerun, stopped after step 2
+    run.refresh()
+    assert run.last_step == 2 and not run.finished
+    assert run.values_at("output.bias", 1).tolist() == new[1].tolist()
+
 def test_one_weight_of_a_layer_too_large_to_read_whole_is_read_from_evenly_spaced_chunks(tmp_path):
     seen = record(tmp_path / "runs" / "wide", mlp(hidden=256), steps=40)  # 800 KB a step: 8 steps a chunk
     run = RunCatalog(tmp_path / "runs").open("wide")

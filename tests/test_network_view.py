@@ -141,6 +141,7 @@ def test_run_vs_run_played_back_has_each_frames_colour_range(recorded):
         limit = float(np.abs(difference).max())
         assert (mapper.low, mapper.high) == pytest.approx((-limit, limit), rel=1e-6)
 
+
 def test_statistics_of_the_layer_shown_in_its_own_shape(recorded):
     runs, seen = recorded
     viewer, root = viewer_on(runs, run="mlp", mode="statistics", layer="hidden1.weight", start="0", stop="12")
@@ -173,6 +174,7 @@ def test_the_sidebar_offers_centring_and_animations_only_where_they_apply(record
     assert viewer.export.png_download.label == "Download PNG of this view"
     viewer.state.run = "mlp"
     assert not viewer.weights_box.visible and not viewer.export.animation_box.visible
+
 
 def test_a_hidden_layer_run_of_the_train_stage_replays_its_units_and_its_held_out_accuracy(generated_data, tmp_path):
     """What `dvc repro` makes of runs.mlp-32 (here 8 units, 8 steps): the pipeline's planned

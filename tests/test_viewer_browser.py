@@ -615,6 +615,7 @@ def test_many_tabs_keep_the_server_memory_bounded(browser, runs_dir, tmp_path):
     growth = float(np.median(np.diff(rounds)[1:]))
     assert growth < 3, f"{growth:.1f} MB more per round of {TABS} tabs after the warm-up: {memory}"
 
+
 TABS = 4
 ROUNDS = 5
 

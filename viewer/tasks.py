@@ -113,7 +113,7 @@ class ExportPanel(pn.viewable.Viewer):
         self.network_note = pn.pane.HTML("<small>Animations are of softmax-regression runs so far.</small>",
                                          visible=False)
         self.animation_button.on_click(self.render_animation)
-        self.state.param.watch(lambda *events: self._show_animation(), "run")
+        self.state.param.watch(lambda *events: self._show_animation(), ["run", "revision"])
         self._show_animation()
         self.state.param.watch(lambda *events: self._forget(), ["run", "range_start", "range_stop", "scale", "spacing",
                                                               "mode", "side_runs", "weights"])

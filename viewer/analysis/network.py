@@ -132,8 +132,9 @@ class NetworkRun(StoredRun):
         if stop - start == per_chunk or progress.finished:
             with self._lock:
                 if cache is self._chunks:
-                    self._chunk_bytes -= cache[key].nbytes if key in cache else 0
-                    cache[key] = block
+                    shorter = cache.pop(key, None)  # a block read when the run had fewer rows
+                    self._chunk_bytes -= 0 if shorter is None else shorter.nbytes
+                    cache[key] = block  # the newest, last to go
                     self._chunk_bytes += block.nbytes
                     while self._chunk_bytes > CHUNK_CACHE_BYTES and len(cache) > 1:
                         self._chunk_bytes -= cache.popitem(last=False)[1].nbytes

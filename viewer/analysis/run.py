@@ -118,7 +118,8 @@ class Run(StoredRun):
             # The chunk at the frontier of a run being written still changes; a finished run's does not.
             with self._lock:
                 if cache is self._chunks:  # not a chunk of a store replaced meanwhile
-                    cache[chunk] = block
+                    cache.pop(chunk, None)  # a block read when the run had fewer rows
+                    cache[chunk] = block  # the newest, last to go
                     while len(cache) > CHUNK_CACHE_SIZE:
                         cache.popitem(last=False)
         return block

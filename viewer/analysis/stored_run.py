@@ -38,11 +38,16 @@ class StoredRun:
         """Re-read the progress marker (and the whole run if its store was created anew);
         True when what the run holds changed: new steps, or a new store."""
         checked = recheck_store(self._checked)
-        if checked.identity != self.identity:
+        before = self.progress
+        # A marker that went back is a store written anew under the same identity (a network
+        # store's is derived from its run, so a rerun stage recreates it): a chunk read
+        # meanwhile may hold the new store's unwritten rows, so every cache goes.
+        went_back = checked.progress.steps_done < before.steps_done or (before.finished
+                                                                       and not checked.progress.finished)
+        if checked.identity != self.identity or went_back:
             self._load(checked)
             self.generation += 1
             return True
-        before = self.progress
         self._checked, self.progress = checked, checked.progress
         return checked.progress != before
 
