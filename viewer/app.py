@@ -115,7 +115,7 @@ class WeightViewer(pn.viewable.Viewer):
         self._shown: dict[str, tuple] = {}
         self._loaded = False
         self.state.param.watch(lambda event: self._on_run(), "run")
-        self.state.param.watch(lambda event: self._show_run_controls(), "revision")  # a store created anew
+        self.state.param.watch(lambda *events: self._show_run_controls(), ["run", "revision"])  # revision: a store created anew
         self.state.param.watch(self._sync_url, [*URL_PARAMS, "playing"])
         self.open(query if query is not None else session_query())
         self._main = pn.Column(self.message, self.picker.problem, self.mode_buttons, self.player, self.statistics,
@@ -176,7 +176,6 @@ class WeightViewer(pn.viewable.Viewer):
         self.weights_box.visible = not is_network(self.store, self.state.run)
 
     def _on_run(self) -> None:
-        self._show_run_controls()
         last = self._last_step(self.state.run)
         if last < 0:
             return

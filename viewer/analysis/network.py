@@ -19,14 +19,13 @@ identity (its ``store_id``), never to the run's name.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 
 from weightlapse.pipeline.cluster import compute
-from weightlapse.viewer.analysis.stored_run import StoredRun
+from weightlapse.viewer.analysis.stored_run import ChunkCache, StoredRun
 from weightlapse.pipeline.store import (
     CheckedStore,
     CheckedSteps,
@@ -69,8 +68,7 @@ class NetworkRun(StoredRun):
             self._specs = {spec.name: spec for spec in self.parameters}
             # Each parameter's array, opened once per store (a group lookup costs about a millisecond).
             self._arrays = {spec.name: checked.array(spec.name) for spec in self.parameters}
-            self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-            self._chunk_bytes = 0  # of the chunks kept
+            self._chunks = ChunkCache(CHUNK_CACHE_BYTES)
             self._checked_at = time.monotonic()
 
     def _check_current(self) -> None:
@@ -121,9 +119,8 @@ class NetworkRun(StoredRun):
         with self._lock:
             progress = self.progress  # one marker: the rows there are, and whether more will come
             stop = min(start + per_chunk, progress.steps_done + 1)
-            block = self._chunks.get(key)
-            if block is not None and len(block) >= stop - start:  # a finished run extended has more rows
-                self._chunks.move_to_end(key)
+            block = self._chunks.get(key, stop - start)
+            if block is not None:
                 return block
             array, cache = self._arrays[name], self._chunks
         block = CheckedSteps(array, f"{self.store} ({name})", n_rows=stop, finite=False)[start:stop]
@@ -131,13 +128,7 @@ class NetworkRun(StoredRun):
         # (a bias's chunk holds 256 steps: a shorter run is all frontier).
         if stop - start == per_chunk or progress.finished:
             with self._lock:
-                if cache is self._chunks:
-                    shorter = cache.pop(key, None)  # a block read when the run had fewer rows
-                    self._chunk_bytes -= 0 if shorter is None else shorter.nbytes
-                    cache[key] = block  # the newest, last to go
-                    self._chunk_bytes += block.nbytes
-                    while self._chunk_bytes > CHUNK_CACHE_BYTES and len(cache) > 1:
-                        self._chunk_bytes -= cache.popitem(last=False)[1].nbytes
+                cache.put(key, block)
         return block
 
     def abs_max(self, name: str, step: int) -> float:

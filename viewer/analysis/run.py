@@ -7,7 +7,6 @@ every cached chunk belongs to the store it came from (its identity), never to th
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ import dask.array as da
 import numpy as np
 
 from weightlapse.viewer.analysis.frames import centred
-from weightlapse.viewer.analysis.stored_run import StoredRun
+from weightlapse.viewer.analysis.stored_run import ChunkCache, StoredRun
 from weightlapse.pipeline.store import (
     HISTORY_NAME,
     N_PIXELS,
@@ -67,7 +66,7 @@ class Run(StoredRun):
             self.n_classes = int(weights.shape[1])
             self.chunk_steps = int(weights.chunks[0])
             self.progress: Progress = checked.progress
-            self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+            self._chunks = ChunkCache(CHUNK_CACHE_SIZE * self.chunk_steps * int(np.prod(weights.shape[1:])) * 4)
             self._history: tuple[tuple, PixelHistory | None] | None = None
 
     # -- state --------------------------------------------------------------------------
@@ -100,9 +99,8 @@ class Run(StoredRun):
         with self._lock:
             progress = self.progress  # one marker: the rows there are, and whether more will come
             stop = min(start + self.chunk_steps, progress.steps_done + 1)
-            block = self._chunks.get(chunk)
-            if block is not None and len(block) >= stop - start:  # a finished run extended has more rows
-                self._chunks.move_to_end(chunk)
+            block = self._chunks.get(chunk, stop - start)
+            if block is not None:
                 return block
             identity, weights, cache = self.identity, self._weights, self._chunks
         try:
@@ -117,11 +115,7 @@ class Run(StoredRun):
         if stop - start == self.chunk_steps or progress.finished:
             # The chunk at the frontier of a run being written still changes; a finished run's does not.
             with self._lock:
-                if cache is self._chunks:  # not a chunk of a store replaced meanwhile
-                    cache.pop(chunk, None)  # a block read when the run had fewer rows
-                    cache[chunk] = block  # the newest, last to go
-                    while len(cache) > CHUNK_CACHE_SIZE:
-                        cache.popitem(last=False)
+                cache.put(chunk, block)
         return block
 
     def abs_max(self, step: int, *, centre: bool = False) -> float:

@@ -4,10 +4,43 @@ store as last checked, and how a refresh tells new steps from a store created an
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+from collections.abc import Hashable
 from pathlib import Path
+
+import numpy as np
 
 from weightlapse.pipeline.locations import Location, as_location
 from weightlapse.pipeline.store import CheckedStore, Progress, check_store, recheck_store
+
+
+class ChunkCache:
+    """Decoded chunks of one store, the least recently used dropped past ``max_bytes`` (the
+    newest is always kept). A run makes a new one whenever it takes in a store, so a block
+    read from a store since replaced is put into a cache no longer in use. Not locked: the
+    run's lock guards it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._blocks: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: Hashable, rows: int) -> np.ndarray | None:
+        """The block of ``key`` if it holds at least ``rows`` rows (a finished run extended
+        has more than when it was read), else None."""
+        block = self._blocks.get(key)
+        if block is None or len(block) < rows:
+            return None
+        self._blocks.move_to_end(key)
+        return block
+
+    def put(self, key: Hashable, block: np.ndarray) -> None:
+        shorter = self._blocks.pop(key, None)  # a block read when the run had fewer rows
+        self._bytes -= 0 if shorter is None else shorter.nbytes
+        self._blocks[key] = block  # the newest, last to go
+        self._bytes += block.nbytes
+        while self._bytes > self.max_bytes and len(self._blocks) > 1:
+            self._bytes -= self._blocks.popitem(last=False)[1].nbytes
 
 
 class StoredRun:
