@@ -30,6 +30,20 @@ def test_a_parameters_colour_limit_covers_the_sampled_steps_and_parameter_sizes_
     assert store.networks.parameter_sizes("softmax") == {} and store.networks.network("softmax") is None
 
 
+def test_a_differences_colour_limit_covers_the_sampled_steps_of_one_run_or_both(runs):
+    # Step vs step and Run vs run on the whole run's scale: the largest change from "From step",
+    # or difference of the two runs, over the sampled steps (one chunk: its first and the newest).
+    seen = record(runs / "a", mlp(seed=0), steps=6)
+    other = record(runs / "b", mlp(seed=1), steps=6)
+    store = DataStore(runs)
+    a, b = store.networks.network("a"), store.networks.network("b")
+    for name in ("hidden1.weight", "output.bias"):
+        change = max(np.abs(seen[step][name] - seen[2][name]).max() for step in (0, 6))
+        assert store.networks.change_limit(a, name, 2) == change
+        difference = max(np.abs(other[step][name] - seen[step][name]).max() for step in (0, 6))
+        assert store.networks.difference_limit(a, b, name) == difference
+
+
 def test_a_weights_history_is_cached_by_the_store_and_read_afresh_when_recorded_again(runs):
     record(runs / "mlp", mlp(seed=0), steps=4)
     store = DataStore(runs)

@@ -128,18 +128,24 @@ def test_step_vs_step_and_run_vs_run_per_layer_and_different_models_are_refused(
     assert "softmax is not a network run" in viewer.network.notice.object
 
 
-def test_run_vs_run_played_back_has_each_frames_colour_range(recorded):
-    # A difference is drawn on its own frame's range (±its largest |value|): as the runs drift
-    # apart the colour bar follows, and no frame is drawn on the last one's range.
+def test_run_vs_run_played_back_keeps_the_whole_runs_scale_or_each_frames_range(recorded):
+    # Whole run (the default): every frame on one range, the largest difference of the sampled
+    # steps (here the newest), so a small early difference looks small. This step: each frame
+    # on its own range, the colour bar following the runs as they drift apart.
     runs, seen = recorded
     viewer, root = viewer_on(runs, run="mlp", compare="mlp-seed1", mode="run-diff", layer="output.weight", step="2")
-    for step in (3, 7, 12):
-        viewer.state.step = step
-        difference = seen["mlp-seed1"][step]["output.weight"] - seen["mlp"][step]["output.weight"]
-        np.testing.assert_allclose(network_picture(viewer, root), difference)
-        mapper = drawn(root, difference.shape).glyph.color_mapper
-        limit = float(np.abs(difference).max())
-        assert (mapper.low, mapper.high) == pytest.approx((-limit, limit), rel=1e-6)
+    last = len(seen["mlp"]) - 1
+    largest = float(np.abs(seen["mlp-seed1"][last]["output.weight"] - seen["mlp"][last]["output.weight"]).max())
+    for scale in ("run", "step"):
+        viewer.state.scale = scale
+        for step in (0, 3, 7, last):
+            viewer.state.step = step
+            difference = seen["mlp-seed1"][step]["output.weight"] - seen["mlp"][step]["output.weight"]
+            np.testing.assert_allclose(network_picture(viewer, root), difference)
+            mapper = drawn(root, difference.shape).glyph.color_mapper
+            limit = largest if scale == "run" else float(np.abs(difference).max())
+            assert (mapper.low, mapper.high) == pytest.approx((-limit, limit), rel=1e-6), (scale, step)
+    assert float(np.abs(seen["mlp-seed1"][0]["output.weight"] - seen["mlp"][0]["output.weight"]).max()) < largest / 2
 
 
 def test_statistics_of_the_layer_shown_in_its_own_shape(recorded):

@@ -12,7 +12,7 @@ import xarray as xr
 from bokeh.models import GlyphRenderer, Image, Legend, Span, Title
 from viewer_runs import FASHION_CLASSES, training_like, write_run
 
-from weightlapse.viewer.analysis.frames import mosaic
+from weightlapse.viewer.analysis.frames import centred, mosaic
 from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
 from weightlapse.viewer.analysis.stats import change_statistics
 from weightlapse.viewer.app import WeightViewer, runs_table_html
@@ -116,6 +116,31 @@ def test_step_and_run_diffs_and_a_missing_comparison_run(runs_dir):
     assert f"L2 distance {distance:.4g}" in viewer.tiles.summary.object
     viewer.picker.compare_select.value = "(none)"
     assert blank(root) and viewer.tiles.summary.object == ""
+
+
+def test_differences_keep_one_colour_scale_over_the_run_unless_asked_otherwise(runs_dir):
+    # Whole run: a difference is drawn on one range at every step, that of the largest
+    # difference over the sampled steps (the first of each chunk and the newest), so an early
+    # small change looks small; This step fits each frame, as before.
+    alpha, beta = training_like(300, seed=0), training_like(300, seed=1)
+    sampled = [*range(0, 300, 16), 300]  # write_run's 16-step chunks
+    cases = {
+        ("step-diff", "raw"): (lambda step: alpha[step] - alpha[50]),
+        ("step-diff", "centred"): (lambda step: centred(alpha[step]) - centred(alpha[50])),
+        ("run-diff", "raw"): (lambda step: beta[step] - alpha[step]),
+        ("run-diff", "centred"): (lambda step: centred(beta[step]) - centred(alpha[step])),
+    }
+    for (mode, weights), difference in cases.items():
+        viewer, root = viewer_on(runs_dir, run="alpha", compare="beta", mode=mode, weights=weights, **{"from": "50"})
+        largest = max(float(np.abs(difference(step)).max()) for step in sampled)
+        for step in (52, 150, 300):
+            viewer.state.step = step
+            np.testing.assert_array_equal(shown(root), mosaic(difference(step), header=HEADER))
+            assert colour_range(root) == pytest.approx((-largest, largest), rel=1e-6), (mode, weights, step)
+        early = float(np.abs(difference(52)).max())
+        assert early < largest / 2  # what a per-frame range would have hidden
+        viewer.state.param.update(scale="step", step=52)
+        assert colour_range(root) == pytest.approx((-early, early), rel=1e-6)
 
 
 def test_statistics_show_nothing_until_computed_then_the_dask_statistics(runs_dir):

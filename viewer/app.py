@@ -46,9 +46,10 @@ HELP = """
 *Step vs step* (minus "From step"); *Run vs run* (minus the run to compare with); *Statistics* of
 the step range; *Compare runs* of a group (e.g. seeds).
 
-**Colour scale**: *Whole run* keeps one scale over all steps, so growth shows; *This step* fits
-each frame; *Per class* fits each tile. Exports use the scale shown. A difference (Step vs step,
-Run vs run) has no whole-run scale yet: each frame is drawn on its own range, zero in the middle.
+**Colour scale**: *Whole run* keeps one scale over all steps, so growth shows, differences too
+(Step vs step: the largest change from "From step"; Run vs run: the largest difference of the two
+runs), taken from steps sampled across the run and widened by any frame that goes past it;
+*This step* fits each frame; *Per class* fits each tile. Exports use the scale shown.
 
 **Weights**: *Raw* as stored; *Centred* with each pixel's mean over the ten classes removed.
 Adding one vector to every class's weights changes no prediction, so the centred weights are

@@ -8,6 +8,7 @@ its newest step), so a run retrained under the server is read afresh.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from weightlapse.viewer.analysis import compare, function_space
 from weightlapse.viewer.analysis.frames import centred
 from weightlapse.viewer.analysis.run import PixelTrace, Run
 from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
+from weightlapse.viewer.analysis.scales import RunScales, sampled_steps
 from weightlapse.viewer.analysis.spacing import Travelled, travelled_by
 from weightlapse.viewer.analysis.stats import change_statistics
 from weightlapse.viewer.network_data import NetworkData
@@ -32,8 +34,6 @@ from weightlapse.viewer.network_data import NetworkData
 # How long a listing of the runs is reused by every page: pages poll every 2 s.
 LISTING_S = {True: 1.5, False: 10.0}      # local runs directory, object storage
 CACHE_SIZE = 16
-# Steps sampled for a run's colour scale: the first row of evenly spaced chunks, and the newest step.
-SCALE_SAMPLES = 32
 MAX_PARAMS_BYTES = 1 << 20
 # Pixel histories kept: one is 12 MB at 300,000 steps (10 classes of float32).
 PIXEL_CACHE_SIZE = 8
@@ -79,7 +79,7 @@ class DataStore:
         self._infos: dict[str, RunInfo] = {}
         self._fingerprints: dict[str, tuple | None] = {}
         self._listed_at = -float("inf")
-        self._abs_max: dict[tuple, dict[int, float]] = {}
+        self.scales = RunScales()  # whole-run colour limits
         self._curves = _Bounded()
         self._stats = _Bounded()
         self._comparisons = _Bounded()
@@ -148,26 +148,25 @@ class DataStore:
 
     # -- what the views draw -----------------------------------------------------------------
     def colour_limit(self, run: Run, *, centre: bool = False) -> float:
-        """The largest |weight| over the run, for one colour scale over all its steps.
+        """The largest |weight| over the run, for one colour scale over all its steps, sampled
+        (viewer/analysis/scales.py). ``centre``: of the centred weights (the class-mean removed)."""
+        return self.scales.limit((run.identity, "weights", centre), sampled_steps(run.last_step, run.chunk_steps),
+                                 lambda step: run.abs_max(step, centre=centre))
 
-        Sampled, not read whole (300,000 steps are 9 GB): the first row of evenly spaced
-        chunks plus the newest step, each read once per store. Weights under training grow,
-        so the newest step is the largest in practice; a view adds the step it shows, so a
-        frame is never clipped. ``centre``: of the centred weights (the class-mean removed).
-        """
-        last = run.last_step
-        if last < 0:
-            return 1.0
-        chunks = last // run.chunk_steps + 1
-        stride = max(1, 1 << max(0, (chunks - 1) // SCALE_SAMPLES).bit_length())
-        steps = [chunk * run.chunk_steps for chunk in range(0, chunks, stride)] + [last]
-        with self._lock:
-            known = self._abs_max.setdefault((run.identity, centre), {})
-        missing = [step for step in steps if step not in known]
-        for step in missing:
-            known[step] = run.abs_max(step, centre=centre)
-        limit = max(known[step] for step in steps)
-        return limit if limit > 0 else 1.0
+    def change_limit(self, run: Run, from_step: int, *, centre: bool = False) -> float:
+        """The largest |weights(t) - weights(from_step)| over the run, sampled as :meth:`colour_limit`:
+        one colour scale for Step vs step at every step."""
+        origin = functools.cache(lambda: run.read_row(from_step))  # read only if a sample is new
+        return self.scales.limit((run.identity, "change", from_step, centre),
+                                 sampled_steps(run.last_step, run.chunk_steps),
+                                 lambda step: run.abs_max(step, centre=centre, minus=origin()))
+
+    def difference_limit(self, run: Run, other: Run, *, centre: bool = False) -> float:
+        """The largest |other(t) - run(t)| over the steps both have, sampled as :meth:`colour_limit`:
+        one colour scale for Run vs run at every step."""
+        steps = sampled_steps(min(run.last_step, other.last_step), run.chunk_steps)
+        return self.scales.limit((run.identity, other.identity, "difference", centre), steps,
+                                 lambda step: other.abs_max(step, centre=centre, minus=run.read_row(step)))
 
     def curves(self, run: Run) -> Curves:
         key = (run.identity, run.last_step, run.progress.evals_done)

@@ -8,6 +8,7 @@ store's identity (its ``store_id``), so a run recorded again is read afresh.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -15,10 +16,8 @@ from typing import Any
 import numpy as np
 
 from weightlapse.viewer.analysis.network import NetworkRun, layer_distances, layer_statistics, layout_problem
+from weightlapse.viewer.analysis.scales import RunScales, sampled_steps
 
-# Steps sampled for a parameter's colour limit, as DataStore.colour_limit samples a softmax
-# run: the first step of evenly spaced chunks, and the newest.
-SCALE_SAMPLES = 32
 CACHE_SIZE = 16
 
 
@@ -39,7 +38,7 @@ class NetworkData:
         """``store``: the viewer's DataStore, which opens runs by name and knows the scheduler."""
         self.store = store
         self._lock = threading.Lock()
-        self._limits: dict[tuple, dict[int, float]] = {}
+        self.scales = RunScales()  # whole-run colour limits
         self._histories = _Bounded()
         self._stats = _Bounded()
         self._distances = _Bounded()
@@ -58,23 +57,25 @@ class NetworkData:
         return {} if run is None else {spec.name: spec.size for spec in run.parameters}
 
     def colour_limit(self, run: NetworkRun, name: str) -> float:
-        """The largest |value| of parameter ``name`` over the run, sampled (the first step of
-        evenly spaced chunks, and the newest): one colour scale for every step. A view widens it
-        by the step it shows, so a frame is never clipped."""
-        last = run.last_step
-        if last < 0:
-            return 1.0
-        per_chunk = run.chunk_steps(name)
-        chunks = last // per_chunk + 1
-        stride = max(1, 1 << max(0, (chunks - 1) // SCALE_SAMPLES).bit_length())
-        steps = [chunk * per_chunk for chunk in range(0, chunks, stride)] + [last]
-        with self._lock:
-            known = self._limits.setdefault((run.identity, name), {})
-        for step in steps:
-            if step not in known:
-                known[step] = run.abs_max(name, step)
-        limit = max(known[step] for step in steps)
-        return limit if limit > 0 else 1.0
+        """The largest |value| of parameter ``name`` over the run, sampled
+        (viewer/analysis/scales.py): one colour scale for every step."""
+        return self.scales.limit((run.identity, name, "values"), sampled_steps(run.last_step, run.chunk_steps(name)),
+                                 lambda step: run.abs_max(name, step))
+
+    def change_limit(self, run: NetworkRun, name: str, from_step: int) -> float:
+        """The largest |value(t) - value(from_step)| of parameter ``name`` over the run, sampled:
+        one colour scale for Step vs step at every step."""
+        origin = functools.cache(lambda: run.read_row(name, from_step))  # read only if a sample is new
+        return self.scales.limit((run.identity, name, "change", from_step),
+                                 sampled_steps(run.last_step, run.chunk_steps(name)),
+                                 lambda step: run.abs_max(name, step, minus=origin()))
+
+    def difference_limit(self, run: NetworkRun, other: NetworkRun, name: str) -> float:
+        """The largest |other(t) - run(t)| of parameter ``name`` over the steps both have,
+        sampled: one colour scale for Run vs run at every step."""
+        steps = sampled_steps(min(run.last_step, other.last_step), run.chunk_steps(name))
+        return self.scales.limit((run.identity, other.identity, name, "difference"), steps,
+                                 lambda step: other.abs_max(name, step, minus=run.read_row(name, step)))
 
     def weight_history(self, run: NetworkRun, name: str, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of weight ``index`` (flat) of parameter ``name`` over every valid step."""

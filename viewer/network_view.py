@@ -88,10 +88,12 @@ def layer_view(state: ViewState, store: DataStore) -> LayerView | str:
                 limit = store.networks.colour_limit(run, layer) if state.scale == "run" else None
             return LayerView(layout, values, label, True, f"{run.name}: {what} after step {step:,}", limit,
                              norms_text(values if state.scale != "class" else run.values_at(layer, step)))
+        whole_run = state.scale == "run"
         if state.mode == "step-diff":
             earlier = min(state.from_step, run.last_step)
             change = run.values_at(layer, step) - run.values_at(layer, earlier)
             return LayerView(layout, change, "change", True, f"{run.name}: {what}, step {step:,} minus step {earlier:,}",
+                             store.networks.change_limit(run, layer, earlier) if whole_run else None,
                              summary=f"L2 norm of the change: {np.linalg.norm(change):.4g}")
         if state.mode == "run-diff":
             other = diff_network(state, store, run)
@@ -100,6 +102,7 @@ def layer_view(state: ViewState, store: DataStore) -> LayerView | str:
             difference = other.values_at(layer, step) - run.values_at(layer, step)
             return LayerView(layout, difference, "difference", True,
                              f"{other.name} minus {run.name}: {what}, step {step:,}",
+                             store.networks.difference_limit(run, other, layer) if whole_run else None,
                              summary=f"L2 distance of {layer}: {np.linalg.norm(difference):.4g}")
         stats = store.networks.statistics(run, layer, state.range_start, state.range_stop)
         if stats is None:

@@ -126,16 +126,19 @@ def tile_view(state: ViewState, store: DataStore) -> TileView | str:
             return TileView(weights_shown(state, run, step), "centred weight" if centre else "weight", True,
                             per_class, f"{run.name}: {'centred ' if centre else ''}weights after step {step:,}",
                             limit)
+        whole_run = state.scale == "run"
         if state.mode == "step-diff":
             earlier = min(state.from_step, run.last_step)
+            limit = store.change_limit(run, earlier, centre=centre) if whole_run else None
             return TileView(weights_shown(state, run, step) - weights_shown(state, run, earlier), "change", True,
-                            per_class, f"{run.name}: step {step:,} minus step {earlier:,}{kind}")
+                            per_class, f"{run.name}: step {step:,} minus step {earlier:,}{kind}", limit)
         if state.mode == "run-diff":
             other = diff_partner(state, store)
             if isinstance(other, str):
                 return other
+            limit = store.difference_limit(run, other, centre=centre) if whole_run else None
             return TileView(weights_shown(state, other, step) - weights_shown(state, run, step), "difference",
-                            True, per_class, f"{other.name} minus {run.name}, step {step:,}{kind}")
+                            True, per_class, f"{other.name} minus {run.name}, step {step:,}{kind}", limit)
         stats = store.statistics(run, state.range_start, state.range_stop, centre=centre)
         if stats is None:
             return (f"Press “Compute statistics” for steps {state.range_start:,}..{state.range_stop:,} "

@@ -35,6 +35,7 @@ from weightlapse.pipeline.store import (
     damaged,
     dask_steps,
 )
+from weightlapse.viewer.analysis.scales import largest_magnitude
 from weightlapse.viewer.analysis.stats import change_statistics
 
 # Decoded chunks kept per open run, over all its parameters, by their bytes: a chunk is a
@@ -131,13 +132,18 @@ class NetworkRun(StoredRun):
                 cache.put(key, block)
         return block
 
-    def abs_max(self, name: str, step: int) -> float:
-        """The largest finite |value| of parameter ``name`` at ``step``, read past the chunk cache."""
+    def read_row(self, name: str, step: int) -> np.ndarray:
+        """Parameter ``name`` at ``step``, in its own shape, read past the chunk cache: sampling a
+        run for its colour scale must not evict the chunks being replayed."""
         self.check_step(step)
         array = self._array(name)
-        row = np.asarray(CheckedSteps(array, f"{self.store} ({name})", n_rows=step + 1, finite=False)[step:step + 1])
-        finite = np.abs(row[np.isfinite(row)])
-        return float(finite.max()) if finite.size else 0.0
+        return np.asarray(CheckedSteps(array, f"{self.store} ({name})", n_rows=step + 1, finite=False)[step:step + 1])[0]
+
+    def abs_max(self, name: str, step: int, *, minus: np.ndarray | None = None) -> float:
+        """The largest finite |value| of parameter ``name`` at ``step`` (of ``values - minus``
+        with ``minus``), read past the chunk cache."""
+        row = self.read_row(name, step)
+        return largest_magnitude(row if minus is None else row - minus)
 
     def values(self, name: str, start: int = 0, stop: int | None = None) -> da.Array:
         """Parameter ``name`` over steps ``start..stop`` (inclusive): a lazy dask array (step, *shape)."""

@@ -14,6 +14,7 @@ import dask.array as da
 import numpy as np
 
 from weightlapse.viewer.analysis.frames import centred
+from weightlapse.viewer.analysis.scales import largest_magnitude
 from weightlapse.viewer.analysis.stored_run import ChunkCache, StoredRun
 from weightlapse.pipeline.store import (
     HISTORY_NAME,
@@ -118,15 +119,19 @@ class Run(StoredRun):
                 cache.put(chunk, block)
         return block
 
-    def abs_max(self, step: int, *, centre: bool = False) -> float:
-        """The largest |weight| of ``step`` (of its centred weights with ``centre``), read past
-        the chunk cache (so sampling a run for its colour scale does not evict the chunks
-        being replayed)."""
+    def read_row(self, step: int) -> np.ndarray:
+        """The weights of ``step`` (class, pixel), read past the chunk cache: sampling a run
+        for its colour scale must not evict the chunks being replayed."""
         self.check_step(step)
-        row = np.asarray(self._read(self._weights, step, step + 1))
-        if centre:
-            row = centred(row)
-        return float(np.nanmax(np.abs(row))) if row.size else 0.0
+        return np.asarray(self._read(self._weights, step, step + 1))[0]
+
+    def abs_max(self, step: int, *, centre: bool = False, minus: np.ndarray | None = None) -> float:
+        """The largest |weight| of ``step`` (of ``weights - minus`` with ``minus``; of the
+        centred values with ``centre``), read past the chunk cache."""
+        row = self.read_row(step)
+        if minus is not None:
+            row = row - minus
+        return largest_magnitude(centred(row) if centre else row)
 
     def weights(self, start: int = 0, stop: int | None = None) -> da.Array:
         """Weights of steps ``start..stop`` (inclusive) as a lazy dask array (step, class, pixel)."""
