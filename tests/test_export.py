@@ -9,7 +9,13 @@ from PIL import Image
 from viewer_runs import FASHION_CLASSES, training_like, write_run
 
 from weightlapse.viewer.app import WeightViewer
-from weightlapse.viewer.analysis.export import animation_steps, png_bytes, save_animation, save_png
+from weightlapse.viewer.analysis.export import (
+    animation_steps,
+    png_bytes,
+    save_animation,
+    save_png,
+    write_picture_animation,
+)
 from weightlapse.viewer.analysis.runs import RunCatalog
 
 
@@ -88,3 +94,26 @@ def test_runs_side_by_side_are_one_animation_on_one_colour_scale(tmp_path, run):
 def test_the_distance_spacing_reads_the_run_and_spaces_by_its_change(tmp_path, run):
     path = save_animation(tmp_path / "far.gif", run, start=0, stop=120, max_frames=12, spacing="distance")
     assert Image.open(path).n_frames == 12
+
+
+@pytest.mark.parametrize("fmt", ["gif", "mp4"])
+def test_a_picture_animation_colours_every_frame_on_one_range(tmp_path, fmt):
+    # One picture a frame (a network layer as the viewer lays it out): a value is the same colour
+    # in every frame, ±limit widened to the frames; NaN between tiles is white.
+    import matplotlib
+
+    picture = {0: np.full((4, 6), 0.25, np.float32), 1: np.full((4, 6), -0.5, np.float32)}
+    picture[1][:, 3] = np.nan
+    path = tmp_path / f"layer.{fmt}"
+    write_picture_animation(path, [0, 1], picture.__getitem__, fmt=fmt, title=lambda step: f"step {step}",
+                            size_px=(300, 200), limit=0.4)  # widened to 0.5 by frame 1
+    frames = [np.asarray(frame)[..., :3].astype(int) for frame in imageio.get_reader(path)]
+    assert len(frames) == 2 and all(side % 16 == 0 for side in frames[0].shape[:2])
+    height = frames[0].shape[0]
+    centre = (height - 16 - 100, 16 + 25)  # the picture's axes: 16 px from the left and the bottom, 300 x 200
+    colours = matplotlib.colormaps["RdBu_r"]
+    for frame, value in zip(frames, (0.25, -0.5)):
+        expected = np.array(colours((value / 0.5 + 1) / 2)[:3]) * 255
+        assert np.abs(frame[centre] - expected).max() < 24, (fmt, value, frame[centre], expected)
+    gap = (height - 16 - 100, 16 + 3 * 50 + 25)
+    assert (frames[1][gap] > 230).all()  # white

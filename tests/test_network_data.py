@@ -70,3 +70,19 @@ def test_statistics_and_distances_are_kept_once_computed(runs):
     assert store.networks.distances(a, b, 1) is None
     distances = store.networks.compute_distances(a, b, 1)
     assert store.networks.distances(a, b, 1) is distances and distances.shape == (4, 5)
+
+
+def test_the_distance_a_parameter_travels_is_measured_in_its_own_shape(runs):
+    # The animation's spacing "by distance travelled", for a layer of a network: a bias (1-d)
+    # and a matrix alike.
+    seen = record(runs / "mlp", mlp(seed=0), steps=5)
+    store = DataStore(runs)
+    run = store.networks.network("mlp")
+    for name in ("output.bias", "hidden1.weight"):
+        travelled = store.networks.travelled(run, name, 1, 5)
+        steps = np.arange(1, 6)
+        expected = np.cumsum([0.0] + [np.linalg.norm(seen[step][name].astype(np.float64) - seen[step - 1][name])
+                                      for step in steps[1:]])
+        np.testing.assert_array_equal(travelled.steps, steps)
+        np.testing.assert_allclose(travelled.distance, expected, rtol=1e-6)
+        assert store.networks.travelled(run, name, 1, 5) is travelled

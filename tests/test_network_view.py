@@ -6,6 +6,8 @@ import asyncio
 import html
 
 import holoviews as hv
+import imageio.v2 as imageio
+import matplotlib
 import numpy as np
 import panel as pn
 import pytest
@@ -14,7 +16,7 @@ from network_runs import mlp, record
 from viewer_runs import training_like, write_run
 
 from weightlapse.viewer.app import WeightViewer
-from weightlapse.viewer.network_plots import layer_layout
+from weightlapse.viewer.network_plots import layer_layout, picture_size
 
 hv.extension("bokeh")
 
@@ -168,18 +170,48 @@ def test_another_run_forgets_a_layer_and_a_weight_it_does_not_have(recorded):
     assert (viewer.state.layer, viewer.state.weight_index) == ("", None) and "layer" not in viewer.state.query()
 
 
-def test_the_sidebar_offers_centring_and_animations_only_where_they_apply(recorded):
-    # Both are a softmax regression's (its mean over ten classes, its tile grid): a network
-    # run's sidebar shows neither, and says where its layer's picture is saved.
+def test_the_sidebar_offers_centring_only_where_it_applies_and_animates_a_networks_layer(recorded):
+    # Centring is a softmax regression's (its mean over ten classes): a network run's sidebar
+    # does not offer it, and says where its layer's picture is saved. Animations are of the
+    # tile grid, or of the network layer shown.
     runs, _ = recorded
     viewer, _ = viewer_on(runs, run="mlp")
-    assert not viewer.weights_box.visible and not viewer.export.animation_box.visible
-    assert viewer.export.network_note.visible and "save tool" in viewer.export.png_download.label
+    assert not viewer.weights_box.visible and viewer.export.animation_box.visible
+    assert "save tool" in viewer.export.png_download.label
     viewer.state.run = "softmax"
-    assert viewer.weights_box.visible and viewer.export.animation_box.visible and not viewer.export.network_note.visible
+    assert viewer.weights_box.visible and viewer.export.animation_box.visible
     assert viewer.export.png_download.label == "Download PNG of this view"
     viewer.state.run = "mlp"
-    assert not viewer.weights_box.visible and not viewer.export.animation_box.visible
+    assert not viewer.weights_box.visible
+
+
+@pytest.mark.parametrize("scale", ["run", "class"])
+def test_a_network_layers_animation_is_its_pictures_on_the_pages_colour_scale(recorded, scale):
+    runs, seen = recorded
+    viewer, _ = viewer_on(runs, run="mlp", layer="hidden1.weight", start="0", stop="12", spacing="even", scale=scale)
+    asyncio.run(viewer.export.render_animation())
+    assert "13 frames (steps 0..12, even spacing)" in viewer.export.outcome.object
+    assert viewer.export.animation_download.filename == "weightlapse-0-12.gif"
+    frames = [np.asarray(frame)[..., :3].astype(int) for frame in imageio.get_reader(viewer.export.animation_download.file)]
+    assert len(frames) == 13
+    # The weight that moves most over the run, where the picture draws it: the colour of its
+    # value on the whole run's scale (or, Per class, its unit's own), the same mapping every frame.
+    layout = layer_layout((16, 784))
+    width, height = picture_size(layout)
+    rows, columns = layout.index.shape
+    moved = np.abs(seen["mlp"][12]["hidden1.weight"] - seen["mlp"][0]["hidden1.weight"]).ravel()
+    flat = int(np.argmax(moved))
+    row, column = np.argwhere(layout.index == flat)[0]
+    at = (frames[0].shape[0] - 16 - height + int((row + 0.5) * height / rows), 16 + int((column + 0.5) * width / columns))
+    unit, pixel = divmod(flat, 784)
+    limit = max([viewer.store.networks.colour_limit(viewer.store.networks.network("mlp"), "hidden1.weight")]
+                + [float(np.abs(seen["mlp"][step]["hidden1.weight"]).max()) for step in range(13)])  # widened to its frames
+    colours = matplotlib.colormaps["RdBu_r"]
+    for step in (0, 6, 12):
+        values = seen["mlp"][step]["hidden1.weight"]
+        value = values[unit, pixel] / (np.abs(values[unit]).max() if scale == "class" else limit)
+        expected = np.array(colours((value + 1) / 2)[:3]) * 255
+        assert np.abs(frames[step][at] - expected).max() < 24, (step, frames[step][at], expected)
 
 
 def test_a_hidden_layer_run_of_the_train_stage_replays_its_units_and_its_held_out_accuracy(generated_data, tmp_path):

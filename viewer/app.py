@@ -66,6 +66,7 @@ are the 784 pixels shows one 28x28 image per unit; other matrices a heatmap (uni
 across); biases a strip; convolutions their kernels. Replay, Step vs step, Run vs run (another
 network of the same layers; with every layer's distance) and Statistics work on the layer
 shown; click a weight to follow it over all steps. *Per class* scales each unit on its own.
+The animation of the step range is of the layer shown.
 
 Click a curve to jump to its step. The link in the address bar restores this view.
 """

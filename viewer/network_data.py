@@ -1,9 +1,10 @@
 """What the network view draws from network runs, cached by the store's identity.
 
 One :class:`NetworkData` per data store (``DataStore.networks``), shared by every page of a
-runs location: a parameter's colour limit over the whole run, one weight's history, a
-layer's statistics and the per-layer distances between two runs. Every key starts with the
-store's identity (its ``store_id``), so a run recorded again is read afresh.
+runs location: a parameter's colour limits over the whole run, one weight's history, a
+layer's statistics and the distance it travels, and the per-layer distances between two
+runs. Every key starts with the store's identity (its ``store_id``), so a run recorded
+again is read afresh.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from weightlapse.viewer.analysis.network import NetworkRun, layer_distances, layer_statistics, layout_problem
 from weightlapse.viewer.analysis.scales import RunScales, sampled_steps
+from weightlapse.viewer.analysis.spacing import Travelled, travelled_along
 
 CACHE_SIZE = 16
 
@@ -42,6 +44,7 @@ class NetworkData:
         self._histories = _Bounded()
         self._stats = _Bounded()
         self._distances = _Bounded()
+        self._travelled = _Bounded()
 
     def network(self, name: str) -> NetworkRun | None:
         """The listed run ``name`` if it records a network, else None (raises as DataStore.open)."""
@@ -101,6 +104,20 @@ class NetworkData:
         with self._lock:
             self._stats.put((run.identity, name, start, stop), stats)
         return stats
+
+    def travelled(self, run: NetworkRun, name: str, start: int, stop: int) -> Travelled:
+        """The distance parameter ``name`` travels over start..stop (as far as it is written), for
+        the animation spacing by distance; read with dask once per store, parameter and range."""
+        stop = min(stop, run.last_step)
+        key = (run.identity, name, start, stop)
+        with self._lock:
+            cached = self._travelled.get(key)
+        if cached is None:
+            cached = travelled_along(lambda first, last: run.values(name, first, last), run.last_step, start, stop,
+                                     scheduler=self.store.scheduler)
+            with self._lock:
+                self._travelled.put(key, cached)
+        return cached
 
     def _distance_key(self, run: NetworkRun, other: NetworkRun, every: int) -> tuple:
         return (run.identity, run.last_step, other.identity, other.last_step, every)

@@ -15,12 +15,19 @@ import param
 
 import numpy as np
 
-from weightlapse.viewer.analysis.export import animation_steps, png_bytes, side_by_side, write_animation
+from weightlapse.viewer.analysis.export import (
+    animation_steps,
+    png_bytes,
+    side_by_side,
+    write_animation,
+    write_picture_animation,
+)
 from weightlapse.viewer.analysis.frames import centred, colour_map
 from weightlapse.viewer.analysis.spacing import combined
 from weightlapse.viewer.analysis.network import NetworkRun
 from weightlapse.viewer.data import DataStore
-from weightlapse.viewer.network_view import chosen_layer
+from weightlapse.viewer.network_plots import layer_layout, picture_size
+from weightlapse.viewer.network_view import chosen_layer, per_unit
 from weightlapse.viewer.plots import TileView, tile_picture
 from weightlapse.viewer.side_by_side import side_by_side_view
 from weightlapse.viewer.state import ViewState
@@ -89,7 +96,8 @@ class StatisticsPanel(pn.viewable.Viewer):
 
 class ExportPanel(pn.viewable.Viewer):
     """A PNG of the grid as shown (same colour scale), and an animation of the step range; of
-    every run shown in Side by side, in one picture on one colour scale."""
+    every run shown in Side by side, in one picture on one colour scale; of a network run, the
+    layer shown (its PNG is the save tool's, above the picture)."""
 
     state = param.ClassSelector(class_=ViewState)
     store = param.ClassSelector(class_=DataStore)
@@ -107,26 +115,18 @@ class ExportPanel(pn.viewable.Viewer):
         self.animation_download = pn.widgets.FileDownload(file=None, filename="weightlapse.gif", visible=False,
                                                           label="Download animation", sizing_mode="stretch_width")
         self.outcome = pn.pane.HTML("", css_classes=["wl-outcome"])
+        # Of a softmax run's tile grid (runs side by side in Side by side), or of a network's layer shown.
         self.animation_box = pn.Column("Animation of the step range:", self.animation_format, self.spacing,
                                        self.animation_button, self.progress, self.animation_download,
                                        margin=0, sizing_mode="stretch_width")
-        self.network_note = pn.pane.HTML("<small>Animations are of softmax-regression runs so far.</small>",
-                                         visible=False)
         self.animation_button.on_click(self.render_animation)
-        self.state.param.watch(lambda *events: self._show_animation(), ["run", "revision"])
-        self._show_animation()
         self.state.param.watch(lambda *events: self._forget(), ["run", "range_start", "range_stop", "scale", "spacing",
                                                               "mode", "side_runs", "weights"])
         self.state.param.watch(lambda *events: self._show_png(), ["run", "mode", "revision", "compare", "side_runs"])
         self._show_png()
 
     def __panel__(self):
-        return pn.Column(self.png_download, self.animation_box, self.network_note, self.outcome,
-                         sizing_mode="stretch_width")
-
-    def _show_animation(self) -> None:
-        network = is_network(self.store, self.state.run)
-        self.animation_box.visible, self.network_note.visible = not network, network
+        return pn.Column(self.png_download, self.animation_box, self.outcome, sizing_mode="stretch_width")
 
     def _forget(self) -> None:
         self.animation_download.visible = False
@@ -178,30 +178,14 @@ class ExportPanel(pn.viewable.Viewer):
         buffer = io.BytesIO()
         try:
             runs = [self.store.open(name) for name in names]
-            if any(is_network(self.store, name) for name in names):
-                raise ValueError("animations are of softmax-regression runs so far; a network run's layer can be "
-                                 "saved as a PNG with the picture's save tool")
+            if any(isinstance(run, NetworkRun) for run in runs) and len(runs) > 1:
+                raise ValueError("side by side animations are of softmax-regression runs so far; animate one "
+                                 "network run's layer from Replay")
             start, stop = state.range_start, min(state.range_stop, max(run.last_step for run in runs))
-            steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES, spacing=state.spacing,
-                                    travelled=lambda: combined([self.store.travelled(run, start, stop)
-                                                                for run in runs]))
-            centre = state.weights == "centred"  # the choice made when the button was pressed
-            limit = max(self.store.colour_limit(run, centre=centre) for run in runs) if state.scale == "run" else None
-            what = "centred weights, " if centre else ""
-            if len(runs) == 1:
-                run = runs[0]
-
-                def frame_at(step: int):
-                    weights = run.weights_at(step)
-                    return centred(weights) if centre else weights
-                groups, title = None, lambda step: f"{run.name}: {what}step {step:,}"
+            if isinstance(runs[0], NetworkRun):
+                steps, render = self._layer_animation(runs[0], start, stop, buffer, fmt)
             else:
-                (frame_at, groups), title = side_by_side(runs, centre=centre), lambda step: f"{what}step {step:,}"
-
-            def render(report) -> None:
-                write_animation(buffer, steps, frame_at, fmt=fmt, class_names=runs[0].class_names, title=title,
-                                fps=10, progress=report, limit=limit, groups=groups)
-
+                steps, render = self._grid_animation(runs, start, stop, buffer, fmt)
             await in_worker(self.animation_button, self.progress, render)
         except READ_ERRORS as error:
             self.outcome.object = f"<span class='wl-error'>Animation failed: {html.escape(str(error))}</span>"
@@ -212,3 +196,49 @@ class ExportPanel(pn.viewable.Viewer):
         self.animation_download.visible = True
         self.outcome.object = (f"{len(steps)} frames (steps {start:,}..{stop:,}, {html.escape(state.spacing)} "
                                "spacing) ready to download.")
+
+    def _grid_animation(self, runs: list, start: int, stop: int, buffer, fmt: str):
+        """(steps, render(report)) of softmax-regression runs' tile grids, side by side if several."""
+        state = self.state
+        steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES, spacing=state.spacing,
+                                travelled=lambda: combined([self.store.travelled(run, start, stop) for run in runs]))
+        centre = state.weights == "centred"  # the choice made when the button was pressed
+        limit = max(self.store.colour_limit(run, centre=centre) for run in runs) if state.scale == "run" else None
+        what = "centred weights, " if centre else ""
+        if len(runs) == 1:
+            run = runs[0]
+
+            def frame_at(step: int):
+                weights = run.weights_at(step)
+                return centred(weights) if centre else weights
+            groups, title = None, lambda step: f"{run.name}: {what}step {step:,}"
+        else:
+            (frame_at, groups), title = side_by_side(runs, centre=centre), lambda step: f"{what}step {step:,}"
+
+        def render(report) -> None:
+            write_animation(buffer, steps, frame_at, fmt=fmt, class_names=runs[0].class_names, title=title,
+                            fps=10, progress=report, limit=limit, groups=groups)
+        return steps, render
+
+    def _layer_animation(self, run: NetworkRun, start: int, stop: int, buffer, fmt: str):
+        """(steps, render(report)) of the network layer shown, laid out as the page draws it, on
+        the page's colour scale (Per class: each unit on its own)."""
+        state, networks = self.state, self.store.networks
+        layer = chosen_layer(state, run)
+        spec, layout = run.spec(layer), layer_layout(run.spec(layer).shape)
+        steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES, spacing=state.spacing,
+                                travelled=lambda: networks.travelled(run, layer, start, stop))
+        per_unit_scale = state.scale == "class"
+        limit = 1.0 if per_unit_scale else networks.colour_limit(run, layer) if state.scale == "run" else None
+
+        def picture_at(step: int) -> np.ndarray:
+            values = run.values_at(layer, step)
+            return layout.picture(per_unit(values) if per_unit_scale else values)
+
+        def render(report) -> None:
+            write_picture_animation(buffer, steps, picture_at, fmt=fmt, size_px=picture_size(layout), fps=10,
+                                    title=lambda step: f"{run.name}: {layer} after step {step:,}", progress=report,
+                                    limit=limit, colorbar_label=f"{spec.role} / unit max |{spec.role}|"
+                                    if per_unit_scale else spec.role, caption=layout.description, labels=layout.labels)
+        return steps, render
+

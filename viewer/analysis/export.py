@@ -12,7 +12,8 @@ Headless use::
 
 Frames are drawn with matplotlib (Agg) as the viewer shows them: ten 28x28 tiles in a
 2x5 grid per run (up to four runs, two grids a row), a diverging colour map centred on
-zero, one colour bar for all of them.
+zero, one colour bar for all of them; or one picture a frame (:func:`write_picture_animation`),
+a network layer as the viewer lays it out.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ MAX_ANIMATION_FRAMES = 1000
 ANIMATION_SUFFIXES = (".gif", ".mp4")
 MAX_GROUPS = 4       # runs in one picture, side by side
 GROUP_COLUMNS = 2    # grids per row of the picture
+MIN_COLORBAR_PX = 160  # a layer's picture at least this high has its colour bar beside it, else below
 
 
 def group_shape(n_groups: int) -> tuple[int, int]:
@@ -56,7 +58,26 @@ def group_shape(n_groups: int) -> tuple[int, int]:
     return -(-n_groups // columns), columns
 
 
-class GridRenderer:
+class _Figure:
+    """A reusable matplotlib figure, read out as pixels (a movie's frame) or as a PNG."""
+
+    figure: plt.Figure
+
+    def rgb(self) -> np.ndarray:
+        """The figure as an (height, width, 3) uint8 array."""
+        self.figure.canvas.draw()
+        return np.asarray(self.figure.canvas.buffer_rgba())[..., :3].copy()
+
+    def png(self) -> bytes:
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png", dpi=DPI)
+        return buffer.getvalue()
+
+    def close(self) -> None:
+        plt.close(self.figure)
+
+
+class GridRenderer(_Figure):
     """One reusable figure of (class, pixel) tiles, one 2x5 grid per group (a run shown side by
     side, with its title above it); redrawing only swaps the image data."""
 
@@ -110,18 +131,55 @@ class GridRenderer:
         for text, group_title in zip(self.group_titles, group_titles or ()):
             text.set_text(str(group_title)[:80])
 
-    def rgb(self) -> np.ndarray:
-        """The figure as an (height, width, 3) uint8 array."""
-        self.figure.canvas.draw()
-        return np.asarray(self.figure.canvas.buffer_rgba())[..., :3].copy()
 
-    def png(self) -> bytes:
-        buffer = io.BytesIO()
-        self.figure.savefig(buffer, format="png", dpi=DPI)
-        return buffer.getvalue()
+class PictureRenderer(_Figure):
+    """One reusable figure of one picture: a network parameter as the viewer lays it out (unit
+    images, a heatmap, a strip; NaN between tiles, drawn white), ``size_px`` (width, height)
+    screen pixels as the page draws it, with its colour bar, a title, a ``caption`` under it
+    (what the picture shows) and ``labels`` ((x, y, text): x across from the left, y up from
+    the bottom, in picture cells), such as each unit's name. The figure's sides are
+    multiples of 16 pixels, as MP4 encoders want them."""
 
-    def close(self) -> None:
-        plt.close(self.figure)
+    def __init__(self, shape: tuple[int, int], *, size_px: tuple[int, int], cmap: str = DIVERGING_CMAP,
+                 colorbar_label: str = "weight", caption: str = "",
+                 labels: Sequence[tuple[float, float, str]] = ()) -> None:
+        width, height = size_px
+        rows, columns = shape
+        beside = height >= MIN_COLORBAR_PX  # a strip's colour bar goes below it, where it is long enough to read
+        figure_width = _multiple_of_16(width + 32 + (120 if beside else 0))
+        figure_height = _multiple_of_16(height + 64 + (0 if beside else 64))
+        self.figure = plt.figure(figsize=(figure_width / DPI, figure_height / DPI), dpi=DPI)
+        bottom = 16 if beside else 72
+        axes = self.figure.add_axes((16 / figure_width, bottom / figure_height, width / figure_width,
+                                     height / figure_height))
+        axes.set_xticks([])
+        axes.set_yticks([])
+        colours = plt.get_cmap(cmap).with_extremes(bad="#ffffff")
+        self.image = axes.imshow(np.zeros(shape), cmap=colours, vmin=-1, vmax=1, interpolation="nearest",
+                                 aspect="auto", extent=(0, columns, 0, rows))
+        for x, y, text in labels:
+            axes.text(x, y, str(text)[:24], ha="center", va="center", fontsize=7, color="#222222", parse_math=False)
+        if beside:
+            colorbar_axes = self.figure.add_axes(((width + 32) / figure_width, bottom / figure_height,
+                                                  14 / figure_width, height / figure_height))
+        else:
+            colorbar_axes = self.figure.add_axes((16 / figure_width, 24 / figure_height, width / figure_width,
+                                                  12 / figure_height))
+        self.colorbar = self.figure.colorbar(self.image, cax=colorbar_axes,
+                                             orientation="vertical" if beside else "horizontal")
+        self.colorbar.set_label(str(colorbar_label)[:60])
+        self.title = self.figure.suptitle("", fontsize=11, parse_math=False, y=1 - 6 / figure_height, va="top")
+        self.figure.text(0.5, 1 - 26 / figure_height, str(caption)[:140], ha="center", va="top", fontsize=8,
+                         color="#444444", parse_math=False)
+
+    def draw(self, picture: np.ndarray, *, title: str, clim: tuple[float, float]) -> None:
+        self.image.set_data(picture)
+        self.image.set_clim(*clim)
+        self.title.set_text(str(title)[:120])
+
+
+def _multiple_of_16(pixels: int) -> int:
+    return -(-int(pixels) // 16) * 16
 
 
 def png_bytes(tiles: np.ndarray, *, tile_titles: Sequence[str], title: str = "", per_class: bool = False,
@@ -171,21 +229,59 @@ def write_animation(target, steps: Sequence[int], frame_at: Callable[[int], np.n
     |weight|, as the viewer shows it), widened to the largest |weight| of its frames if they
     go past it, so colours mean the same thing in every frame and every grid.
     """
-    import imageio.v2 as imageio
+    _check_format(fmt)
+    limit = max([symmetric_limit(frame_at(step)) for step in steps] + ([limit] if limit else []))
+    names = list(groups(steps[0])) if groups else [""]
+    renderer = GridRenderer(len(frame_at(steps[0])) // len(names), tile_titles=class_names, groups=names)
 
+    def frame(step: int) -> np.ndarray:
+        renderer.draw(frame_at(step), title=title(step), limit=limit, group_titles=groups(step) if groups else None)
+        return renderer.rgb()
+    try:
+        _encode(target, steps, frame, fmt=fmt, fps=fps, progress=progress)
+    finally:
+        renderer.close()
+
+
+def write_picture_animation(target, steps: Sequence[int], picture_at: Callable[[int], np.ndarray], *, fmt: str,
+                            title: Callable[[int], str], size_px: tuple[int, int], fps: float = 10,
+                            progress: Callable[[float], None] | None = None, limit: float | None = None,
+                            colorbar_label: str = "weight", caption: str = "",
+                            labels: Sequence[tuple[float, float, str]] = ()) -> None:
+    """Encode one picture a step (``picture_at(step)``, 2-D, e.g. a network layer as the viewer
+    lays it out; :class:`PictureRenderer`) as ``fmt`` into ``target``, on one colour range
+    fixed over the animation as :func:`write_animation`'s: ±``limit``, widened to its frames."""
+    _check_format(fmt)
+    limit = max([symmetric_limit(picture_at(step)) for step in steps] + ([limit] if limit else []))
+    renderer = PictureRenderer(np.shape(picture_at(steps[0])), size_px=size_px, colorbar_label=colorbar_label,
+                               caption=caption, labels=labels)
+
+    def frame(step: int) -> np.ndarray:
+        renderer.draw(picture_at(step), title=title(step), clim=(-limit, limit))
+        return renderer.rgb()
+    try:
+        _encode(target, steps, frame, fmt=fmt, fps=fps, progress=progress)
+    finally:
+        renderer.close()
+
+
+def _check_format(fmt: str) -> None:
     if fmt not in ("gif", "mp4"):
         raise ValueError(f"unknown animation format {fmt!r}; use gif or mp4")
+
+
+def _encode(target, steps: Sequence[int], frame: Callable[[int], np.ndarray], *, fmt: str, fps: float,
+            progress: Callable[[float], None] | None) -> None:
+    """Write ``frame(step)`` (an RGB array) of each step as a GIF or MP4 into ``target``."""
+    import imageio.v2 as imageio
+
     if fmt == "mp4" and hasattr(target, "write"):
         # ffmpeg writes MP4 to a file (it seeks back to finish the header), not to a stream.
         with tempfile.TemporaryDirectory(prefix="weightlapse-") as directory:
             path = Path(directory) / "animation.mp4"
-            write_animation(path, steps, frame_at, fmt=fmt, class_names=class_names, title=title, fps=fps,
-                            progress=progress, limit=limit, groups=groups)
+            _encode(path, steps, frame, fmt=fmt, fps=fps, progress=progress)
             target.write(path.read_bytes())
         return
-    limit = max([symmetric_limit(frame_at(step)) for step in steps] + ([limit] if limit else []))
-    names = list(groups(steps[0])) if groups else [""]
-    renderer = GridRenderer(len(frame_at(steps[0])) // len(names), tile_titles=class_names, groups=names)
     if fmt == "gif":
         writer = imageio.get_writer(target, format="GIF", mode="I", duration=1000 / fps, loop=0)
     else:
@@ -193,14 +289,11 @@ def write_animation(target, steps: Sequence[int], frame_at: Callable[[int], np.n
                                     quality=8, pixelformat="yuv420p", macro_block_size=16)
     try:
         for index, step in enumerate(steps):
-            renderer.draw(frame_at(step), title=title(step), limit=limit,
-                          group_titles=groups(step) if groups else None)
-            writer.append_data(renderer.rgb())
+            writer.append_data(frame(step))
             if progress:
                 progress((index + 1) / len(steps))
     finally:
         writer.close()
-        renderer.close()
 
 
 def side_by_side(runs: Sequence, *, centre: bool = False) -> tuple[Callable[[int], np.ndarray],

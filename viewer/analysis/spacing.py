@@ -110,15 +110,16 @@ def distance_samples(start: int, stop: int, *, max_samples: int = MAX_DISTANCE_S
 
 
 def path_length(weights: da.Array, steps: np.ndarray, *, scheduler=None) -> Travelled:
-    """Cumulative L2 distance between consecutive ``steps`` of ``weights`` (step, class, pixel),
-    indexed from ``steps[0]``: ``weights[i]`` are the weights of step ``steps[0] + i``.
-    ``scheduler``: a Dask scheduler address (default: threads in this process)."""
+    """Cumulative L2 distance between consecutive ``steps`` of ``weights`` (step, ...: a softmax
+    run's (class, pixel), or any parameter's shape), indexed from ``steps[0]``: ``weights[i]``
+    are the values of step ``steps[0] + i``. ``scheduler``: a Dask scheduler address (default:
+    threads in this process)."""
     steps = np.asarray(steps, np.int64)
-    sampled = weights[steps - steps[0]].astype(np.float64)   # (sample, class, pixel); reads those chunks only
+    sampled = weights[steps - steps[0]].astype(np.float64)   # (sample, ...); reads those chunks only
     if len(steps) < 2:
         return Travelled(steps, np.zeros(len(steps)))
     change = sampled[1:] - sampled[:-1]
-    (lengths,) = compute([da.sqrt((change ** 2).sum(axis=(1, 2)))], scheduler=scheduler)
+    (lengths,) = compute([da.sqrt((change ** 2).sum(axis=tuple(range(1, change.ndim))))], scheduler=scheduler)
     return Travelled(steps, np.concatenate([[0.0], np.cumsum(lengths)]))
 
 
@@ -156,8 +157,15 @@ def travelled_by(run, start: int, stop: int, *, scheduler=None,
                  max_samples: int = MAX_DISTANCE_SAMPLES) -> Travelled:
     """The distance ``run`` (a viewer.analysis.run.Run) travels over start..stop, or up to its
     last step if it ends sooner; a run that has not reached ``start`` travels nowhere."""
-    stop = min(stop, run.last_step)
+    return travelled_along(run.weights, run.last_step, start, stop, scheduler=scheduler, max_samples=max_samples)
+
+
+def travelled_along(values: Callable[[int, int], da.Array], last_step: int, start: int, stop: int, *,
+                    scheduler=None, max_samples: int = MAX_DISTANCE_SAMPLES) -> Travelled:
+    """The distance travelled over start..stop (up to ``last_step``) by what ``values(first, last)``
+    gives as a lazy (step, ...) array: a softmax run's weights, or one parameter of a network."""
+    stop = min(stop, last_step)
     if stop <= start:
         return Travelled(np.array([start], np.int64), np.zeros(1))
     samples = distance_samples(start, stop, max_samples=max_samples)
-    return path_length(run.weights(start, stop), samples, scheduler=scheduler)
+    return path_length(values(start, stop), samples, scheduler=scheduler)
