@@ -150,6 +150,21 @@ def test_run_vs_run_played_back_keeps_the_whole_runs_scale_or_each_frames_range(
     assert float(np.abs(seen["mlp-seed1"][0]["output.weight"] - seen["mlp"][0]["output.weight"]).max()) < largest / 2
 
 
+def test_per_class_scales_each_units_change_or_difference_on_its_own(recorded):
+    # Per class ("each unit on its own" for a network) holds for differences as for the weights:
+    # each unit of the change divided by its own largest |change|, the colour range ±1.
+    runs, seen = recorded
+    for mode, query in (("step-diff", {"from": "2"}), ("run-diff", {"compare": "mlp-seed1"})):
+        viewer, root = viewer_on(runs, run="mlp", mode=mode, layer="output.weight", step="9", scale="class", **query)
+        difference = (seen["mlp"][9]["output.weight"] - seen["mlp"][2]["output.weight"] if mode == "step-diff"
+                      else seen["mlp-seed1"][9]["output.weight"] - seen["mlp"][9]["output.weight"])
+        expected = difference / np.abs(difference).max(axis=1, keepdims=True)
+        np.testing.assert_allclose(network_picture(viewer, root), expected, rtol=1e-6)
+        mapper = drawn(root, difference.shape).glyph.color_mapper
+        assert (mapper.low, mapper.high) == (-1.0, 1.0)
+        assert "/ unit max |" in viewer.network.shown.label
+
+
 def test_statistics_of_the_layer_shown_in_its_own_shape(recorded):
     runs, seen = recorded
     viewer, root = viewer_on(runs, run="mlp", mode="statistics", layer="hidden1.weight", start="0", stop="12")

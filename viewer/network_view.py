@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import holoviews as hv
@@ -81,29 +82,26 @@ def layer_view(state: ViewState, store: DataStore) -> LayerView | str:
     try:
         if state.mode == "replay":
             values = run.values_at(layer, step)
-            if state.scale == "class":
-                values, label, limit = per_unit(values), f"{spec.role} / unit max |{spec.role}|", 1.0
-            else:
-                label = spec.role
-                limit = store.networks.colour_limit(run, layer) if state.scale == "run" else None
-            return LayerView(layout, values, label, True, f"{run.name}: {what} after step {step:,}", limit,
-                             norms_text(values if state.scale != "class" else run.values_at(layer, step)))
-        whole_run = state.scale == "run"
+            shown, label, limit = on_scale(values, spec.role, state.scale,
+                                           lambda: store.networks.colour_limit(run, layer))
+            return LayerView(layout, shown, label, True, f"{run.name}: {what} after step {step:,}", limit,
+                             norms_text(values))
         if state.mode == "step-diff":
             earlier = min(state.from_step, run.last_step)
             change = run.values_at(layer, step) - run.values_at(layer, earlier)
-            return LayerView(layout, change, "change", True, f"{run.name}: {what}, step {step:,} minus step {earlier:,}",
-                             store.networks.change_limit(run, layer, earlier) if whole_run else None,
-                             summary=f"L2 norm of the change: {np.linalg.norm(change):.4g}")
+            values, label, limit = on_scale(change, "change", state.scale,
+                                            lambda: store.networks.change_limit(run, layer, earlier))
+            return LayerView(layout, values, label, True, f"{run.name}: {what}, step {step:,} minus step {earlier:,}",
+                             limit, summary=f"L2 norm of the change: {np.linalg.norm(change):.4g}")
         if state.mode == "run-diff":
             other = diff_network(state, store, run)
             if isinstance(other, str):
                 return other
             difference = other.values_at(layer, step) - run.values_at(layer, step)
-            return LayerView(layout, difference, "difference", True,
-                             f"{other.name} minus {run.name}: {what}, step {step:,}",
-                             store.networks.difference_limit(run, other, layer) if whole_run else None,
-                             summary=f"L2 distance of {layer}: {np.linalg.norm(difference):.4g}")
+            values, label, limit = on_scale(difference, "difference", state.scale,
+                                            lambda: store.networks.difference_limit(run, other, layer))
+            return LayerView(layout, values, label, True, f"{other.name} minus {run.name}: {what}, step {step:,}",
+                             limit, summary=f"L2 distance of {layer}: {np.linalg.norm(difference):.4g}")
         stats = store.networks.statistics(run, layer, state.range_start, state.range_stop)
         if stats is None:
             return (f"Press “Compute statistics” for {layer}, steps {state.range_start:,}..{state.range_stop:,} "
@@ -114,6 +112,16 @@ def layer_view(state: ViewState, store: DataStore) -> LayerView | str:
                          f"{run.name}: {what}, {label}, steps {stats.attrs['first_step']:,}..{stats.attrs['last_step']:,}")
     except READ_ERRORS as error:
         return f"{run.name}: {error}"
+
+
+def on_scale(values: np.ndarray, label: str, scale: str,
+             whole_run_limit: Callable[[], float]) -> tuple[np.ndarray, str, float | None]:
+    """(values drawn, colour bar label, ±limit) on the colour scale chosen: "run" the whole
+    run's limit (``whole_run_limit()``), "step" the values' own range (no limit), "class"
+    each unit divided by its own largest |value|."""
+    if scale == "class":
+        return per_unit(values), f"{label} / unit max |{label}|", 1.0
+    return values, label, whole_run_limit() if scale == "run" else None
 
 
 def per_unit(values: np.ndarray) -> np.ndarray:

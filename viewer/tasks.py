@@ -27,7 +27,7 @@ from weightlapse.viewer.analysis.spacing import combined
 from weightlapse.viewer.analysis.network import NetworkRun
 from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.network_plots import layer_layout, picture_size
-from weightlapse.viewer.network_view import chosen_layer, per_unit
+from weightlapse.viewer.network_view import chosen_layer, on_scale
 from weightlapse.viewer.plots import TileView, tile_picture
 from weightlapse.viewer.side_by_side import side_by_side_view
 from weightlapse.viewer.state import ViewState
@@ -228,17 +228,17 @@ class ExportPanel(pn.viewable.Viewer):
         spec, layout = run.spec(layer), layer_layout(run.spec(layer).shape)
         steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES, spacing=state.spacing,
                                 travelled=lambda: networks.travelled(run, layer, start, stop))
-        per_unit_scale = state.scale == "class"
-        limit = 1.0 if per_unit_scale else networks.colour_limit(run, layer) if state.scale == "run" else None
+        scale = state.scale  # the choice made when the button was pressed
+        _, label, limit = on_scale(run.values_at(layer, start), spec.role, scale,
+                                   lambda: networks.colour_limit(run, layer))
 
         def picture_at(step: int) -> np.ndarray:
-            values = run.values_at(layer, step)
-            return layout.picture(per_unit(values) if per_unit_scale else values)
+            return layout.picture(on_scale(run.values_at(layer, step), spec.role, scale, lambda: limit)[0])
 
         def render(report) -> None:
             write_picture_animation(buffer, steps, picture_at, fmt=fmt, size_px=picture_size(layout), fps=10,
                                     title=lambda step: f"{run.name}: {layer} after step {step:,}", progress=report,
-                                    limit=limit, colorbar_label=f"{spec.role} / unit max |{spec.role}|"
-                                    if per_unit_scale else spec.role, caption=layout.description, labels=layout.labels)
+                                    limit=limit, colorbar_label=label, caption=layout.description,
+                                    labels=layout.labels)
         return steps, render
 
