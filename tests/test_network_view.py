@@ -165,6 +165,48 @@ def test_per_class_scales_each_units_change_or_difference_on_its_own(recorded):
         assert "/ unit max |" in viewer.network.shown.label
 
 
+def side_picture(root, index: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """Side by side's picture ``index`` as the browser receives it (a heatmap: row 0 on top) and its colour range."""
+    (renderer,) = root.select({"type": GlyphRenderer, "name": f"wl-network-side-{index}"})
+    mapper = renderer.glyph.color_mapper
+    return np.asarray(renderer.data_source.data["image"][0]), (mapper.low, mapper.high)
+
+
+def test_side_by_side_shows_each_network_runs_layer_at_the_step_on_one_colour_scale(recorded):
+    runs, seen = recorded
+    viewer, root = viewer_on(runs, run="mlp", mode="side-by-side", side="mlp-seed1", layer="output.weight", step="5")
+    store = viewer.store.networks
+    names = ("mlp", "mlp-seed1")
+    limit = max([store.colour_limit(store.network(name), "output.weight") for name in names]
+                + [float(np.abs(seen[name][5]["output.weight"]).max()) for name in names])
+    for index, name in enumerate(names):
+        picture, colour_range = side_picture(root, index)
+        np.testing.assert_array_equal(picture, seen[name][5]["output.weight"])
+        assert colour_range == pytest.approx((-limit, limit))
+    viewer.state.scale = "step"  # one range still, the largest |weight| of the two pictures
+    largest = max(float(np.abs(seen[name][5]["output.weight"]).max()) for name in names)
+    assert all(side_picture(root, index)[1] == pytest.approx((-largest, largest)) for index in (0, 1))
+    assert not viewer.network_inspector._layout.visible  # its clicks come from the single picture
+    assert "save tool above each picture" in viewer.export.png_download.label
+    # A run that ends sooner is shown at its last step, and says so; another model's layer is refused.
+    viewer.state.param.update(layer="output.bias", side_runs=["wide"])
+    picture, _ = side_picture(root, 1)
+    np.testing.assert_array_equal(picture[0], record_of(runs, "wide", 3, "output.bias"))
+    assert "wide ends at step 3: it is shown at that step." in viewer.network.notice.object
+    viewer.state.layer = "output.weight"
+    assert "wide has no parameter output.weight of shape (10, 16)" in viewer.network.notice.object
+    assert not viewer.network.side_box.visible
+    viewer.state.side_runs = ["softmax"]
+    assert "softmax is not a network run" in viewer.network.notice.object
+
+
+def record_of(runs, name: str, step: int, parameter: str) -> np.ndarray:
+    """A parameter at a step as the run's store holds it."""
+    from weightlapse.viewer.data import DataStore
+
+    return DataStore(runs).networks.network(name).values_at(parameter, step)
+
+
 def test_statistics_of_the_layer_shown_in_its_own_shape(recorded):
     runs, seen = recorded
     viewer, root = viewer_on(runs, run="mlp", mode="statistics", layer="hidden1.weight", start="0", stop="12")

@@ -502,8 +502,9 @@ def test_a_recorded_network_is_listed_and_replayed_by_the_network_view_not_the_g
     assert "my-mlp" in viewer.picker.run_select.options and "my-mlp" in viewer.picker.table.object
     assert not viewer.tiles._layout.visible and not viewer.inspector._layout.visible
     assert viewer.network.shown.title == "my-mlp: 0.weight after step 1"
-    viewer.state.mode = "side-by-side"  # softmax-regression views say so in one line
-    assert "my-mlp records a network" in html.unescape(viewer.side.notice.object)
+    viewer.state.mode = "side-by-side"  # the network view draws its layer, the run choice stays the grid's
+    assert viewer.network.side_box.visible and not viewer.side.notice.visible and viewer.side.choice.visible
+    assert "Choose up to 3 network runs to show beside my-mlp" in html.unescape(viewer.network.notice.object)
     viewer.state.mode = "replay"
     viewer.state.run = "alpha"  # the other runs replay as before
     assert viewer.tiles._layout.visible and not viewer.network._layout.visible

@@ -63,9 +63,9 @@ or *By distance travelled* (a frame per equal change of the weights).
 
 **Network runs** (hidden layers from `train.hidden`, or recorded with `weightlapse.Recorder`): choose a *Layer*. A layer whose inputs
 are the 784 pixels shows one 28x28 image per unit; other matrices a heatmap (units down, inputs
-across); biases a strip; convolutions their kernels. Replay, Step vs step, Run vs run (another
-network of the same layers; with every layer's distance) and Statistics work on the layer
-shown; click a weight to follow it over all steps. *Per class* scales each unit on its own.
+across); biases a strip; convolutions their kernels. Replay, Side by side (the layer of up to
+four network runs, on one scale), Step vs step, Run vs run (another network of the same layers;
+with every layer's distance) and Statistics work on the layer shown; click a weight to follow it over all steps. *Per class* scales each unit on its own.
 The animation of the step range is of the layer shown.
 
 Click a curve to jump to its step. The link in the address bar restores this view.
@@ -121,7 +121,7 @@ class WeightViewer(pn.viewable.Viewer):
         self.state.param.watch(self._sync_url, [*URL_PARAMS, "playing"])
         self.open(query if query is not None else session_query())
         self._main = pn.Column(self.message, self.picker.problem, self.mode_buttons, self.player, self.statistics,
-                               self.tiles, self.network, self.side, self.inspector, self.network_inspector,
+                               self.tiles, self.side, self.network, self.inspector, self.network_inspector,
                                self.curves, self.comparison,
                                pn.pane.HTML("<b>Runs</b>"),
                                self.picker.table, sizing_mode="stretch_width")

@@ -66,7 +66,8 @@ class NetworkInspector(pn.viewable.Viewer):
 
     def render(self) -> None:
         run = network_run(self.store, self.state.run)
-        self._layout.visible = run is not None and self.state.mode in NETWORK_MODES
+        # its clicks come from the single picture, not Side by side's
+        self._layout.visible = run is not None and self.state.mode in NETWORK_MODES and self.state.mode != "side-by-side"
         if not self._layout.visible:
             return
         index = self.state.weight_index

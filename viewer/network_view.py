@@ -2,9 +2,10 @@
 
 :func:`layer_view` is the whole decision, a function of the state and the data store: a
 :class:`LayerView` to draw (the chosen parameter at the state's step, a change, a
-difference from another run, or a statistic), or a sentence saying what is missing. How
-each shape is drawn (unit images, heatmaps, strips, kernels) is viewer/network_plots.py;
-the weight inspector below the picture is viewer/network_inspector.py.
+difference from another run, or a statistic), or a sentence saying what is missing;
+:func:`side_layer_views` the same for Side by side (the layer of each run shown, on one
+colour scale). How each shape is drawn (unit images, heatmaps, strips, kernels) is
+viewer/network_plots.py; the weight inspector below the picture is viewer/network_inspector.py.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import panel as pn
 import param
 
 from weightlapse.viewer.analysis.network import NetworkRun, layout_problem
+from weightlapse.viewer.analysis.scales import largest_magnitude
 from weightlapse.viewer.analysis.stats import STATISTICS
 from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.network_plots import (
+    MIN_WIDTH_PX,
     LayerLayout,
     bokeh_image,
     colour_limits,
@@ -32,10 +35,10 @@ from weightlapse.viewer.network_plots import (
     unit_labels,
 )
 from weightlapse.viewer.plots import COLOURBAR_PX, PAGE_MARGINS_PX, SIDEBAR_PX
-from weightlapse.viewer.state import ViewState
+from weightlapse.viewer.state import MAX_BESIDE, ViewState
 from weightlapse.viewer.tiles import READ_ERRORS, weakly, with_document_lock
 
-NETWORK_MODES = ("replay", "step-diff", "run-diff", "statistics")
+NETWORK_MODES = ("replay", "side-by-side", "step-diff", "run-diff", "statistics")
 # Every how many steps the per-layer distances between two runs are computed.
 DISTANCE_POINTS = 2000
 
@@ -71,7 +74,9 @@ def layer_view(state: ViewState, store: DataStore) -> LayerView | str:
     if run is None:
         return "Choose a network run (left)."
     if state.mode not in NETWORK_MODES:
-        return f"{run.name} records a network: choose Replay, Step vs step, Run vs run or Statistics."
+        return f"{run.name} records a network: choose Replay, Side by side, Step vs step, Run vs run or Statistics."
+    if state.mode == "side-by-side":
+        return "Side by side shows a picture per run (side_layer_views)."
     if run.last_step < 0:
         return f"{run.name} has no step written yet."
     layer = chosen_layer(state, run)
@@ -112,6 +117,48 @@ def layer_view(state: ViewState, store: DataStore) -> LayerView | str:
                          f"{run.name}: {what}, {label}, steps {stats.attrs['first_step']:,}..{stats.attrs['last_step']:,}")
     except READ_ERRORS as error:
         return f"{run.name}: {error}"
+
+
+def side_layer_views(state: ViewState, store: DataStore) -> tuple[list[LayerView], str] | str:
+    """The layer shown, of the run and of each network run beside it, at the state's step on one
+    colour scale (Whole run: the largest of the runs' limits; This step: of the frames shown;
+    Per class: each unit its own), and what the page says; or why there is nothing to show.
+    A run that ends sooner is shown at its own last step, and its title says so."""
+    runs: list[NetworkRun] = []
+    for name in state.shown_runs():
+        run = network_run(store, name)
+        if run is None:
+            return (f"{name} is not a network run: a network run is shown beside other network runs "
+                    "(a softmax run beside softmax runs).")
+        if run.last_step < 0:
+            return f"{run.name} has no step written yet."
+        runs.append(run)
+    first = runs[0]
+    layer = chosen_layer(state, first)
+    shape = first.spec(layer).shape
+    for run in runs[1:]:
+        if layer not in run.names or run.spec(layer).shape != shape:
+            return f"{run.name} has no parameter {layer} of shape {shape}, so it cannot be shown beside {first.name}."
+    steps = [min(state.step, run.last_step) for run in runs]
+    try:
+        values = [run.values_at(layer, step) for run, step in zip(runs, steps)]
+        whole_run = max(store.networks.colour_limit(run, layer) for run in runs) if state.scale == "run" else 0.0
+    except READ_ERRORS as error:
+        return f"Side by side: {error}"
+    shown = [on_scale(each, first.spec(layer).role, state.scale, lambda: whole_run) for each in values]
+    if state.scale != "class":  # one range for all, widened to every frame shown, so none is clipped
+        common = max([whole_run, *(largest_magnitude(each) for each, _, _ in shown)]) or 1.0
+        shown = [(each, label, common) for each, label, _ in shown]
+    layout, views, notes = layer_layout(shape), [], []
+    for run, step, (each, label, limit) in zip(runs, steps, shown):
+        ended = step < state.step
+        views.append(LayerView(layout, each, label, True,
+                               f"{run.name}: {layer} after step {step:,}" + (" (its last)" if ended else ""), limit))
+        if ended:
+            notes.append(f"{run.name} ends at step {run.last_step:,}: it is shown at that step.")
+    if len(runs) == 1:
+        notes.append(f"Choose up to {MAX_BESIDE} network runs to show beside {first.name} (above).")
+    return views, " ".join(notes)
 
 
 def on_scale(values: np.ndarray, label: str, scale: str,
@@ -168,6 +215,77 @@ def picture_width(window_width: int) -> int:
     return int(min(max(window_width - SIDEBAR_PX - PAGE_MARGINS_PX - COLOURBAR_PX, 480), 1400))
 
 
+def side_columns(window_width: int) -> int:
+    """Pictures a row in Side by side: two where both fit beside the sidebar with their colour
+    bars (a picture is at least MIN_WIDTH_PX wide, for its title), else one."""
+    main = window_width - SIDEBAR_PX - PAGE_MARGINS_PX
+    return 2 if window_width <= 0 or main >= 2 * (MIN_WIDTH_PX + COLOURBAR_PX + 20) else 1
+
+
+def side_picture_width(window_width: int) -> int:
+    """Screen pixels each picture of Side by side may take, with its colour bar beside it."""
+    if window_width <= 0:
+        return 400
+    if side_columns(window_width) == 1:
+        return picture_width(window_width)
+    return int((window_width - SIDEBAR_PX - PAGE_MARGINS_PX) // 2 - COLOURBAR_PX - 20)
+
+
+class LayerPicture:
+    """One parameter's picture in the page, drawn once per layer, shape and colour map; a new
+    step swaps its values, colour range and title into the plots drawn in each browser page
+    (as tiles.py does for the softmax grid). ``on_click(x, y)``, if given, hears its taps."""
+
+    def __init__(self, *, css_class: str, on_click=None, name: str = "") -> None:
+        self._on_click, self.name = on_click, name
+        self._pipe = hv.streams.Pipe(data=None)
+        self._drawn_key: tuple | None = None
+        self._plots: dict = {}  # captured by a hook, per browser page
+        self.tap = None
+        self.pane = pn.pane.HoloViews(None, linked_axes=False, css_classes=[css_class])
+
+    def draw(self, view: LayerView, max_width: int) -> None:
+        picture = view.layout.picture(view.values)
+        clim, cmap = colour_limits(picture, diverging=view.diverging, limit=view.limit)
+        key = (view.layout.shape, view.layout.kind, cmap, view.label, max_width)
+        data = (picture, view.title, clim)
+        if key == self._drawn_key:
+            # The same picture's shape and colour map: HoloViews' full re-render cost 35 ms a
+            # frame, and 150 in Run vs run, whose range (each frame's own) moved at every step.
+            if not self._plots:
+                self._pipe.send(data)
+                return
+            image = bokeh_image(view.layout, picture)
+            for plot in self._plots.values():
+                source = plot.handles["source"]
+                source.data = {**source.data, "image": [image]}
+                plot.handles["color_mapper"].update(low=clim[0], high=clim[1])
+                plot.handles["plot"].title.text = view.title
+            self._pipe.update(data=data)  # a later full redraw starts from this frame
+            return
+        # A new layer, shape or colour map: a new plot (a DynamicMap keeps its first frame's size).
+        layout, label = view.layout, view.label
+        self._plots.clear()
+        self._pipe = hv.streams.Pipe(data=data)
+        hooks = (weakly(self._capture),)
+        image_map = hv.DynamicMap(lambda data: layer_image(layout, data[0], label=label, title=data[1],
+                                                           clim=data[2], cmap=cmap, max_width=max_width, hooks=hooks),
+                                  streams=[self._pipe])
+        if self._on_click is not None:
+            self.tap = hv.streams.Tap(source=image_map)
+            self.tap.add_subscriber(self._on_click)
+        self.pane.object = image_map * unit_labels(layout) if layout.labels else image_map
+        self._drawn_key = key
+
+    def _capture(self, plot, element) -> None:
+        self._plots[id(plot)] = plot
+        if self.name:  # so that a page (and its tests) can tell the pictures apart
+            plot.handles["glyph_renderer"].name = self.name
+
+    def release(self) -> None:
+        self._plots.clear()
+
+
 class NetworkView(pn.viewable.Viewer):
     """The layer selector, the chosen parameter's picture, its numbers and, in Run vs run, the
     distances of every layer between the two runs."""
@@ -182,11 +300,12 @@ class NetworkView(pn.viewable.Viewer):
         self.notice = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wl-network-notice"],
                                     sizing_mode="stretch_width")
         self.description = pn.pane.HTML("", css_classes=["wl-layer-description"], margin=(0, 10))
-        self._pipe = hv.streams.Pipe(data=None)
-        self.image_map: hv.DynamicMap | None = None  # the picture a click on chooses the inspected weight
-        self.tap = None
-        self.pane = pn.pane.HoloViews(None, linked_axes=False, css_classes=["wl-network"])
-        self.picture_box = pn.Column(self.pane, visible=False, margin=0)
+        # the picture a click on chooses the inspected weight
+        self.picture = LayerPicture(css_class="wl-network", on_click=weakly(self._clicked))
+        self.picture_box = pn.Column(self.picture.pane, visible=False, margin=0)
+        # Side by side: the layer of each run shown, two a row
+        self.side_pictures: list[LayerPicture] = []
+        self.side_box = pn.GridBox(ncols=2, css_classes=["wl-network-side"], visible=False)
         self.summary = pn.pane.HTML("", css_classes=["wl-network-summary"], sizing_mode="stretch_width")
         self.distance_button = pn.widgets.Button(label="Distances of every layer over all steps", width=320)
         self.distance_button.on_click(self.compute_distances)
@@ -194,17 +313,14 @@ class NetworkView(pn.viewable.Viewer):
                                                css_classes=["wl-layer-distances"])
         self.comparison_box = pn.Column(self.distance_button, self.distance_pane, visible=False,
                                         sizing_mode="stretch_width")
-        self._drawn_key: tuple | None = None
-        # The picture's plots as drawn in each browser page, captured by a hook, so a new step
-        # swaps their image data in place (as tiles.py does for the softmax grid).
-        self._plots: dict = {}
         self.shown: LayerView | None = None
-        self._layout = pn.Column(self.layer_select, self.notice, self.description, self.picture_box, self.summary,
-                                 self.comparison_box, sizing_mode="stretch_width", visible=False)
+        self._layout = pn.Column(self.layer_select, self.notice, self.description, self.picture_box, self.side_box,
+                                 self.summary, self.comparison_box, sizing_mode="stretch_width", visible=False)
         self.state.param.watch(lambda event: self._forget_layer(), "run")
         self.state.param.watch(lambda *events: self.render(), ["run", "compare", "mode", "step", "from_step",
                                                              "range_start", "range_stop", "statistic", "scale",
-                                                             "layer", "revision", "window_width", "weights"])
+                                                             "layer", "revision", "window_width", "weights",
+                                                             "side_runs"])
         self.render()
 
     def __panel__(self):
@@ -242,60 +358,58 @@ class NetworkView(pn.viewable.Viewer):
             self.shown = None
             return
         self._sync_layers(run)
+        if self.state.mode == "side-by-side":
+            self._render_side_by_side()
+            return
+        self.side_box.visible = False
         view = layer_view(self.state, self.store)
         self.comparison_box.visible = self.state.mode == "run-diff" and not isinstance(view, str)
         if isinstance(view, str):
-            self.notice.object, self.notice.visible = html.escape(view), True
-            self.picture_box.visible, self.summary.object, self.description.object = False, "", ""
-            self.shown = None
+            self._say(view)
             return
         self.notice.visible = False
         self.shown = view
         self.description.object = f"<small>{html.escape(view.layout.description)}</small>"
-        self._draw(view)
+        self.picture.draw(view, picture_width(self.state.window_width))
         self.picture_box.visible = True
         self.summary.object = self._summary_html(run, view)
 
-    def _draw(self, view: LayerView) -> None:
-        picture = view.layout.picture(view.values)
-        clim, cmap = colour_limits(picture, diverging=view.diverging, limit=view.limit)
-        width = picture_width(self.state.window_width)
-        key = (view.layout.shape, view.layout.kind, cmap, view.label, width)
-        data = (picture, view.title, clim)
-        if key == self._drawn_key:
-            # The same picture's shape and colour map: its values, colour range and title are
-            # swapped into the plots drawn in the page. HoloViews' full re-render cost 35 ms a
-            # frame, and 150 in Run vs run, whose range (each frame's own) moves at every step.
-            if not self._plots:
-                self._pipe.send(data)
-                return
-            image = bokeh_image(view.layout, picture)
-            for plot in self._plots.values():
-                source = plot.handles["source"]
-                source.data = {**source.data, "image": [image]}
-                plot.handles["color_mapper"].update(low=clim[0], high=clim[1])
-                plot.handles["plot"].title.text = view.title
-            self._pipe.update(data=data)  # a later full redraw starts from this frame
-            return
-        # A new layer, shape or colour map: a new plot (a DynamicMap keeps its first frame's size).
-        layout, label = view.layout, view.label
-        self._plots.clear()
-        self._pipe = hv.streams.Pipe(data=data)
-        hooks = (weakly(self._capture),)
-        self.image_map = hv.DynamicMap(lambda data: layer_image(layout, data[0], label=label, title=data[1],
-                                                                clim=data[2], cmap=cmap, max_width=width, hooks=hooks),
-                                       streams=[self._pipe])
-        self.tap = hv.streams.Tap(source=self.image_map)
-        self.tap.add_subscriber(weakly(self._clicked))
-        shown = self.image_map * unit_labels(layout) if layout.labels else self.image_map
-        self.pane.object = shown
-        self._drawn_key = key
+    def _say(self, message: str) -> None:
+        """No picture, and why."""
+        self.notice.object, self.notice.visible = html.escape(message), True
+        self.picture_box.visible = self.side_box.visible = False
+        self.summary.object = self.description.object = ""
+        self.shown = None
 
-    def _capture(self, plot, element) -> None:
-        self._plots[id(plot)] = plot
+    def _render_side_by_side(self) -> None:
+        self.picture_box.visible = self.comparison_box.visible = False
+        shown = side_layer_views(self.state, self.store)
+        if isinstance(shown, str):
+            self.side_box.objects = []  # nothing stale: no picture rather than an old one
+            self._say(shown)
+            return
+        views, note = shown
+        self.notice.object, self.notice.visible = html.escape(note), bool(note)
+        self.shown = views[0]
+        self.description.object = f"<small>{html.escape(views[0].layout.description)}</small>"
+        while len(self.side_pictures) < len(views):
+            self.side_pictures.append(LayerPicture(css_class="wl-network-side-picture",
+                                                   name=f"wl-network-side-{len(self.side_pictures)}"))
+        width = side_picture_width(self.state.window_width)
+        self.side_box.ncols = side_columns(self.state.window_width)
+        for picture, view in zip(self.side_pictures, views):
+            picture.draw(view, width)
+        panes = [picture.pane for picture in self.side_pictures[:len(views)]]
+        if self.side_box.objects != panes:
+            for picture in self.side_pictures[len(views):]:
+                picture.release()  # its plots leave the page; shown again, it is drawn afresh
+            self.side_box.objects = panes
+        self.side_box.visible = True
+        self.summary.object = ""
 
     def release(self) -> None:
-        self._plots.clear()
+        for picture in [self.picture, *self.side_pictures]:
+            picture.release()
 
     def _clicked(self, x=None, y=None) -> None:
         view = self.shown

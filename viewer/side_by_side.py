@@ -25,7 +25,15 @@ from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.picker import text_options
 from weightlapse.viewer.plots import TileView, class_labels, tile_image
 from weightlapse.viewer.state import MAX_BESIDE, ViewState
-from weightlapse.viewer.tiles import READ_ERRORS, draw_in_place, label_colorbar, open_run, weakly, weights_shown
+from weightlapse.viewer.tiles import (
+    READ_ERRORS,
+    draw_in_place,
+    is_network,
+    label_colorbar,
+    open_run,
+    weakly,
+    weights_shown,
+)
 
 SLOT_TILE_PX = 68   # screen pixels per tile: two grids and their colour bars fit a 1280-pixel window
 
@@ -157,6 +165,10 @@ class SideBySide(pn.viewable.Viewer):
         shown = self.state.mode == "side-by-side"
         self._layout.visible = shown
         if not shown:
+            return
+        if is_network(self.store, self.state.run):  # its layers are drawn by the network view; the choice is here
+            self.notice.visible = False
+            self.grids.objects = []
             return
         view = side_by_side_view(self.state, self.store)
         if isinstance(view, str):

@@ -153,8 +153,9 @@ class ExportPanel(pn.viewable.Viewer):
         self.png_download.disabled = view is None
         if view is not None:
             self.png_download.label = "Download PNG of this view"
-        elif is_network(self.store, self.state.run) and self.state.mode not in ("compare", "side-by-side"):
-            self.png_download.label = "PNG: the save tool above the picture"
+        elif is_network(self.store, self.state.run) and self.state.mode != "compare":
+            self.png_download.label = ("PNG: the save tool above each picture" if self.state.mode == "side-by-side"
+                                       else "PNG: the save tool above the picture")
         else:
             self.png_download.label = "PNG: nothing to export in this view"
 

@@ -92,7 +92,7 @@ def open_run(store: DataStore, name: str) -> Run | str:
     except READ_ERRORS as error:
         return f"Cannot open run {name}: {error}"
     if isinstance(run, NetworkRun):
-        return (f"{name} records a network: its layers are shown in Replay, Step vs step, Run vs run and "
+        return (f"{name} records a network: its layers are shown in Replay, Side by side, Step vs step, Run vs run and "
                 "Statistics; this view shows softmax-regression runs.")
     return run
 
