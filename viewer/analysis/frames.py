@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from weightlapse.pipeline.store import IMAGE_SIDE
+from weightlapse.viewer.analysis.scales import largest_magnitude
 
 GRID_COLUMNS = 5  # ten classes as 2 rows x 5 columns, as the original notebook drew them
 GAP = 1           # one blank (NaN) pixel between tiles, as in the notebook's 29-pixel pitch
@@ -95,9 +96,7 @@ def class_mean_fraction(weights: np.ndarray) -> float:
 
 def symmetric_limit(values: np.ndarray) -> float:
     """The largest |value| (ignoring NaN), so a colour map can be centred on zero; 1 if all zero."""
-    finite = np.abs(values[np.isfinite(values)])
-    limit = float(finite.max()) if finite.size else 0.0
-    return limit if limit > 0 else 1.0
+    return largest_magnitude(values) or 1.0
 
 
 def scale_per_class(frames: np.ndarray) -> np.ndarray:
