@@ -126,3 +126,31 @@ def test_a_declared_dataset_is_read_with_its_declaration_from_the_params_file(tm
         function_space.declared_spec("other", params)
     with pytest.raises(DatasetError, match="cannot be read"):
         function_space.declared_spec("mine", tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_a_hidden_layer_runs_predictions_are_computed_from_its_stored_layers(tmp_path, generated_data, activation):
+    """A train-stage MLP (two hidden layers, biases): accuracy from the stored layers is the
+    train stage's own held-out score, and the confusion at the last step agrees with it."""
+    from network_runs import mlp, record
+
+    data_dir, _ = generated_data
+    dataset = load_dataset(data_dir, "mnist")
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        config = TrainParams(seed=seed, epochs=3, eval_every=5, hidden=(12, 6), activation=activation, bias=True,
+                             device="cpu")
+        run_training(config, dataset, runs / f"mlp-{seed}", run_name=f"mlp-{seed}", progress=False)
+    record(runs / "recorded", mlp(hidden=12), steps=3)
+    catalog, heldout = RunCatalog(runs), function_space.load_heldout(data_dir, "mnist")
+    models = function_space.open_models(catalog, ["mlp-0", "mlp-1"])
+    result = function_space.agreement_over_steps(models, heldout, every=5)
+    for name, model in models.items():
+        for step, accuracy in zip(model.eval_step.values, model.heldout_accuracy.values):
+            assert result.accuracy.sel(run=name, step=step).item() == pytest.approx(accuracy, abs=1e-6)
+    confusion = function_space.confusion_at(models["mlp-1"], heldout, step=30)
+    assert np.trace(confusion.values) / len(heldout.labels) == pytest.approx(
+        models["mlp-1"].heldout_accuracy.values[-1], abs=1e-6)
+    # a run recorded by a loop of its own has no activation recorded, so nothing to predict with
+    with pytest.raises(ValueError, match="records no activation"):
+        function_space.open_models(catalog, ["recorded"])

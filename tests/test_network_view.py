@@ -289,3 +289,40 @@ def test_a_hidden_layer_run_of_the_train_stage_replays_its_units_and_its_held_ou
     np.testing.assert_array_equal(network_picture(viewer, root), layout.picture(stored["hidden1.weight"][7].values))
     steps, accuracy = viewer.store.open("mlp-8").accuracy()
     assert list(steps) == [0, 5, 8] and np.all((accuracy >= 0) & (accuracy <= 1))
+
+
+def test_compare_runs_matches_network_runs_hidden_units_and_draws_both_distances(recorded):
+    from weightlapse.viewer.analysis.network_compare import compare_networks
+
+    runs, _ = recorded
+    viewer, root = viewer_on(runs, mode="compare", runs="mlp,mlp-seed1")
+    comparison = viewer.comparison
+    assert comparison.match_box.visible and comparison.match_box.value
+    assert "compare these network runs (hidden units matched)" in comparison.notice.object
+    asyncio.run(comparison.compute())
+    expected = compare_networks({"mlp": viewer.store.open("mlp"), "mlp-seed1": viewer.store.open("mlp-seed1")},
+                                every=1)
+    as_recorded = float(expected.unmatched_distance.isel(step=-1, other_run=0))
+    matched = float(expected.distance_to_reference.isel(step=-1, other_run=0))
+    assert matched < as_recorded
+    note = comparison.gauge.object
+    assert "Hidden units matched" in note
+    assert f"<td>mlp-seed1</td><td>{int(expected.moved_units[0])} of 16</td><td>{as_recorded:.4g}</td>" in note
+    assert f"<td>{matched:.4g}</td>" in note
+    dashes = {curve.opts.get().kwargs.get("line_dash") for curve in comparison.plots[0].objects[0].object}
+    assert dashes == {"solid", "dashed"}
+    # unticked: the runs as recorded, one more computation
+    comparison.match_box.value = False
+    assert "hidden units as recorded" in comparison.notice.object
+    asyncio.run(comparison.compute())
+    assert "Hidden units as recorded" in comparison.gauge.object
+    # a softmax run or another model in the group is named, before anything is computed
+    viewer.state.compare_runs = ["mlp", "softmax"]
+    assert "mlp records a network and softmax softmax regression" in comparison.notice.object
+    viewer.state.compare_runs = ["mlp", "wide"]
+    assert "hidden1.weight is (16, 784) in mlp but (20, 784) in wide" in comparison.notice.object
+    assert not comparison.match_box.visible
+    # runs recorded by a loop of their own have no held-out images to predict
+    viewer.state.compare_runs = ["mlp", "mlp-seed1"]
+    asyncio.run(comparison.predictions.compute())
+    assert "mlp records no dataset" in html.unescape(comparison.predictions.notice.object)

@@ -66,7 +66,9 @@ are the 784 pixels shows one 28x28 image per unit; other matrices a heatmap (uni
 across); biases a strip; convolutions their kernels. Replay, Side by side (the layer of up to
 four network runs, on one scale), Step vs step, Run vs run (another network of the same layers;
 with every layer's distance) and Statistics work on the layer shown; click a weight to follow it over all steps. *Per class* scales each unit on its own.
-The animation of the step range is of the layer shown.
+The animation of the step range is of the layer shown. *Compare runs* matches the runs' hidden
+units first (a network computes the same with its units in any order), and draws the distances
+as recorded dashed.
 
 Click a curve to jump to its step. The link in the address bar restores this view.
 """

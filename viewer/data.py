@@ -272,7 +272,12 @@ class DataStore:
 
     def _predictions_setup(self, names: list[str]) -> tuple[dict, function_space.HeldOut]:
         datasets = {self.open(name).metadata.dataset for name in names}
-        if len(datasets) != 1 or not next(iter(datasets)):
+        unscored = next((name for name in names if not self.open(name).metadata.dataset), None)
+        if unscored is not None:
+            raise ValueError(f"{unscored} records no dataset (it was recorded by a training loop of its own): "
+                             "predictions are compared on the held-out images of the dataset the runs were "
+                             "trained on, so choose runs of the train stage")
+        if len(datasets) != 1:
             raise ValueError(f"these runs were trained on {', '.join(sorted(map(str, datasets)))}: predictions are "
                              "compared on one dataset's held-out images, so choose runs of one dataset")
         heldout = self.held_out(datasets.pop())

@@ -3,7 +3,7 @@
 One :class:`NetworkData` per data store (``DataStore.networks``), shared by every page of a
 runs location: a parameter's colour limits over the whole run, one weight's history, a
 layer's statistics and the distance it travels, and the per-layer distances between two
-runs. Every key starts with the store's identity (its ``store_id``), so a run recorded
+runs, and the comparison of a group of them. Every key starts with the store's identity (its ``store_id``), so a run recorded
 again is read afresh.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from weightlapse.viewer.analysis.network import NetworkRun, layer_distances, layer_statistics, layout_problem
+from weightlapse.viewer.analysis.network_compare import compare_networks
 from weightlapse.viewer.analysis.scales import RunScales, sampled_steps
 from weightlapse.viewer.analysis.spacing import Travelled, travelled_along
 
@@ -45,6 +46,7 @@ class NetworkData:
         self._stats = _Bounded()
         self._distances = _Bounded()
         self._travelled = _Bounded()
+        self._comparisons = _Bounded()
 
     def network(self, name: str) -> NetworkRun | None:
         """The listed run ``name`` if it records a network, else None (raises as DataStore.open)."""
@@ -134,4 +136,20 @@ class NetworkData:
         result = layer_distances(run, other, every=every, scheduler=self.store.scheduler)
         with self._lock:
             self._distances.put(self._distance_key(run, other, every), result)
+        return result
+
+    def _comparison_key(self, runs: list[NetworkRun], every: int, match: bool) -> tuple:
+        return (tuple((run.identity, run.last_step) for run in runs), every, match)
+
+    def comparison(self, runs: list[NetworkRun], every: int, match: bool):
+        """The comparison of these network runs as they are now (network_compare.compare_networks)
+        if computed, else None."""
+        with self._lock:
+            return self._comparisons.get(self._comparison_key(runs, every, match))
+
+    def compute_comparison(self, runs: list[NetworkRun], every: int, match: bool, *, progress=None):
+        result = compare_networks({run.name: run for run in runs}, every=every, match=match,
+                                  scheduler=self.store.scheduler, progress=progress)
+        with self._lock:
+            self._comparisons.put(self._comparison_key(runs, every, match), result)
         return result

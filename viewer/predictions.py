@@ -121,5 +121,5 @@ class Predictions(pn.viewable.Viewer):
             return
         accuracy = counts.values.trace() / max(int(counts.values.sum()), 1)
         self.confusion[:] = [pn.pane.HoloViews(confusion_heatmap(
-            counts, run.class_names, title=f"{reference} at step {step:,}: {100 * accuracy:.1f}% right"),
+            counts, run.class_names or [str(index) for index in range(counts.sizes["true"])], title=f"{reference} at step {step:,}: {100 * accuracy:.1f}% right"),
             linked_axes=False)]

@@ -4,6 +4,9 @@
     python -m weightlapse.viewer.analysis.compare s3://bucket/runs --runs a b c \
         --scheduler tcp://10.0.0.5:8786 --out ...
 
+The command compares network runs too (:mod:`~weightlapse.viewer.analysis.network_compare`:
+their hidden units matched to the first run's, or as recorded with ``--unmatched``).
+
 Headless use, for research scripts::
 
     from weightlapse.viewer.analysis.runs import RunCatalog
@@ -44,10 +47,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import dask.array as da
 import numpy as np
@@ -57,21 +59,19 @@ from weightlapse.pipeline.cluster import compute
 from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
 from weightlapse.pipeline.store import open_run, pixel_coords
 from weightlapse.viewer.analysis.frames import centred, class_mean_fraction
+from weightlapse.viewer.analysis.geometry import (
+    PCA_CAVEAT,
+    Progress,
+    compared_steps,
+    fitted_components,
+    pairwise_similarity,
+    random_walk_variance_ratio,
+    shared_pca,
+)
+from weightlapse.viewer.analysis.network import NetworkRun
+from weightlapse.viewer.analysis.network_compare import compare_networks
 
 log = logging.getLogger(__name__)
-
-PCA_CAVEAT = (
-    "Caveat: the projections of a random walk onto its own first principal components are also smooth "
-    "curves (cosines, k-th component ~ cos(k*pi*t/T)), with the k-th component explaining about "
-    "6/(pi^2 k^2) of the variance (61%, 15%, 7%, ...). A curved path is not evidence of structure by "
-    "itself: compare the explained variance with the random walk's (Antognini & Sohl-Dickstein, NeurIPS 2018)."
-)
-# Components fitted for the explained-variance comparison, whatever number is drawn.
-PCA_FITTED_COMPONENTS = 10
-# Rows per block of the stacked trajectories: 512 x 7,840 float64 is 32 MB per task.
-PCA_BLOCK_ROWS = 512
-
-Progress = Callable[[float], None] | None
 
 
 def open_trajectories(catalog, names: Iterable[str]) -> dict[str, xr.DataArray]:
@@ -94,15 +94,6 @@ def _check_runs(runs: Mapping[str, xr.DataArray], least: int) -> tuple[list[str]
     return list(runs), n_steps
 
 
-def _steps(n_steps: int, every: int) -> np.ndarray:
-    if every < 1:
-        raise ValueError(f"every must be at least 1, got {every}")
-    steps = np.arange(0, n_steps, every)
-    if steps[-1] != n_steps - 1:  # the last shared step always counts
-        steps = np.append(steps, n_steps - 1)
-    return steps
-
-
 def _rows(weights: xr.DataArray, steps: np.ndarray) -> da.Array:
     data = weights.data if isinstance(weights.data, da.Array) else da.from_array(np.asarray(weights), name=False)
     if len(steps) == steps[-1] + 1:
@@ -121,7 +112,7 @@ def distance_over_steps(a: xr.DataArray, b: xr.DataArray, *, every: int = 1, sch
     distance² = centred_distance² + class_mean_distance². Sums in float64.
     """
     _, n_steps = _check_runs({"a": a, "b": b}, 2)
-    steps = _steps(n_steps, every)
+    steps = compared_steps(n_steps, every)
     wa, wb = _rows(a, steps).astype(np.float64), _rows(b, steps).astype(np.float64)
     n_classes = wa.shape[1]
     per_class, dot, norm_a, norm_b, mean_part = compute(
@@ -148,7 +139,7 @@ def spread_across_runs(runs: Mapping[str, xr.DataArray], *, every: int = 1) -> x
     One task per block of steps reads that block of every run and reduces it at once
     (rather than dask's generic moment reductions, which were four times slower here)."""
     names, n_steps = _check_runs(runs, 2)
-    steps = _steps(n_steps, every)
+    steps = compared_steps(n_steps, every)
     blocks = [_rows(runs[name], steps) for name in names]
     blocks = [block.rechunk(blocks[0].chunks) for block in blocks]  # runs may be chunked differently
     spread = da.map_blocks(_std_over_runs, *blocks, dtype=np.float64)
@@ -194,22 +185,9 @@ def similarity_matrix(runs: Mapping[str, xr.DataArray], *, step: int | None = No
         raise ValueError(f"step {at} is outside the steps all runs have, 0..{n_steps - 1}")
     rows = compute([_rows(runs[name], np.arange(at + 1))[at] for name in names], scheduler=scheduler,
                    progress=progress)
-    flat = np.stack([row.ravel() for row in rows]).astype(np.float64)  # (run, weight)
-    gram = flat @ flat.T
-    norms = np.sqrt(np.diag(gram))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = gram / np.outer(norms, norms)
-    distance = np.sqrt(np.maximum(norms[:, None] ** 2 + norms[None, :] ** 2 - 2 * gram, 0.0))
-    np.fill_diagonal(distance, 0.0)
+    cosine, distance = pairwise_similarity(np.stack([row.ravel() for row in rows]))
     return xr.Dataset({"cosine": (("run", "other"), cosine), "distance": (("run", "other"), distance)},
                       coords={"run": names, "other": names}, attrs={"step": at})
-
-
-def random_walk_variance_ratio(n_components: int) -> np.ndarray:
-    """Fraction of variance the k-th principal component of a long, high-dimensional random
-    walk explains: 6 / (pi^2 k^2) (Antognini & Sohl-Dickstein, 2018)."""
-    k = np.arange(1, n_components + 1)
-    return 6.0 / (math.pi ** 2 * k ** 2)
 
 
 def trajectory_pca(runs: Mapping[str, xr.DataArray], *, n_components: int = 2, every: int = 1, seed: int = 0,
@@ -226,34 +204,16 @@ def trajectory_pca(runs: Mapping[str, xr.DataArray], *, n_components: int = 2, e
     caveat in ``attrs["caveat"]``), ``components`` (component, class, pixel) and ``mean``.
     """
     names, n_steps = _check_runs(runs, 1)
-    steps = _steps(n_steps, every)
+    steps = compared_steps(n_steps, every)
     first = runs[names[0]]
     n_classes, n_pixels = first.shape[1], first.shape[2]
     n_weights = n_classes * n_pixels
-    n_rows = len(names) * len(steps)
-    fitted = min(max(PCA_FITTED_COMPONENTS, n_components), n_rows - 1, n_weights)
-    if fitted < n_components or fitted < 1:
-        raise ValueError(f"{n_rows} stacked steps cannot give {n_components} components: use more steps "
-                         "(a smaller every, or longer runs) or fewer components")
-    stacked = da.concatenate([_rows(runs[name], steps).reshape(len(steps), n_weights) for name in names])
-    stacked = stacked.rechunk((PCA_BLOCK_ROWS, n_weights)).astype(np.float64)
-
-    def stage(index: int, n: int) -> Progress:
-        return None if progress is None else (lambda fraction: progress((index + fraction) / n))
-
-    (mean,) = compute([stacked.mean(axis=0)], scheduler=scheduler, progress=stage(0, 3))
-    centred = stacked - mean
-    with warnings.catch_warnings():  # dask notes the randomized SVD's dtype cast; nothing to act on
-        warnings.simplefilter("ignore", category=da.PerformanceWarning)
-        _, singular, basis = da.linalg.svd_compressed(centred, k=fitted, n_power_iter=2, seed=seed,
-                                                      coerce_signs=True)
-    singular, basis, total = compute([singular, basis, (centred ** 2).sum()], scheduler=scheduler,
-                                     progress=stage(1, 3))
-    basis = _fix_signs(basis)
-    (projected,) = compute([centred @ basis[:n_components].T], scheduler=scheduler, progress=stage(2, 3))
-    ratio = singular ** 2 / total if total > 0 else np.zeros_like(singular)
+    fitted = fitted_components(len(names) * len(steps), n_weights, n_components)
+    flat = [_rows(runs[name], steps).reshape(len(steps), n_weights) for name in names]
+    path, ratio, basis, mean = shared_pca(flat, n_components=n_components, fitted=fitted, seed=seed,
+                                          scheduler=scheduler, progress=progress)
     return xr.Dataset(
-        {"path": (("run", "step", "component"), projected.reshape(len(names), len(steps), n_components)),
+        {"path": (("run", "step", "component"), path),
          "explained_variance_ratio": ("fitted", ratio),
          "random_walk_ratio": ("fitted", random_walk_variance_ratio(fitted)),
          "components": (("component", "class", "pixel"), basis[:n_components].reshape(n_components, n_classes,
@@ -262,13 +222,6 @@ def trajectory_pca(runs: Mapping[str, xr.DataArray], *, n_components: int = 2, e
         coords={"run": names, "step": steps, "component": np.arange(1, n_components + 1),
                 "fitted": np.arange(1, fitted + 1), "class": np.arange(n_classes), **pixel_coords(n_pixels)},
         attrs={"caveat": PCA_CAVEAT, "seed": seed, "every": every})
-
-
-def _fix_signs(basis: np.ndarray) -> np.ndarray:
-    """Each component's sign chosen so its largest loading is positive: the same picture
-    whichever machine or run order computed it."""
-    largest = basis[np.arange(len(basis)), np.abs(basis).argmax(axis=1)]
-    return basis * np.where(largest < 0, -1.0, 1.0)[:, None]
 
 
 def compare_runs(runs: Mapping[str, xr.DataArray], *, every: int = 1, n_components: int = 2,
@@ -339,6 +292,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser.add_argument("--components", type=int, default=2, help="PCA components to project onto")
     parser.add_argument("--centred", action="store_true",
                         help="compare the weights less their class-mean, the part that changes predictions")
+    parser.add_argument("--unmatched", action="store_true",
+                        help="network runs: compare their hidden units as recorded, not matched to the first run's")
     parser.add_argument("--scheduler", default=None, help="Dask scheduler address (default: threads here)")
     parser.add_argument("--out", required=True, help="Zarr store to write (xarray.open_zarr reads it)")
     args = parser.parse_args(argv)
@@ -347,11 +302,23 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         check_output_target(args.out, inputs=[args.runs_dir], kind="comparison")
         catalog = RunCatalog(args.runs_dir)
         names = args.runs if args.group is None else catalog.group_members(args.group, least=2)
-        runs = open_trajectories(catalog, names)
+        networks = {name: run for name in names if isinstance(run := catalog.open(name), NetworkRun)}
+        if networks and len(networks) < len(names):
+            matrix = next(name for name in names if name not in networks)
+            raise ValueError(f"{next(iter(networks))} records a network and {matrix} softmax regression: compare "
+                             "runs of one model")
+        if networks and args.centred:
+            raise ValueError("--centred removes softmax regression's class-mean, which a network does not have: "
+                             "network runs are compared with their hidden units matched (--unmatched: as recorded)")
         with tqdm(total=100, unit="%", desc="comparing") as bar:
-            result = compare_runs(runs, every=args.every, n_components=args.components, centre=args.centred,
-                                  scheduler=args.scheduler,
-                                  progress=lambda fraction: bar.update(round(fraction * 100) - bar.n))
+            report = lambda fraction: bar.update(round(fraction * 100) - bar.n)  # noqa: E731
+            if networks:
+                result = compare_networks(networks, every=args.every, match=not args.unmatched,
+                                          n_components=args.components, scheduler=args.scheduler, progress=report)
+            else:
+                result = compare_runs(open_trajectories(catalog, names), every=args.every,
+                                      n_components=args.components, centre=args.centred, scheduler=args.scheduler,
+                                      progress=report)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             result.attrs[OUTPUT_MARK] = "comparison"

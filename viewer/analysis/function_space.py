@@ -18,6 +18,10 @@ held-out split, from the stored weights::
     result.accuracy       # (run, step): each run's held-out accuracy, as the train stage scores it
     function_space.confusion_at(models["adam-lr0.001-b20-seed0"], heldout, step=3000)  # (true, predicted)
 
+A network run of the train stage (``train.hidden``) is compared the same way, its
+predictions computed from its stored layers and activation; so is any run recorded as a
+chain of linear layers with a dataset and an activation recorded.
+
 Steps are those all the runs have (0 .. the shortest run's last valid step), every
 ``every``-th and always the last. The stores are read a block of steps at a time through
 dask, and ``scheduler`` (None: threads here; an address or Client: that cluster) and
@@ -51,13 +55,19 @@ from weightlapse.pipeline.datasets import (
 )
 from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
 from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
-from weightlapse.pipeline.store import RunMetadata, open_run
+from weightlapse.pipeline.store import RunMetadata, TrajectoryError, open_run
+from weightlapse.pipeline.store.network import parse_parameters
+from weightlapse.viewer.analysis.network import linear_chain
 
 log = logging.getLogger(__name__)
 
 MAX_PARAMS_BYTES = 1 << 20
 # Steps per task: the logits of one run for one step over 10,000 images are 400 KB (float32).
 BLOCK_STEPS = 16
+# A network's widest layer's outputs for a task's steps and images, at most (float32).
+BLOCK_BYTES = 64 * 2**20
+# The activations between a network's layers, as the train stage applies them (pipeline/mlp.py).
+ACTIVATIONS = {"relu": lambda values: np.maximum(values, np.float32(0)), "tanh": np.tanh}
 
 Progress = Callable[[float], None] | None
 
@@ -107,20 +117,66 @@ def check_trained_on(models: Mapping[str, xr.Dataset], heldout: HeldOut) -> None
                              "stage wrote")
 
 
+@dataclass(frozen=True)
+class Classifier:
+    """A run's stored layers as an image classifier, step by step: (weight, bias or None) lazy
+    (step, out, in) and (step, out) arrays from input to output, the activation between them."""
+
+    layers: tuple[tuple[xr.DataArray, xr.DataArray | None], ...]
+    activation: str | None  # None for a single layer (softmax regression)
+
+    @property
+    def n_steps(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(weight.shape[1:] for weight, _ in self.layers)
+
+    @property
+    def widest(self) -> int:
+        return max(weight.shape[1] for weight, _ in self.layers)
+
+
+def classifier(name: str, model: xr.Dataset) -> Classifier:
+    """Run ``name``'s Dataset (open_run's) as a :class:`Classifier`, or a ValueError saying why
+    its predictions cannot be computed from what it stores."""
+    if "weights" in model:
+        return Classifier(((model.weights, model.bias if "bias" in model else None),), None)
+    meta = model.attrs.get("weightlapse") or {}
+    try:
+        chain = linear_chain(parse_parameters(meta.get("parameters"), name).parameters)
+    except TrajectoryError as error:
+        chain = str(error)
+    if isinstance(chain, str):
+        raise ValueError(f"run {name!r}: its predictions cannot be computed from its parameters ({chain}); "
+                         "only chains of linear layers are")
+    activation = (meta.get("params") or {}).get("activation") if len(chain) > 1 else None
+    if len(chain) > 1 and activation not in ACTIVATIONS:
+        raise ValueError(f"run {name!r} records no activation between its layers that this knows "
+                         f"({', '.join(ACTIVATIONS)}): its predictions cannot be computed")
+    return Classifier(tuple((model[layer.weight], model[layer.bias] if layer.bias else None) for layer in chain),
+                      activation)
+
+
 def open_models(catalog, names: Iterable[str]) -> dict[str, xr.Dataset]:
-    """The listed runs of ``catalog`` (a RunCatalog) as lazy Datasets with their weights (and bias)."""
-    return {name: open_run(catalog.location(name), matrix_for="comparisons of predictions cover") for name in names}
+    """The listed runs of ``catalog`` (a RunCatalog) as lazy Datasets: a softmax run's weights
+    (and bias), a network run's parameters (:func:`classifier` says whether they predict)."""
+    models = {name: open_run(catalog.location(name)) for name in names}
+    for name, model in models.items():
+        classifier(name, model)
+    return models
 
 
-def _shared_steps(models: Mapping[str, xr.Dataset], every: int, least: int) -> np.ndarray:
-    if len(models) < least:
-        raise ValueError(f"give at least {least} runs to compare, got {len(models)}")
+def _shared_steps(classifiers: Mapping[str, Classifier], every: int, least: int) -> np.ndarray:
+    if len(classifiers) < least:
+        raise ValueError(f"give at least {least} runs to compare, got {len(classifiers)}")
     if every < 1:
         raise ValueError(f"every must be at least 1, got {every}")
-    shapes = {name: model.weights.shape for name, model in models.items()}
-    if len({shape[1:] for shape in shapes.values()}) > 1:
-        raise ValueError(f"the runs' weights have different shapes ({shapes}); compare runs of one model")
-    n_steps = min(shape[0] for shape in shapes.values())
+    shapes = {name: model.shapes for name, model in classifiers.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"the runs' layers have different shapes ({shapes}); compare runs of one model")
+    n_steps = min(model.n_steps for model in classifiers.values())
     if n_steps < 1:
         raise ValueError("a run has no valid step yet; compare runs once they have steps")
     steps = np.arange(0, n_steps, every)
@@ -136,10 +192,30 @@ def log_probabilities(weights: np.ndarray, bias: np.ndarray | None, images: np.n
     return logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
 
 
-def _block_measures(weights: list[np.ndarray], biases: list[np.ndarray | None], images: np.ndarray,
-                    labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def network_log_probabilities(layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str,
+                              images: np.ndarray) -> np.ndarray:
+    """(step, image, class) log-softmax of a chain of linear layers' logits, ``activation``
+    after each but the last; each layer's (weight (step, out, in), bias (step, out) or None)."""
+    if len(layers) == 1:
+        return log_probabilities(*layers[0], images)
+    weight, bias = layers[0]
+    values = np.einsum("sop,np->sno", weight.astype(np.float32), images, optimize=True)
+    for index, (weight, bias) in enumerate(layers):
+        if index:
+            values = np.einsum("soi,sni->sno", weight.astype(np.float32), values, optimize=True)
+        if bias is not None:
+            values += bias.astype(np.float32)[:, None, :]
+        if index < len(layers) - 1:
+            values = ACTIVATIONS[activation](values)
+    logits = values.astype(np.float64)
+    logits -= logits.max(axis=2, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+
+
+def _block_measures(layers: list[list[tuple[np.ndarray, np.ndarray | None]]], activation: str | None,
+                    images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For a block of steps: agreement and symmetric KL per pair (pair, step), accuracy per run (run, step)."""
-    log_p = [log_probabilities(w, b, images) for w, b in zip(weights, biases)]
+    log_p = [network_log_probabilities(run_layers, activation, images) for run_layers in layers]
     predicted = [lp.argmax(axis=2) for lp in log_p]
     accuracy = np.stack([(p == labels).mean(axis=1) for p in predicted])
     agreement, kl = [], []
@@ -148,7 +224,7 @@ def _block_measures(weights: list[np.ndarray], biases: list[np.ndarray | None], 
         difference = log_p[a] - log_p[b]
         # (KL(a||b) + KL(b||a)) / 2 = sum_c (p_a - p_b)(log p_a - log p_b) / 2
         kl.append(((np.exp(log_p[a]) - np.exp(log_p[b])) * difference).sum(axis=2).mean(axis=1) / 2)
-    width = weights[0].shape[0]
+    width = layers[0][0][0].shape[0]
     empty = np.zeros((0, width))
     return (np.stack(agreement) if agreement else empty, np.stack(kl) if kl else empty, accuracy)
 
@@ -163,15 +239,17 @@ def agreement_over_steps(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, 
     each run's held-out accuracy. Pairs are named ``"a | b"`` in the order given.
     """
     names = list(models)
-    steps = _shared_steps(models, every, 1)
+    classifiers = {name: classifier(name, model) for name, model in models.items()}
+    steps = _shared_steps(classifiers, every, 1)
+    first = classifiers[names[0]]
     images = dask.delayed(heldout.images, pure=True)
     labels = dask.delayed(heldout.labels, pure=True)
+    per_task = _steps_per_task(first, len(heldout.labels))
     tasks = []
-    for start in range(0, len(steps), BLOCK_STEPS):
-        block = steps[start:start + BLOCK_STEPS]
-        weights = [models[name].weights.data[block] for name in names]
-        biases = [None if "bias" not in models[name] else models[name].bias.data[block] for name in names]
-        tasks.append(dask.delayed(_block_measures)(weights, biases, images, labels))
+    for start in range(0, len(steps), per_task):
+        block = steps[start:start + per_task]
+        layers = [_layers_at(classifiers[name], block) for name in names]
+        tasks.append(dask.delayed(_block_measures)(layers, first.activation, images, labels))
     blocks = compute(tasks, scheduler=scheduler, progress=progress)
     pairs = [f"{a} | {b}" for a, b in itertools.combinations(names, 2)]
     return xr.Dataset(
@@ -184,15 +262,27 @@ def agreement_over_steps(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, 
                "symmetric_kl_units": "nats"})
 
 
+def _steps_per_task(model: Classifier, n_images: int) -> int:
+    if model.activation is None:
+        return BLOCK_STEPS
+    return int(max(1, min(BLOCK_STEPS, BLOCK_BYTES // (n_images * model.widest * 4))))
+
+
+def _layers_at(model: Classifier, steps: np.ndarray) -> list[tuple]:
+    """The model's layers at ``steps``, lazily (dask arrays)."""
+    return [(weight.data[steps], None if bias is None else bias.data[steps]) for weight, bias in model.layers]
+
+
 def confusion_at(model: xr.Dataset, heldout: HeldOut, *, step: int) -> xr.DataArray:
     """(true, predicted) counts of the held-out images at ``step``: rows sum to each class's images."""
-    n_steps = model.weights.shape[0]
+    layers = classifier(str(model.attrs.get("weightlapse", {}).get("run", "")), model)
+    n_steps = layers.n_steps
     if not 0 <= step < n_steps:
         raise ValueError(f"step {step} is outside the run's valid steps 0..{n_steps - 1}")
-    weights = np.asarray(model.weights.data[step:step + 1])
-    bias = None if "bias" not in model else np.asarray(model.bias.data[step:step + 1])
-    predicted = log_probabilities(weights, bias, heldout.images)[0].argmax(axis=1)
-    n_classes = weights.shape[1]
+    values = [(np.asarray(weight.data[step:step + 1]), None if bias is None else np.asarray(bias.data[step:step + 1]))
+              for weight, bias in layers.layers]
+    predicted = network_log_probabilities(values, layers.activation, heldout.images)[0].argmax(axis=1)
+    n_classes = values[-1][0].shape[1]
     counts = np.bincount(heldout.labels * n_classes + predicted, minlength=n_classes * n_classes)
     classes = np.arange(n_classes)
     return xr.DataArray(counts.reshape(n_classes, n_classes), dims=("true", "predicted"),

@@ -19,6 +19,8 @@ identity (its ``store_id``), never to the run's name.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
@@ -80,6 +82,12 @@ class NetworkRun(StoredRun):
         if self.store.local and now - self._checked_at > RECHECK_S:
             self._checked_at = now
             self.refresh()
+
+    @property
+    def class_names(self) -> list[str]:
+        """The names of the classes it was trained on, as recorded ([] for a run recorded by a
+        training loop of its own, which names none)."""
+        return list(self.metadata.class_names or [])
 
     @property
     def names(self) -> list[str]:
@@ -218,6 +226,42 @@ def layout_problem(run: NetworkRun, other: NetworkRun) -> str | None:
             return (f"{name} is {shape} in {run.name} but {theirs[name]} in {other.name}: the runs record "
                     "different models")
     return f"{other.name} has parameters {run.name} lacks: the runs record different models"
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """One linear layer of a network: y = x @ weight.T + bias."""
+
+    weight: str              # its (out, in) weight's parameter name
+    bias: str | None         # its (out,) bias's, if it has one
+    units: int               # out
+
+
+def linear_chain(parameters: Sequence[ParameterSpec]) -> tuple[LinearLayer, ...] | str:
+    """A network's ``parameters`` (in the model's order) as linear layers from input to output,
+    each feeding the next, or why they are not such a chain (in words). The train stage's MLPs
+    and a recorded ``nn.Sequential`` of ``Linear`` layers are chains."""
+    layers: list[LinearLayer] = []
+    by_module: dict[str, dict[str, tuple[int, ...]]] = {}
+    for spec in parameters:
+        if spec.module != "Linear" or spec.role not in ("weight", "bias"):
+            return f"{spec.name} is a {spec.role} of a {spec.module or 'module'}, not of a Linear layer"
+        module, _, kind = spec.name.rpartition(".")
+        by_module.setdefault(module, {})[kind] = spec.shape
+    for module, parts in by_module.items():
+        weight = parts.get("weight")
+        if weight is None or len(weight) != 2:
+            return f"{module} has no (out, in) weight"
+        bias = parts.get("bias")
+        if bias is not None and bias != (weight[0],):
+            return f"{module}.bias has shape {bias}, not ({weight[0]},)"
+        if layers and weight[1] != layers[-1].units:
+            return (f"{module}.weight takes {weight[1]} inputs but the layer before it has {layers[-1].units} "
+                    "units: the layers do not form one chain")
+        layers.append(LinearLayer(f"{module}.weight", None if bias is None else f"{module}.bias", weight[0]))
+    if not layers:
+        return "the run records no layers"
+    return tuple(layers)
 
 
 def as_matrix(values, shape: tuple[int, ...]):
