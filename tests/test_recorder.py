@@ -222,14 +222,16 @@ def test_the_catalog_opens_a_network_for_its_viewer_and_the_matrix_commands_refu
     runs = tmp_path / "runs"
     for main, argv, reader in ((stats.main, [str(runs / "mlp"), "--out", str(tmp_path / "s.zarr")],
                                 "per-pixel statistics cover"),
-                               (compare.main, [str(runs), "--runs", "mlp", "mlp", "--out", str(tmp_path / "c.zarr")],
-                                "comparisons cover"),
-                               (function_space.main, [str(runs), "--runs", "mlp", "mlp", "--out",
-                                                      str(tmp_path / "f.zarr")], "comparisons of predictions cover"),
                                (history.main, [str(runs / "mlp")], "the pixel history covers")):
         assert main(argv) == 1
     with pytest.raises(TrajectoryError, match=f"records a network .*{reader} softmax-regression runs so far"):
         history.build_history(runs / "mlp")
+    # comparisons take network runs (test_network_compare.py, test_function_space.py), and
+    # say in one line what they cannot do with this one
+    assert compare.main([str(runs), "--runs", "mlp", "mlp", "--out", str(tmp_path / "c.zarr")]) == 1
+    with pytest.raises(ValueError, match="records no activation between its layers"):
+        function_space.open_models(catalog, ["mlp"])
+    assert function_space.main([str(runs), "--runs", "mlp", "--out", str(tmp_path / "f.zarr")]) == 1
 
 
 def record_mlp(run_dir, steps, *, device="cpu"):

@@ -25,7 +25,7 @@ from weightlapse.pipeline.store.check import (
 )
 from weightlapse.pipeline.store.steps import CheckedSteps, damaged
 from weightlapse.pipeline.store.create import consolidate, create_network_store, create_store
-from weightlapse.pipeline.store.dataset import DASK_BLOCK_STEPS, dask_steps, open_run, pixel_coords, read_progress
+from weightlapse.pipeline.store.dataset import DASK_BLOCK_BYTES, dask_steps, open_run, pixel_coords, read_progress
 from weightlapse.pipeline.store.history import (
     HISTORY_NAME,
     PixelHistory,
@@ -66,7 +66,7 @@ from weightlapse.pipeline.store.network import (
 )
 
 __all__ = [
-    "ALLOWED_CODECS", "ARRAYS", "CODECS", "DASK_BLOCK_STEPS", "HISTORY_NAME", "IMAGE_SIDE", "MAX_CHUNK_BYTES",
+    "ALLOWED_CODECS", "ARRAYS", "CODECS", "DASK_BLOCK_BYTES", "HISTORY_NAME", "IMAGE_SIDE", "MAX_CHUNK_BYTES",
     "MAX_METADATA_BYTES", "MAX_STEPS", "NETWORK_SCHEMA_VERSION", "N_CLASSES", "N_PIXELS", "REQUIRED_ARRAYS",
     "RUN_ARRAYS", "SCALAR_CHUNK", "SCHEMA", "SCHEMA_VERSION", "STORE_NAME", "WEIGHT_DIMS", "CheckedSteps", "CheckedStore",
     "NetworkLayout", "ParameterSpec", "PixelHistory", "Progress", "RunMetadata", "StaleHistoryError",

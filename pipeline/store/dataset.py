@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from weightlapse.pipeline.store.check import CheckedStore, check_store, open_sto
 from weightlapse.pipeline.store.steps import CheckedSteps
 from weightlapse.pipeline.store.format import IMAGE_SIDE, TrajectoryError, quiet_numcodecs
 
-# Steps per dask task when reading weights for analysis (16 MB of float32 weights).
-DASK_BLOCK_STEPS = 512
+# Bytes of an array's steps per dask task when reading for analysis, at most (or one store
+# chunk, if larger): 512 steps of softmax regression's weights. A network layer's row can be
+# a hundred times a softmax row, and tasks of 512 of its steps took gigabytes.
+DASK_BLOCK_BYTES = 16 * 2**20
 
 
 def read_progress(path: str | Path | Location, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -90,7 +93,7 @@ def _open_network(checked: CheckedStore) -> xr.Dataset:
 
 def dask_steps(array: zarr.Array, *, n_rows: int | None = None, where: str | None = None,
                finite: bool = True) -> da.Array:
-    """A (step, ...) store array as a dask array of about ``DASK_BLOCK_STEPS`` steps per task.
+    """A (step, ...) store array as a dask array of about ``DASK_BLOCK_BYTES`` per task.
 
     Whole store chunks per task, several of them: zarr reads a task's chunks concurrently,
     and a cluster schedules eight times fewer tasks than one per 64-step chunk. Per-task
@@ -100,7 +103,8 @@ def dask_steps(array: zarr.Array, *, n_rows: int | None = None, where: str | Non
     ``n_rows``: only the first rows (the committed steps), so no task reads past the marker.
     """
     per_chunk = array.chunks[0]
-    steps = per_chunk * max(1, DASK_BLOCK_STEPS // per_chunk)
+    chunk_bytes = per_chunk * math.prod(array.shape[1:]) * array.dtype.itemsize
+    steps = per_chunk * max(1, DASK_BLOCK_BYTES // max(chunk_bytes, 1))
     checked = CheckedSteps(array, where or str(array.store), n_rows=n_rows, finite=finite)
     return da.from_array(checked, chunks=(steps, *checked.shape[1:]), asarray=True, lock=False, fancy=False,
                          name=f"{array.basename}-{uuid.uuid4().hex}", meta=np.empty((0,) * checked.ndim, array.dtype))

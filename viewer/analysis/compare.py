@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     try:
         check_output_target(args.out, inputs=[args.runs_dir], kind="comparison")
         catalog = RunCatalog(args.runs_dir)
-        names = args.runs if args.group is None else catalog.group_members(args.group, least=2)
+        names = list(dict.fromkeys(args.runs if args.group is None else catalog.group_members(args.group, least=2)))
+        if len(names) < 2:
+            raise ValueError(f"give at least 2 different runs to compare, got {', '.join(names)}")
         networks = {name: run for name in names if isinstance(run := catalog.open(name), NetworkRun)}
         if networks and len(networks) < len(names):
             matrix = next(name for name in names if name not in networks)

