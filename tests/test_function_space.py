@@ -64,6 +64,22 @@ def test_agreement_and_kl_match_a_numpy_reference_and_a_run_agrees_with_itself(t
     assert seeds.sel(step=0).item() > 0
 
 
+def test_the_loss_between_two_softmax_runs_is_convex_and_its_ends_are_the_runs(trained):
+    """Softmax regression's loss is convex in the weights, so the line between two runs never
+    rises above the straight line between its ends: no barrier, and nothing to match."""
+    catalog, heldout = trained
+    models = function_space.open_models(catalog, ["adam-0", "adam-1", "sgd-bias"])
+    line = function_space.loss_along_line(models, heldout, points=11)
+    assert line.attrs["matching"] == "units not matched: the model has no hidden layer"
+    np.testing.assert_array_equal(line.matched_loss.values, line.loss.values)
+    for row in line.loss.values:
+        ends = row[0] + (row[-1] - row[0]) * np.linspace(0, 1, 11)
+        assert (row <= ends + 1e-6).all()
+    assert line.loss.values[:, 0] == pytest.approx(models["adam-0"].heldout_loss.values[-1], abs=1e-5)
+    with pytest.raises(ValueError, match="outside the steps all runs have, 0..30"):
+        function_space.loss_along_line(models, heldout, step=31)
+
+
 def test_the_confusion_counts_each_held_out_image_once(trained):
     catalog, heldout = trained
     model = function_space.open_models(catalog, ["sgd-bias"])["sgd-bias"]
@@ -151,6 +167,20 @@ def test_a_hidden_layer_runs_predictions_are_computed_from_its_stored_layers(tmp
     confusion = function_space.confusion_at(models["mlp-1"], heldout, step=30)
     assert np.trace(confusion.values) / len(heldout.labels) == pytest.approx(
         models["mlp-1"].heldout_accuracy.values[-1], abs=1e-6)
+    # the line between the two runs' weights: its ends are the runs themselves, and with the
+    # hidden units matched the far end is the same network, so it predicts the same
+    line = function_space.loss_along_line(models, heldout)
+    assert line.attrs["step"] == 30 and line.attrs["matched"] == 1 and list(line.other_run.values) == ["mlp-1"]
+    assert line.alpha.values.tolist() == pytest.approx(np.linspace(0, 1, 21).tolist())
+    for name, end in (("mlp-0", 0), ("mlp-1", -1)):
+        assert line.loss.values[0, end] == pytest.approx(models[name].heldout_loss.values[-1], abs=1e-5)
+        assert line.accuracy.values[0, end] == pytest.approx(models[name].heldout_accuracy.values[-1], abs=1e-6)
+    assert line.matched_loss.values[0, -1] == pytest.approx(line.loss.values[0, -1], abs=1e-5)
+    assert line.matched_accuracy.values[0, -1] == line.accuracy.values[0, -1]
+    assert function_space.loss_along_line(models, heldout, match=False).attrs["matching"] == (
+        "units not matched: not asked for")
+    together = function_space.compare_predictions(models, heldout, every=5)
+    np.testing.assert_array_equal(together.line_matched_loss.values, line.matched_loss.values)
     # a run recorded by a loop of its own has no activation recorded, so nothing to predict with
     with pytest.raises(ValueError, match="records no activation"):
         function_space.open_models(catalog, ["recorded"])

@@ -46,9 +46,13 @@ def runs(tmp_path_factory):
     record(root / "conv", conv_net(0), steps=4, inputs=(1, 8, 8))
     record(root / "conv-seed1", conv_net(1), steps=4, inputs=(1, 8, 8))
     write_run(root / "softmax", training_like(20, seed=0), name="softmax")
+    diverged = mlp(hidden=16, seed=2)
+    with torch.no_grad():
+        diverged.hidden1.weight[0, 0] = float("inf")
+    record(root / "net-diverged", diverged, steps=3)
     catalog = RunCatalog(root)
     return {name: catalog.open(name) for name in ("net", "net-relabelled", "net-seed1", "deep", "deep-seed1", "conv",
-                                                  "conv-seed1")}
+                                                  "conv-seed1", "net-diverged")}
 
 
 def test_a_relabelled_copy_is_matched_back_to_the_same_network_at_every_step(runs):
@@ -98,6 +102,8 @@ def test_a_model_that_is_not_a_chain_of_linear_layers_is_compared_as_recorded_an
     assert result.attrs["matched"] == 0
     assert result.attrs["matching"].startswith("units not matched: 0.weight is a weight of a Conv2d")
     np.testing.assert_array_equal(result.distance_to_reference.values, result.unmatched_distance.values)
+    with pytest.raises(ValueError, match="net-diverged's hidden1.weight is not finite at step 3: the run diverged"):
+        network_compare.compare_networks({"net": runs["net"], "net-diverged": runs["net-diverged"]})
     with pytest.raises(ValueError, match="the runs record different models"):
         network_compare.compare_networks({"net": runs["net"], "deep": runs["deep"]})
     with pytest.raises(ValueError, match="at least 2 network runs"):

@@ -11,7 +11,7 @@ import matplotlib
 import numpy as np
 import panel as pn
 import pytest
-from bokeh.models import ColorBar, GlyphRenderer, Image
+from bokeh.models import ColorBar, GlyphRenderer, Image, Title
 from network_runs import mlp, record
 from viewer_runs import training_like, write_run
 
@@ -326,3 +326,35 @@ def test_compare_runs_matches_network_runs_hidden_units_and_draws_both_distances
     viewer.state.compare_runs = ["mlp", "mlp-seed1"]
     asyncio.run(comparison.predictions.compute())
     assert "mlp records no dataset" in html.unescape(comparison.predictions.notice.object)
+
+
+def test_compare_runs_of_train_stage_networks_matches_units_in_weights_and_on_the_line_between_them(
+        generated_data, tmp_path):
+    """Two seeds of a hidden-layer run: weight-space distances with units matched, and the
+    held-out loss on the line between the runs, as recorded and matched, from the stored layers."""
+    import shutil
+
+    from weightlapse.pipeline.datasets import load_dataset
+    from weightlapse.pipeline.params import TrainParams
+    from weightlapse.pipeline.train import run_training
+    from weightlapse.viewer.analysis import function_space
+    from weightlapse.viewer.analysis.runs import RunCatalog
+
+    project = tmp_path / "project"
+    shutil.copytree(generated_data[0], project / "data" / "mnist")
+    dataset = load_dataset(project / "data" / "mnist", "mnist")
+    for seed in (0, 1):
+        config = TrainParams(seed=seed, hidden=(8,), eval_every=5, device="cpu")
+        run_training(config, dataset, project / "runs" / f"mlp-{seed}", run_name=f"mlp-{seed}", progress=False)
+    viewer, _ = viewer_on(project / "runs", mode="compare", runs="mlp-0,mlp-1")
+    comparison = viewer.comparison
+    asyncio.run(comparison.compute())
+    assert "Hidden units matched" in comparison.gauge.object and "of 8</td>" in comparison.gauge.object
+    asyncio.run(comparison.predictions.compute())
+    models = function_space.open_models(RunCatalog(project / "runs"), ["mlp-0", "mlp-1"])
+    line = function_space.loss_along_line(models, function_space.load_heldout(project / "data" / "mnist", "mnist"))
+    result = comparison.predictions.result()
+    np.testing.assert_array_equal(result.line_matched_loss.values, line.matched_loss.values)
+    assert "with units matched" in comparison.predictions.summary.object
+    titles = {model.text for model in pn.panel(viewer).get_root().select({"type": Title})}
+    assert f"Held-out loss on the line from mlp-0 (step {line.attrs['step']})" in titles

@@ -26,10 +26,10 @@ from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.picker import text_options
 from weightlapse.viewer.plots import (
     distance_curves,
-    matched_distance_curves,
     pca_paths,
     pixel_map,
     random_walk_paths,
+    run_curves,
     similarity_heatmap,
     spread_curve,
     variance_bars,
@@ -246,7 +246,9 @@ class Comparison(pn.viewable.Viewer):
         def pane(element):
             return pn.pane.HoloViews(element, linked_axes=False)
 
-        distances = (matched_distance_curves(result.distance_to_reference, result.unmatched_distance, reference)
+        distances = (run_curves(result.distance_to_reference, x="step", label="L2 distance",
+                                title=f"Distance from {reference}", dashed=result.unmatched_distance,
+                                solid_suffix=", units matched", dashed_suffix=", as recorded")
                      if result.attrs["matched"] else distance_curves(result.unmatched_distance, reference))
         self.plots[:] = [
             pn.FlexBox(pane(distances), pane(spread_curve(result.step.values, result.mean_spread.values)),

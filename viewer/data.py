@@ -286,15 +286,15 @@ class DataStore:
         return models, heldout
 
     def predictions(self, names: list[str], every: int):
-        """The comparison of the predictions of ``names`` (function_space.agreement_over_steps)
+        """The comparison of the predictions of ``names`` (function_space.compare_predictions)
         if computed, else None."""
         return self._computed(self._predictions, names, every, False)
 
     def compute_predictions(self, names: list[str], every: int, *, progress=None):
         key = self._comparison_key(names, every, False)
         models, heldout = self._predictions_setup(names)
-        result = function_space.agreement_over_steps(models, heldout, every=every, progress=progress,
-                                                     scheduler=self.scheduler)
+        result = function_space.compare_predictions(models, heldout, every=every, progress=progress,
+                                                    scheduler=self.scheduler)
         with self._lock:
             self._predictions.put(key, result)
         return result

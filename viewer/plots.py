@@ -201,20 +201,22 @@ def distance_curves(distances, reference: str) -> hv.Overlay:
                         show_legend=len(curves) <= 12))
 
 
-def matched_distance_curves(matched, unmatched, reference: str) -> hv.Overlay:
-    """Each network run's distance from the reference with its hidden units matched (solid)
-    and as recorded (dashed, the same colour): (other_run, step) each."""
+def run_curves(values, *, x: str, label: str, title: str, dashed=None, solid_suffix: str = "",
+               dashed_suffix: str = "") -> hv.Overlay:
+    """A line per other run of the (other_run, x) ``values``; with ``dashed`` (the same
+    dimensions), a dashed line of the same colour beside each (e.g. network runs as recorded
+    beside the same runs with their hidden units matched)."""
     curves = []
-    for index, name in enumerate(matched.other_run.values):
+    for index, name in enumerate(values.other_run.values):
         colour = CLASS_COLOURS[index % len(CLASS_COLOURS)]
-        for values, dash, label in ((matched, "solid", f"{name}, units matched"), (unmatched, "dashed", f"{name}, as recorded")):
-            curves.append(hv.Curve((values.step.values, values.sel(other_run=name).values), "step",
-                                   hv.Dimension("distance", label="L2 distance"), label=str(label)
+        lines = [(values, "solid", solid_suffix)] + ([] if dashed is None else [(dashed, "dashed", dashed_suffix)])
+        for data, dash, suffix in lines:
+            curves.append(hv.Curve((data[x].values, data.sel(other_run=name).values), x,
+                                   hv.Dimension("value", label=label), label=f"{name}{suffix}"
                                    ).opts(color=colour, line_dash=dash))
     return hv.Overlay(curves).opts(
         hv.opts.Curve(frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT, line_width=1.5, tools=["hover"]),
-        hv.opts.Overlay(title=literal(f"Distance from {reference}"), legend_position="bottom",
-                        show_legend=len(curves) <= 12))
+        hv.opts.Overlay(title=literal(title), legend_position="bottom", show_legend=len(curves) <= 12))
 
 
 def spread_curve(steps: np.ndarray, mean_spread: np.ndarray) -> hv.Curve:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import html
 
+import numpy as np
 import panel as pn
 import param
 
 from weightlapse.pipeline.datasets import DatasetError
 from weightlapse.viewer.data import DataStore
-from weightlapse.viewer.plots import accuracy_curves, confusion_heatmap, pair_curves
+from weightlapse.viewer.plots import accuracy_curves, confusion_heatmap, pair_curves, run_curves
 from weightlapse.viewer.state import ViewState
 from weightlapse.viewer.tasks import in_worker
 from weightlapse.viewer.tiles import READ_ERRORS, with_document_lock
@@ -100,11 +101,12 @@ class Predictions(pn.viewable.Viewer):
                        pn.pane.HoloViews(pair_curves(result.symmetric_kl, reference, label="symmetric KL (nats)",
                                                      title=f"Divergence from {reference}'s predictions"),
                                          linked_axes=False),
-                       pn.pane.HoloViews(accuracy_curves(result.accuracy), linked_axes=False)),
+                       pn.pane.HoloViews(accuracy_curves(result.accuracy), linked_axes=False),
+                       *([pn.pane.HoloViews(line_curves(result), linked_axes=False)] if "line_loss" in result else [])),
         ]
         self.summary.object = (f"<p>On {result.attrs['n_images']:,} held-out {html.escape(result.attrs['dataset'])} images "
                          f"at step {last:,}: the pairs of runs predict the same class for {100 * mean:.1f}% of the "
-                         "images on average (over all pairs).</p>")
+                         "images on average (over all pairs).</p>" + (line_note(result) if "line_loss" in result else ""))
 
     def render_confusion(self) -> None:
         if self.state.mode != "compare" or not self.state.compare_runs:
@@ -123,3 +125,37 @@ class Predictions(pn.viewable.Viewer):
         self.confusion[:] = [pn.pane.HoloViews(confusion_heatmap(
             counts, run.class_names or [str(index) for index in range(counts.sizes["true"])], title=f"{reference} at step {step:,}: {100 * accuracy:.1f}% right"),
             linked_axes=False)]
+
+
+def line_curves(result):
+    """The held-out loss on the line from the first run's weights to each other run's."""
+    title = f"Held-out loss on the line from {result.attrs['line_reference_run']} (step {result.attrs['line_step']:,})"
+    if result.attrs["line_matched"]:
+        return run_curves(result.line_matched_loss, x="alpha", label="held-out loss (nats)", title=title,
+                          dashed=result.line_loss, solid_suffix=", units matched", dashed_suffix=", as recorded")
+    return run_curves(result.line_loss, x="alpha", label="held-out loss (nats)", title=title)
+
+
+def barrier(loss: np.ndarray) -> float:
+    """How far the loss on the line rises above the straight line between its two ends (nats)."""
+    ends = loss[0] + (loss[-1] - loss[0]) * np.linspace(0.0, 1.0, len(loss))
+    return float(np.max(loss - ends))
+
+
+def line_note(result) -> str:
+    """The barrier on each line, as recorded and matched, in words."""
+    reference = html.escape(result.attrs["line_reference_run"])
+    parts = []
+    for name in result.other_run.values:
+        recorded = barrier(result.line_loss.sel(other_run=name).values)
+        text = f"{html.escape(str(name))}: {recorded:.3g} nats"
+        if result.attrs["line_matched"]:
+            text += f" as recorded, {barrier(result.line_matched_loss.sel(other_run=name).values):.3g} with units matched"
+        parts.append(text)
+    matched = ("" if not result.attrs["line_matched"] else
+               " With hidden units matched (the same networks, their units relabelled), a barrier that was only the "
+               "units' order goes (Ainsworth et al., <i>Git Re-Basin</i>, ICLR 2023).")
+    return (f"<p><b>Between the runs.</b> The held-out loss at the weights (1 − α) · {reference} + α · run, at step "
+            f"{result.attrs['line_step']:,}: a rise above the straight line between the ends (a barrier) says the runs "
+            "lie in different basins of the loss, none that they are linearly connected (Frankle et al., ICML 2020)."
+            f"{matched} Barrier: {'; '.join(parts)}.</p>")

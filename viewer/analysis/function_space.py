@@ -15,6 +15,8 @@ held-out split, from the stored weights::
     result = function_space.agreement_over_steps(models, heldout, every=10)
     result.agreement      # (pair, step): fraction of held-out images both runs put in the same class
     result.symmetric_kl   # (pair, step): mean over images of (KL(p_a||p_b) + KL(p_b||p_a)) / 2, in nats
+    line = function_space.loss_along_line(models, heldout)  # held-out loss between the runs' weights
+    line.loss             # (other_run, alpha): on the line from the first run's weights to each other's
     result.accuracy       # (run, step): each run's held-out accuracy, as the train stage scores it
     function_space.confusion_at(models["adam-lr0.001-b20-seed0"], heldout, step=3000)  # (true, predicted)
 
@@ -55,19 +57,22 @@ from weightlapse.pipeline.datasets import (
 )
 from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
 from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
-from weightlapse.pipeline.store import RunMetadata, TrajectoryError, open_run
-from weightlapse.pipeline.store.network import parse_parameters
-from weightlapse.viewer.analysis.network import linear_chain
+from weightlapse.pipeline.store import RunMetadata, open_run
+from weightlapse.viewer.analysis.classifiers import (
+    Classifier,
+    classifier,
+    layers_at,
+    network_log_probabilities,
+    steps_per_task,
+)
+from weightlapse.viewer.analysis.network import LinearLayer
+from weightlapse.viewer.analysis.network_compare import chain_to_match, match_units, relabelled, relabelling
 
 log = logging.getLogger(__name__)
 
 MAX_PARAMS_BYTES = 1 << 20
-# Steps per task: the logits of one run for one step over 10,000 images are 400 KB (float32).
-BLOCK_STEPS = 16
-# A network's widest layer's outputs for a task's steps and images, at most (float32).
-BLOCK_BYTES = 64 * 2**20
-# The activations between a network's layers, as the train stage applies them (pipeline/mlp.py).
-ACTIVATIONS = {"relu": lambda values: np.maximum(values, np.float32(0)), "tanh": np.tanh}
+# Points on the line between two runs' weights (loss_along_line): alpha = 0, 0.05, ..., 1.
+LINE_POINTS = 21
 
 Progress = Callable[[float], None] | None
 
@@ -117,48 +122,6 @@ def check_trained_on(models: Mapping[str, xr.Dataset], heldout: HeldOut) -> None
                              "stage wrote")
 
 
-@dataclass(frozen=True)
-class Classifier:
-    """A run's stored layers as an image classifier, step by step: (weight, bias or None) lazy
-    (step, out, in) and (step, out) arrays from input to output, the activation between them."""
-
-    layers: tuple[tuple[xr.DataArray, xr.DataArray | None], ...]
-    activation: str | None  # None for a single layer (softmax regression)
-
-    @property
-    def n_steps(self) -> int:
-        return self.layers[0][0].shape[0]
-
-    @property
-    def shapes(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(weight.shape[1:] for weight, _ in self.layers)
-
-    @property
-    def widest(self) -> int:
-        return max(weight.shape[1] for weight, _ in self.layers)
-
-
-def classifier(name: str, model: xr.Dataset) -> Classifier:
-    """Run ``name``'s Dataset (open_run's) as a :class:`Classifier`, or a ValueError saying why
-    its predictions cannot be computed from what it stores."""
-    if "weights" in model:
-        return Classifier(((model.weights, model.bias if "bias" in model else None),), None)
-    meta = model.attrs.get("weightlapse") or {}
-    try:
-        chain = linear_chain(parse_parameters(meta.get("parameters"), name).parameters)
-    except TrajectoryError as error:
-        chain = str(error)
-    if isinstance(chain, str):
-        raise ValueError(f"run {name!r}: its predictions cannot be computed from its parameters ({chain}); "
-                         "only chains of linear layers are")
-    activation = (meta.get("params") or {}).get("activation") if len(chain) > 1 else None
-    if len(chain) > 1 and activation not in ACTIVATIONS:
-        raise ValueError(f"run {name!r} records no activation between its layers that this knows "
-                         f"({', '.join(ACTIVATIONS)}): its predictions cannot be computed")
-    return Classifier(tuple((model[layer.weight], model[layer.bias] if layer.bias else None) for layer in chain),
-                      activation)
-
-
 def open_models(catalog, names: Iterable[str]) -> dict[str, xr.Dataset]:
     """The listed runs of ``catalog`` (a RunCatalog) as lazy Datasets: a softmax run's weights
     (and bias), a network run's parameters (:func:`classifier` says whether they predict)."""
@@ -181,35 +144,6 @@ def _shared_steps(classifiers: Mapping[str, Classifier], every: int, least: int)
         raise ValueError("a run has no valid step yet; compare runs once they have steps")
     steps = np.arange(0, n_steps, every)
     return steps if steps[-1] == n_steps - 1 else np.append(steps, n_steps - 1)
-
-
-def log_probabilities(weights: np.ndarray, bias: np.ndarray | None, images: np.ndarray) -> np.ndarray:
-    """(step, image, class) log-softmax of the model's logits. ``weights`` (step, class, pixel)."""
-    logits = np.einsum("scp,np->snc", weights.astype(np.float32), images, optimize=True).astype(np.float64)
-    if bias is not None:
-        logits += bias.astype(np.float64)[:, None, :]
-    logits -= logits.max(axis=2, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
-
-
-def network_log_probabilities(layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str,
-                              images: np.ndarray) -> np.ndarray:
-    """(step, image, class) log-softmax of a chain of linear layers' logits, ``activation``
-    after each but the last; each layer's (weight (step, out, in), bias (step, out) or None)."""
-    if len(layers) == 1:
-        return log_probabilities(*layers[0], images)
-    weight, bias = layers[0]
-    values = np.einsum("sop,np->sno", weight.astype(np.float32), images, optimize=True)
-    for index, (weight, bias) in enumerate(layers):
-        if index:
-            values = np.einsum("soi,sni->sno", weight.astype(np.float32), values, optimize=True)
-        if bias is not None:
-            values += bias.astype(np.float32)[:, None, :]
-        if index < len(layers) - 1:
-            values = ACTIVATIONS[activation](values)
-    logits = values.astype(np.float64)
-    logits -= logits.max(axis=2, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
 
 
 def _block_measures(layers: list[list[tuple[np.ndarray, np.ndarray | None]]], activation: str | None,
@@ -244,11 +178,11 @@ def agreement_over_steps(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, 
     first = classifiers[names[0]]
     images = dask.delayed(heldout.images, pure=True)
     labels = dask.delayed(heldout.labels, pure=True)
-    per_task = _steps_per_task(first, len(heldout.labels))
+    per_task = steps_per_task(first, len(heldout.labels))
     tasks = []
     for start in range(0, len(steps), per_task):
         block = steps[start:start + per_task]
-        layers = [_layers_at(classifiers[name], block) for name in names]
+        layers = [layers_at(classifiers[name], block) for name in names]
         tasks.append(dask.delayed(_block_measures)(layers, first.activation, images, labels))
     blocks = compute(tasks, scheduler=scheduler, progress=progress)
     pairs = [f"{a} | {b}" for a, b in itertools.combinations(names, 2)]
@@ -262,15 +196,105 @@ def agreement_over_steps(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, 
                "symmetric_kl_units": "nats"})
 
 
-def _steps_per_task(model: Classifier, n_images: int) -> int:
-    if model.activation is None:
-        return BLOCK_STEPS
-    return int(max(1, min(BLOCK_STEPS, BLOCK_BYTES // (n_images * model.widest * 4))))
+def loss_along_line(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, step: int | None = None,
+                    points: int = LINE_POINTS, match: bool = True, progress: Progress = None) -> xr.Dataset:
+    """Held-out loss and accuracy on the straight line in weight space from the first run to
+    each other run at ``step`` (default: the last step they all have): the weights
+    (1 - alpha) * first + alpha * other for ``points`` values of alpha from 0 to 1.
+
+    A bump in the loss above the line between the two ends (a barrier) says the two runs lie
+    in different basins of the loss; none says they are linearly connected (Frankle et al.,
+    "Linear mode connectivity and the lottery ticket hypothesis", ICML 2020). For network runs,
+    ``matched_loss`` and ``matched_accuracy`` are along the line to the other run with its hidden
+    units matched to the first's (:mod:`~weightlapse.viewer.analysis.network_compare`): a barrier
+    that was only the units' order is gone there (Ainsworth et al., "Git Re-Basin", ICLR 2023).
+    ``attrs["matching"]`` says whether units were matched, or why not."""
+    names = list(models)
+    classifiers = {name: classifier(name, model) for name, model in models.items()}
+    last = int(_shared_steps(classifiers, 1, 2)[-1])
+    at = last if step is None else int(step)
+    if not 0 <= at <= last:
+        raise ValueError(f"step {at} is outside the steps all runs have, 0..{last}")
+    if points < 2:
+        raise ValueError(f"points must be at least 2, got {points}")
+    first = classifiers[names[0]]
+    values = {name: [(np.asarray(weight.data[at]), None if bias is None else np.asarray(bias.data[at]))
+                     for weight, bias in model.layers] for name, model in classifiers.items()}
+    alphas = np.linspace(0.0, 1.0, points)
+    chain = first.chain if first.chain is not None and len(first.chain) > 1 else "the model has no hidden layer"
+    if match and not isinstance(chain, str):
+        chain = chain_to_match(chain, {name: _by_parameter(first.chain, layers) for name, layers in values.items()},
+                               at)
+    matching = (f"hidden units matched to {names[0]}'s at step {at:,}" if match and not isinstance(chain, str) else
+                "units not matched: " + ("not asked for" if not match else chain))
+    measures: dict[str, list] = {"loss": [], "accuracy": [], "matched_loss": [], "matched_accuracy": []}
+    for index, name in enumerate(names[1:]):
+        other = values[name]
+        loss, accuracy = _along(values[names[0]], other, alphas, first, heldout)
+        measures["loss"].append(loss)
+        measures["accuracy"].append(accuracy)
+        if not isinstance(chain, str):
+            reference = _by_parameter(first.chain, values[names[0]])
+            orders = relabelling(first.chain, match_units(reference, _by_parameter(first.chain, other), first.chain))
+            other = [(relabelled(weight[None], orders[layer.weight])[0],
+                      None if bias is None else relabelled(bias[None], orders[layer.bias])[0])
+                     for layer, (weight, bias) in zip(first.chain, other)]
+            loss, accuracy = _along(values[names[0]], other, alphas, first, heldout)
+        measures["matched_loss"].append(loss)
+        measures["matched_accuracy"].append(accuracy)
+        if progress:
+            progress((index + 1) / (len(names) - 1))
+    return xr.Dataset({key: (("other_run", "alpha"), np.array(rows)) for key, rows in measures.items()},
+                      coords={"other_run": np.array(names[1:], dtype=object), "alpha": alphas},
+                      attrs={"reference_run": names[0], "step": at, "matched": int(not isinstance(chain, str)),
+                             "matching": matching, "dataset": heldout.dataset})
 
 
-def _layers_at(model: Classifier, steps: np.ndarray) -> list[tuple]:
-    """The model's layers at ``steps``, lazily (dask arrays)."""
-    return [(weight.data[steps], None if bias is None else bias.data[steps]) for weight, bias in model.layers]
+def compare_predictions(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, every: int = 1, scheduler=None,
+                        progress: Progress = None) -> xr.Dataset:
+    """:func:`agreement_over_steps` and, for two runs or more, :func:`loss_along_line` at the
+    last shared step, in one Dataset: the line's variables and attributes named ``line_...``."""
+    def part(share: float, start: float) -> Progress:
+        return None if progress is None else (lambda fraction: progress(start + share * fraction))
+
+    result = agreement_over_steps(models, heldout, every=every, scheduler=scheduler, progress=part(0.8, 0.0))
+    if len(models) >= 2:
+        line = loss_along_line(models, heldout, progress=part(0.2, 0.8))
+        result = result.assign({f"line_{key}": value for key, value in line.data_vars.items()})
+        result.attrs.update({f"line_{key}": value for key, value in line.attrs.items() if key != "dataset"})
+    return result
+
+
+def _by_parameter(chain: tuple[LinearLayer, ...], layers: list[tuple]) -> dict[str, np.ndarray]:
+    values = {}
+    for layer, (weight, bias) in zip(chain, layers):
+        values[layer.weight] = weight
+        if layer.bias is not None:
+            values[layer.bias] = bias
+    return values
+
+
+def _along(start: list[tuple], end: list[tuple], alphas: np.ndarray, model: Classifier,
+           heldout: HeldOut) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out loss (mean cross-entropy, nats) and accuracy at each point of the line from ``start`` to ``end``."""
+    losses, accuracies = [], []
+    per_task = steps_per_task(model, len(heldout.labels))
+    for first in range(0, len(alphas), per_task):
+        alpha = alphas[first:first + per_task]
+
+        def mix(a, b):
+            shape = (len(alpha),) + (1,) * a.ndim
+            return ((1 - alpha).reshape(shape) * a.astype(np.float64) + alpha.reshape(shape) * b).astype(np.float32)
+
+        # a layer without a bias is one with a bias of zeros (runs of softmax regression may differ in it)
+        layers = [(mix(wa, wb), None if ba is None and bb is None else
+                   mix(np.zeros_like(bb) if ba is None else ba, np.zeros_like(ba) if bb is None else bb))
+                  for (wa, ba), (wb, bb) in zip(start, end)]
+        log_p = network_log_probabilities(layers, model.activation, heldout.images)
+        picked = np.take_along_axis(log_p, heldout.labels[None, :, None], axis=2)[..., 0]
+        losses.append(-picked.mean(axis=1))
+        accuracies.append((log_p.argmax(axis=2) == heldout.labels).mean(axis=1))
+    return np.concatenate(losses), np.concatenate(accuracies)
 
 
 def confusion_at(model: xr.Dataset, heldout: HeldOut, *, step: int) -> xr.DataArray:
@@ -324,8 +348,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         heldout = load_heldout(data_dir, dataset, spec=declared_spec(dataset, args.params))
         check_trained_on(models, heldout)
         with tqdm(total=100, unit="%", desc="predicting") as bar:
-            result = agreement_over_steps(models, heldout, every=args.every, scheduler=args.scheduler,
-                                          progress=lambda fraction: bar.update(round(fraction * 100) - bar.n))
+            result = compare_predictions(models, heldout, every=args.every, scheduler=args.scheduler,
+                                         progress=lambda fraction: bar.update(round(fraction * 100) - bar.n))
         last = int(result.step[-1])
         result["confusion"] = xr.concat([confusion_at(models[name], heldout, step=last) for name in names],
                                         dim="run").assign_coords(run=np.array(names, dtype=object))

@@ -37,6 +37,7 @@ alone (ReLU, tanh, dropout); for any other model the runs are compared unmatched
 from __future__ import annotations
 
 from collections.abc import Mapping
+
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -57,6 +58,9 @@ from weightlapse.viewer.analysis.network import LinearLayer, NetworkRun, linear_
 # Rounds of coordinate descent over the hidden layers at most; each round can only raise the
 # matched inner product, and a one-hidden-layer network is done in one.
 MATCHING_ROUNDS = 50
+# Units of a hidden layer matched at most: the assignment problem is a units x units matrix,
+# solved in about 0.2 s at 2,048 units (and growing with the cube).
+MAX_MATCHED_UNITS = 4096
 
 
 def match_units(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray],
@@ -129,9 +133,25 @@ def _check_networks(runs: Mapping[str, NetworkRun]) -> tuple[list[str], int]:
     return names, n_steps
 
 
+def chain_to_match(chain: tuple[LinearLayer, ...] | str, values: Mapping[str, Mapping[str, np.ndarray]],
+                   step: int) -> tuple[LinearLayer, ...] | str:
+    """``chain`` (network.linear_chain's) if the runs' units can be matched from their ``values``
+    ({run: {parameter: values}}) at ``step``, else why not, in words."""
+    for name, parameters in values.items():
+        for parameter, array in parameters.items():
+            if not np.isfinite(array).all():
+                return f"{name}'s {parameter} is not finite at step {step:,}"
+    if isinstance(chain, str):
+        return chain
+    wide = next((layer for layer in chain[:-1] if layer.units > MAX_MATCHED_UNITS), None)
+    if wide is not None:
+        return f"{wide.weight} has {wide.units:,} units, more than the {MAX_MATCHED_UNITS:,} matched at most"
+    return chain
+
+
 def _std_over_runs(*blocks: np.ndarray) -> np.ndarray:
-    # one task per block of steps, all runs at once: dask's generic std over a stacked axis
-    # took 8 s and 2.7 GB for three 3,000-step runs of a 32-unit MLP, this 1 s
+    # one task per block of steps, all runs at once: dask's generic std over a stacked axis took
+    # twice as long and twice the memory (docs/benchmarks.md, "Comparing network runs")
     return np.stack(blocks).std(axis=0, ddof=1)
 
 
@@ -149,10 +169,15 @@ def compare_networks(runs: Mapping[str, NetworkRun], *, every: int = 1, match: b
     last = n_steps - 1
     reference = runs[names[0]]
     parameters = list(reference.names)
-    chain = linear_chain(reference.parameters) if match else "not asked for"
-    matched = not isinstance(chain, str) and len(chain) > 1
     at_last = {name: {parameter: run.values_at(parameter, last) for parameter in parameters}
                for name, run in runs.items()}
+    diverged = next(((name, parameter) for name, values in at_last.items() for parameter, array in values.items()
+                     if not np.isfinite(array).all()), None)
+    if diverged:
+        raise ValueError(f"{diverged[0]}'s {diverged[1]} is not finite at step {last:,}: the run diverged, and its "
+                         "steps cannot be compared")
+    chain = chain_to_match(linear_chain(reference.parameters), at_last, last) if match else "not asked for"
+    matched = not isinstance(chain, str) and len(chain) > 1
     orders: dict[str, dict[str, tuple]] = {name: {} for name in names}
     moved_units = {}
     if matched:
