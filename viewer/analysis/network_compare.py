@@ -151,7 +151,7 @@ def chain_to_match(chain: tuple[LinearLayer, ...] | str, values: Mapping[str, Ma
 
 def _std_over_runs(*blocks: np.ndarray) -> np.ndarray:
     # one task per block of steps, all runs at once: dask's generic std over a stacked axis took
-    # twice as long and twice the memory (docs/benchmarks.md, "Comparing network runs")
+    # 1.4 times as long (docs/benchmarks.md, "Comparing network runs")
     return np.stack(blocks).std(axis=0, ddof=1)
 
 
