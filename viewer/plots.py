@@ -216,7 +216,7 @@ def run_curves(values, *, x: str, label: str, title: str, dashed=None, solid_suf
                                    ).opts(color=colour, line_dash=dash))
     return hv.Overlay(curves).opts(
         hv.opts.Curve(frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT, line_width=1.5, tools=["hover"]),
-        hv.opts.Overlay(title=literal(title), legend_position="bottom", show_legend=len(curves) <= 12))
+        hv.opts.Overlay(title=literal(title), legend_position="right", show_legend=len(curves) <= 12))
 
 
 def spread_curve(steps: np.ndarray, mean_spread: np.ndarray) -> hv.Curve:

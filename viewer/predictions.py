@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 
+import holoviews as hv
 import numpy as np
 import panel as pn
 import param
@@ -129,11 +130,14 @@ class Predictions(pn.viewable.Viewer):
 
 def line_curves(result):
     """The held-out loss on the line from the first run's weights to each other run's."""
-    title = f"Held-out loss on the line from {result.attrs['line_reference_run']} (step {result.attrs['line_step']:,})"
+    title = "Held-out loss on the line between runs"
+    axis = "alpha, from the first run (0) to each run (1)"
     if result.attrs["line_matched"]:
-        return run_curves(result.line_matched_loss, x="alpha", label="held-out loss (nats)", title=title,
-                          dashed=result.line_loss, solid_suffix=", units matched", dashed_suffix=", as recorded")
-    return run_curves(result.line_loss, x="alpha", label="held-out loss (nats)", title=title)
+        curves = run_curves(result.line_matched_loss, x="alpha", label="held-out loss (nats)", title=title,
+                            dashed=result.line_loss, solid_suffix=", units matched", dashed_suffix=", as recorded")
+    else:
+        curves = run_curves(result.line_loss, x="alpha", label="held-out loss (nats)", title=title)
+    return curves.opts(hv.opts.Curve(xlabel=axis))
 
 
 def barrier(loss: np.ndarray) -> float:
