@@ -184,3 +184,22 @@ def test_a_hidden_layer_runs_predictions_are_computed_from_its_stored_layers(tmp
     # a run recorded by a loop of its own has no activation recorded, so nothing to predict with
     with pytest.raises(ValueError, match="records no activation"):
         function_space.open_models(catalog, ["recorded"])
+
+
+def test_runs_of_other_activations_are_each_predicted_with_their_own(tmp_path, generated_data):
+    data_dir, _ = generated_data
+    dataset = load_dataset(data_dir, "mnist")
+    runs = tmp_path / "runs"
+    for activation in ("relu", "tanh"):
+        config = TrainParams(epochs=3, eval_every=10, hidden=(6,), activation=activation, device="cpu")
+        run_training(config, dataset, runs / activation, run_name=activation, progress=False)
+    heldout = function_space.load_heldout(data_dir, "mnist")
+    models = function_space.open_models(RunCatalog(runs), ["relu", "tanh"])
+    result = function_space.agreement_over_steps(models, heldout, every=10)
+    for name, model in models.items():
+        assert result.accuracy.sel(run=name).values.tolist() == pytest.approx(model.heldout_accuracy.values.tolist(),
+                                                                            abs=1e-6)
+    with pytest.raises(ValueError, match=r"the runs differ in activation \(relu, tanh\)"):
+        function_space.loss_along_line(models, heldout)
+    together = function_space.compare_predictions(models, heldout, every=10)
+    assert "line_loss" not in together and together.attrs["line_problem"].startswith("the runs differ in activation")

@@ -107,7 +107,7 @@ class Predictions(pn.viewable.Viewer):
         ]
         self.summary.object = (f"<p>On {result.attrs['n_images']:,} held-out {html.escape(result.attrs['dataset'])} images "
                          f"at step {last:,}: the pairs of runs predict the same class for {100 * mean:.1f}% of the "
-                         "images on average (over all pairs).</p>" + (line_note(result) if "line_loss" in result else ""))
+                         "images on average (over all pairs).</p>" + line_note(result))
 
     def render_confusion(self) -> None:
         if self.state.mode != "compare" or not self.state.compare_runs:
@@ -147,7 +147,10 @@ def barrier(loss: np.ndarray) -> float:
 
 
 def line_note(result) -> str:
-    """The barrier on each line, as recorded and matched, in words."""
+    """The barrier on each line, as recorded and matched, in words (or why there is no line)."""
+    if "line_loss" not in result:
+        problem = result.attrs.get("line_problem")
+        return "" if problem is None else f"<p>No line between the runs: {html.escape(problem)}.</p>"
     reference = html.escape(result.attrs["line_reference_run"])
     parts = []
     for name in result.other_run.values:

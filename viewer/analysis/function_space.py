@@ -15,10 +15,10 @@ held-out split, from the stored weights::
     result = function_space.agreement_over_steps(models, heldout, every=10)
     result.agreement      # (pair, step): fraction of held-out images both runs put in the same class
     result.symmetric_kl   # (pair, step): mean over images of (KL(p_a||p_b) + KL(p_b||p_a)) / 2, in nats
-    line = function_space.loss_along_line(models, heldout)  # held-out loss between the runs' weights
-    line.loss             # (other_run, alpha): on the line from the first run's weights to each other's
     result.accuracy       # (run, step): each run's held-out accuracy, as the train stage scores it
     function_space.confusion_at(models["adam-lr0.001-b20-seed0"], heldout, step=3000)  # (true, predicted)
+    line = function_space.loss_along_line(models, heldout)  # at the last shared step
+    line.loss             # (other_run, alpha): held-out loss on the line from the first run's weights to each other's
 
 A network run of the train stage (``train.hidden``) is compared the same way, its
 predictions computed from its stored layers and activation; so is any run recorded as a
@@ -146,10 +146,11 @@ def _shared_steps(classifiers: Mapping[str, Classifier], every: int, least: int)
     return steps if steps[-1] == n_steps - 1 else np.append(steps, n_steps - 1)
 
 
-def _block_measures(layers: list[list[tuple[np.ndarray, np.ndarray | None]]], activation: str | None,
+def _block_measures(layers: list[list[tuple[np.ndarray, np.ndarray | None]]], activations: list[str | None],
                     images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For a block of steps: agreement and symmetric KL per pair (pair, step), accuracy per run (run, step)."""
-    log_p = [network_log_probabilities(run_layers, activation, images) for run_layers in layers]
+    log_p = [network_log_probabilities(run_layers, activation, images)
+             for run_layers, activation in zip(layers, activations)]
     predicted = [lp.argmax(axis=2) for lp in log_p]
     accuracy = np.stack([(p == labels).mean(axis=1) for p in predicted])
     agreement, kl = [], []
@@ -183,7 +184,8 @@ def agreement_over_steps(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, 
     for start in range(0, len(steps), per_task):
         block = steps[start:start + per_task]
         layers = [layers_at(classifiers[name], block) for name in names]
-        tasks.append(dask.delayed(_block_measures)(layers, first.activation, images, labels))
+        tasks.append(dask.delayed(_block_measures)(layers, [classifiers[name].activation for name in names], images,
+                                                   labels))
     blocks = compute(tasks, scheduler=scheduler, progress=progress)
     pairs = [f"{a} | {b}" for a, b in itertools.combinations(names, 2)]
     return xr.Dataset(
@@ -218,6 +220,10 @@ def loss_along_line(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, step:
     if points < 2:
         raise ValueError(f"points must be at least 2, got {points}")
     first = classifiers[names[0]]
+    activations = {model.activation for model in classifiers.values()}
+    if len(activations) > 1:
+        raise ValueError(f"the runs differ in activation ({', '.join(sorted(map(str, activations)))}): the line "
+                         "between two runs is of one model's weights")
     values = {name: [(np.asarray(weight.data[at]), None if bias is None else np.asarray(bias.data[at]))
                      for weight, bias in model.layers] for name, model in classifiers.items()}
     alphas = np.linspace(0.0, 1.0, points)
@@ -228,17 +234,17 @@ def loss_along_line(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, step:
     matching = (f"hidden units matched to {names[0]}'s at step {at:,}" if match and not isinstance(chain, str) else
                 "units not matched: " + ("not asked for" if not match else chain))
     measures: dict[str, list] = {"loss": [], "accuracy": [], "matched_loss": [], "matched_accuracy": []}
+    reference = None if isinstance(chain, str) else _by_parameter(chain, values[names[0]])
     for index, name in enumerate(names[1:]):
         other = values[name]
         loss, accuracy = _along(values[names[0]], other, alphas, first, heldout)
         measures["loss"].append(loss)
         measures["accuracy"].append(accuracy)
-        if not isinstance(chain, str):
-            reference = _by_parameter(first.chain, values[names[0]])
-            orders = relabelling(first.chain, match_units(reference, _by_parameter(first.chain, other), first.chain))
+        if reference is not None:
+            orders = relabelling(chain, match_units(reference, _by_parameter(chain, other), chain))
             other = [(relabelled(weight[None], orders[layer.weight])[0],
                       None if bias is None else relabelled(bias[None], orders[layer.bias])[0])
-                     for layer, (weight, bias) in zip(first.chain, other)]
+                     for layer, (weight, bias) in zip(chain, other)]
             loss, accuracy = _along(values[names[0]], other, alphas, first, heldout)
         measures["matched_loss"].append(loss)
         measures["matched_accuracy"].append(accuracy)
@@ -253,13 +259,18 @@ def loss_along_line(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, step:
 def compare_predictions(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, every: int = 1, scheduler=None,
                         progress: Progress = None) -> xr.Dataset:
     """:func:`agreement_over_steps` and, for two runs or more, :func:`loss_along_line` at the
-    last shared step, in one Dataset: the line's variables and attributes named ``line_...``."""
+    last shared step, in one Dataset: the line's variables and attributes named ``line_...``
+    (or, where the line cannot be drawn, ``attrs["line_problem"]`` says why)."""
     def part(share: float, start: float) -> Progress:
         return None if progress is None else (lambda fraction: progress(start + share * fraction))
 
     result = agreement_over_steps(models, heldout, every=every, scheduler=scheduler, progress=part(0.8, 0.0))
     if len(models) >= 2:
-        line = loss_along_line(models, heldout, progress=part(0.2, 0.8))
+        try:
+            line = loss_along_line(models, heldout, progress=part(0.2, 0.8))
+        except ValueError as error:  # e.g. runs of two activations: their agreement still holds
+            result.attrs["line_problem"] = str(error)
+            return result
         result = result.assign({f"line_{key}": value for key, value in line.data_vars.items()})
         result.attrs.update({f"line_{key}": value for key, value in line.attrs.items() if key != "dataset"})
     return result
