@@ -242,23 +242,22 @@ def linear_chain(parameters: Sequence[ParameterSpec]) -> tuple[LinearLayer, ...]
     each feeding the next, or why they are not such a chain (in words). The train stage's MLPs
     and a recorded ``nn.Sequential`` of ``Linear`` layers are chains."""
     layers: list[LinearLayer] = []
-    by_module: dict[str, dict[str, tuple[int, ...]]] = {}
+    by_module: dict[str, dict[str, ParameterSpec]] = {}
     for spec in parameters:
         if spec.module != "Linear" or spec.role not in ("weight", "bias"):
             return f"{spec.name} is a {spec.role} of a {spec.module or 'module'}, not of a Linear layer"
-        module, _, kind = spec.name.rpartition(".")
-        by_module.setdefault(module, {})[kind] = spec.shape
+        by_module.setdefault(spec.name.rpartition(".")[0], {})[spec.role] = spec
     for module, parts in by_module.items():
-        weight = parts.get("weight")
-        if weight is None or len(weight) != 2:
-            return f"{module} has no (out, in) weight"
-        bias = parts.get("bias")
-        if bias is not None and bias != (weight[0],):
-            return f"{module}.bias has shape {bias}, not ({weight[0]},)"
-        if layers and weight[1] != layers[-1].units:
-            return (f"{module}.weight takes {weight[1]} inputs but the layer before it has {layers[-1].units} "
+        weight, bias = parts.get("weight"), parts.get("bias")
+        if weight is None or len(weight.shape) != 2:
+            return f"the Linear layer {module or '(the model)'} has no (out, in) weight"
+        units = weight.shape[0]
+        if bias is not None and bias.shape != (units,):
+            return f"{bias.name} has shape {bias.shape}, not ({units},)"
+        if layers and weight.shape[1] != layers[-1].units:
+            return (f"{weight.name} takes {weight.shape[1]} inputs but the layer before it has {layers[-1].units} "
                     "units: the layers do not form one chain")
-        layers.append(LinearLayer(f"{module}.weight", None if bias is None else f"{module}.bias", weight[0]))
+        layers.append(LinearLayer(weight.name, None if bias is None else bias.name, units))
     if not layers:
         return "the run records no layers"
     return tuple(layers)
