@@ -607,14 +607,14 @@ def test_many_tabs_keep_the_server_memory_bounded(browser, runs_dir, tmp_path):
     assert per_tab < 50, f"{per_tab:.0f} MB per open tab"
     # Every page was closed (the log counts them), and closed pages give their memory back:
     # after a warm-up the server stops growing. The warm-up (caches and allocator arenas
-    # filling) ends in round 2 or 3 and adds up to 10 MB in one round, so a round's growth
-    # is judged by the median over rounds 3 to 5: a leak grows every round (when HoloViews'
-    # option cache held each viewer through its plot hooks, each round of 4 tabs added about
-    # 5.5 MB), a warm-up in one of them only.
+    # filling) ends in round 2, 3 or 4 and may add up to 10 MB in each of two rounds (CI saw
+    # +4.2 and +7.6 MB in rounds 3 and 4, then +0.2), so a round's growth is judged by the
+    # least over rounds 3 to 5: a leak grows every round (when HoloViews' option cache held
+    # each viewer through its plot hooks, each round of 4 tabs added about 5.5 MB), a warm-up
+    # in some of them only.
     rounds = [memory[f"{TABS} tabs, round {round_}"] for round_ in range(1, ROUNDS + 1)]
-    growth = float(np.median(np.diff(rounds)[1:]))
-    assert growth < 3, f"{growth:.1f} MB more per round of {TABS} tabs after the warm-up: {memory}"
-
+    growth = float(np.min(np.diff(rounds)[1:]))
+    assert growth < 3, f"{growth:.1f} MB more in every round of {TABS} tabs after the warm-up: {memory}"
 
 TABS = 4
 ROUNDS = 5
