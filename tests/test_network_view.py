@@ -314,6 +314,7 @@ def test_compare_runs_matches_network_runs_hidden_units_and_draws_both_distances
     # unticked: the runs as recorded, one more computation
     comparison.match_box.value = False
     assert "hidden units as recorded" in comparison.notice.object
+    assert viewer.state.query()["match"] == "0"  # kept in the link
     asyncio.run(comparison.compute())
     assert "Hidden units as recorded" in comparison.gauge.object
     # a softmax run or another model in the group is named, before anything is computed

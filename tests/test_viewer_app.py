@@ -206,9 +206,10 @@ def test_compare_mode_offers_centred_weights_and_says_how_big_the_class_mean_is(
 def test_the_view_round_trips_through_url_values(runs_dir):
     viewer = WeightViewer(runs_dir, query={})
     viewer.state.param.update(run="alpha", compare="beta", mode="run-diff", step=123, from_step=4, range_start=5,
-                              range_stop=77, statistic="std", scale="class")
+                              range_stop=77, statistic="std", scale="class", compare_every=7, match_units=False)
     query = viewer.state.query()
     assert query["run"] == "alpha" and query["compare"] == "beta" and query["step"] == "123"
+    assert query["every"] == "7" and query["match"] == "0"
     reopened = WeightViewer(runs_dir, query=query)
     assert reopened.state.query() == query and not reopened.message.visible
 
@@ -227,6 +228,11 @@ def test_bad_url_values_are_reported_and_the_message_goes_with_its_cause(runs_di
     assert not viewer.message.visible
     values, problems = read_query({"run": "alpha", "step": "400"}, names=["alpha"], last_step=lambda name: 300)
     assert values["step"] == 300 and "past this run's last step" in problems[0]
+    values, problems = read_query({"every": "-3", "match": "maybe"}, names=["alpha"], last_step=lambda name: 300)
+    assert "compare_every" not in values and "match_units" not in values
+    assert problems == ["match 'maybe' is not 0 or 1", "every '-3' is not a number of steps (0 to 1,000,000,000)"]
+    # a link without them is as before: every N chosen for the runs, units matched
+    assert "every" not in WeightViewer(runs_dir, query={}).state.query()
 
 
 def test_empty_missing_and_broken_runs_directories_say_what_to_do(tmp_path):

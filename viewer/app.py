@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 POLL_MS = 1000   # how often a page looks for new runs, new steps and new stores
 URL_PARAMS = ("run", "compare", "mode", "step", "from_step", "range_start", "range_stop", "statistic", "scale",
               "weights", "follow", "compare_runs", "pixel", "pixel_class", "side_runs", "spacing", "layer",
-              "weight_index")
+              "weight_index", "compare_every", "match_units")
 HELP = """
 **Keys**: space plays or pauses; ← → step one; shift + ← → jump 100 steps; Home / End: first / last step.
 

@@ -60,9 +60,11 @@ class Comparison(pn.viewable.Viewer):
                                               width=360)
         self.runs_choice = pn.widgets.MultiChoice(label="Runs to compare (the first is the reference)", options={},
                                                   sizing_mode="stretch_width")
-        self.every_input = pn.widgets.IntInput(label="Every N-th step (0: auto)", value=0, start=0, width=170)
-        self.match_box = pn.widgets.Checkbox(label="Match hidden units (network runs)", value=True, width=260,
-                                             visible=False, align="end")
+        self.every_input = pn.widgets.IntInput.from_param(self.state.param.compare_every,
+                                                          label="Every N-th step (0: auto)", width=170)
+        self.match_box = pn.widgets.Checkbox.from_param(self.state.param.match_units,
+                                                        label="Match hidden units (network runs)", width=260,
+                                                        visible=False, align="end")
         self.compare_button = pn.widgets.Button(label="Compute comparison", color="primary", width=180)
         self.progress = pn.indicators.Progress(value=0, max=100, visible=False, width=300)
         self.notice = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width")
@@ -73,13 +75,12 @@ class Comparison(pn.viewable.Viewer):
         self.group_select.param.watch(lambda event: self._pick_group(event.new), "value")
         self.runs_choice.param.watch(lambda event: setattr(self.state, "compare_runs", list(event.new)), "value")
         self.compare_button.on_click(self.compute)
-        self.every_input.param.watch(lambda event: self.render(), "value")
-        self.match_box.param.watch(lambda event: self.render(), "value")
         self.state.param.watch(lambda event: self._follow_run(), "run")
         self.state.param.watch(lambda event: self._show_choice(), "compare_runs")
-        self.state.param.watch(lambda *events: self.render(), ["compare_runs", "mode", "weights", "revision"])
+        self.state.param.watch(lambda *events: self.render(),
+                               ["compare_runs", "mode", "weights", "revision", "compare_every", "match_units"])
         self.predictions = Predictions(state=self.state, store=self.store, every=self.every)
-        self.every_input.param.watch(lambda event: self.predictions.render(), "value")
+        self.state.param.watch(lambda event: self.predictions.render(), "compare_every")
         self._layout = pn.Column(
             pn.Row(self.group_select, self.every_input, self.match_box), self.runs_choice,
             pn.pane.HTML("<h3>Weights</h3>"), pn.Row(self.compare_button, self.progress),
@@ -129,8 +130,8 @@ class Comparison(pn.viewable.Viewer):
             self.group_select.value = group
 
     def every(self, names: list[str]) -> int:
-        if self.every_input.value:
-            return int(self.every_input.value)
+        if self.state.compare_every:
+            return self.state.compare_every
         shortest = min(self.store.open(name).last_step + 1 for name in names)
         return max(1, math.ceil(shortest / DEFAULT_POINTS))
 
@@ -158,7 +159,7 @@ class Comparison(pn.viewable.Viewer):
         try:
             every = self.every(names)
             networks = self.networks(names)
-            centre, match = self.state.weights == "centred", self.match_box.value
+            centre, match = self.state.weights == "centred", self.state.match_units
             if networks is None:
                 work = lambda report: self.store.compute_comparison(names, every, centre=centre, progress=report)  # noqa: E731
             else:
@@ -179,7 +180,7 @@ class Comparison(pn.viewable.Viewer):
         try:
             networks = self.networks(names)
             if networks is not None:
-                return self.store.networks.comparison(networks, self.every(names), self.match_box.value)
+                return self.store.networks.comparison(networks, self.every(names), self.state.match_units)
             return self.store.comparison(names, self.every(names), centre=self.state.weights == "centred")
         except READ_ERRORS:
             return None
@@ -203,7 +204,7 @@ class Comparison(pn.viewable.Viewer):
                 text = html.escape(f"These runs cannot be compared: {networks}")
                 self.notice.alert_type = "warning"
             elif networks is not None:
-                matched = "hidden units matched" if self.match_box.value else "hidden units as recorded"
+                matched = "hidden units matched" if self.state.match_units else "hidden units as recorded"
                 text = f"Press “Compute comparison” to compare these network runs ({matched})."
             else:
                 weights = "centred weights" if self.state.weights == "centred" else "raw weights"

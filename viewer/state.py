@@ -24,13 +24,14 @@ MODES = {"Replay": "replay", "Side by side": "side-by-side", "Step vs step": "st
 SCALES = {"Whole run": "run", "This step": "step", "Per class": "class"}
 WEIGHTS = dict(zip(("Raw", "Centred"), WEIGHT_CHOICES))
 URL_KEYS = ("run", "compare", "mode", "step", "from", "start", "stop", "stat", "scale", "weights", "follow", "runs",
-            "pixel", "class", "side", "spacing", "layer", "at")
+            "pixel", "class", "side", "spacing", "layer", "at", "every", "match")
 PIXEL_VALUE = re.compile(r"(\d{1,2}),(\d{1,2})")  # the inspector's pixel in a URL: "row,column"
 LIST_KEYS = ("runs", "side")   # URL values that are lists of runs
 MAX_BESIDE = 3                 # runs shown beside the selected one in Side by side
 # Longest URL value read: a list of runs may be long; one value is not.
 MAX_VALUE = 300
 MAX_RUNS_VALUE = 20_000
+MAX_EVERY = 10**9              # Compare runs' "every N-th step": more than any run has
 
 
 class ViewState(param.Parameterized):
@@ -63,6 +64,10 @@ class ViewState(param.Parameterized):
     layer = param.String(default="", doc="the parameter of a network run shown ('' for its first)")
     weight_index = param.Integer(default=None, allow_None=True, bounds=(0, None),
                                  doc="the weight of the layer the network inspector follows (flat index); None: none")
+    compare_every = param.Integer(default=0, bounds=(0, MAX_EVERY),
+                                  doc="Compare runs uses every N-th shared step (0: a spacing chosen for the runs)")
+    match_units = param.Boolean(default=True,
+                                doc="Compare runs matches network runs' hidden units to the reference run's")
 
     def query(self) -> dict[str, str]:
         """The bookmarkable part, as URL query values."""
@@ -74,7 +79,10 @@ class ViewState(param.Parameterized):
                 "class": str(self.pixel_class), "side": ",".join(self.side_runs), "spacing": self.spacing,
                 # A network run's layer and weight, only when chosen: a softmax-regression run's link is as before.
                 **({"layer": self.layer} if self.layer else {}),
-                **({"at": str(self.weight_index)} if self.weight_index is not None else {})}
+                **({"at": str(self.weight_index)} if self.weight_index is not None else {}),
+                # Compare runs' choices, only when changed from their defaults
+                **({"every": str(self.compare_every)} if self.compare_every else {}),
+                **({} if self.match_units else {"match": "0"})}
 
     def shown_runs(self) -> list[str]:
         """The runs Side by side shows: the run, then those beside it (each once, at most four)."""
@@ -109,8 +117,17 @@ def read_query(query: Mapping[str, str], *, names: list[str], last_step: Callabl
                 values[name] = query[key]
             else:
                 problems.append(f"unknown {what} {query[key][:40]!r}")
-    if query.get("follow") in ("0", "1"):
-        values["follow"] = query["follow"] == "1"
+    for key, name in (("follow", "follow"), ("match", "match_units")):
+        if query.get(key) in ("0", "1"):
+            values[name] = query[key] == "1"
+        elif query.get(key):
+            problems.append(f"{key} {query[key][:40]!r} is not 0 or 1")
+    every = query.get("every")
+    if every:
+        if every.isascii() and every.isdigit() and int(every) <= MAX_EVERY:
+            values["compare_every"] = int(every)
+        else:
+            problems.append(f"every {every[:40]!r} is not a number of steps (0 to {MAX_EVERY:,})")
     _read_pixel(query, values, problems)
     run = values.setdefault("run", default_run)
     last = last_step(run) if run else -1
