@@ -275,6 +275,30 @@ def test_the_page_answers_loopback_names_on_its_port(loopback_server):
     assert http_get(port, "/viewer", "localhost")[0] == 403
 
 
+def redirect_of(port: int, path: str) -> tuple[int, str | None]:
+    """Status and Location header of a GET of ``path`` on the viewer, as this machine's browser sends it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        response = b""
+        while chunk := connection.recv(65536):
+            response += chunk
+    head = response.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    location = next((line.split(":", 1)[1].strip() for line in head if line.lower().startswith("location:")), None)
+    return int(head[0].split()[1]), location
+
+
+def test_a_link_to_the_server_root_keeps_its_query(loopback_server):
+    port = loopback_server.port
+    status, location = redirect_of(port, "/?run=plain&step=3&mode=step-diff")
+    assert status == 302 and location == "/viewer?run=plain&step=3&mode=step-diff"
+    # the query is re-encoded, never a header or another site
+    status, location = redirect_of(port, "/?run=%0D%0ASet-Cookie:%20x&next=//evil.example/")
+    assert status == 302 and location == "/viewer?run=%0D%0ASet-Cookie%3A+x&next=%2F%2Fevil.example%2F"
+    assert redirect_of(port, "/")[1] in ("./viewer", "/viewer")  # Bokeh's own redirect
+    assert redirect_of(port, "/no-such-page?run=plain")[0] == 404
+    assert redirect_of(port, "/viewer?run=plain")[0] == 200
+
+
 def test_a_websocket_reached_through_dns_rebinding_is_refused(loopback_server):
     # A page on rebind.example whose name now points at 127.0.0.1: the browser sends the
     # attacker's name as Host and as Origin, which Tornado counts as same-origin.

@@ -6,6 +6,9 @@ The hook makes the server refuse every request whose Host header is not a name i
 same origin as the viewer, so the browser lets it read the viewer's pages and open its
 WebSocket; Tornado then sees an Origin equal to the Host and skips Bokeh's origin
 allowlist. Only the Host header still names the attacker's site.
+
+It also keeps a link's query when the server's root redirects to the app: Bokeh sends
+``/?run=a&step=5`` to ``/viewer`` and the run and step are lost on the way.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 from bokeh.server.tornado import BokehTornado
 from bokeh.settings import settings
 from tornado.httputil import HTTPServerRequest
-from tornado.web import RequestHandler
+from tornado.web import RedirectHandler, RequestHandler
 
 from weightlapse.viewer.access import host_is_served
 
@@ -60,7 +63,8 @@ def allowed_names(application: BokehTornado) -> set[str]:
 
 
 def guard_hosts(application_class: type[BokehTornado]) -> None:
-    """Route every request of ``application_class`` whose Host is not served to HostRefused.
+    """Route every request of ``application_class`` whose Host is not served to HostRefused,
+    and a served GET of the root with a query to the app's page with the query (root_redirect).
 
     Wrapping ``find_handler``, where Tornado picks the handler of each request, covers the
     app page, its WebSocket, autoload.js, Panel's endpoints and static files alike.
@@ -72,7 +76,10 @@ def guard_hosts(application_class: type[BokehTornado]) -> None:
     def guarded_find_handler(self, request: HTTPServerRequest, **kwargs):
         port = served_port(request)
         if host_is_served(request.host, port=port, allowlist=allowed_names(self)):
-            return find_handler(self, request, **kwargs)
+            target = root_redirect(self, request)
+            if target is None:
+                return find_handler(self, request, **kwargs)
+            return self.get_handler_delegate(request, RedirectHandler, {"url": target, "permanent": False})
         log.warning("refused %s %s for host %r: not a name this viewer serves (serve a name on purpose with "
                     "--allow-websocket-origin, see docs/serving.md)", request.method, request.path[:100],
                     request.host[:100])
@@ -80,6 +87,19 @@ def guard_hosts(application_class: type[BokehTornado]) -> None:
 
     guarded_find_handler.guards_hosts = True
     application_class.find_handler = guarded_find_handler
+
+
+def root_redirect(application: BokehTornado, request: HTTPServerRequest) -> str | None:
+    """Where a GET of the server's root with a query goes: its one app's page (the query is
+    kept by Tornado's RedirectHandler); None for any other request, which Bokeh answers."""
+    routes = list(application.applications)
+    if (request.method != "GET" or not request.query or len(routes) != 1 or not routes[0].startswith("/")
+            or request.path.rstrip("/") != application.prefix.rstrip("/")):
+        return None
+    # A route is a concrete path here (`panel serve viewer/` serves "/viewer"); braces would be
+    # format fields to RedirectHandler.
+    route = routes[0]
+    return None if any(token in route for token in "{}") else application.prefix.rstrip("/") + route
 
 
 def on_server_loaded(server_context) -> None:
