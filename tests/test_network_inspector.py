@@ -9,7 +9,7 @@ from network_runs import mlp, record
 
 from weightlapse.viewer.app import WeightViewer
 from weightlapse.viewer.network_inspector import weight_name
-from weightlapse.viewer.network_plots import HEADER
+from weightlapse.viewer.analysis.layouts import HEADER
 
 hv.extension("bokeh")
 

@@ -1,18 +1,13 @@
-"""How each parameter shape is drawn (viewer/network_plots.py): every weight in its place, a
-click maps back to it, large layers are cut with a note, colours centred on zero."""
+"""How each parameter shape is laid out and drawn (viewer/analysis/layouts.py,
+viewer/network_plots.py): every weight in its place, a click maps back to it, large layers
+are cut with a note, colours centred on zero."""
 
 import holoviews as hv
 import numpy as np
 import pytest
 
-from weightlapse.viewer.network_plots import (
-    HEADER,
-    MAX_UNITS,
-    colour_limits,
-    layer_image,
-    layer_layout,
-    picture_size,
-)
+from weightlapse.viewer.analysis.layouts import HEADER, MAX_UNITS, layer_layout, picture_size
+from weightlapse.viewer.network_plots import colour_limits, layer_image
 
 hv.extension("bokeh")
 

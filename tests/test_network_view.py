@@ -16,7 +16,7 @@ from network_runs import mlp, record
 from viewer_runs import training_like, write_run
 
 from weightlapse.viewer.app import WeightViewer
-from weightlapse.viewer.network_plots import layer_layout, picture_size
+from weightlapse.viewer.analysis.layouts import layer_layout, picture_size
 
 hv.extension("bokeh")
 

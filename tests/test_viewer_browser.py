@@ -738,7 +738,7 @@ def wait_for_image(tab: Page, shape: tuple[int, int], expected: np.ndarray, what
 
 
 def test_a_recorded_mlp_opens_with_the_readmes_command_and_replays_its_layers(browser, network_served):
-    from weightlapse.viewer.network_plots import layer_layout
+    from weightlapse.viewer.analysis.layouts import layer_layout
 
     server, seen = network_served
     tab = Page(browser, server.url + "?run=my-mlp")

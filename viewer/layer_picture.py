@@ -10,9 +10,8 @@ import holoviews as hv
 import numpy as np
 import panel as pn
 
+from weightlapse.viewer.analysis.layouts import MIN_WIDTH_PX, LayerLayout
 from weightlapse.viewer.network_plots import (
-    MIN_WIDTH_PX,
-    LayerLayout,
     bokeh_image,
     colour_limits,
     layer_image,

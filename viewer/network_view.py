@@ -4,8 +4,8 @@
 :class:`LayerView` to draw (the chosen parameter at the state's step, a change, a
 difference from another run, or a statistic), or a sentence saying what is missing;
 :func:`side_layer_views` the same for Side by side (the layer of each run shown, on one
-colour scale). How each shape is drawn (unit images, heatmaps, strips, kernels) is
-viewer/network_plots.py; the weight inspector below the picture is viewer/network_inspector.py.
+colour scale). How each shape is laid out (unit images, heatmaps, strips, kernels) is
+viewer/analysis/layouts.py, how it is drawn viewer/network_plots.py; the weight inspector below the picture is viewer/network_inspector.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from weightlapse.viewer.analysis.scales import largest_magnitude
 from weightlapse.viewer.analysis.stats import STATISTICS
 from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.layer_picture import LayerPicture, LayerView, picture_width, side_columns, side_picture_width
-from weightlapse.viewer.network_plots import distance_lines, layer_layout
+from weightlapse.viewer.analysis.layouts import layer_layout
+from weightlapse.viewer.network_plots import distance_lines
 from weightlapse.viewer.state import MAX_BESIDE, ViewState
 from weightlapse.viewer.tiles import READ_ERRORS, weakly, with_document_lock
 

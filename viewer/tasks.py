@@ -26,7 +26,7 @@ from weightlapse.viewer.analysis.frames import centred, colour_map
 from weightlapse.viewer.analysis.spacing import combined
 from weightlapse.viewer.analysis.network import NetworkRun
 from weightlapse.viewer.data import DataStore
-from weightlapse.viewer.network_plots import layer_layout, picture_size
+from weightlapse.viewer.analysis.layouts import layer_layout, picture_size
 from weightlapse.viewer.network_view import chosen_layer, on_scale
 from weightlapse.viewer.plots import TileView, tile_picture
 from weightlapse.viewer.side_by_side import side_by_side_view
