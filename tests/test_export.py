@@ -14,8 +14,8 @@ from weightlapse.viewer.analysis.export import (
     png_bytes,
     save_animation,
     save_png,
-    write_picture_animation,
 )
+from weightlapse.viewer.analysis.renderers import write_picture_animation
 from weightlapse.viewer.analysis.runs import RunCatalog
 
 

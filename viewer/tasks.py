@@ -15,16 +15,11 @@ import param
 
 import numpy as np
 
-from weightlapse.viewer.analysis.export import (
-    animation_steps,
-    png_bytes,
-    side_by_side,
-    write_animation,
-    write_picture_animation,
-)
+from weightlapse.viewer.analysis.export import animation_steps, png_bytes, side_by_side
 from weightlapse.viewer.analysis.frames import centred, colour_map
 from weightlapse.viewer.analysis.spacing import combined
 from weightlapse.viewer.analysis.network import NetworkRun
+from weightlapse.viewer.analysis.renderers import write_animation, write_picture_animation
 from weightlapse.viewer.data import DataStore
 from weightlapse.viewer.analysis.layouts import layer_layout, picture_size
 from weightlapse.viewer.network_view import chosen_layer, on_scale
