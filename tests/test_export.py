@@ -3,18 +3,22 @@
 import asyncio
 
 import imageio.v2 as imageio
+import matplotlib
 import numpy as np
 import pytest
+from network_runs import mlp, record
 from PIL import Image
 from viewer_runs import FASHION_CLASSES, training_like, write_run
 
 from weightlapse.viewer.app import WeightViewer
 from weightlapse.viewer.analysis.export import (
+    SIDE_PICTURE_PX,
     animation_steps,
     png_bytes,
     save_animation,
     save_png,
 )
+from weightlapse.viewer.analysis.layouts import layer_layout, picture_size
 from weightlapse.viewer.analysis.renderers import write_picture_animation
 from weightlapse.viewer.analysis.runs import RunCatalog
 
@@ -117,3 +121,38 @@ def test_a_picture_animation_colours_every_frame_on_one_range(tmp_path, fmt):
         assert np.abs(frame[centre] - expected).max() < 24, (fmt, value, frame[centre], expected)
     gap = (height - 16 - 100, 16 + 3 * 50 + 25)
     assert (frames[1][gap] > 230).all()  # white
+
+
+def test_network_runs_animate_headless_a_layer_laid_out_as_the_viewer_draws_it(tmp_path, run):
+    runs = tmp_path / "runs"
+    seen = {name: record(runs / name, mlp(seed=seed), steps=12, seed=seed)
+            for seed, name in enumerate(("mlp", "mlp-seed1"))}
+    record(runs / "wide", mlp(hidden=20), steps=3)
+    catalog = RunCatalog(runs)
+    first, second = catalog.open("mlp"), catalog.open("mlp-seed1")
+    path = save_animation(tmp_path / "one.mp4", first, stop=12, spacing="even", max_frames=7)
+    frames = [frame for frame in imageio.get_reader(path)]  # list() asks an MP4 reader its length: inf
+    layout = layer_layout((16, 784))  # the first parameter by default: one image per hidden unit
+    width, height = picture_size(layout)
+    assert len(frames) == 7 and frames[0].shape[:2] == (-(-(height + 64) // 16) * 16, -(-(width + 152) // 16) * 16)
+    # two runs side by side: one picture each, on one range over the whole animation
+    path = save_animation(tmp_path / "both.gif", [first, second], stop=12, spacing="even", max_frames=13,
+                          layer="output.weight")
+    frames = [np.asarray(frame)[..., :3].astype(int) for frame in imageio.get_reader(path)]
+    width, height = picture_size(layer_layout((10, 16)), SIDE_PICTURE_PX)
+    limit = max(float(np.abs(seen[name][step]["output.weight"]).max()) for name in seen for step in range(13))
+    colours = matplotlib.colormaps["RdBu_r"]
+    y = frames[0].shape[0] - 16 - height + int(2.5 * height / 10)
+    for index, name in enumerate(seen):
+        x = 16 + index * (width + 16) + int(7.5 * width / 16)
+        for step in (0, 12):
+            expected = np.array(colours((seen[name][step]["output.weight"][2, 7] / limit + 1) / 2)[:3]) * 255
+            assert np.abs(frames[step][y, x] - expected).max() < 24, (name, step)
+    with pytest.raises(ValueError, match=r"hidden1.weight is \(16, 784\) in mlp but \(20, 784\) in wide"):
+        save_animation(tmp_path / "x.gif", [first, catalog.open("wide")], stop=3)
+    with pytest.raises(ValueError, match="mlp has no parameter 'nope'; its parameters: hidden1.weight, hidden1.bias"):
+        save_animation(tmp_path / "x.gif", first, layer="nope")
+    with pytest.raises(ValueError, match="mlp records a network and alpha softmax regression"):
+        save_animation(tmp_path / "x.gif", [first, run])
+    with pytest.raises(ValueError, match="layer= is a network run's parameter; alpha records softmax regression"):
+        save_animation(tmp_path / "x.gif", run, layer="output.weight")

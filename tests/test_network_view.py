@@ -15,6 +15,7 @@ from bokeh.models import ColorBar, GlyphRenderer, Image, Title
 from network_runs import mlp, record
 from viewer_runs import training_like, write_run
 
+from weightlapse.viewer.analysis.export import SIDE_PICTURE_PX
 from weightlapse.viewer.app import WeightViewer
 from weightlapse.viewer.analysis.layouts import layer_layout, picture_size
 
@@ -269,6 +270,39 @@ def test_a_network_layers_animation_is_its_pictures_on_the_pages_colour_scale(re
         value = values[unit, pixel] / (np.abs(values[unit]).max() if scale == "class" else limit)
         expected = np.array(colours((value + 1) / 2)[:3]) * 255
         assert np.abs(frames[step][at] - expected).max() < 24, (step, frames[step][at], expected)
+
+
+def test_network_runs_side_by_side_animate_as_one_picture_a_run_on_one_colour_scale(recorded):
+    runs, seen = recorded
+    viewer, _ = viewer_on(runs, run="mlp", mode="side-by-side", side="mlp-seed1", layer="output.weight",
+                          start="0", stop="12", spacing="even")
+    asyncio.run(viewer.export.render_animation())
+    assert "13 frames (steps 0..12, even spacing)" in viewer.export.outcome.object
+    frames = [np.asarray(frame)[..., :3].astype(int) for frame in imageio.get_reader(viewer.export.animation_download.file)]
+    assert len(frames) == 13
+    # Each run's picture where the export lays it out (two across, each titled above it), and
+    # the same weight of each coloured on one scale: the larger of the runs' whole-run limits.
+    layout = layer_layout((10, 16))
+    width, height = picture_size(layout, SIDE_PICTURE_PX)
+    networks = viewer.store.networks
+    limit = max([networks.colour_limit(networks.network(name), "output.weight") for name in ("mlp", "mlp-seed1")]
+                + [float(np.abs(seen[name][step]["output.weight"]).max()) for name in seen for step in range(13)])
+    colours = matplotlib.colormaps["RdBu_r"]
+    row, column = 3, 5
+    y = frames[0].shape[0] - 16 - height + int((row + 0.5) * height / 10)
+    for index, name in enumerate(("mlp", "mlp-seed1")):
+        x = 16 + index * (width + 16) + int((column + 0.5) * width / 16)
+        for step in (0, 12):
+            value = seen[name][step]["output.weight"][row, column] / limit
+            expected = np.array(colours((value + 1) / 2)[:3]) * 255
+            assert np.abs(frames[step][y, x] - expected).max() < 24, (name, step, frames[step][y, x], expected)
+    # runs of another model, or a softmax run, beside it: named, nothing rendered
+    for beside, problem in (("wide", "output.weight is (10, 16) in mlp but (10, 20) in wide"),
+                            ("softmax", "mlp records a network and softmax softmax regression")):
+        viewer.state.side_runs = [beside]
+        asyncio.run(viewer.export.render_animation())
+        assert problem in html.unescape(viewer.export.outcome.object), viewer.export.outcome.object
+        assert not viewer.export.animation_download.visible
 
 
 def test_a_hidden_layer_run_of_the_train_stage_replays_its_units_and_its_held_out_accuracy(generated_data, tmp_path):

@@ -15,7 +15,14 @@ import param
 
 import numpy as np
 
-from weightlapse.viewer.analysis.export import animation_steps, png_bytes, side_by_side
+from weightlapse.viewer.analysis.export import (
+    SIDE_PICTURE_PX,
+    animation_steps,
+    png_bytes,
+    run_titles,
+    shared_layer,
+    side_by_side,
+)
 from weightlapse.viewer.analysis.frames import centred, colour_map
 from weightlapse.viewer.analysis.spacing import combined
 from weightlapse.viewer.analysis.network import NetworkRun
@@ -174,12 +181,14 @@ class ExportPanel(pn.viewable.Viewer):
         buffer = io.BytesIO()
         try:
             runs = [self.store.open(name) for name in names]
-            if any(isinstance(run, NetworkRun) for run in runs) and len(runs) > 1:
-                raise ValueError("side by side animations are of softmax-regression runs so far; animate one "
-                                 "network run's layer from Replay")
+            networks = [run for run in runs if isinstance(run, NetworkRun)]
+            if networks and len(networks) < len(runs):
+                matrix = next(run for run in runs if not isinstance(run, NetworkRun))
+                raise ValueError(f"{networks[0].name} records a network and {matrix.name} softmax regression: a "
+                                 "network run is animated beside network runs")
             start, stop = state.range_start, min(state.range_stop, max(run.last_step for run in runs))
-            if isinstance(runs[0], NetworkRun):
-                steps, render = self._layer_animation(runs[0], start, stop, buffer, fmt)
+            if networks:
+                steps, render = self._layer_animation(networks, start, stop, buffer, fmt)
             else:
                 steps, render = self._grid_animation(runs, start, stop, buffer, fmt)
             await in_worker(self.animation_button, self.progress, render)
@@ -216,25 +225,34 @@ class ExportPanel(pn.viewable.Viewer):
                             fps=10, progress=report, limit=limit, groups=groups)
         return steps, render
 
-    def _layer_animation(self, run: NetworkRun, start: int, stop: int, buffer, fmt: str):
-        """(steps, render(report)) of the network layer shown, laid out as the page draws it, on
-        the page's colour scale (Per class: each unit on its own)."""
+    def _layer_animation(self, runs: list[NetworkRun], start: int, stop: int, buffer, fmt: str):
+        """(steps, render(report)) of the network layer shown, of one run or of the runs side by
+        side, laid out as the page draws it, on the page's colour scale (Whole run: the largest
+        of the runs' limits; Per class: each unit on its own)."""
         state, networks = self.state, self.store.networks
-        layer = chosen_layer(state, run)
-        spec, layout = run.spec(layer), layer_layout(run.spec(layer).shape)
+        layer = shared_layer(runs, chosen_layer(state, runs[0]))
+        spec = runs[0].spec(layer)
+        layout = layer_layout(spec.shape)
         steps = animation_steps(start, stop, max_frames=ANIMATION_MAX_FRAMES, spacing=state.spacing,
-                                travelled=lambda: networks.travelled(run, layer, start, stop))
+                                travelled=lambda: combined([networks.travelled(run, layer, start, stop)
+                                                            for run in runs]))
         scale = state.scale  # the choice made when the button was pressed
-        _, label, limit = on_scale(run.values_at(layer, start), spec.role, scale,
-                                   lambda: networks.colour_limit(run, layer))
+        _, label, limit = on_scale(runs[0].values_at(layer, start), spec.role, scale,
+                                   lambda: max(networks.colour_limit(run, layer) for run in runs))
 
-        def picture_at(step: int) -> np.ndarray:
-            return layout.picture(on_scale(run.values_at(layer, step), spec.role, scale, lambda: limit)[0])
+        def picture(run: NetworkRun, step: int) -> np.ndarray:
+            values = run.values_at(layer, min(step, run.last_step))
+            return layout.picture(on_scale(values, spec.role, scale, lambda: limit)[0])
+        if len(runs) == 1:
+            picture_at, groups, size = (lambda step: picture(runs[0], step)), None, picture_size(layout)
+            title = lambda step: f"{runs[0].name}: {layer} after step {step:,}"  # noqa: E731
+        else:
+            picture_at = lambda step: [picture(run, step) for run in runs]  # noqa: E731
+            groups, size = run_titles(runs), picture_size(layout, SIDE_PICTURE_PX)
+            title = lambda step: f"{layer} after step {step:,}"  # noqa: E731
 
         def render(report) -> None:
-            write_picture_animation(buffer, steps, picture_at, fmt=fmt, size_px=picture_size(layout), fps=10,
-                                    title=lambda step: f"{run.name}: {layer} after step {step:,}", progress=report,
-                                    limit=limit, colorbar_label=label, caption=layout.description,
-                                    labels=layout.labels)
+            write_picture_animation(buffer, steps, picture_at, fmt=fmt, size_px=size, fps=10, title=title,
+                                    progress=report, limit=limit, colorbar_label=label, caption=layout.description,
+                                    labels=layout.labels, groups=groups)
         return steps, render
-
