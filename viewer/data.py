@@ -12,7 +12,6 @@ import functools
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,11 @@ from weightlapse.viewer.analysis.runs import RunCatalog, RunInfo
 from weightlapse.viewer.analysis.scales import RunScales, sampled_steps
 from weightlapse.viewer.analysis.spacing import Travelled, travelled_by
 from weightlapse.viewer.analysis.stats import change_statistics
+from weightlapse.viewer.cache import BoundedCache
 from weightlapse.viewer.network_data import NetworkData
 
 # How long a listing of the runs is reused by every page: pages poll every 2 s.
 LISTING_S = {True: 1.5, False: 10.0}      # local runs directory, object storage
-CACHE_SIZE = 16
 MAX_PARAMS_BYTES = 1 << 20
 # Pixel histories kept: one is 12 MB at 300,000 steps (10 classes of float32).
 PIXEL_CACHE_SIZE = 8
@@ -47,20 +46,6 @@ class Curves:
     loss: np.ndarray
     eval_steps: np.ndarray
     accuracy: np.ndarray
-
-
-class _Bounded(OrderedDict):
-    """A small least-recently-stored cache."""
-
-    def __init__(self, size: int = CACHE_SIZE) -> None:
-        super().__init__()
-        self.size = size
-
-    def put(self, key, value) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
 
 
 class DataStore:
@@ -80,13 +65,13 @@ class DataStore:
         self._fingerprints: dict[str, tuple | None] = {}
         self._listed_at = -float("inf")
         self.scales = RunScales()  # whole-run colour limits
-        self._curves = _Bounded()
-        self._stats = _Bounded()
-        self._comparisons = _Bounded()
-        self._predictions = _Bounded()
-        self._heldout = _Bounded()
-        self._pixels = _Bounded(PIXEL_CACHE_SIZE)
-        self._travelled = _Bounded()
+        self._curves = BoundedCache()
+        self._stats = BoundedCache()
+        self._comparisons = BoundedCache()
+        self._predictions = BoundedCache()
+        self._heldout = BoundedCache()
+        self._pixels = BoundedCache(PIXEL_CACHE_SIZE)
+        self._travelled = BoundedCache()
         self._runs: dict[str, Run] = {}
         self.networks = NetworkData(self)  # what the network view draws from network runs
 
@@ -221,7 +206,7 @@ class DataStore:
                 self._travelled.put(key, cached)
         return cached
 
-    def _computed(self, cache: _Bounded, names: list[str], every: int, centre: bool):
+    def _computed(self, cache: BoundedCache, names: list[str], every: int, centre: bool):
         """What ``cache`` holds for these runs as they are now, or None (also when one is gone)."""
         try:
             key = self._comparison_key(names, every, centre)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -20,19 +19,7 @@ from weightlapse.viewer.analysis.network import NetworkRun, layer_distances, lay
 from weightlapse.viewer.analysis.network_compare import compare_networks
 from weightlapse.viewer.analysis.scales import RunScales, sampled_steps
 from weightlapse.viewer.analysis.spacing import Travelled, travelled_along
-
-CACHE_SIZE = 16
-
-
-class _Bounded(OrderedDict):
-    """A small least-recently-stored cache."""
-
-    def put(self, key, value) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > CACHE_SIZE:
-            self.popitem(last=False)
-
+from weightlapse.viewer.cache import BoundedCache
 
 class NetworkData:
     """Colour limits, weight histories, statistics and distances of network runs."""
@@ -42,11 +29,11 @@ class NetworkData:
         self.store = store
         self._lock = threading.Lock()
         self.scales = RunScales()  # whole-run colour limits
-        self._histories = _Bounded()
-        self._stats = _Bounded()
-        self._distances = _Bounded()
-        self._travelled = _Bounded()
-        self._comparisons = _Bounded()
+        self._histories = BoundedCache()
+        self._stats = BoundedCache()
+        self._distances = BoundedCache()
+        self._travelled = BoundedCache()
+        self._comparisons = BoundedCache()
 
     def network(self, name: str) -> NetworkRun | None:
         """The listed run ``name`` if it records a network, else None (raises as DataStore.open)."""
