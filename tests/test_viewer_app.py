@@ -403,7 +403,7 @@ def test_the_state_holds_only_parameters():
     assert set(ViewState.param) - {"name"} == {
         "run", "compare", "compare_runs", "mode", "step", "from_step", "range_start", "range_stop", "statistic",
         "scale", "weights", "follow", "playing", "revision", "pixel", "pixel_class", "side_runs", "spacing",
-        "window_width", "layer", "weight_index"}
+        "window_width", "layer", "weight_index", "compare_every", "match_units"}
 
 
 def test_compare_mode_compares_predictions_on_the_held_out_images(tmp_path, generated_data):
@@ -439,7 +439,8 @@ def test_compare_mode_compares_predictions_on_the_held_out_images(tmp_path, gene
     assert f"Barrier: adam-1: {(line.loss.values[0] - ends).max():.3g} nats." in panel.summary.object
     confusion = function_space.confusion_at(models["adam-0"], heldout, step=7)
     right = confusion.values.trace() / confusion.values.sum()
-    assert f"adam-0 at step 7: {100 * right:.1f}% right" in titles
+    assert f"Step 7: {100 * right:.1f}% right" in titles
+    assert "Confusion matrix of adam-0" in panel.confusion[0].object
     # without the held-out files, the page says what is missing instead of drawing
     shutil.rmtree(project / "data" / "mnist")
     viewer.state.compare_runs = ["adam-1", "adam-0"]

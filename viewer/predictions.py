@@ -123,9 +123,13 @@ class Predictions(pn.viewable.Viewer):
                                               f"{html.escape(str(error))}</p>", sizing_mode="stretch_width")]
             return
         accuracy = counts.values.trace() / max(int(counts.values.sum()), 1)
-        self.confusion[:] = [pn.pane.HoloViews(confusion_heatmap(
-            counts, run.class_names or [str(index) for index in range(counts.sizes["true"])], title=f"{reference} at step {step:,}: {100 * accuracy:.1f}% right"),
-            linked_axes=False)]
+        # The run's name above the matrix, where a long one wraps: the matrix's own title is as
+        # narrow as the matrix.
+        self.confusion[:] = [
+            pn.pane.HTML(f"<h4>Confusion matrix of {html.escape(reference)}</h4>", sizing_mode="stretch_width"),
+            pn.pane.HoloViews(confusion_heatmap(
+                counts, run.class_names or [str(index) for index in range(counts.sizes["true"])],
+                title=f"Step {step:,}: {100 * accuracy:.1f}% right"), linked_axes=False)]
 
 
 def line_curves(result):
