@@ -33,6 +33,7 @@ _PUBLIC = {
     "RunCatalog": "weightlapse.viewer.analysis.runs",
     "RunNotFoundError": "weightlapse.viewer.analysis.runs",
     "change_statistics": "weightlapse.viewer.analysis.stats",
+    "parameter_statistics": "weightlapse.viewer.analysis.stats",
     "top_pixels": "weightlapse.viewer.analysis.stats",
     "save_png": "weightlapse.viewer.analysis.export",
     "save_animation": "weightlapse.viewer.analysis.export",

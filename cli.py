@@ -33,7 +33,7 @@ COMMANDS = {
     "train": ("weightlapse.pipeline.train", "train one run and record every step's weights (the train stage)"),
     "sweep": ("weightlapse.pipeline.sweep", "train the sweep grid of params.yaml, runs stacked, on a Dask cluster"),
     "runs": ("weightlapse.viewer.analysis.runs", "print the runs index: each run's state, params and final metrics"),
-    "stats": ("weightlapse.viewer.analysis.stats", "per-pixel change statistics of a run, written as a Zarr store"),
+    "stats": ("weightlapse.viewer.analysis.stats_command", "per-weight change statistics of a run (a network's per parameter), as a Zarr store"),
     "compare": ("weightlapse.viewer.analysis.compare",
                 "cross-run comparisons of a group of runs, written as a Zarr store"),
     "function-space": ("weightlapse.viewer.analysis.function_space",

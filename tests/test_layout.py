@@ -25,6 +25,7 @@ TESTED_ELSEWHERE = {
     "viewer/analysis/stored_run.py": "test_runs.py and test_network.py: runs refreshed as they are written and retrained",
     "viewer/analysis/geometry.py": "test_compare.py and test_network_compare.py: the PCA and similarities of both comparisons",
     "viewer/analysis/classifiers.py": "test_function_space.py: predictions of softmax and network runs against the train stage's scores",
+    "viewer/analysis/stats_command.py": "test_stats.py: the command on softmax and network runs, against numpy",
     "viewer/analysis/renderers.py": "test_export.py: the frames and files the exports write, decoded",
     "viewer/analysis/layouts.py": "test_network_plots.py: each shape's layout, with the picture drawn from it",
     "viewer/layer_picture.py": "test_network_view.py: the single picture and Side by side's, as the browser receives them",

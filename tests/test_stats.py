@@ -1,15 +1,19 @@
 """Per-pixel change statistics: dask, block by block, against a plain numpy reference."""
 
+import logging
+
 import numpy as np
 import pytest
 import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from network_runs import mlp, record
 from viewer_runs import write_run
 
 from weightlapse.pipeline.store import open_run
 from weightlapse.viewer.analysis import stats as stats_module
-from weightlapse.viewer.analysis.stats import STATISTICS, change_statistics, main, top_pixels
+from weightlapse.viewer.analysis.stats import STATISTICS, change_statistics, top_pixels
+from weightlapse.viewer.analysis.stats_command import main
 
 
 def reference(w: np.ndarray, first: int = 0, fraction: float = 0.9) -> dict[str, np.ndarray]:
@@ -188,3 +192,35 @@ def test_the_command_never_writes_over_its_run_or_a_users_files(tmp_path, caplog
     np.testing.assert_array_equal(open_run(run).weights.values, w)
     out = tmp_path / "stats.zarr"  # an earlier output of the command may be replaced
     assert main([str(run), "--out", str(out)]) == 0 and main([str(run), "--out", str(out)]) == 0
+
+
+def test_the_command_writes_a_network_runs_statistics_a_group_per_parameter(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    seen = record(tmp_path / "mlp", mlp(seed=0), steps=12)
+    out = tmp_path / "mlp-stats.zarr"
+    assert main([str(tmp_path / "mlp"), "--start", "2", "--stop", "11", "--out", str(out)]) == 0
+    tree = xr.open_datatree(out, engine="zarr")
+    # a group per parameter (Zarr lists them by name), the model's order in the root's attributes
+    assert tree.attrs["parameters"] == ["hidden1.weight", "hidden1.bias", "output.weight", "output.bias"]
+    assert set(tree.children) == set(tree.attrs["parameters"])
+    for name in tree.children:
+        values = np.stack([seen[step][name] for step in range(2, 12)])   # (step, *shape)
+        rows = values.reshape(len(values), values.shape[1], -1)
+        expected = reference(rows, first=2)
+        saved = xr.open_zarr(out, group=name).load()
+        assert saved.path_length.shape == values.shape[1:]
+        for statistic in ("path_length", "net_change", "std", "settle_step", "reversals"):
+            np.testing.assert_allclose(saved[statistic].values.reshape(rows.shape[1:]), expected[statistic],
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{name} {statistic}")
+    top = int(np.argmax(np.abs(np.diff(np.stack([seen[step]["hidden1.weight"] for step in range(2, 12)]),
+                                       axis=0)).sum(axis=0)))
+    unit, pixel = divmod(top, 784)
+    assert (f"hidden1.weight #1 weight ({unit}, {pixel}) (pixel row {pixel // 28}, col {pixel % 28}): path length"
+            in caplog.text)
+    # one parameter on request; a second run of the command replaces its own output
+    assert main([str(tmp_path / "mlp"), "--parameter", "output.bias", "--out", str(out)]) == 0
+    assert list(xr.open_datatree(out, engine="zarr").children) == ["output.bias"]
+    assert main([str(tmp_path / "mlp"), "--parameter", "fc9.weight", "--out", str(out)]) == 1
+    assert "no parameter 'fc9.weight'; its parameters: hidden1.weight, hidden1.bias" in caplog.text
+    assert main([str(tmp_path / "mlp"), "--centred", "--out", str(out)]) == 1
+    assert "a network does not have" in caplog.text

@@ -38,7 +38,7 @@ from weightlapse.pipeline.store import (
     dask_steps,
 )
 from weightlapse.viewer.analysis.scales import largest_magnitude
-from weightlapse.viewer.analysis.stats import change_statistics
+from weightlapse.viewer.analysis.stats import parameter_statistics
 
 # Decoded chunks kept per open run, over all its parameters, by their bytes: a chunk is a
 # bias's few kilobytes or a big layer's 8 MiB (pipeline.store.network.CHUNK_BYTES), and Run
@@ -263,14 +263,6 @@ def linear_chain(parameters: Sequence[ParameterSpec]) -> tuple[LinearLayer, ...]
     return tuple(layers)
 
 
-def as_matrix(values, shape: tuple[int, ...]):
-    """(step, *shape) values as (step, rows, columns): a parameter's first axis (its units) by
-    the rest, the (step, class, pixel) form the per-weight statistics take."""
-    rows = shape[0] if len(shape) >= 1 else 1
-    columns = int(np.prod(shape[1:])) if len(shape) >= 2 else (1 if not shape else shape[0] // rows)
-    return values.reshape(values.shape[0], rows, columns)
-
-
 def layer_statistics(run: NetworkRun, name: str, start: int, stop: int, *, progress=None,
                      scheduler=None) -> xr.Dataset:
     """The per-weight change statistics (viewer/analysis/stats.py) of parameter ``name`` over
@@ -278,12 +270,9 @@ def layer_statistics(run: NetworkRun, name: str, start: int, stop: int, *, progr
     spec = run.spec(name)
     if not 0 <= start < stop <= run.last_step:
         raise ValueError(f"choose a step range inside 0..{run.last_step:,} with the first step before the last")
-    stats = change_statistics(as_matrix(run.values(name, start, stop), spec.shape), first_step=start,
-                              progress=progress, scheduler=scheduler)
-    dims = spec.dims[1:]
-    shaped = {key: xr.Variable(dims, np.asarray(stats[key].values).reshape(spec.shape), stats[key].attrs)
-              for key in stats.data_vars if not key.endswith("_over_classes")}
-    return xr.Dataset(shaped, attrs={**stats.attrs, "parameter": name})
+    values = xr.DataArray(run.values(name, start, stop), dims=spec.dims, name=name,
+                          coords={"step": np.arange(start, stop + 1)})
+    return parameter_statistics(values, progress=progress, scheduler=scheduler)
 
 
 def layer_distances(run: NetworkRun, other: NetworkRun, *, every: int = 1, scheduler=None) -> xr.DataArray:

@@ -1,14 +1,16 @@
 """Per-pixel change statistics over a step range, computed with dask straight from the store.
 
-    python -m weightlapse.viewer.analysis.stats runs/original --start 0 --stop 3000 --out original-stats.zarr
-    python -m weightlapse.viewer.analysis.stats runs/original --centred --out centred-stats.zarr  # class-mean removed
+    weightlapse stats runs/original --start 0 --stop 3000 --out original-stats.zarr
+    weightlapse stats runs/original --centred --out centred-stats.zarr  # class-mean removed
+    weightlapse stats runs/mlp-32 --out mlp-stats.zarr                  # a network: a group per parameter
 
 Headless use, for research scripts::
 
     from weightlapse.pipeline.store import open_run
-    from weightlapse.viewer.analysis.stats import change_statistics
+    from weightlapse.viewer.analysis.stats import change_statistics, parameter_statistics
     stats = change_statistics(open_run("runs/original").weights.sel(step=slice(0, 3000)))
     stats.path_length_over_classes.values.reshape(28, 28)
+    layer = parameter_statistics(open_run("runs/mlp-32")["hidden1.weight"])  # in the layer's shape
 
 For the weights w[t] of steps t = a..b of one (class, pixel):
 
@@ -34,10 +36,6 @@ settle step needs the total path before it can be found), never held whole.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,9 +46,7 @@ import xarray as xr
 
 from weightlapse.pipeline.cluster import client_for, compute
 from weightlapse.pipeline.store import IMAGE_SIDE, pixel_coords
-from weightlapse.viewer.analysis.frames import centred
 
-log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Passes:
@@ -293,6 +289,25 @@ def _block_settle_rows(rows: np.ndarray, lead: int, columns: np.ndarray, travell
     return (travelled < threshold).sum(axis=0)
 
 
+def parameter_statistics(values: xr.DataArray, *, settle_fraction: float = 0.9,
+                         progress: Callable[[float], None] | None = None, scheduler=None) -> xr.Dataset:
+    """The per-weight statistics of ``values`` (step, ...): one parameter of a network over a
+    step range (``open_run(...)["fc1.weight"].sel(step=slice(a, b))``), each statistic in the
+    parameter's own dimensions. Its first axis (the units) stands for the classes and the
+    rest for the pixels; the ``*_over_classes`` variants, which sum over units, are left out."""
+    if not values.dims or values.dims[0] != "step":
+        raise ValueError(f"values must have dims (step, ...), got {values.dims}")
+    shape = values.shape[1:]
+    rows = shape[0] if shape else 1
+    matrix = values.data.reshape(values.shape[0], rows, -1)
+    first = int(values["step"][0]) if "step" in values.coords and values.sizes["step"] else 0
+    stats = change_statistics(matrix, first_step=first, settle_fraction=settle_fraction, progress=progress,
+                              scheduler=scheduler)
+    shaped = {key: xr.Variable(values.dims[1:], np.asarray(stats[key].values).reshape(shape), stats[key].attrs)
+              for key in stats.data_vars if not key.endswith("_over_classes")}
+    return xr.Dataset(shaped, attrs={**stats.attrs, "parameter": str(values.name)})
+
+
 def top_pixels(stats: xr.Dataset, statistic: str = "path_length", n: int = 10) -> list[dict]:
     """The ``n`` pixels with the largest ``statistic`` over classes: [{pixel, row, col, value}]."""
     if statistic not in STATISTICS:
@@ -301,59 +316,3 @@ def top_pixels(stats: xr.Dataset, statistic: str = "path_length", n: int = 10) -
     order = np.argsort(np.where(np.isfinite(values), -values, np.inf), kind="stable")[:n]
     return [{"pixel": int(p), "row": int(p // IMAGE_SIDE), "col": int(p % IMAGE_SIDE), "value": float(values[p])}
             for p in order]
-
-
-def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
-    from tqdm import tqdm
-
-    from weightlapse.pipeline.cluster import ClusterError
-    from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
-    from weightlapse.pipeline.store import TrajectoryError, open_run
-
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="run directory (runs/<run>) or its trajectory.zarr, or an fsspec URL of one")
-    parser.add_argument("--start", type=int, default=0, help="first step (default 0)")
-    parser.add_argument("--stop", type=int, default=None, help="last step, inclusive (default: the last valid step)")
-    parser.add_argument("--settle-fraction", type=float, default=0.9, help="fraction of the path for settle_step")
-    parser.add_argument("--out", required=True, help="Zarr store to write the statistics to (xarray.open_zarr reads it)")
-    parser.add_argument("--top", type=int, default=10, help="log this many top-changing pixels (by path length)")
-    parser.add_argument("--centred", action="store_true",
-                        help="of the centred weights: each pixel's mean over the classes removed (the part that "
-                             "changes predictions)")
-    parser.add_argument("--scheduler", default=None,
-                        help="Dask scheduler address to compute on (default: threads in this process)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        check_output_target(args.out, inputs=[args.run], kind="change-statistics")
-        ds = open_run(args.run, matrix_for="per-pixel statistics cover")
-        last = ds.sizes["step"] - 1
-        stop = last if args.stop is None else args.stop
-        if not 0 <= args.start <= stop <= last:
-            raise ValueError(f"step range {args.start}..{stop} is not inside the run's valid steps 0..{last}")
-        with tqdm(total=100, unit="%", desc="statistics") as bar:
-            def report(fraction: float) -> None:
-                bar.update(round(fraction * 100) - bar.n)
-            weights = ds.weights.isel(step=slice(args.start, stop + 1))
-            stats = change_statistics(centred(weights) if args.centred else weights,
-                                      settle_fraction=args.settle_fraction, progress=report,
-                                      scheduler=args.scheduler)
-        stats.attrs["run"] = str(args.run)
-        stats.attrs["weights"] = "centred (class-mean removed)" if args.centred else "raw"
-        stats.attrs[OUTPUT_MARK] = "change-statistics"
-        with warnings.catch_warnings():
-            # Consolidated metadata (one file listing all arrays) is what lets a plain
-            # xarray.open_zarr(path) open it without a warning; zarr notes it is not in the v3 spec yet.
-            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            stats.to_zarr(args.out, mode="w", zarr_format=3)
-    except (TrajectoryError, ClusterError, ValueError, OSError) as error:
-        log.error("%s", error)
-        return 1
-    log.info("steps %d..%d of %s -> %s", args.start, stop, args.run, args.out)
-    for rank, entry in enumerate(top_pixels(stats, "path_length", args.top), 1):
-        log.info("#%d pixel (row %d, col %d): path length %.4g", rank, entry["row"], entry["col"], entry["value"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
