@@ -1,5 +1,5 @@
-"""Compacting a finished run in place: its weights (and gradients) re-encoded with the
-``compact`` codec (pcodec, pipeline.store.format), with no moment at which the store is not
+"""Compacting a finished run in place: its weights (and gradients; a network run's every
+parameter) re-encoded with the ``compact`` codec (pcodec, pipeline.store.format), with no moment at which the store is not
 a valid, equal copy of the run.
 
     weightlapse compact runs/original
@@ -46,7 +46,8 @@ from weightlapse.pipeline.store import (
 
 log = logging.getLogger(__name__)
 
-# The (step, class, pixel) arrays a compaction re-encodes; the small ones stay as they are.
+# The (step, class, pixel) arrays a compaction re-encodes (a network run's: every parameter's
+# (step, ...) array); the small ones stay as they are.
 COMPACTED_ARRAYS = ("weights", "gradients")
 STAGING_SUFFIX = ".compacting"
 
@@ -66,13 +67,14 @@ def compact_run(run_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
     try:
         with exclusive_writer(run_dir):
             checked = check_store(store)
-            checked.require_matrix("weightlapse compact compacts")
             if not checked.progress.finished:
                 raise TrajectoryError(f"{store}: the run is not finished (steps done {checked.progress.steps_done:,} of "
                                       f"{checked.progress.n_steps:,}); finish or resume it (`dvc repro`), then compact it")
             staging = run_dir / f".{STORE_NAME}{STAGING_SUFFIX}"
+            names = (COMPACTED_ARRAYS if checked.network is None else
+                     tuple(spec.name for spec in checked.network.parameters))
             sizes = {name: _compact_array(store, name, staging / name)
-                     for name in COMPACTED_ARRAYS if (store / name / "zarr.json").is_file()}
+                     for name in names if (store / name / "zarr.json").is_file()}
             shutil.rmtree(staging, ignore_errors=True)
     except RunLockedError as error:
         raise RunLockedError(f"{run_dir} is being trained ({error}); compact it once its stage has finished") from None

@@ -148,3 +148,33 @@ def test_compaction_killed_at_any_moment_leaves_the_run_as_it_was(run, tmp_path)
         assert_same(before, values(work)) and not mid_compaction(work)
         assert codec_names(work, "gradients")[-1] == "PCodec"
     assert stopped_partway, "no kill landed during the compaction's work: the test measured nothing"
+
+
+def test_a_network_run_is_compacted_parameter_by_parameter_bit_for_bit(tmp_path):
+    write_dataset(tmp_path / "data", n_train=4000, n_test=50)
+    config = TrainParams(hidden=(16,), max_steps=300, eval_every=100, capture=CaptureParams(chunk_steps=16))
+    run = tmp_path / "mlp"
+    run_training(config, load_dataset(tmp_path / "data", "mnist"), run, run_name="mlp", progress=False)
+    names = ("hidden1.weight", "output.weight")
+
+    def parameters() -> dict[str, np.ndarray]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours, plain = open_run(run), xr.open_zarr(run / STORE_NAME)
+            group = zarr.open_group(run / STORE_NAME, mode="r")
+            seen = {name: np.asarray(ours[name].values) for name in (*names, "loss")}
+            for name, value in seen.items():
+                for other in (np.asarray(group[name][:]), np.asarray(plain[name].values)):
+                    assert np.array_equal(other.view(np.uint32), value.view(np.uint32)), name
+        return seen
+    before = parameters()
+    sizes = compact_run(run)
+    assert set(sizes) == set(names)
+    assert sizes["hidden1.weight"][1] < sizes["hidden1.weight"][0] / 1.15, sizes
+    assert codec_names(run, "hidden1.weight") == ["TransposeCodec", "PCodec"]
+    assert codec_names(run, "loss") == ["BytesCodec", "BloscCodec"]
+    after = parameters()
+    for name in before:
+        assert np.array_equal(after[name].view(np.uint32), before[name].view(np.uint32)), name
+    check_store(run / STORE_NAME)
+    assert read_progress(run)["finished"] is True and not (run / f".{STORE_NAME}.compacting").exists()

@@ -212,18 +212,16 @@ def test_the_catalog_opens_a_network_for_its_viewer_and_the_matrix_commands_refu
     catalog = RunCatalog(tmp_path / "runs")
     assert catalog.describe("mlp").state == "finished"
     assert catalog.open("mlp").names == ["0.weight", "0.bias", "1.weight", "1.bias"]  # a NetworkRun (test_network.py)
-    with pytest.raises(TrajectoryError, match="weightlapse compact compacts softmax-regression runs so far"):
-        weightlapse.compact_run(tmp_path / "runs" / "mlp")
     assert weightlapse.Recorder is RecorderClass
-    # the commands for softmax-regression runs say so too, in one line, without a traceback
+    # the pixel history is softmax regression's (a pixel's ten class weights): it says so in
+    # one line, without a traceback; statistics and compaction take network runs (test_stats.py,
+    # test_compact.py)
     from weightlapse.pipeline import history
-    from weightlapse.viewer.analysis import compare, function_space, stats
+    from weightlapse.viewer.analysis import compare, function_space
 
     runs = tmp_path / "runs"
-    for main, argv, reader in ((stats.main, [str(runs / "mlp"), "--out", str(tmp_path / "s.zarr")],
-                                "per-pixel statistics cover"),
-                               (history.main, [str(runs / "mlp")], "the pixel history covers")):
-        assert main(argv) == 1
+    reader = "the pixel history covers"
+    assert history.main([str(runs / "mlp")]) == 1
     with pytest.raises(TrajectoryError, match=f"records a network .*{reader} softmax-regression runs so far"):
         history.build_history(runs / "mlp")
     # comparisons take network runs (test_network_compare.py, test_function_space.py), and

@@ -78,7 +78,8 @@ class CheckedStore:
         return self.metadata.raw
 
     def array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        with quiet_numcodecs():  # a compact array's metadata names pcodec, which zarr warns of
+            return self.group[name]
 
     def require_matrix(self, reader: str) -> None:
         """Raise a :class:`TrajectoryError` if this store records a network, which ``reader``
