@@ -147,9 +147,9 @@ class TrainParams:
         problem = hidden_problem(self.hidden, self.activation)
         if problem:
             raise ParamsError(problem)
-        if self.hidden and (self.capture.gradients or self.capture.codec != "fast"):
-            raise ParamsError("capture: a network store (hidden layers) records parameters with the fast codec, without "
-                              "gradients; set capture.gradients: false and capture.codec: fast, or hidden: []")
+        if self.hidden and self.capture.gradients:
+            raise ParamsError("capture: a network store (hidden layers) records parameters without gradients; set "
+                              "capture.gradients: false, or hidden: []")
         self._check_size()
 
     @property

@@ -82,7 +82,8 @@ def network_layout(config: TrainParams, n_steps: int, eval_steps: tuple[int, ...
     """The planned network store of a run with hidden layers: one array per MLP parameter."""
     specs = tuple(ParameterSpec(name, shape, name.rpartition(".")[2], "Linear")
                   for name, shape in parameter_shapes(config.hidden, bias=config.bias))
-    return NetworkLayout(specs, n_steps=n_steps, eval_steps=eval_steps, resume_size=optimizer_state_size(config))
+    return NetworkLayout(specs, n_steps=n_steps, eval_steps=eval_steps, resume_size=optimizer_state_size(config),
+                         codec=config.capture.codec)
 
 
 class RunRecording:

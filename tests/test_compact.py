@@ -154,10 +154,11 @@ def test_a_network_run_is_compacted_parameter_by_parameter_bit_for_bit(tmp_path)
     write_dataset(tmp_path / "data", n_train=4000, n_test=50)
     config = TrainParams(hidden=(16,), max_steps=300, eval_every=100, capture=CaptureParams(chunk_steps=16))
     run = tmp_path / "mlp"
-    run_training(config, load_dataset(tmp_path / "data", "mnist"), run, run_name="mlp", progress=False)
+    dataset = load_dataset(tmp_path / "data", "mnist")
+    run_training(config, dataset, run, run_name="mlp", progress=False)
     names = ("hidden1.weight", "output.weight")
 
-    def parameters() -> dict[str, np.ndarray]:
+    def parameters(run=run) -> dict[str, np.ndarray]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ours, plain = open_run(run), xr.open_zarr(run / STORE_NAME)
@@ -178,3 +179,11 @@ def test_a_network_run_is_compacted_parameter_by_parameter_bit_for_bit(tmp_path)
         assert np.array_equal(after[name].view(np.uint32), before[name].view(np.uint32)), name
     check_store(run / STORE_NAME)
     assert read_progress(run)["finished"] is True and not (run / f".{STORE_NAME}.compacting").exists()
+    # captured with the compact codec from the start: the same trajectory, bit for bit
+    captured = tmp_path / "mlp-compact"
+    run_training(TrainParams(hidden=(16,), max_steps=300, eval_every=100,
+                             capture=CaptureParams(chunk_steps=16, codec="compact")),
+                 dataset, captured, run_name="mlp-compact", progress=False)
+    assert codec_names(captured, "hidden1.weight") == ["TransposeCodec", "PCodec"]
+    for name, value in parameters(captured).items():
+        assert np.array_equal(value.view(np.uint32), before[name].view(np.uint32)), name

@@ -305,7 +305,6 @@ def test_the_same_params_on_two_datasets_are_two_runs():
     ({"hidden": [8], "activation": "gelu"}, r"train\.activation: 'gelu' is not one of relu, tanh"),
     ({"activation": "sigmoid"}, r"train\.activation: 'sigmoid' is not one of relu, tanh"),  # a typo is one without layers too
     ({"hidden": [8], "capture": {"gradients": True}}, r"train\.capture: a network store .* without gradients"),
-    ({"hidden": [8], "capture": {"codec": "compact"}}, r"train\.capture: a network store .*fast codec"),
     ({"hidden": [4096] * 4}, r"train\.hidden: 3,000 steps of 214,335,488 bytes of parameters is more than the limit"),
 ])
 def test_bad_hidden_layers_name_the_key_and_the_fix(train, message):

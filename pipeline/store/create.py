@@ -107,7 +107,7 @@ def create_network_store(path: str | Path, layout: NetworkLayout, metadata: RunM
         for spec in layout.parameters:
             group.create_array(spec.name, shape=(rows, *spec.shape), chunks=(spec.chunk_steps, *spec.shape),
                                dtype="float32", fill_value=np.nan, dimension_names=spec.dims,
-                               **step_series_codecs(len(spec.shape) + 1))
+                               **step_series_codecs(len(spec.shape) + 1, layout.codec))
         group.create_array("loss", shape=(rows,), chunks=(SCALAR_CHUNK,), dtype="float32", fill_value=np.nan,
                            dimension_names=("step",), **step_series_codecs(1))
     step = group.create_array("step", shape=(rows,), chunks=(SCALAR_CHUNK,), dtype="int64", fill_value=-1,

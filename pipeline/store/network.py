@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from weightlapse.pipeline.store.format import MAX_CHUNK_BYTES, TrajectoryError, shown
+from weightlapse.pipeline.store.format import CODECS, MAX_CHUNK_BYTES, TrajectoryError, shown
 
 NETWORK_SCHEMA_VERSION = 2
 # The optional arrays of a planned network run (the train stage's), as in version 1.
@@ -129,11 +129,14 @@ class NetworkLayout:
     n_steps: int | None = None      # steps planned; None: as many as are recorded
     eval_steps: tuple[int, ...] = ()  # steps at which held-out data is scored (a planned run)
     resume_size: int = 0            # length of the optimizer state saved for resuming (0: none kept)
+    codec: str = "fast"             # how the parameters' arrays are encoded: one of CODECS
 
     def __post_init__(self) -> None:
         problem = parameters_problem(self.parameters)
         if problem:
             raise ValueError(f"cannot record this model: {problem}")
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
         if self.n_steps is None and (self.eval_steps or self.resume_size):
             raise ValueError("held-out scores and checkpoints need a planned run (n_steps)")
 
