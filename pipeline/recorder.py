@@ -78,15 +78,16 @@ class Recorder:
     ``run_dir``: the run's directory (``runs/my-mlp``); the store is its ``trajectory.zarr``.
     ``optimizer``: named in the run's params (the runs index shows it). ``params``: what the
     run was made with (JSON values), shown in the runs index. ``overwrite``: replace a run
-    already there. Use as a context manager: on an exception in the block, the rows recorded
+    already there. ``codec``: how the parameters' arrays are encoded, ``"fast"`` (Blosc LZ4,
+    any Zarr v3 reader) or ``"compact"`` (pcodec, smaller; docs/store.md). Use as a context manager: on an exception in the block, the rows recorded
     so far are written and the run is marked unfinished with the exception's text.
     """
 
     def __init__(self, run_dir: str | Path, model: torch.nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
-                 params: dict[str, Any] | None = None, overwrite: bool = False) -> None:
+                 params: dict[str, Any] | None = None, overwrite: bool = False, codec: str = "fast") -> None:
         self.run_dir = Path(run_dir)
         self._tensors = recorded_tensors(model)
-        self.layout = NetworkLayout(tuple(spec for spec, _, _ in self._tensors))
+        self.layout = NetworkLayout(tuple(spec for spec, _, _ in self._tensors), codec=codec)
         devices = {self._tensor(index).device for index in range(len(self._tensors))}
         if len(devices) != 1:
             raise ValueError(f"cannot record a model spread over several devices ({', '.join(map(str, devices))})")

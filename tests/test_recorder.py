@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+import zarr
 
 import weightlapse
 from weightlapse import Recorder, open_run
@@ -109,13 +110,19 @@ def train(model, rec, steps, *, seed=0, fail_at=None):
         rec.step(loss=loss)
 
 
-def test_every_parameter_and_float_buffer_of_conv_and_norm_layers_is_recorded(tmp_path):
+@pytest.mark.parametrize("codec", ["fast", "compact"])
+def test_every_parameter_and_float_buffer_of_conv_and_norm_layers_is_recorded(tmp_path, codec):
     torch.manual_seed(1)
     model = ConvNet()
-    with Recorder(tmp_path / "conv", model) as rec:
+    with Recorder(tmp_path / "conv", model, codec=codec) as rec:
         train(model, rec, 5)
     ds = open_run(tmp_path / "conv")
     assert_row_is(ds, 5, state(model))
+    for name in ("conv.weight", "scale"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr's note that pcodec is outside the Zarr v3 spec
+            codecs = [type(each).__name__ for each in zarr.open_array(tmp_path / "conv" / STORE_NAME / name).metadata.codecs]
+        assert ("PCodec" in codecs) == (codec == "compact"), (name, codecs)
     expected = {"conv.weight": ((4, 1, 3, 3), "weight", "Conv2d"), "conv.bias": ((4,), "bias", "Conv2d"),
                 "bn.weight": ((4,), "weight", "BatchNorm2d"), "bn.bias": ((4,), "bias", "BatchNorm2d"),
                 "norm.weight": ((2704,), "weight", "LayerNorm"), "norm.bias": ((2704,), "bias", "LayerNorm"),
