@@ -272,9 +272,8 @@ def variance_bars(explained, random_walk) -> hv.Bars:
             for source, value in (("these runs", ours), ("random walk", walk))]
     return hv.Bars(rows, kdims=["component", "source"], vdims=[hv.Dimension("ratio", label="variance explained")]
                    ).opts(frame_width=COMPARE_WIDTH, frame_height=COMPARE_HEIGHT, multi_level=False,
-                          cmap={"these runs": "#1f77b4", "random walk": "#bbbbbb"}, show_legend=False,
-                          title="Variance explained (blue: these runs, grey: a random walk)", tools=["hover"],
-                          xrotation=45)
+                          cmap={"these runs": "#1f77b4", "random walk": "#bbbbbb"}, show_legend=True,
+                          legend_position="right", title="Variance explained", tools=["hover"], xrotation=45)
 
 
 # -- predictions on the held-out images (viewer/analysis/function_space.py's results) ----------------------
