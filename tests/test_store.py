@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -539,3 +540,69 @@ def test_a_committed_store_missing_a_chunk_is_still_damaged(run_dir):
         check_store(run_dir)
     assert not isinstance(caught.value, StoreBeingCreatedError)
     assert RunCatalog(run_dir.parent).describe("good").state == "broken"
+
+
+BOMB_BYTES = 512 * 2**20  # what a crafted chunk of a few kilobytes decodes to
+
+
+def bomb(codec: str) -> bytes:
+    """A chunk file that decodes to BOMB_BYTES of zeros with ``codec``."""
+    import numcodecs
+    from pcodec import ChunkConfig, standalone
+
+    zeros = np.zeros(BOMB_BYTES // 4, np.float32)
+    if codec == "pcodec":
+        return standalone.simple_compress(zeros, ChunkConfig())
+    return {"blosc": numcodecs.Blosc(cname="lz4", clevel=5), "gzip": numcodecs.GZip(level=9),
+            "zstd": numcodecs.Zstd(level=19)}[codec].encode(zeros)
+
+
+@pytest.mark.parametrize("codec", ["blosc", "gzip", "zstd", "pcodec"])
+def test_a_chunk_that_would_decode_past_its_size_is_refused_before_it_is_allocated(tmp_path, codec):
+    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+    from zarr.codecs.numcodecs import PCodec
+
+    import weightlapse.pipeline.store  # noqa: F401 - installs the bounded decoders
+
+    values = np.random.default_rng(0).standard_normal((8, 1000)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pcodec is outside the Zarr v3 spec
+        options = ({"serializer": PCodec(level=7), "compressors": None} if codec == "pcodec" else
+                   {"compressors": [{"blosc": BloscCodec(cname="lz4"), "gzip": GzipCodec(),
+                                     "zstd": ZstdCodec()}[codec]]})
+        array = zarr.create_array(tmp_path / "a", shape=values.shape, chunks=(4, 1000), dtype="float32",
+                                  zarr_format=3, **options)
+        array[:] = values
+        reread = zarr.open_array(tmp_path / "a", mode="r")
+        np.testing.assert_array_equal(reread[:], values)  # a valid chunk decodes as zarr's own decoder does
+        chunk = tmp_path / "a" / "c" / "1" / "0"
+        chunk.write_bytes(bomb(codec))
+        assert chunk.stat().st_size < 3 * 2**20
+        with pytest.raises(ValueError, match="more|would decode"):
+            zarr.open_array(tmp_path / "a", mode="r")[4:]
+        np.testing.assert_array_equal(zarr.open_array(tmp_path / "a", mode="r")[:4], values[:4])
+
+
+def test_a_store_holding_a_decompression_bomb_names_its_steps_in_bounded_memory(tmp_path):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read the reader's peak memory")
+    run_dir = tmp_path / "runs" / "bombed"
+    write_run(run_dir, training_like(60, seed=2), chunk_steps=16)
+    (run_dir / STORE_NAME / "weights" / "c" / "1" / "0" / "0").write_bytes(bomb("blosc"))
+    # The peak is read from /proc (VmHWM, this process image's own): ru_maxrss would carry over
+    # the peak of the pytest process it was forked from.
+    probe = ("from pathlib import Path\n"
+             "from weightlapse.pipeline.store import TrajectoryError, open_run\n"
+             "try:\n"
+             f"    open_run({str(run_dir)!r}).weights.values\n"
+             "except TrajectoryError as error:\n"
+             "    print(error)\n"
+             "peak = next(line for line in Path('/proc/self/status').read_text().splitlines() if line.startswith('VmHWM'))\n"
+             "print(int(peak.split()[1]) // 1024, 'MB')\n")
+    import subprocess
+    import sys
+
+    output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "steps 16..31 cannot be read" in output, output
+    peak = int(output.split()[-2])
+    assert peak < 400, f"{peak} MB to refuse a chunk that decodes to {BOMB_BYTES // 2**20} MB"

@@ -9,11 +9,13 @@ each), :mod:`.attributes` (the typed :class:`Progress` and
 :class:`RunMetadata`), :mod:`.create` (creating a store), :mod:`.links` (never reading
 through a symbolic link), :mod:`.check` (the validating reader, :func:`check_store`), :mod:`.steps` (reading
 committed steps, a damaged chunk an error: :class:`CheckedSteps`) and
-:mod:`.dataset` (:func:`open_run` and dask arrays over a checked store) and :mod:`.history`
-(the time-major pixel history beside a store, :func:`open_history`). docs/store.md is
+:mod:`.dataset` (:func:`open_run` and dask arrays over a checked store), :mod:`.history`
+(the time-major pixel history beside a store, :func:`open_history`) and :mod:`.bounded`
+(decoders that never inflate a chunk past its size, installed on import). docs/store.md is
 the format's reference, for readers in other languages too.
 """
 
+from weightlapse.pipeline.store import bounded
 from weightlapse.pipeline.store.attributes import Progress, RunMetadata, marker_time
 from weightlapse.pipeline.store.check import (
     CheckedStore,
@@ -64,6 +66,8 @@ from weightlapse.pipeline.store.network import (
     ParameterSpec,
     parse_parameters,
 )
+
+bounded.install()  # before any store is opened: zarr picks a codec's class when it reads metadata
 
 __all__ = [
     "ALLOWED_CODECS", "ARRAYS", "CODECS", "DASK_BLOCK_BYTES", "HISTORY_NAME", "IMAGE_SIDE", "MAX_CHUNK_BYTES",
