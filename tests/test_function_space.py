@@ -177,8 +177,9 @@ def test_a_hidden_layer_runs_predictions_are_computed_from_its_stored_layers(tmp
         assert line.accuracy.values[0, end] == pytest.approx(models[name].heldout_accuracy.values[-1], abs=1e-6)
     assert line.matched_loss.values[0, -1] == pytest.approx(line.loss.values[0, -1], abs=1e-5)
     assert line.matched_accuracy.values[0, -1] == line.accuracy.values[0, -1]
-    assert function_space.loss_along_line(models, heldout, match=False).attrs["matching"] == (
-        "units not matched: not asked for")
+    unmatched = function_space.loss_along_line(models, heldout, match=False)
+    assert unmatched.attrs["matching"] == "units not matched: not asked for" and unmatched.attrs["matched"] == 0
+    np.testing.assert_array_equal(unmatched.matched_loss.values, unmatched.loss.values)
     together = function_space.compare_predictions(models, heldout, every=5)
     np.testing.assert_array_equal(together.line_matched_loss.values, line.matched_loss.values)
     # a run recorded by a loop of its own has no activation recorded, so nothing to predict with
@@ -203,3 +204,37 @@ def test_runs_of_other_activations_are_each_predicted_with_their_own(tmp_path, g
         function_space.loss_along_line(models, heldout)
     together = function_space.compare_predictions(models, heldout, every=10)
     assert "line_loss" not in together and together.attrs["line_problem"].startswith("the runs differ in activation")
+
+
+def test_steps_whose_weights_overflowed_predict_nothing(tmp_path, generated_data):
+    """A network run that diverged holds NaN weights from some step on (its reader lets them
+    through, as the run recorded them): those steps have no accuracy, no agreement and no
+    confusion matrix, rather than every image counted as class 0."""
+    data_dir, _ = generated_data
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        run_training(TrainParams(seed=seed, epochs=1, eval_every=5, hidden=(6,), device="cpu"),
+                     load_dataset(data_dir, "mnist"), runs / f"mlp-{seed}", run_name=f"mlp-{seed}", progress=False)
+    heldout = function_space.load_heldout(data_dir, "mnist")
+    models = function_space.open_models(RunCatalog(runs), ["mlp-0", "mlp-1"])
+    diverged = models["mlp-1"].copy()
+    diverged["hidden1.weight"] = diverged["hidden1.weight"].where(diverged.step < 6)  # NaN from step 6 on
+    models["mlp-1"] = diverged
+    result = function_space.agreement_over_steps(models, heldout)
+    accuracy = result.accuracy.sel(run="mlp-1").values
+    assert np.isfinite(accuracy[:6]).all() and np.isnan(accuracy[6:]).all()
+    assert np.isfinite(result.accuracy.sel(run="mlp-0").values).all()
+    assert np.isnan(result.agreement.sel(pair="mlp-0 | mlp-1").values[6:]).all()
+    with pytest.raises(ValueError, match="mlp-1's weights at step 7 are not finite"):
+        function_space.confusion_at(diverged, heldout, step=7)
+    with pytest.raises(ValueError, match="mlp-1's weights at step 10 are not finite"):
+        function_space.loss_along_line(models, heldout)
+    assert "mlp-1's weights at step 10 are not finite" in function_space.compare_predictions(
+        models, heldout).attrs["line_problem"]
+    # a store whose first or last layer does not fit the images is named, not an index error
+    narrow = {"mlp-0": models["mlp-0"].isel({"output.weight.out": slice(0, 5)})}
+    with pytest.raises(ValueError, match="run 'mlp-0' scores 5 classes, not the held-out images' 10"):
+        function_space.agreement_over_steps(narrow, heldout)
+    cropped = {"mlp-0": models["mlp-0"].isel({"hidden1.weight.in": slice(0, 100)})}
+    with pytest.raises(ValueError, match="run 'mlp-0' takes 100 inputs, not the held-out images' 784 pixels"):
+        function_space.confusion_at(cropped["mlp-0"], heldout, step=3)

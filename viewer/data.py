@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from weightlapse.pipeline.datasets import check_dataset_name
 from weightlapse.pipeline.locations import Location, is_url
 from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
 from weightlapse.pipeline.store import STORE_NAME
@@ -239,7 +240,7 @@ class DataStore:
         if self.data_dir is None:
             raise FileNotFoundError("no data directory is known for these runs (they are not in a local "
                                     "directory): serve the viewer with --args --data DIR")
-        directory = self.data_dir / dataset
+        directory = self.data_dir / check_dataset_name(dataset)  # a store's name: never a path of its own
         files = sorted(directory.glob("*")) if directory.is_dir() else []
         key = (dataset, tuple((path.name, path.stat().st_mtime_ns, path.stat().st_size) for path in files))
         with self._lock:

@@ -48,9 +48,20 @@ class Classifier:
         return max(weight.shape[1] for weight, _ in self.layers)
 
 
-def classifier(name: str, model: xr.Dataset) -> Classifier:
+def classifier(name: str, model: xr.Dataset, *, pixels: int | None = None, classes: int | None = None) -> Classifier:
     """Run ``name``'s Dataset (open_run's) as a :class:`Classifier`, or a ValueError saying why
-    its predictions cannot be computed from what it stores."""
+    its predictions cannot be computed from what it stores (or, given the images' ``pixels``
+    and ``classes``, why it cannot classify them)."""
+    found = _stored_classifier(name, model)
+    inputs, outputs = found.layers[0][0].shape[-1], found.layers[-1][0].shape[1]
+    if pixels is not None and inputs != pixels:
+        raise ValueError(f"run {name!r} takes {inputs:,} inputs, not the held-out images' {pixels:,} pixels")
+    if classes is not None and outputs != classes:
+        raise ValueError(f"run {name!r} scores {outputs:,} classes, not the held-out images' {classes:,}")
+    return found
+
+
+def _stored_classifier(name: str, model: xr.Dataset) -> Classifier:
     if "weights" in model:
         return Classifier(((model.weights, model.bias if "bias" in model else None),), None)
     meta = model.attrs.get("weightlapse") or {}
@@ -61,8 +72,9 @@ def classifier(name: str, model: xr.Dataset) -> Classifier:
     if isinstance(chain, str):
         raise ValueError(f"run {name!r}: its predictions cannot be computed from its parameters ({chain}); "
                          "only chains of linear layers are")
-    activation = (meta.get("params") or {}).get("activation") if len(chain) > 1 else None
-    if len(chain) > 1 and activation not in ACTIVATIONS:
+    params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
+    activation = params.get("activation") if len(chain) > 1 else None
+    if len(chain) > 1 and not (isinstance(activation, str) and activation in ACTIVATIONS):
         raise ValueError(f"run {name!r} records no activation between its layers that this knows "
                          f"({', '.join(ACTIVATIONS)}): its predictions cannot be computed")
     return Classifier(tuple((model[layer.weight], model[layer.bias] if layer.bias else None) for layer in chain),

@@ -52,12 +52,13 @@ from weightlapse.pipeline.datasets import (
     TEST_LABELS,
     DatasetError,
     DatasetSpec,
+    check_dataset_name,
     declared_dataset,
     load_dataset,
 )
 from weightlapse.pipeline.locations import OUTPUT_MARK, check_output_target
 from weightlapse.pipeline.safe_yaml import UnsafeYamlError, load_yaml, read_bounded
-from weightlapse.pipeline.store import RunMetadata, open_run
+from weightlapse.pipeline.store import N_CLASSES, RunMetadata, open_run
 from weightlapse.viewer.analysis.classifiers import (
     Classifier,
     classifier,
@@ -122,6 +123,10 @@ def check_trained_on(models: Mapping[str, xr.Dataset], heldout: HeldOut) -> None
                              "stage wrote")
 
 
+def _fits(heldout: HeldOut) -> dict[str, int]:
+    return {"pixels": heldout.images.shape[1], "classes": N_CLASSES}
+
+
 def open_models(catalog, names: Iterable[str]) -> dict[str, xr.Dataset]:
     """The listed runs of ``catalog`` (a RunCatalog) as lazy Datasets: a softmax run's weights
     (and bias), a network run's parameters (:func:`classifier` says whether they predict)."""
@@ -152,10 +157,12 @@ def _block_measures(layers: list[list[tuple[np.ndarray, np.ndarray | None]]], ac
     log_p = [network_log_probabilities(run_layers, activation, images)
              for run_layers, activation in zip(layers, activations)]
     predicted = [lp.argmax(axis=2) for lp in log_p]
-    accuracy = np.stack([(p == labels).mean(axis=1) for p in predicted])
+    # A step whose weights have overflowed (NaN outputs) predicts nothing: argmax would call it class 0.
+    defined = [~np.isnan(lp).any(axis=(1, 2)) for lp in log_p]
+    accuracy = np.stack([np.where(ok, (p == labels).mean(axis=1), np.nan) for p, ok in zip(predicted, defined)])
     agreement, kl = [], []
     for a, b in itertools.combinations(range(len(log_p)), 2):
-        agreement.append((predicted[a] == predicted[b]).mean(axis=1))
+        agreement.append(np.where(defined[a] & defined[b], (predicted[a] == predicted[b]).mean(axis=1), np.nan))
         difference = log_p[a] - log_p[b]
         # (KL(a||b) + KL(b||a)) / 2 = sum_c (p_a - p_b)(log p_a - log p_b) / 2
         kl.append(((np.exp(log_p[a]) - np.exp(log_p[b])) * difference).sum(axis=2).mean(axis=1) / 2)
@@ -174,7 +181,7 @@ def agreement_over_steps(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, 
     each run's held-out accuracy. Pairs are named ``"a | b"`` in the order given.
     """
     names = list(models)
-    classifiers = {name: classifier(name, model) for name, model in models.items()}
+    classifiers = {name: classifier(name, model, **_fits(heldout)) for name, model in models.items()}
     steps = _shared_steps(classifiers, every, 1)
     first = classifiers[names[0]]
     images = dask.delayed(heldout.images, pure=True)
@@ -212,7 +219,7 @@ def loss_along_line(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, step:
     that was only the units' order is gone there (Ainsworth et al., "Git Re-Basin", ICLR 2023).
     ``attrs["matching"]`` says whether units were matched, or why not."""
     names = list(models)
-    classifiers = {name: classifier(name, model) for name, model in models.items()}
+    classifiers = {name: classifier(name, model, **_fits(heldout)) for name, model in models.items()}
     last = int(_shared_steps(classifiers, 1, 2)[-1])
     at = last if step is None else int(step)
     if not 0 <= at <= last:
@@ -226,13 +233,20 @@ def loss_along_line(models: Mapping[str, xr.Dataset], heldout: HeldOut, *, step:
                          "between two runs is of one model's weights")
     values = {name: [(np.asarray(weight.data[at]), None if bias is None else np.asarray(bias.data[at]))
                      for weight, bias in model.layers] for name, model in classifiers.items()}
+    for name, layers in values.items():
+        if not all(np.isfinite(array).all() for layer in layers for array in layer if array is not None):
+            raise ValueError(f"{name}'s weights at step {at:,} are not finite (the run diverged): the line to it "
+                             "is undefined")
     alphas = np.linspace(0.0, 1.0, points)
-    chain = first.chain if first.chain is not None and len(first.chain) > 1 else "the model has no hidden layer"
-    if match and not isinstance(chain, str):
-        chain = chain_to_match(chain, {name: _by_parameter(first.chain, layers) for name, layers in values.items()},
-                               at)
-    matching = (f"hidden units matched to {names[0]}'s at step {at:,}" if match and not isinstance(chain, str) else
-                "units not matched: " + ("not asked for" if not match else chain))
+    if first.chain is None or len(first.chain) <= 1:
+        chain = "the model has no hidden layer"
+    elif not match:
+        chain = "not asked for"
+    else:
+        chain = chain_to_match(first.chain, {name: _by_parameter(first.chain, layers)
+                                             for name, layers in values.items()}, at)
+    matching = (f"hidden units matched to {names[0]}'s at step {at:,}" if not isinstance(chain, str) else
+                "units not matched: " + chain)
     measures: dict[str, list] = {"loss": [], "accuracy": [], "matched_loss": [], "matched_accuracy": []}
     reference = None if isinstance(chain, str) else _by_parameter(chain, values[names[0]])
     for index, name in enumerate(names[1:]):
@@ -304,19 +318,25 @@ def _along(start: list[tuple], end: list[tuple], alphas: np.ndarray, model: Clas
         log_p = network_log_probabilities(layers, model.activation, heldout.images)
         picked = np.take_along_axis(log_p, heldout.labels[None, :, None], axis=2)[..., 0]
         losses.append(-picked.mean(axis=1))
-        accuracies.append((log_p.argmax(axis=2) == heldout.labels).mean(axis=1))
+        accuracies.append(np.where(np.isnan(log_p).any(axis=(1, 2)), np.nan,
+                                   (log_p.argmax(axis=2) == heldout.labels).mean(axis=1)))
     return np.concatenate(losses), np.concatenate(accuracies)
 
 
 def confusion_at(model: xr.Dataset, heldout: HeldOut, *, step: int) -> xr.DataArray:
     """(true, predicted) counts of the held-out images at ``step``: rows sum to each class's images."""
-    layers = classifier(str(model.attrs.get("weightlapse", {}).get("run", "")), model)
+    name = str(model.attrs.get("weightlapse", {}).get("run", "")) or "the run"
+    layers = classifier(name, model, **_fits(heldout))
     n_steps = layers.n_steps
     if not 0 <= step < n_steps:
         raise ValueError(f"step {step} is outside the run's valid steps 0..{n_steps - 1}")
     values = [(np.asarray(weight.data[step:step + 1]), None if bias is None else np.asarray(bias.data[step:step + 1]))
               for weight, bias in layers.layers]
-    predicted = network_log_probabilities(values, layers.activation, heldout.images)[0].argmax(axis=1)
+    log_p = network_log_probabilities(values, layers.activation, heldout.images)[0]
+    if np.isnan(log_p).any():
+        raise ValueError(f"{name}'s weights at step {step:,} are not finite (the run diverged): its "
+                         "predictions there are undefined")
+    predicted = log_p.argmax(axis=1)
     n_classes = values[-1][0].shape[1]
     counts = np.bincount(heldout.labels * n_classes + predicted, minlength=n_classes * n_classes)
     classes = np.arange(n_classes)
@@ -347,13 +367,13 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         catalog = RunCatalog(args.runs_dir)
-        names = args.runs if args.group is None else catalog.group_members(args.group)
+        names = list(dict.fromkeys(args.runs if args.group is None else catalog.group_members(args.group)))
         models = open_models(catalog, names)
         datasets = {RunMetadata.parse(model.attrs.get("weightlapse")).dataset for model in models.values()}
         if len(datasets) != 1 or not next(iter(datasets)):
             raise ValueError(f"the runs were trained on {', '.join(sorted(datasets)) or 'unrecorded data'}; "
                              "compare predictions of runs on one dataset")
-        dataset = datasets.pop()
+        dataset = check_dataset_name(datasets.pop())  # a store's name: never a path of its own
         data_dir = Path(args.data) if args.data else Path("data") / dataset
         check_output_target(args.out, inputs=[args.runs_dir, data_dir], kind="function-space")
         heldout = load_heldout(data_dir, dataset, spec=declared_spec(dataset, args.params))

@@ -65,6 +65,8 @@ def random_walk_variance_ratio(n_components: int) -> np.ndarray:
 def fitted_components(n_rows: int, n_weights: int, n_components: int) -> int:
     """Components to fit for ``n_rows`` stacked steps of ``n_weights`` weights: enough for the
     explained-variance comparison and for ``n_components``, or a ValueError saying what to change."""
+    if n_components < 1:
+        raise ValueError(f"the trajectories are projected onto at least 1 component, not {n_components}")
     fitted = min(max(PCA_FITTED_COMPONENTS, n_components), n_rows - 1, n_weights)
     if fitted < n_components or fitted < 1:
         raise ValueError(f"{n_rows} stacked steps cannot give {n_components} components: use more steps "
@@ -85,6 +87,9 @@ def shared_pca(flat: list[da.Array], *, n_components: int, fitted: int, seed: in
         return None if progress is None else (lambda fraction: progress((index + fraction) / n))
 
     (mean,) = compute([stacked.mean(axis=0)], scheduler=scheduler, progress=stage(0, 3))
+    if not np.isfinite(mean).all():  # the SVD would only say it "did not converge"
+        raise ValueError("some of the runs' weights are not finite at steps compared (a diverged or damaged "
+                         "store): compare runs whose weights are finite at every step")
     centred = stacked - mean
     with warnings.catch_warnings():  # dask notes the randomized SVD's dtype cast; nothing to act on
         warnings.simplefilter("ignore", category=da.PerformanceWarning)
