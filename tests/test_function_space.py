@@ -238,3 +238,37 @@ def test_steps_whose_weights_overflowed_predict_nothing(tmp_path, generated_data
     cropped = {"mlp-0": models["mlp-0"].isel({"hidden1.weight.in": slice(0, 100)})}
     with pytest.raises(ValueError, match="run 'mlp-0' takes 100 inputs, not the held-out images' 784 pixels"):
         function_space.confusion_at(cropped["mlp-0"], heldout, step=3)
+
+
+def test_a_dataset_name_in_a_store_is_never_a_path(tmp_path, generated_data, caplog, monkeypatch):
+    """The held-out files are read from data/<dataset>, <dataset> as the store records it: a
+    store naming a path there is refused before any directory is listed."""
+    import json
+    import os
+    import sys
+
+    from weightlapse.pipeline.datasets import DatasetError
+    from weightlapse.pipeline.store import STORE_NAME
+    from weightlapse.viewer.data import DataStore
+
+    data_dir, _ = generated_data
+    runs = tmp_path / "runs"
+    run_training(TrainParams(epochs=1, eval_every=5, device="cpu"), load_dataset(data_dir, "mnist"), runs / "a",
+                 run_name="a", progress=False)
+    metadata = runs / "a" / STORE_NAME / "zarr.json"
+    document = json.loads(metadata.read_text())
+    document["attributes"]["weightlapse"]["dataset"]["name"] = "../../../../etc"
+    document.pop("consolidated_metadata", None)
+    metadata.write_text(json.dumps(document))
+    listed, recording = [], [True]  # an audit hook stays for the process: it records during this test only
+    sys.addaudithook(lambda event, args: listed.append(os.fsdecode(args[0])) if recording and event == "os.scandir"
+                     and args and isinstance(args[0], (str, bytes, os.PathLike)) else None)
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert function_space.main([str(runs), "--runs", "a", "--out", str(tmp_path / "f.zarr")]) == 1
+        with pytest.raises(DatasetError, match="is not a usable dataset name"):
+            DataStore(runs, data_dir=tmp_path / "data").compute_predictions(["a"], 1)
+    finally:
+        recording.clear()
+    assert "'../../../../etc' is not a usable dataset name" in caplog.text
+    assert not [path for path in listed if "etc" in path]
