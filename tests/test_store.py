@@ -606,3 +606,24 @@ def test_a_store_holding_a_decompression_bomb_names_its_steps_in_bounded_memory(
     assert "steps 16..31 cannot be read" in output, output
     peak = int(output.split()[-2])
     assert peak < 400, f"{peak} MB to refuse a chunk that decodes to {BOMB_BYTES // 2**20} MB"
+
+
+def test_a_link_planted_after_the_store_was_opened_is_not_followed(tmp_path):
+    # Another run's chunk (valid data) planted as a link while a reader has the run open:
+    # the reader names the link's steps instead of showing another store's weights as this run's.
+    run_dir, other = tmp_path / "runs" / "good", tmp_path / "elsewhere" / "other"
+    write_run(run_dir, training_like(60, seed=2), chunk_steps=16)
+    write_run(other, training_like(60, seed=5), chunk_steps=16)
+    ds, run = open_run(run_dir), RunCatalog(run_dir.parent).open("good")
+    chunk = run_dir / STORE_NAME / "weights" / "c" / "1" / "0" / "0"   # steps 16..31
+    chunk.unlink()
+    chunk.symlink_to(other / STORE_NAME / "weights" / "c" / "1" / "0" / "0")
+    directory = run_dir / STORE_NAME / "weights" / "c" / "2"            # steps 32..47: a linked directory
+    shutil.rmtree(directory)
+    directory.symlink_to(other / STORE_NAME / "weights" / "c" / "2")
+    with pytest.raises(TrajectoryError, match=r"steps 16\.\.31 cannot be read .*symbolic link"):
+        ds.weights.isel(step=20).values
+    for step, steps in ((20, r"16\.\.31"), (40, r"32\.\.47")):
+        with pytest.raises(TrajectoryError, match=rf"steps {steps} cannot be read .*symbolic link"):
+            run.weights_at(step)
+    np.testing.assert_array_equal(run.weights_at(50), training_like(60, seed=2)[50])  # its own chunk reads

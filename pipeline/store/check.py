@@ -54,7 +54,7 @@ from weightlapse.pipeline.store.format import (
     quiet_numcodecs,
     shown,
 )
-from weightlapse.pipeline.store.links import refuse_links
+from weightlapse.pipeline.store.links import NoFollowStore, refuse_links
 from weightlapse.pipeline.store.network import NETWORK_SCHEMA_VERSION, RUN_ARRAYS, NetworkLayout, parse_parameters
 
 
@@ -109,7 +109,8 @@ def open_store(path: str | os.PathLike | Location, storage_options: dict[str, An
             refuse_links(location.local_path, "zarr.json")
             _refuse_unmade(location)
         _check_metadata_size(location, "zarr.json")
-        group = zarr.open_group(location.zarr_store(), mode="r", use_consolidated=False)
+        store = NoFollowStore(location.local_path) if location.local else location.zarr_store()
+        group = zarr.open_group(store, mode="r", use_consolidated=False)
     except TrajectoryError:
         raise
     except Exception as error:  # noqa: BLE001 - zarr and fsspec raise many kinds for a foreign or unreachable store

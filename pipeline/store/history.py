@@ -42,7 +42,7 @@ from weightlapse.pipeline.store.format import (
     codec_chain_problem,
     shown,
 )
-from weightlapse.pipeline.store.links import refuse_link_out, refuse_links
+from weightlapse.pipeline.store.links import NoFollowStore, refuse_link_out, refuse_links
 
 HISTORY_NAME = "pixel-history.zarr"
 HISTORY_SCHEMA = "weightlapse.pixel-history"
@@ -115,7 +115,7 @@ def open_history(run_dir: str | os.PathLike, checked: CheckedStore) -> PixelHist
         raise StaleHistoryError(f"{path}: no pixel history (make one: weightlapse index {run_dir})")
     try:
         refuse_links(path, "weights/zarr.json")
-        group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r", use_consolidated=False)
+        group = zarr.open_group(NoFollowStore(path), mode="r", use_consolidated=False)
         attributes = group.attrs.get("pixel_history")
         array = group["weights"]
     except TrajectoryError:
