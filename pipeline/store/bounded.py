@@ -58,7 +58,7 @@ class BoundedBlosc(BloscCodec):
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
         data = chunk_bytes.as_numpy_array()
         if data.nbytes >= 16:  # Blosc's header: uncompressed size at bytes 4..8 (shorter: Blosc refuses it)
-            declared = struct.unpack_from("<I", data.tobytes()[:16], 4)[0]
+            declared = struct.unpack_from("<I", data[:16].tobytes(), 4)[0]
             if declared > bound(chunk_spec):
                 raise _refuse("Blosc", f"{declared:,}", chunk_spec)
         return super()._decode_sync(chunk_bytes, chunk_spec)
@@ -66,7 +66,7 @@ class BoundedBlosc(BloscCodec):
 
 class BoundedZstd(ZstdCodec):
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
-        declared = zstd_content_size(chunk_bytes.as_numpy_array().tobytes()[:18])
+        declared = zstd_content_size(chunk_bytes.as_numpy_array()[:18].tobytes())
         if declared is None:
             raise _refuse("zstd", "an undeclared number of", chunk_spec)
         if declared > bound(chunk_spec):
