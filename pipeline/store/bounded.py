@@ -66,45 +66,67 @@ class BoundedBlosc(BloscCodec):
 
 class BoundedZstd(ZstdCodec):
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
-        declared = zstd_content_size(chunk_bytes.as_numpy_array()[:18].tobytes())
+        declared = zstd_content_size(chunk_bytes.as_numpy_array().tobytes())
         if declared is None:
             raise _refuse("zstd", "an undeclared number of", chunk_spec)
         if declared > bound(chunk_spec):
             raise _refuse("zstd", f"{declared:,}", chunk_spec)
-        # The decoder allocates the first frame's declared size and fails on more (several frames).
         return super()._decode_sync(chunk_bytes, chunk_spec)
 
 
-def zstd_content_size(header: bytes) -> int | None:
-    """The content size a zstd frame's header declares (RFC 8878, 3.1.1.1), or None if it
-    declares none (or is not a zstd frame: the decoder then refuses it)."""
-    if len(header) < 5 or struct.unpack_from("<I", header)[0] != ZSTD_MAGIC:
-        return None
-    descriptor = header[4]
-    single_segment = bool(descriptor & 0x20)
-    field = (0, 2, 4, 8)[descriptor >> 6]
-    if field == 0 and single_segment:
-        field = 1
-    if field == 0:
-        return None
-    at = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 0x03]
-    if len(header) < at + field:
-        return None
-    value = int.from_bytes(header[at:at + field], "little")
-    return value + 256 if field == 2 else value
+def zstd_content_size(data: bytes) -> int | None:
+    """The bytes a zstd stream decodes to, as its frames' headers declare them (RFC 8878:
+    the decoder decodes every frame of a chunk, one after another), or None if a frame
+    declares none or the stream cannot be walked (the decoder then refuses it too)."""
+    total, at = 0, 0
+    while at < len(data):
+        if len(data) < at + 8:
+            return None
+        magic = int.from_bytes(data[at:at + 4], "little")
+        if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame: no content
+            at += 8 + int.from_bytes(data[at + 4:at + 8], "little")
+            continue
+        if magic != ZSTD_MAGIC:
+            return None
+        descriptor = data[at + 4]
+        single_segment = bool(descriptor & 0x20)
+        field = (0, 2, 4, 8)[descriptor >> 6] or (1 if single_segment else 0)
+        if field == 0:
+            return None
+        at += 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 0x03]
+        size = int.from_bytes(data[at:at + field], "little")
+        total += size + 256 if field == 2 else size
+        at += field
+        while True:  # the frame's blocks: a 3-byte header each, then its bytes (one for a repeated byte)
+            if len(data) < at + 3:
+                return None
+            header = int.from_bytes(data[at:at + 3], "little")
+            kind = (header >> 1) & 3
+            if kind == 3:
+                return None
+            at += 3 + (1 if kind == 1 else header >> 3)
+            if header & 1:
+                break
+        at += 4 if descriptor & 0x04 else 0  # the frame's checksum
+    return total
 
 
 class BoundedGzip(GzipCodec):
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
         limit = bound(chunk_spec)
-        decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            out = decoder.decompress(chunk_bytes.as_numpy_array().tobytes(), limit + 1)
-        except zlib.error as error:
-            raise ValueError(f"a gzip chunk that cannot be decompressed: {error}") from None
-        if len(out) > limit or decoder.unconsumed_tail:
-            raise _refuse("gzip", f"more than {limit:,}", chunk_spec)
-        return chunk_spec.prototype.buffer.from_bytes(out)
+        data, out = chunk_bytes.as_numpy_array().tobytes(), []
+        while data:  # every gzip member, one after another, as gzip.decompress reads them
+            decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            try:
+                out.append(decoder.decompress(data, limit + 1 - sum(map(len, out))))
+            except zlib.error as error:
+                raise ValueError(f"a gzip chunk that cannot be decompressed: {error}") from None
+            if sum(map(len, out)) > limit or decoder.unconsumed_tail:
+                raise _refuse("gzip", f"more than {limit:,}", chunk_spec)
+            if not decoder.eof:
+                raise ValueError("a gzip chunk that ends before its stream does")
+            data = decoder.unused_data
+        return chunk_spec.prototype.buffer.from_bytes(b"".join(out))
 
 
 class BoundedPCodec(PCodec):
