@@ -47,6 +47,10 @@ class Classifier:
     def widest(self) -> int:
         return max(weight.shape[1] for weight, _ in self.layers)
 
+    @property
+    def parameters_per_step(self) -> int:
+        return sum(weight[0].size + (0 if bias is None else bias[0].size) for weight, bias in self.layers)
+
 
 def classifier(name: str, model: xr.Dataset, *, pixels: int | None = None, classes: int | None = None) -> Classifier:
     """Run ``name``'s Dataset (open_run's) as a :class:`Classifier`, or a ValueError saying why
@@ -114,7 +118,9 @@ def steps_per_task(model: Classifier, n_images: int) -> int:
     """Steps of ``model`` whose predictions on ``n_images`` images one task computes."""
     if model.activation is None:
         return BLOCK_STEPS
-    return int(max(1, min(BLOCK_STEPS, BLOCK_BYTES // (n_images * model.widest * 4))))
+    # A step's activations (float32), and its weights: read (float32) and mixed on a line (float64).
+    per_step = n_images * model.widest * 4 + model.parameters_per_step * 12
+    return int(max(1, min(BLOCK_STEPS, BLOCK_BYTES // per_step)))
 
 
 def layers_at(model: Classifier, steps: np.ndarray) -> list[tuple]:
