@@ -16,10 +16,10 @@ import param
 import numpy as np
 
 from weightlapse.viewer.analysis.export import (
-    SIDE_PICTURE_PX,
     animation_steps,
+    layer_pictures,
+    network_runs,
     png_bytes,
-    run_titles,
     shared_layer,
     side_by_side,
 )
@@ -28,7 +28,7 @@ from weightlapse.viewer.analysis.spacing import combined
 from weightlapse.viewer.analysis.network import NetworkRun
 from weightlapse.viewer.analysis.renderers import write_animation, write_picture_animation
 from weightlapse.viewer.data import DataStore
-from weightlapse.viewer.analysis.layouts import layer_layout, picture_size
+from weightlapse.viewer.analysis.layouts import layer_layout
 from weightlapse.viewer.network_view import chosen_layer, on_scale
 from weightlapse.viewer.plots import TileView, tile_picture
 from weightlapse.viewer.side_by_side import side_by_side_view
@@ -181,11 +181,7 @@ class ExportPanel(pn.viewable.Viewer):
         buffer = io.BytesIO()
         try:
             runs = [self.store.open(name) for name in names]
-            networks = [run for run in runs if isinstance(run, NetworkRun)]
-            if networks and len(networks) < len(runs):
-                matrix = next(run for run in runs if not isinstance(run, NetworkRun))
-                raise ValueError(f"{networks[0].name} records a network and {matrix.name} softmax regression: a "
-                                 "network run is animated beside network runs")
+            networks = network_runs(runs)
             start, stop = state.range_start, min(state.range_stop, max(run.last_step for run in runs))
             if networks:
                 steps, render = self._layer_animation(networks, start, stop, buffer, fmt)
@@ -243,13 +239,7 @@ class ExportPanel(pn.viewable.Viewer):
         def picture(run: NetworkRun, step: int) -> np.ndarray:
             values = run.values_at(layer, min(step, run.last_step))
             return layout.picture(on_scale(values, spec.role, scale, lambda: limit)[0])
-        if len(runs) == 1:
-            picture_at, groups, size = (lambda step: picture(runs[0], step)), None, picture_size(layout)
-            title = lambda step: f"{runs[0].name}: {layer} after step {step:,}"  # noqa: E731
-        else:
-            picture_at = lambda step: [picture(run, step) for run in runs]  # noqa: E731
-            groups, size = run_titles(runs), picture_size(layout, SIDE_PICTURE_PX)
-            title = lambda step: f"{layer} after step {step:,}"  # noqa: E731
+        picture_at, groups, size, title = layer_pictures(runs, layer, picture)
 
         def render(report) -> None:
             write_picture_animation(buffer, steps, picture_at, fmt=fmt, size_px=size, fps=10, title=title,

@@ -39,19 +39,20 @@ class ChunkTooLarge(ValueError):
     """A chunk whose data would decode to more than its array's chunk holds."""
 
 
-def chunk_bytes(spec: ArraySpec) -> int:
+def chunk_size(spec: ArraySpec) -> int:
+    """Bytes of a decoded chunk of ``spec``."""
     return math.prod(spec.shape) * spec.dtype.to_native_dtype().itemsize
 
 
 def bound(spec: ArraySpec) -> int:
     """The most bytes a compressor's output may hold for a chunk of ``spec``."""
-    size = chunk_bytes(spec)
+    size = chunk_size(spec)
     return size + int(size * SLACK) + SLACK_BYTES
 
 
 def _refuse(codec: str, declared: int | str, spec: ArraySpec) -> ChunkTooLarge:
     return ChunkTooLarge(f"a {codec} chunk that would decode to {declared} bytes, more than its array's chunk of "
-                         f"{chunk_bytes(spec):,} bytes; the file is not a chunk this array wrote")
+                         f"{chunk_size(spec):,} bytes; the file is not a chunk this array wrote")
 
 
 class BoundedBlosc(BloscCodec):

@@ -99,6 +99,29 @@ def side_by_side(runs: Sequence, *, centre: bool = False) -> tuple[Callable[[int
     return frame_at, run_titles(runs)
 
 
+def network_runs(runs: Sequence) -> list[NetworkRun]:
+    """The network runs of ``runs``: all of them, or none (softmax regression); a ValueError
+    naming one of each when they are mixed, as no picture shows both side by side."""
+    networks = [run for run in runs if isinstance(run, NetworkRun)]
+    if networks and len(networks) < len(runs):
+        matrix = next(run for run in runs if not isinstance(run, NetworkRun))
+        raise ValueError(f"{networks[0].name} records a network and {matrix.name} softmax regression: animate runs "
+                         "of one model side by side")
+    return networks
+
+
+def layer_pictures(runs: Sequence[NetworkRun], layer: str, picture: Callable[[NetworkRun, int], np.ndarray]):
+    """(picture_at, groups, size_px, title) for write_picture_animation of ``layer`` of one
+    network run, or of several side by side; ``picture(run, step)``: the run's picture at the
+    step (its last, once it has ended)."""
+    layout = layer_layout(runs[0].spec(layer).shape)
+    if len(runs) == 1:
+        return ((lambda step: picture(runs[0], step)), None, picture_size(layout, MAX_PICTURE_PX),
+                lambda step: f"{runs[0].name}: {layer} after step {step:,}")
+    return ((lambda step: [picture(run, step) for run in runs]), run_titles(runs), picture_size(layout, SIDE_PICTURE_PX),
+            lambda step: f"{layer} after step {step:,}")
+
+
 def shared_layer(runs: Sequence[NetworkRun], layer: str | None) -> str:
     """``layer`` (default: the first run's first parameter), checked to be a parameter of one
     shape in every run; a ValueError naming the run that lacks it."""
@@ -132,11 +155,7 @@ def save_animation(path: str | Path, run, *, start: int = 0, stop: int | None = 
         raise ValueError(f"{path}: choose a .gif or .mp4 file name")
     runs = list(run) if isinstance(run, (list, tuple)) else [run]
     group_shape(len(runs))
-    networks = [each for each in runs if isinstance(each, NetworkRun)]
-    if networks and len(networks) < len(runs):
-        matrix = next(each for each in runs if not isinstance(each, NetworkRun))
-        raise ValueError(f"{networks[0].name} records a network and {matrix.name} softmax regression: animate runs "
-                         "of one model side by side")
+    networks = network_runs(runs)
     if layer is not None and not networks:
         raise ValueError(f"layer= is a network run's parameter; {runs[0].name} records softmax regression")
     longest = max(runs, key=lambda each: each.last_step)
@@ -170,15 +189,8 @@ def _write_layers(path: Path, steps: np.ndarray, runs: Sequence[NetworkRun], lay
                   progress: Callable[[float], None] | None) -> None:
     """The animation of ``layer`` of network ``runs``, one picture a run, as the viewer lays it out."""
     layout = layer_layout(runs[0].spec(layer).shape)
-
-    def picture(run: NetworkRun, step: int) -> np.ndarray:
-        return layout.picture(run.values_at(layer, min(step, run.last_step)))
-    one = len(runs) == 1
-    write_picture_animation(path, steps, (lambda step: picture(runs[0], step)) if one else
-                            (lambda step: [picture(run, step) for run in runs]),
-                            fmt=fmt, fps=fps, progress=progress,
-                            title=(lambda step: f"{runs[0].name}: {layer} after step {step:,}") if one else
-                            (lambda step: f"{layer} after step {step:,}"),
-                            size_px=picture_size(layout, MAX_PICTURE_PX if one else SIDE_PICTURE_PX),
+    picture_at, groups, size, title = layer_pictures(
+        runs, layer, lambda run, step: layout.picture(run.values_at(layer, min(step, run.last_step))))
+    write_picture_animation(path, steps, picture_at, fmt=fmt, fps=fps, progress=progress, title=title, size_px=size,
                             colorbar_label=runs[0].spec(layer).role, caption=layout.description,
-                            labels=layout.labels, groups=None if one else run_titles(runs))
+                            labels=layout.labels, groups=groups)

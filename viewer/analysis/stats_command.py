@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
 
 def network_statistics(ds: xr.Dataset, chosen: list[str] | None, steps: slice, **options) -> xr.DataTree:
     """Each chosen parameter's statistics over ``steps``, a group each (named as the parameter)."""
-    parameters = [name for name, variable in ds.data_vars.items() if variable.dims[:1] == ("step",) and name != "loss"]
+    parameters = [entry["name"] for entry in ds.attrs["weightlapse"]["parameters"]]  # the model's order, as stored
     unknown = [name for name in chosen or () if name not in parameters]
     if unknown:
         raise ValueError(f"this run has no parameter {unknown[0]!r}; its parameters: {', '.join(parameters)}")
